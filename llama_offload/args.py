@@ -1,0 +1,104 @@
+"""Model hyper-parameters, read from Meta's ``params.json`` and checked before anything is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: plain multi-head attention (n_kv_heads == n_heads)
+    vocab_size: int = -1  # -1: taken from the tokenizer
+    multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    # Not in params.json: chosen at run time, they size the KV cache and the RoPE table.
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_batch_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelArgs.{name} must be a positive integer, found {value!r}.")
+        if self.dim % self.n_heads:
+            raise ValueError(
+                f"dim ({self.dim}) is not divisible by n_heads ({self.n_heads}); "
+                "every head needs the same width. Check params.json."
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head_dim = dim / n_heads = {self.head_dim} is odd; rotary embeddings pair up channels, "
+                "so it must be even. Check params.json."
+            )
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            raise ValueError(
+                f"n_heads ({self.n_heads}) is not divisible by n_kv_heads ({self.n_kv_heads}); grouped-query "
+                "attention shares each key/value head among a whole number of query heads. Check params.json."
+            )
+        if self.vocab_size != -1 and self.vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, or -1 to take it from the tokenizer; found {self.vocab_size}.")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError(f"norm_eps and rope_theta must be positive; found {self.norm_eps} and {self.rope_theta}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        # Meta's rule: 2/3 of 4*dim, scaled, then rounded up to a multiple of `multiple_of`.
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any], *, source: str = "params", **overrides: Any) -> "ModelArgs":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(
+                f"{source} has keys this version does not understand: {unknown}. Known keys: {sorted(known)}. "
+                "If the checkpoint needs a feature that is not supported yet, it cannot be run correctly; "
+                "otherwise remove the keys."
+            )
+        try:
+            return cls(**{**params, **overrides})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides: Any) -> "ModelArgs":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Expected the model's params.json at {path}, found nothing. "
+                "A Meta checkpoint directory holds params.json, consolidated.NN.pth and tokenizer.model."
+            )
+        try:
+            params = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}). Restore it from the original download.") from None
+        if not isinstance(params, dict):
+            raise ValueError(f"{path} should hold a JSON object of model parameters, found {type(params).__name__}.")
+        return cls.from_dict(params, source=str(path), **overrides)
+
+    def to_params(self) -> dict[str, Any]:
+        """The params.json form: everything except the run-time sizes."""
+        d = dataclasses.asdict(self)
+        del d["max_batch_size"], d["max_seq_len"]
+        return d

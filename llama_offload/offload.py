@@ -1,0 +1,172 @@
+"""Paging transformer blocks between pinned host memory and the GPU with FairScale's OffloadModel.
+
+Stock ``OffloadModel`` is built for training and is wrong for inference (see DESIGN.md): it copies a
+slice on a side stream that the compute stream never waits for, frees GPU memory that kernels may still
+read, copies unchanged weights back to the host after every use, and round-trips every boundary
+activation through the CPU. ``InferenceOffloadModel`` keeps OffloadModel's slicing (one ``ModelShard``
+per slice) and replaces its forward pass:
+
+    host:  one pinned flat buffer per slice (the only copy of its weights; parameters are views of it)
+    GPU:   two reusable slot buffers; slice i is copied into slot i % 2 on a copy stream
+    order: copy(i+1) overlaps compute(i); compute(i) waits for copy(i) (event ``loaded``);
+           copy(i+2) into the same slot waits for compute(i) to finish (event ``freed``)
+
+The packet stays on the GPU from the first slice to the last.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+from fairscale.experimental.nn.offload import OffloadModel
+from torch import nn
+
+from .model import Transformer
+from .packing import PackedBlock, pack, unpack
+
+ALIGN = 256  # byte alignment of each tensor inside a flat buffer: keeps every dtype view and kernel aligned
+
+
+def split_evenly(items: list, num_slices: int) -> list[list]:
+    """Contiguous groups whose sizes differ by at most one (blocks are all the same size)."""
+    if not 1 <= num_slices <= len(items):
+        raise ValueError(f"num_slices must be between 1 and the number of blocks ({len(items)}), found {num_slices}.")
+    base, extra = divmod(len(items), num_slices)
+    groups, start = [], 0
+    for i in range(num_slices):
+        end = start + base + (i < extra)
+        groups.append(items[start:end])
+        start = end
+    return groups
+
+
+class FlatPages:
+    """The tensors of one slice laid out in one pinned host buffer, re-pointable at a GPU copy of it."""
+
+    def __init__(self, module: nn.Module):
+        self.tensors = list(module.parameters()) + list(module.buffers())
+        self.offsets, offset = [], 0
+        for t in self.tensors:
+            self.offsets.append(offset)
+            offset += (t.numel() * t.element_size() + ALIGN - 1) // ALIGN * ALIGN
+        self.nbytes = offset
+        self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
+        for t, host_view in zip(self.tensors, self._views(self.host)):
+            host_view.copy_(t.data)
+            t.data = host_view  # the old (possibly mmap-backed) storage is released here
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [
+            flat[o : o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            for t, o in zip(self.tensors, self.offsets)
+        ]
+
+    def point_at(self, flat: torch.Tensor) -> None:
+        for t, view in zip(self.tensors, self._views(flat)):
+            t.data = view
+
+
+class InferenceOffloadModel(OffloadModel):
+    """OffloadModel for inference: one packet in, one packet out, weights paged from pinned memory."""
+
+    def __init__(self, blocks: nn.Sequential, device: torch.device, num_slices: int):
+        slices = [nn.Sequential(*group) for group in split_evenly(list(blocks), num_slices)]
+        # The list form makes OffloadModel wrap each slice in a ModelShard without re-slicing or pinning.
+        super().__init__(slices, device=device, offload_device=torch.device("cpu"), num_slices=len(slices))
+        self.pages = [FlatPages(shard.model_shard) for shard in self.model_slices]
+        slot_bytes = max(p.nbytes for p in self.pages)
+        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(min(2, len(slices)))]
+        self.copy_stream = torch.cuda.Stream(device=device)
+        self.loaded = [torch.cuda.Event() for _ in self.slots]
+        self.freed = [torch.cuda.Event() for _ in self.slots]
+
+    @property
+    def slot_bytes(self) -> int:
+        return sum(s.numel() for s in self.slots)
+
+    def _load(self, i: int) -> None:
+        slot = i % len(self.slots)
+        pages = self.pages[i]
+        gpu = self.slots[slot][: pages.nbytes]
+        with torch.cuda.stream(self.copy_stream):
+            # The slot still holds slice i - 2 until the kernels reading it have finished.
+            self.copy_stream.wait_event(self.freed[slot])
+            gpu.copy_(pages.host, non_blocking=True)
+            self.loaded[slot].record(self.copy_stream)
+        pages.point_at(gpu)
+
+    def _drop(self, i: int) -> None:
+        slot = i % len(self.slots)
+        self.freed[slot].record(torch.cuda.current_stream(self.device))
+        # Weights never change in inference: nothing is copied back, the parameters just point home.
+        self.pages[i].point_at(self.pages[i].host)
+
+    def forward(self, packet: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        compute = torch.cuda.current_stream(self.device)
+        n = len(self.model_slices)
+        self._load(0)
+        for i, shard in enumerate(self.model_slices):
+            if i + 1 < n:
+                self._load(i + 1)  # prefetch: this copy runs while slice i computes
+            compute.wait_event(self.loaded[i % len(self.slots)])
+            packet = shard(packet)
+            self._drop(i)
+        return packet
+
+
+class OffloadedTransformer(nn.Module):
+    """A loaded ``Transformer`` run as packed blocks; embedding, final norm, output head and KV caches resident."""
+
+    def __init__(self, model: Transformer, blocks: nn.Module, device: torch.device):
+        super().__init__()
+        self.params = model.params
+        self.device = device
+        self.tok_embeddings = model.tok_embeddings.to(device)
+        self.norm = model.norm.to(device)
+        self.output = model.output.to(device)
+        self.blocks = blocks
+        self.freqs_cis = model.freqs_cis
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        seqlen = tokens.shape[1]
+        h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
+        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]  # (seqlen, head_dim/2)
+        packet = self.blocks(pack(h, freqs_cis, start_pos))  # the mask is rebuilt inside each block
+        h = unpack(packet).h  # (bs, seqlen, dim)
+        return self.output(self.norm(h)).float()  # (bs, seqlen, vocab_size)
+
+
+def offload(
+    model: Transformer,
+    *,
+    max_batch_size: int,
+    max_seq_len: int,
+    num_slices: Optional[int] = None,
+    device: Optional[torch.device | str] = None,
+    stock: bool = False,
+) -> OffloadedTransformer:
+    """Turn a loaded CPU ``Transformer`` into packed blocks paged by OffloadModel.
+
+    ``num_slices`` is how many groups the blocks are paged in (default: one block per slice, the least
+    GPU memory). ``stock=True`` uses FairScale's unmodified OffloadModel instead, only to show that it
+    is wrong in inference. Without CUDA, or with ``device="cpu"``, the same packed blocks run unoffloaded on the CPU.
+    The model's own blocks are reused, so it must not be run on its own afterwards.
+    """
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but PyTorch sees no CUDA GPU. Use device='cpu', or install a CUDA build of torch.")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = model.tok_embeddings.weight.dtype
+    model.setup_caches(max_batch_size, max_seq_len, device, dtype)
+    blocks = nn.Sequential(*(PackedBlock(layer) for layer in model.layers))
+    if device.type == "cpu":
+        print("llama_offload: no CUDA device, so the packed blocks run unoffloaded on the CPU.", file=sys.stderr)
+    elif stock:
+        blocks = OffloadModel(blocks, device=device, num_slices=num_slices or len(blocks))
+    else:
+        blocks = InferenceOffloadModel(blocks, device, num_slices or len(blocks))
+    return OffloadedTransformer(model, blocks, device).eval()
