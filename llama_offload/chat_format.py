@@ -1,0 +1,180 @@
+"""Prompt formats that turn a chat dialog into token ids.
+
+The Llama 2 format reproduces ``chat_completion`` in Meta's
+facebookresearch/llama ``generation.py`` token for token, because the chat
+models were fine-tuned on exactly that layout and drift from it (an extra
+space, a missing BOS) degrades their answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Callable, Literal, Protocol, TypedDict, get_args
+
+from llama_offload.tokenizer import Tokenizer
+
+__all__ = [
+    "B_INST",
+    "B_SYS",
+    "CHAT_FORMATS",
+    "ChatFormat",
+    "Dialog",
+    "E_INST",
+    "E_SYS",
+    "Llama2ChatFormat",
+    "Message",
+    "Role",
+    "SPECIAL_TAGS",
+    "SPECIAL_TAGS_ERROR",
+    "get_chat_format",
+    "validate_dialog",
+]
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = get_args(Role)
+
+
+class Message(TypedDict):
+    role: Role
+    content: str
+
+
+Dialog = list[Message]
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
+# Meta's chat_completion answers with this text instead of a generation when a
+# user smuggles format tags into a message; kept verbatim for compatibility.
+SPECIAL_TAGS_ERROR = "Error: special tags are not allowed as part of the prompt."
+
+
+def validate_dialog(dialog: Sequence[Mapping[str, object]]) -> None:
+    """Raise ValueError unless ``dialog`` is: [system], user, assistant, user, ..., user.
+
+    Meta's code checks this with asserts that vanish under ``python -O`` and
+    whose messages do not point at the offending message, so it is redone here.
+    """
+    if isinstance(dialog, (str, bytes)) or not isinstance(dialog, Sequence):
+        raise ValueError(f"A dialog must be a list of messages, got {type(dialog).__name__}.")
+    if len(dialog) == 0:
+        raise ValueError("Message 0: expected a 'user' message, found an empty dialog.")
+
+    for i, msg in enumerate(dialog):
+        if not isinstance(msg, Mapping):
+            raise ValueError(
+                f"Message {i}: expected a dict with 'role' and 'content', found {type(msg).__name__}."
+            )
+        missing = [k for k in ("role", "content") if k not in msg]
+        if missing:
+            raise ValueError(f"Message {i}: missing key(s) {missing}; each message needs 'role' and 'content'.")
+        if msg["role"] not in ROLES:
+            raise ValueError(
+                f"Message {i}: unknown role {msg['role']!r}; expected one of {list(ROLES)}."
+            )
+        if not isinstance(msg["content"], str):
+            raise ValueError(
+                f"Message {i}: 'content' must be a str, found {type(msg['content']).__name__}."
+            )
+
+    # After an optional leading system message the turns must alternate
+    # user/assistant, because each user turn is paired with the answer after it.
+    start = 1 if dialog[0]["role"] == "system" else 0
+    if start == 1 and len(dialog) == 1:
+        raise ValueError(
+            "Message 0 is a system message with nothing after it; expected a user message at index 1."
+        )
+    for i in range(start, len(dialog)):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        found = dialog[i]["role"]
+        if found != expected:
+            where = " (a system message is only allowed at index 0)" if found == "system" else ""
+            raise ValueError(
+                f"Message {i}: expected role {expected!r}, found {found!r}{where}. Messages must be an "
+                "optional system message, then user and assistant turns alternating, starting with user."
+            )
+    last = len(dialog) - 1
+    if dialog[last]["role"] != "user":
+        raise ValueError(
+            f"Message {last}: the last message must be from 'user', found {dialog[last]['role']!r}; "
+            "the model answers the final user message."
+        )
+
+
+class ChatFormat(Protocol):
+    """What generation needs from any chat format (Llama 3 and ChatML come later)."""
+
+    name: str
+
+    def encode_dialog_prompt(self, dialog: Sequence[Message]) -> list[int]: ...
+
+    def contains_special_tags(self, dialog: Sequence[Message]) -> bool: ...
+
+    @property
+    def stop_ids(self) -> set[int]: ...
+
+
+class Llama2ChatFormat:
+    name = "llama2"
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    @property
+    def stop_ids(self) -> set[int]:
+        return self.tokenizer.stop_ids
+
+    def contains_special_tags(self, dialog: Sequence[Message]) -> bool:
+        # Same test as Meta's "unsafe_requests"; generation turns a True into
+        # SPECIAL_TAGS_ERROR rather than refusing the whole batch.
+        # Non-str content is left for validate_dialog to report with its index.
+        return any(
+            isinstance(msg["content"], str) and tag in msg["content"]
+            for msg in dialog
+            for tag in SPECIAL_TAGS
+        )
+
+    def encode_dialog_prompt(self, dialog: Sequence[Message]) -> list[int]:
+        validate_dialog(dialog)
+        turns: list[Message] = list(dialog)
+        if turns[0]["role"] == "system":
+            # Llama 2 has no system turn; the system prompt is folded into the
+            # first user message, unstripped, exactly as Meta does.
+            turns = [
+                Message(
+                    role=turns[1]["role"],
+                    content=B_SYS + turns[0]["content"] + E_SYS + turns[1]["content"],
+                )
+            ] + turns[2:]
+
+        tokens: list[int] = []
+        # Each finished exchange is its own BOS...EOS sequence.
+        for prompt, answer in zip(turns[::2], turns[1::2]):
+            tokens += self.tokenizer.encode(
+                f"{B_INST} {(prompt['content']).strip()} {E_INST} {(answer['content']).strip()} ",
+                bos=True,
+                eos=True,
+            )
+        # The open turn has no EOS: the model continues it with the answer.
+        tokens += self.tokenizer.encode(
+            f"{B_INST} {(turns[-1]['content']).strip()} {E_INST}",
+            bos=True,
+            eos=False,
+        )
+        return tokens
+
+
+CHAT_FORMATS: dict[str, Callable[[Tokenizer], ChatFormat]] = {
+    Llama2ChatFormat.name: Llama2ChatFormat,
+}
+
+
+def get_chat_format(name: str, tokenizer: Tokenizer) -> ChatFormat:
+    try:
+        factory = CHAT_FORMATS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown chat format {name!r}; known formats: {', '.join(sorted(CHAT_FORMATS))}."
+        ) from None
+    return factory(tokenizer)
