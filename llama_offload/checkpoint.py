@@ -1,0 +1,428 @@
+"""Meta-format checkpoints: ``params.json`` + ``consolidated.NN.pth``.
+
+Meta saves a model-parallel checkpoint as one file per rank; each file holds every key, with the
+partitioned matrices cut along the dimension that rank owned. Loading merges them back with a table
+(``SHARD_DIMS``) and checks the result against the shapes ``params.json`` implies, so a wrong or
+incomplete download fails here, with the file and the key named, instead of deep inside a matmul.
+
+Shards are opened with ``torch.load(mmap=True)``: a single-shard checkpoint is returned as
+file-backed tensors (the page cache holds the bytes, the process holds no second copy), and a
+multi-shard one is concatenated key by key from those mappings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .args import ModelArgs
+from .model import Transformer
+
+# How a key is split across model-parallel shards:
+#   int            concatenate along this dim;
+#   tuple of ints  candidates, tried in order: the one that makes the merged shape equal the shape
+#                  params.json implies wins (saving uses the first);
+#   None           replicated: every shard holds the whole tensor, shard 00's copy is used.
+ShardDim = Union[int, tuple[int, ...], None]
+
+SHARD_DIMS: list[tuple[str, ShardDim]] = [
+    # Llama 2 shards the embedding along dim 1 (ParallelEmbedding), Llama 3 along dim 0
+    # (VocabParallelEmbedding); the shard shapes tell which one a checkpoint used.
+    (r"^tok_embeddings\.weight$", (1, 0)),
+    (r"^layers\.\d+\.attention\.w[qkv]\.weight$", 0),  # ColumnParallelLinear: output features
+    (r"^layers\.\d+\.feed_forward\.w[13]\.weight$", 0),
+    (r"^output\.weight$", 0),
+    (r"^layers\.\d+\.attention\.wo\.weight$", 1),  # RowParallelLinear: input features
+    (r"^layers\.\d+\.feed_forward\.w2\.weight$", 1),
+    (r"^(layers\.\d+\.(attention_norm|ffn_norm)|norm)\.weight$", None),
+]
+
+# Keys found in some Meta checkpoints that the model recomputes instead of loading.
+DROPPED_KEYS: list[str] = [
+    r"^rope\.freqs$",  # Llama 1 saved its RoPE table; setup_caches() builds it from rope_theta
+]
+
+_SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
+_CKPT_LAYOUT = "A Meta checkpoint directory holds params.json, consolidated.00.pth (.01, ... for sharded models) and usually tokenizer.model."
+
+
+def _shard_dim(key: str) -> ShardDim:
+    for pattern, dim in SHARD_DIMS:
+        if re.match(pattern, key):
+            return dim
+    # Every key of Transformer(args) must be in the table; a miss is a bug in the table, not in the file.
+    raise AssertionError(f"SHARD_DIMS has no entry for {key!r}")
+
+
+def _candidates(dim: ShardDim) -> tuple[int, ...]:
+    if dim is None:
+        return ()
+    return dim if isinstance(dim, tuple) else (dim,)
+
+
+def _is_dropped(key: str) -> bool:
+    return any(re.match(pattern, key) for pattern in DROPPED_KEYS)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _log(show: bool, msg: str) -> None:
+    if show:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, torch.Size]:
+    """The state-dict shapes of ``Transformer(args)``, computed on the meta device (no memory used)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def find_shards(ckpt_dir: str | Path) -> list[Path]:
+    """``consolidated.NN.pth`` files of ``ckpt_dir`` in shard order, checked to be 00..N-1 without gaps."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.exists():
+        raise FileNotFoundError(f"Checkpoint directory {ckpt_dir} does not exist. {_CKPT_LAYOUT}")
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"Expected a checkpoint directory at {ckpt_dir}, found a file. {_CKPT_LAYOUT}")
+
+    numbered: dict[int, Path] = {}
+    for path in ckpt_dir.glob("consolidated.*.pth"):
+        m = _SHARD_RE.match(path.name)
+        if m is None:
+            raise ValueError(
+                f"{path} looks like a shard but is not named consolidated.NN.pth with NN a number. "
+                "Rename or remove it."
+            )
+        n = int(m.group(1))
+        if n in numbered:
+            raise ValueError(
+                f"{numbered[n].name} and {path.name} in {ckpt_dir} both claim to be shard {n}. Remove one of them."
+            )
+        numbered[n] = path
+    if not numbered:
+        present = sorted(p.name for p in ckpt_dir.iterdir())[:10]
+        raise FileNotFoundError(
+            f"No consolidated.*.pth shards in {ckpt_dir} (it holds: {present or 'nothing'}). {_CKPT_LAYOUT}"
+        )
+    missing = sorted(set(range(max(numbered) + 1)) - set(numbered))
+    if missing:
+        names = ", ".join(f"consolidated.{n:02d}.pth" for n in missing)
+        raise ValueError(
+            f"{ckpt_dir} has shards {sorted(numbered)} but lacks shard(s) {missing} ({names}); "
+            "shards must be numbered 00..N-1 without gaps. Re-download the missing files."
+        )
+    return [numbered[n] for n in sorted(numbered)]
+
+
+def _load_shard(path: Path) -> dict[str, torch.Tensor]:
+    size = path.stat().st_size
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch.load fails with RuntimeError, EOFError, UnpicklingError, ... on bad files
+        raise RuntimeError(
+            f"Could not read shard {path} ({_fmt_bytes(size)}): {type(e).__name__}: {e}. "
+            "The file is truncated, corrupt or not a torch zip checkpoint: re-download or re-convert it."
+        ) from e
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise RuntimeError(
+            f"Shard {path} ({_fmt_bytes(size)}) does not hold a flat dict of tensors, found {type(sd).__name__}. "
+            "Meta checkpoints are plain state dicts: re-download or re-convert it."
+        )
+    return {k: v for k, v in sd.items() if not _is_dropped(k)}
+
+
+def _fmt_keys(keys: set[str] | list[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(repr(k) for k in keys[:limit]) + more
+
+
+def _check_keys(shards: list[dict[str, torch.Tensor]], paths: list[Path], expected: dict[str, torch.Size]) -> None:
+    first, name0 = shards[0], paths[0].name
+    missing = set(expected) - set(first)
+    if missing:
+        raise RuntimeError(
+            f"{paths[0]} lacks key(s) {_fmt_keys(missing)} that a model with these params.json has. "
+            "The checkpoint is incomplete or belongs to a different model: re-download or re-convert it."
+        )
+    unexpected = set(first) - set(expected)
+    if unexpected:
+        raise RuntimeError(
+            f"{paths[0]} has key(s) {_fmt_keys(unexpected)} that a model with these params.json does not have. "
+            "The checkpoint is for another architecture, or params.json does not belong to it "
+            "(check n_layers)."
+        )
+    for sd, path in zip(shards[1:], paths[1:]):
+        if set(sd) != set(first):
+            lacks, extra = set(first) - set(sd), set(sd) - set(first)
+            parts = [f"lacks {_fmt_keys(lacks)}" if lacks else "", f"has extra {_fmt_keys(extra)}" if extra else ""]
+            raise RuntimeError(
+                f"{path} does not hold the same keys as {name0}: it {' and '.join(p for p in parts if p)}. "
+                "All shards of one checkpoint hold the same keys: the shards come from different checkpoints, "
+                "or this one is damaged. Re-download or re-convert it."
+            )
+
+
+def _merge_key(
+    key: str, parts: list[torch.Tensor], paths: list[Path], want: torch.Size, count_confirmed: bool
+) -> torch.Tensor:
+    n = len(parts)
+    for t, path in zip(parts[1:], paths[1:]):
+        if t.dtype != parts[0].dtype:
+            raise RuntimeError(
+                f"{path} stores {key!r} as {t.dtype}, {paths[0].name} as {parts[0].dtype}. "
+                "All shards of one checkpoint share a dtype: they come from different conversions. "
+                "Re-download or re-convert the checkpoint."
+            )
+        if t.shape != parts[0].shape:
+            raise RuntimeError(
+                f"{key!r} has shape {tuple(t.shape)} in {path} but {tuple(parts[0].shape)} in {paths[0].name}; "
+                "model-parallel shards are cut into equal parts. The shards come from different checkpoints."
+            )
+    shard_shape = parts[0].shape
+    cands = _candidates(_shard_dim(key))
+
+    if n == 1 or not cands:
+        merged_shape, cat_dim = shard_shape, None
+    else:
+        cat_dim = cands[0]
+        for d in cands:
+            if d < len(shard_shape) and torch.Size(s * n if i == d else s for i, s in enumerate(shard_shape)) == want:
+                cat_dim = d
+                break
+        if cat_dim >= len(shard_shape):
+            merged_shape = shard_shape  # wrong rank: reported below
+        else:
+            merged_shape = torch.Size(s * n if i == cat_dim else s for i, s in enumerate(shard_shape))
+
+    if merged_shape != want:
+        files = paths[0].name if n == 1 else f"{paths[0].name}..{paths[-1].name}"
+        msg = (
+            f"{key!r} merged from {files} has shape {tuple(merged_shape)}, but params.json implies "
+            f"{tuple(want)}."
+        )
+        # A shard-count problem shows as the split dim being a whole fraction of the full size; once a
+        # split key has merged to its full shape the count is known to be right, so blame params.json.
+        for d in cands:
+            if (
+                not count_confirmed
+                and d < len(shard_shape)
+                and len(shard_shape) == len(want)
+                and all(s == w for i, (s, w) in enumerate(zip(shard_shape, want)) if i != d)
+                and want[d] % shard_shape[d] == 0
+                and want[d] // shard_shape[d] != n
+            ):
+                need = want[d] // shard_shape[d]
+                msg += (
+                    f" Found {n} shard(s); a complete checkpoint for these params needs {need} "
+                    f"(consolidated.00.pth .. consolidated.{need - 1:02d}.pth): re-download the missing shards."
+                )
+                break
+        else:
+            msg += " params.json does not match the weights: use the params.json that came with this checkpoint."
+        raise RuntimeError(msg)
+
+    if cat_dim is None:
+        return parts[0]  # replicated (or a single shard): keep the file-backed tensor, no copy
+    return torch.cat(parts, dim=cat_dim)
+
+
+def load_state_dict(ckpt_dir: str | Path, args: ModelArgs, *, show_progress: bool = True) -> dict[str, torch.Tensor]:
+    """Load, merge and validate the shards of ``ckpt_dir`` against the shapes ``args`` implies.
+
+    Tensors keep the checkpoint's dtype. With one shard they are mmap-backed views of the file.
+    """
+    start = time.perf_counter()
+    paths = find_shards(ckpt_dir)
+    expected = expected_shapes(args)
+
+    shards = []
+    for i, path in enumerate(paths):
+        _log(show_progress, f"loading {path.name} ({i + 1}/{len(paths)}, {_fmt_bytes(path.stat().st_size)})")
+        shards.append(_load_shard(path))
+    _check_keys(shards, paths, expected)
+
+    merged: dict[str, torch.Tensor] = {}
+    count_confirmed = False  # has a split key merged to its full shape with this many shards?
+    for key in expected:  # model order, so the result iterates like model.state_dict()
+        merged[key] = _merge_key(key, [sd[key] for sd in shards], paths, expected[key], count_confirmed)
+        count_confirmed = count_confirmed or _shard_dim(key) is not None
+        # Release each shard's reference as soon as it is merged, so the mappings can go early.
+        for sd in shards:
+            del sd[key]
+
+    nbytes = sum(t.numel() * t.element_size() for t in merged.values())
+    _log(show_progress, f"loaded {len(merged)} tensors, {_fmt_bytes(nbytes)} in {time.perf_counter() - start:.2f} s")
+    return merged
+
+
+def load_model(
+    ckpt_dir: str | Path,
+    *,
+    max_seq_len: int,
+    max_batch_size: int,
+    dtype: Optional[torch.dtype] = None,
+    vocab_size: Optional[int] = None,
+    show_progress: bool = True,
+) -> Transformer:
+    """Build a CPU ``Transformer`` from a Meta checkpoint directory, in eval mode, caches not set up.
+
+    ``vocab_size`` is the tokenizer's: it fills params.json's ``-1`` and is checked against any other value.
+    ``dtype`` converts the weights; ``None`` keeps the checkpoint's (file-backed when there is one shard).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        find_shards(ckpt_dir)  # raises the directory-level error with the layout explained
+    args = ModelArgs.from_json(ckpt_dir / "params.json", max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    if args.vocab_size == -1:
+        if vocab_size is None:
+            raise ValueError(
+                f"{ckpt_dir / 'params.json'} has vocab_size -1, which means 'take it from the tokenizer', "
+                "but no tokenizer vocab_size was given. Pass vocab_size=tokenizer.n_words."
+            )
+        args = dataclasses.replace(args, vocab_size=vocab_size)
+    elif vocab_size is not None and vocab_size != args.vocab_size:
+        raise ValueError(
+            f"{ckpt_dir / 'params.json'} has vocab_size {args.vocab_size} but the tokenizer has {vocab_size} "
+            "tokens. The tokenizer does not belong to this checkpoint: use the tokenizer.model shipped with it."
+        )
+
+    state_dict = load_state_dict(ckpt_dir, args, show_progress=show_progress)
+    if dtype is not None:
+        state_dict = {k: v if v.dtype == dtype else v.to(dtype) for k, v in state_dict.items()}
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(state_dict, assign=True, strict=True)
+    # Inference only: no gradients means no autograd bookkeeping when blocks run outside inference_mode.
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    # torch.save writes a view's whole storage; copy unless the tensor already owns exactly its bytes.
+    t = t.detach().cpu()
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _check_state_dict(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> None:
+    missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"state_dict does not match Transformer(args): missing {_fmt_keys(missing) or 'nothing'}, "
+            f"unexpected {_fmt_keys(unexpected) or 'nothing'}. Pass Meta-named weights for these args."
+        )
+    for key, want in expected.items():
+        if state_dict[key].shape != want:
+            raise ValueError(
+                f"state_dict[{key!r}] has shape {tuple(state_dict[key].shape)}, args imply {tuple(want)}."
+            )
+
+
+def save_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, ckpt_dir: str | Path, *, num_shards: int = 1) -> None:
+    """Write ``state_dict`` as a Meta checkpoint of ``num_shards`` model-parallel shards plus params.json.
+
+    Never overwrites: a directory that already holds params.json or shards is refused. The files are
+    written to a temporary sibling first, so an interrupted save never leaves a complete-looking checkpoint.
+    """
+    if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards <= 0:
+        raise ValueError(f"num_shards must be a positive integer, found {num_shards!r}.")
+    ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise FileExistsError(f"{ckpt_dir} exists and is a file; choose a directory path for the checkpoint.")
+    if ckpt_dir.is_dir():
+        taken = sorted(p.name for p in ckpt_dir.iterdir() if p.name == "params.json" or p.match("consolidated.*.pth"))
+        if taken:
+            raise FileExistsError(
+                f"{ckpt_dir} already holds {taken}; refusing to overwrite a checkpoint. "
+                "Choose another directory or delete this one first."
+            )
+
+    expected = expected_shapes(args)
+    _check_state_dict(state_dict, expected)
+
+    # Pick each key's split dim once, and check divisibility before writing anything.
+    split: dict[str, Optional[int]] = {}
+    for key, shape in expected.items():
+        cands = _candidates(_shard_dim(key))
+        d = cands[0] if cands and num_shards > 1 else None
+        if d is not None and shape[d] % num_shards:
+            raise ValueError(
+                f"Cannot split {key!r} of shape {tuple(shape)} into {num_shards} shards along dim {d}: "
+                f"{shape[d]} is not divisible by {num_shards}. Choose a num_shards that divides it."
+            )
+        split[key] = d
+
+    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{ckpt_dir.name}.partial-", dir=ckpt_dir.parent))
+    try:
+        for i in range(num_shards):
+            shard = {}
+            for key, t in state_dict.items():
+                d = split[key]
+                shard[key] = _compact(t if d is None else t.chunk(num_shards, dim=d)[i])
+            torch.save(shard, tmp / f"consolidated.{i:02d}.pth")
+            del shard
+        (tmp / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
+
+        if not ckpt_dir.exists() or not any(ckpt_dir.iterdir()):
+            # rename(2) replaces an empty directory atomically; the checkpoint appears all at once.
+            os.replace(tmp, ckpt_dir)
+        else:
+            # The directory holds other files (a tokenizer, a README): move ours in, params.json last,
+            # since loading starts from params.json.
+            for f in sorted(tmp.iterdir(), key=lambda p: p.name == "params.json"):
+                os.replace(f, ckpt_dir / f.name)
+            tmp.rmdir()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def random_state_dict(
+    args: ModelArgs, *, seed: int = 0, dtype: torch.dtype = torch.float32, std: float = 0.02
+) -> dict[str, torch.Tensor]:
+    """Meta-named weights drawn from N(0, std); norm weights from 1 + N(0, std) so they are not all ones.
+
+    Each tensor is drawn in fp32 and cast on its own, so peak memory is the result plus one fp32 tensor
+    (a 7B-shaped fp16 model needs ~13.5 GB, not the 27 GB a whole fp32 model would).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for key, shape in expected_shapes(args).items():
+        t = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+        if key == "norm.weight" or key.endswith("_norm.weight"):
+            t += 1.0
+        out[key] = t.to(dtype)
+        del t
+    return out
+
+
+__all__ = [
+    "SHARD_DIMS",
+    "DROPPED_KEYS",
+    "expected_shapes",
+    "find_shards",
+    "load_state_dict",
+    "load_model",
+    "save_checkpoint",
+    "random_state_dict",
+]
