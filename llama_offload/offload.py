@@ -17,11 +17,16 @@ The packet stays on the GPU from the first slice to the last.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Optional
 
 import torch
-from fairscale.experimental.nn.offload import OffloadModel
 from torch import nn
+
+with warnings.catch_warnings():
+    # fairscale 0.4.13 decorates its training path with the deprecated torch.cuda.amp API; we never use it.
+    warnings.simplefilter("ignore", FutureWarning)
+    from fairscale.experimental.nn.offload import OffloadModel
 
 from .model import Transformer
 from .packing import PackedBlock, pack, unpack
