@@ -181,9 +181,7 @@ class Llama:
     ) -> tuple[list[list[int]], Optional[list[list[float]]]]:
         """Generated token ids per prompt (cut at the first stop token), and their log-probabilities."""
         stop_ids = stop_ids or self.tokenizer.stop_ids
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
+        start = self._start_stats()
         token_logprobs: list[torch.Tensor] = []  # per step: (bs, positions scored in that step)
         tokens = None
         for prev_pos, logits, tokens in self.stream(prompt_tokens, max_gen_len, temperature, top_p,
@@ -210,11 +208,17 @@ class Llama:
                 # The first token has no prediction; Meta reports 0 for it when echoing.
                 row = [0.0] + lp_all[i]
                 out_logprobs.append(row[start_at : start_at + len(toks)])
-        self.last_stats = GenerationStats(
-            new_tokens, time.perf_counter() - start,
-            torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
-        )
+        self._end_stats(start, new_tokens)
         return out_tokens, (out_logprobs if logprobs else None)
+
+    def _start_stats(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return time.perf_counter()
+
+    def _end_stats(self, start: float, new_tokens: int) -> None:
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        self.last_stats = GenerationStats(new_tokens, time.perf_counter() - start, peak)
 
     def _default_gen_len(self, max_gen_len: Optional[int]) -> int:
         return self.max_seq_len - 1 if max_gen_len is None else max_gen_len
@@ -274,9 +278,7 @@ class Llama:
     ) -> Iterator[str]:
         """Yield the text of one prompt's continuation piece by piece, as its tokens are produced."""
         stop_ids = stop_ids or self.tokenizer.stop_ids
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        start, produced, shown = time.perf_counter(), [], ""
+        start, produced, shown = self._start_stats(), [], ""
         try:
             for _, _, tokens in self.stream([prompt_tokens], self._default_gen_len(max_gen_len), temperature, top_p,
                                             stop_ids=stop_ids, seed=seed):
@@ -291,10 +293,7 @@ class Llama:
                     yield text[len(shown) :]
                     shown = text
         finally:
-            self.last_stats = GenerationStats(
-                len(produced), time.perf_counter() - start,
-                torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
-            )
+            self._end_stats(start, len(produced))
 
     def stream_chat(self, dialog: Dialog, **kwargs) -> Iterator[str]:
         if self.chat_format.contains_special_tags(dialog):
