@@ -77,13 +77,15 @@ class Llama:
         *,
         offload: bool = True,
         num_slices: Optional[int] = None,
+        gpu_memory_gb: Optional[float] = None,
         device: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
         chat_format: str = "llama2",
         seed: int = 1,
     ) -> "Llama":
-        """Load a Meta checkpoint. On a GPU its blocks are paged by OffloadModel (``offload=True``) or all
-        moved to the GPU (``offload=False``); without a GPU the packed blocks run on the CPU."""
+        """Load a Meta checkpoint. On a GPU its blocks are paged by OffloadModel (``offload=True``: all of
+        them in ``num_slices`` slices, or as many kept resident as ``gpu_memory_gb`` allows) or all moved to
+        the GPU (``offload=False``); without a GPU the packed blocks run on the CPU."""
         start = time.perf_counter()
         tokenizer = load_tokenizer(tokenizer_path)
         model = load_model(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size, dtype=dtype,
@@ -99,7 +101,7 @@ class Llama:
             model.setup_caches(max_batch_size, max_seq_len, target, dtype_)
         else:
             model = offload_model(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                                  num_slices=num_slices, device=target)
+                                  num_slices=num_slices, gpu_memory_gb=gpu_memory_gb, device=target)
         print(f"llama_offload: loaded in {time.perf_counter() - start:.2f} s", file=sys.stderr)
         return Llama(model, tokenizer, get_chat_format(chat_format, tokenizer), max_seq_len, max_batch_size,
                      target, seed)

@@ -30,6 +30,7 @@ with warnings.catch_warnings():
 
 from .model import Transformer
 from .packing import PackedBlock, pack, unpack
+from .plan import OffloadPlan, plan_offload
 
 ALIGN = 256  # byte alignment of each tensor inside a flat buffer: keeps every dtype view and kernel aligned
 
@@ -124,10 +125,11 @@ class InferenceOffloadModel(OffloadModel):
 class OffloadedTransformer(nn.Module):
     """A loaded ``Transformer`` run as packed blocks; embedding, final norm, output head and KV caches resident."""
 
-    def __init__(self, model: Transformer, blocks: nn.Module, device: torch.device):
+    def __init__(self, model: Transformer, blocks: nn.Module, device: torch.device, plan: OffloadPlan):
         super().__init__()
         self.params = model.params
         self.device = device
+        self.plan = plan
         self.tok_embeddings = model.tok_embeddings.to(device)
         self.norm = model.norm.to(device)
         self.output = model.output.to(device)
@@ -150,14 +152,16 @@ def offload(
     max_batch_size: int,
     max_seq_len: int,
     num_slices: Optional[int] = None,
+    gpu_memory_gb: Optional[float] = None,
     device: Optional[torch.device | str] = None,
     stock: bool = False,
 ) -> OffloadedTransformer:
-    """Turn a loaded CPU ``Transformer`` into packed blocks paged by OffloadModel.
+    """Turn a loaded CPU ``Transformer`` into packed blocks, paged by OffloadModel on a GPU.
 
-    ``num_slices`` is how many groups the blocks are paged in (default: one block per slice, the least
-    GPU memory). ``stock=True`` uses FairScale's unmodified OffloadModel instead, only to show that it
-    is wrong in inference. Without CUDA, or with ``device="cpu"``, the same packed blocks run unoffloaded on the CPU.
+    ``gpu_memory_gb`` keeps as many blocks resident as the budget allows and pages the rest (see plan.py);
+    without it every block is paged, in ``num_slices`` slices (default: one block per slice, the least GPU
+    memory). ``stock=True`` uses FairScale's unmodified OffloadModel instead, only to show that it is wrong
+    in inference. Without CUDA, or with ``device="cpu"``, the same packed blocks run unoffloaded on the CPU.
     The model's own blocks are reused, so it must not be run on its own afterwards.
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -166,12 +170,18 @@ def offload(
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = model.tok_embeddings.weight.dtype
+    plan = plan_offload(model.params, dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                        gpu_memory_gb=gpu_memory_gb, num_slices=num_slices)
     model.setup_caches(max_batch_size, max_seq_len, device, dtype)
-    blocks = nn.Sequential(*(PackedBlock(layer) for layer in model.layers))
+    packed = [PackedBlock(layer) for layer in model.layers]
     if device.type == "cpu":
         print("llama_offload: no CUDA device, so the packed blocks run unoffloaded on the CPU.", file=sys.stderr)
+        blocks = nn.Sequential(*packed)
     elif stock:
-        blocks = OffloadModel(blocks, device=device, num_slices=num_slices or len(blocks))
+        blocks = OffloadModel(nn.Sequential(*packed), device=device, num_slices=plan.num_slices or len(packed))
     else:
-        blocks = InferenceOffloadModel(blocks, device, num_slices or len(blocks))
-    return OffloadedTransformer(model, blocks, device).eval()
+        resident = [block.to(device) for block in packed[: plan.resident_layers]]
+        paged = packed[plan.resident_layers :]
+        stages = resident + ([InferenceOffloadModel(nn.Sequential(*paged), device, plan.num_slices)] if paged else [])
+        blocks = nn.Sequential(*stages)
+    return OffloadedTransformer(model, blocks, device, plan).eval()

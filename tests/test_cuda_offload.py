@@ -141,3 +141,43 @@ def test_7b_stock_offload_model_is_wrong(seven_b):
     assert max(diffs) > 0.0
     del model
     free_gpu()
+
+
+def test_tiny_budget_mixes_resident_and_paged_blocks():
+    args = tiny_args(n_layers=4)
+    cpu_model = tiny_model(args, dtype=torch.float16)
+    ref = copy.deepcopy(cpu_model).cuda()
+    ref.setup_caches(args.max_batch_size, args.max_seq_len, "cuda", torch.float16)
+    prompt = torch.randint(0, args.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0)).cuda()
+    tokens, expected = greedy(ref, prompt, DECODE_STEPS)
+
+    from llama_offload.plan import GiB, plan_offload
+
+    everything_paged = plan_offload(args, torch.float16, max_batch_size=args.max_batch_size,
+                                    max_seq_len=args.max_seq_len)
+    budget = (everything_paged.gpu_bytes + everything_paged.block_bytes) / GiB  # room for one resident block
+    model = offload(cpu_model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, gpu_memory_gb=budget)
+    assert (model.plan.resident_layers, model.plan.paged_layers) == (1, 3)
+    assert isinstance(model.blocks[-1], InferenceOffloadModel)
+    got = run_steps(model, prompt, tokens.cuda())
+    assert max_abs_diff(expected, got) == 0.0
+
+
+@pytest.mark.parametrize("gpu_memory_gb", [4, 8])
+def test_7b_budget_is_exact_and_kept(seven_b, gpu_memory_gb):
+    args, prompt, tokens = seven_b["args"], seven_b["prompt"], seven_b["tokens"].cuda()
+    free_gpu()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model = offload(cpu_model_from(seven_b["state_dict"], args), max_batch_size=args.max_batch_size,
+                    max_seq_len=args.max_seq_len, gpu_memory_gb=gpu_memory_gb)
+    got = run_steps(model, prompt, tokens)
+    peak = torch.cuda.max_memory_allocated() - base
+    diff = max_abs_diff(seven_b["logits"], got)
+    print(f"\n7B-shaped fp16 at gpu_memory_gb={gpu_memory_gb}: {model.plan.resident_layers} resident, "
+          f"{model.plan.paged_layers} paged; max |offloaded - unoffloaded| = {diff}; "
+          f"peak {peak / 2**30:.2f} GiB, plan {model.plan.gpu_bytes / 2**30:.2f} GiB")
+    assert diff == 0.0
+    assert peak <= gpu_memory_gb * 2**30
+    del model
+    free_gpu()

@@ -1,0 +1,126 @@
+"""How much of the model stays on the GPU: the offload plan for a GPU memory budget.
+
+Everything is counted in bytes that PyTorch allocates; the CUDA context (a few hundred MB) comes on top.
+The resident part is set aside first (embedding, final norm, output head, KV cache, RoPE table,
+activations of the largest step, and the two slot buffers that paged blocks stream through); whatever
+the budget leaves is filled with resident blocks, and the rest of the blocks are paged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .args import ModelArgs
+
+GiB = 2**30
+
+
+def block_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
+    p = args
+    attention = p.dim * p.head_dim * (2 * p.n_heads + 2 * p.kv_heads)  # wq, wo + wk, wv
+    feed_forward = 3 * p.dim * p.ffn_hidden_dim  # w1, w2, w3
+    norms = 2 * p.dim
+    return (attention + feed_forward + norms) * dtype.itemsize
+
+
+def activation_bytes(args: ModelArgs, dtype: torch.dtype, max_batch_size: int, max_seq_len: int) -> int:
+    """An upper estimate of the working memory of the largest step (a full-length prefill)."""
+    p, b, tokens = args, dtype.itemsize, max_batch_size * max_seq_len
+    scores = max_batch_size * p.n_heads * max_seq_len * max_seq_len * (2 * b + 4)  # scores, fp32 softmax, cast back
+    expanded_kv = 2 * tokens * p.n_heads * p.head_dim * b  # repeat_kv copies
+    feed_forward = 3 * tokens * p.ffn_hidden_dim * b
+    logits = tokens * p.vocab_size * (b + 4)  # the head's output and its fp32 copy
+    hidden = 8 * tokens * p.dim * b  # residual stream, norms, packets in and out
+    return max(scores + expanded_kv, feed_forward, logits) + hidden
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    n_layers: int
+    resident_layers: int  # blocks 0 .. resident_layers - 1 live on the GPU
+    num_slices: int  # the paged blocks are streamed in this many slices (0: nothing paged)
+    block_bytes: int
+    fixed_bytes: dict[str, int]  # what is resident whatever the budget
+
+    @property
+    def paged_layers(self) -> int:
+        return self.n_layers - self.resident_layers
+
+    @property
+    def slot_bytes(self) -> int:
+        """GPU buffers that paged slices stream through: two, so one fills while the other computes."""
+        if self.num_slices == 0:
+            return 0
+        per_slice = -(-self.paged_layers // self.num_slices) * self.block_bytes
+        return min(2, self.num_slices) * per_slice
+
+    @property
+    def gpu_bytes(self) -> int:
+        return sum(self.fixed_bytes.values()) + self.resident_layers * self.block_bytes + self.slot_bytes
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes copied host-to-device per forward step."""
+        return self.paged_layers * self.block_bytes
+
+    def describe(self) -> str:
+        lines = [f"  {name:<22} {n / GiB:8.3f} GiB" for name, n in self.fixed_bytes.items()]
+        lines.append(f"  {'resident blocks':<22} {self.resident_layers * self.block_bytes / GiB:8.3f} GiB"
+                     f"  ({self.resident_layers} of {self.n_layers} blocks)")
+        lines.append(f"  {'slot buffers':<22} {self.slot_bytes / GiB:8.3f} GiB"
+                     f"  ({self.paged_layers} blocks paged in {self.num_slices} slices)")
+        lines.append(f"  {'expected GPU memory':<22} {self.gpu_bytes / GiB:8.3f} GiB")
+        lines.append(f"  {'streamed per step':<22} {self.streamed_bytes / GiB:8.3f} GiB")
+        return "\n".join(lines)
+
+
+def plan_offload(
+    args: ModelArgs,
+    dtype: torch.dtype,
+    *,
+    max_batch_size: int,
+    max_seq_len: int,
+    gpu_memory_gb: Optional[float] = None,
+    num_slices: Optional[int] = None,
+) -> OffloadPlan:
+    """With a budget: as many resident blocks as fit, the rest paged one block per slice.
+    Without one: every block paged, in ``num_slices`` slices (default: one block per slice)."""
+    if args.vocab_size <= 0:
+        raise ValueError("vocab_size is -1: set it from the tokenizer before planning.")
+    b = dtype.itemsize
+    fixed = {
+        "embedding": args.vocab_size * args.dim * b,
+        "output head + norm": (args.vocab_size + 1) * args.dim * b,
+        "KV cache": 2 * args.n_layers * max_batch_size * max_seq_len * args.kv_heads * args.head_dim * b,
+        "RoPE table": 2 * max_seq_len * args.head_dim // 2 * 8,
+        "activations (est.)": activation_bytes(args, dtype, max_batch_size, max_seq_len),
+    }
+    per_block = block_bytes(args, dtype)
+    n = args.n_layers
+    if gpu_memory_gb is None:
+        slices = n if num_slices is None else num_slices
+        if not 1 <= slices <= n:
+            raise ValueError(f"num_slices must be between 1 and the number of blocks ({n}), found {slices}.")
+        return OffloadPlan(n, 0, slices, per_block, fixed)
+    if num_slices is not None:
+        raise ValueError("Give either gpu_memory_gb or num_slices, not both: the budget decides the slices.")
+
+    budget = int(gpu_memory_gb * GiB)
+    base = sum(fixed.values())
+    if base + n * per_block <= budget:
+        return OffloadPlan(n, n, 0, per_block, fixed)  # everything fits: nothing to page
+    minimum = OffloadPlan(n, 0, n, per_block, fixed).gpu_bytes  # nothing resident, two one-block slots
+    if budget < minimum:
+        raise ValueError(
+            f"A GPU memory budget of {gpu_memory_gb:g} GB is too small: this model needs at least "
+            f"{minimum / GiB:.2f} GiB (resident part {base / GiB:.2f} GiB + two paged blocks of "
+            f"{per_block / GiB:.2f} GiB) at max_batch_size={max_batch_size}, max_seq_len={max_seq_len}. "
+            "Raise --gpu_memory_gb, or lower max_seq_len / max_batch_size to shrink the KV cache and activations."
+        )
+    # Two slots of one block stay reserved for the paged part, so the resident blocks get the rest.
+    resident = min(n - 1, (budget - base - 2 * per_block) // per_block)
+    paged = n - resident
+    return OffloadPlan(n, resident, paged, per_block, fixed)
