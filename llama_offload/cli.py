@@ -1,0 +1,329 @@
+"""The ``llama-offload`` command: ``complete``, ``chat`` and ``info``.
+
+    llama-offload complete "Once upon a time" "The capital of France is" --ckpt_dir DIR
+    llama-offload chat --ckpt_dir DIR --system "Answer briefly."
+    llama-offload info --ckpt_dir DIR --max_seq_len 4096 --max_batch_size 1
+
+Without --ckpt_dir every command uses the default tiny random model (made on first use; gibberish).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .args import ModelArgs
+from .chat_format import SPECIAL_TAGS_ERROR, Dialog
+from .checkpoint import find_shards
+from .default_model import resolve_paths
+from .generation import Llama
+from .options import build_llama, check_generation_flags, fire_main, parse_dtype, run_text_completion
+from .plan import plan_offload
+from .tokenizer import load_tokenizer
+
+__all__ = ["chat", "chat_repl", "complete", "info", "main", "param_counts"]
+
+
+def complete(
+    *prompts: str,
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 128,
+    max_batch_size: int = 4,
+    max_gen_len: Optional[int] = 64,
+    offload: bool = True,
+    num_slices: Optional[int] = None,
+    gpu_memory_gb: Optional[float] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+    seed: int = 1,
+) -> None:
+    """Complete each prompt (arguments, or one per line on stdin), in batches of max_batch_size.
+
+    Args:
+        prompts: the texts to continue; without any, prompts are read from stdin, one per line.
+        ckpt_dir: Meta checkpoint directory (params.json, consolidated.NN.pth); unset: the default tiny model.
+        tokenizer_path: tokenizer.model; unset: looked for in ckpt_dir, then in its parent.
+        temperature: 0 means greedy.
+        top_p: nucleus sampling threshold.
+        max_seq_len: prompt + completion length the KV cache is sized for.
+        max_batch_size: prompts run together; more are run in several batches.
+        max_gen_len: most new tokens per prompt.
+        offload: page blocks through the GPU (False: the whole model on the GPU).
+        num_slices: groups the blocks are paged in (default: one block per slice, least GPU memory).
+        gpu_memory_gb: GPU memory budget in GiB: as many blocks as fit stay resident, the rest are paged
+            (instead of num_slices).
+        device: cuda, cuda:N or cpu (default: cuda if available).
+        dtype: float16, bfloat16 or float32 (default: the checkpoint's).
+        seed: sampling seed.
+    """
+    temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_seq_len=max_seq_len,
+                                                max_batch_size=max_batch_size, max_gen_len=max_gen_len,
+                                                num_slices=num_slices, gpu_memory_gb=gpu_memory_gb)
+    # fire turns a bare `42` or `True` into a number or a bool; a prompt is text whatever it looks like.
+    texts = [str(p) for p in prompts]
+    if not texts:
+        if sys.stdin.isatty():
+            print("Reading prompts from stdin, one per line; end with Ctrl-D.", file=sys.stderr)
+        texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+        if not texts:
+            raise ValueError(
+                "No prompts: pass them as arguments (llama-offload complete \"Once upon a time\") "
+                "or one per line on stdin (blank lines are skipped)."
+            )
+    llama = build_llama(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                        offload=offload, num_slices=num_slices, gpu_memory_gb=gpu_memory_gb, device=device,
+                        dtype=dtype, seed=seed)
+    run_text_completion(llama, texts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+
+
+HELP = "Commands: /reset clears the conversation, /exit (or Ctrl-D) quits; Ctrl-C stops an answer."
+
+
+def chat_repl(
+    llama: Llama,
+    *,
+    system: Optional[str] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_gen_len: Optional[int] = None,
+    read: Callable[[str], str] = input,
+) -> Dialog:
+    """Talk with ``llama`` until /exit, end of input or Ctrl-C at the prompt; return the final dialog.
+
+    Ctrl-C during an answer stops it. What was already shown stays in the dialog as the assistant's turn,
+    so the conversation the model sees is the one on the screen; if nothing was shown yet, the question is
+    dropped too, as if it had not been asked.
+    """
+    fresh: Dialog = [{"role": "system", "content": system}] if system else []
+    dialog: Dialog = list(fresh)
+    print(HELP, file=sys.stderr)
+    while True:
+        try:
+            line = read("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return dialog
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return dialog
+        if text == "/reset":
+            dialog = list(fresh)
+            print("(conversation cleared)")
+            continue
+        if text.startswith("/") and " " not in text:
+            print(f"Unknown command {text}. {HELP}")
+            continue
+
+        asked: Dialog = dialog + [{"role": "user", "content": text}]
+        if llama.chat_format.contains_special_tags(asked):
+            print(f"{SPECIAL_TAGS_ERROR} The message was not sent; rephrase it without [INST] or <<SYS>> tags.")
+            continue
+        prompt_len = len(llama.chat_format.encode_dialog_prompt(asked))
+        if prompt_len >= llama.max_seq_len:
+            print(f"The conversation is {prompt_len} tokens long with this message, and max_seq_len is "
+                  f"{llama.max_seq_len}: no room is left for an answer. Type /reset to start a new conversation, "
+                  "or restart with a larger --max_seq_len.")
+            continue
+
+        pieces: list[str] = []
+        interrupted = False
+        stream = llama.stream_chat(asked, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        try:
+            for piece in stream:
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            stream.close()  # runs the generator's cleanup, which records the stats of what was produced
+        print()
+        answer = "".join(pieces)
+        if interrupted:
+            print("[answer stopped]" if answer else "[answer stopped before it began; the question was dropped]")
+        if answer or not interrupted:
+            dialog = asked + [{"role": "assistant", "content": answer}]
+        print(llama.last_stats.summary(), flush=True)
+        if not interrupted and prompt_len + llama.last_stats.new_tokens >= llama.max_seq_len:
+            print(f"(The answer was cut at max_seq_len = {llama.max_seq_len} tokens. Type /reset to start over, "
+                  "or restart with a larger --max_seq_len.)")
+
+
+def chat(
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    system: Optional[str] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 512,
+    max_gen_len: Optional[int] = None,
+    offload: bool = True,
+    num_slices: Optional[int] = None,
+    gpu_memory_gb: Optional[float] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+    seed: int = 1,
+) -> None:
+    """Interactive chat; the answer streams as it is generated. /reset, /exit; Ctrl-C stops an answer.
+
+    Args:
+        ckpt_dir: Meta checkpoint directory (a chat model, e.g. llama-2-7b-chat); unset: the default tiny model.
+        tokenizer_path: tokenizer.model; unset: looked for in ckpt_dir, then in its parent.
+        system: system prompt that starts every conversation (kept by /reset).
+        temperature: 0 means greedy.
+        top_p: nucleus sampling threshold.
+        max_seq_len: the whole conversation must fit in this many tokens; /reset when it is full.
+        max_gen_len: most new tokens per answer (default: until the end of the answer or of max_seq_len).
+        offload: page blocks through the GPU (False: the whole model on the GPU).
+        num_slices: groups the blocks are paged in (default: one block per slice).
+        gpu_memory_gb: GPU memory budget in GiB: as many blocks as fit stay resident, the rest are paged.
+        device: cuda, cuda:N or cpu (default: cuda if available).
+        dtype: float16, bfloat16 or float32 (default: the checkpoint's).
+        seed: sampling seed (the same conversation gets the same answer).
+    """
+    temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_seq_len=max_seq_len,
+                                                max_batch_size=1, max_gen_len=max_gen_len, num_slices=num_slices,
+                                                gpu_memory_gb=gpu_memory_gb)
+    try:  # line editing and history for input(), where the platform has it
+        import readline  # noqa: F401
+    except ImportError:
+        pass
+    # One conversation at a time: a batch of 1 keeps the KV cache as small as it can be.
+    llama = build_llama(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, offload=offload,
+                        num_slices=num_slices, gpu_memory_gb=gpu_memory_gb, device=device, dtype=dtype, seed=seed)
+    chat_repl(llama, system=None if system is None else str(system), temperature=temperature, top_p=top_p,
+              max_gen_len=max_gen_len)
+
+
+def param_counts(args: ModelArgs) -> dict[str, int]:
+    """Parameters per part of the model, from the shapes alone (the bytes come from ``plan_offload``)."""
+    if args.vocab_size <= 0:
+        raise ValueError("Counting parameters needs the real vocab_size; fill params.json's -1 from the tokenizer.")
+    dim, hidden = args.dim, args.ffn_hidden_dim
+    q_out, kv_out = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+    per_block = (
+        dim * q_out + 2 * dim * kv_out + q_out * dim  # wq, wk + wv, wo
+        + 3 * dim * hidden  # w1, w2, w3
+        + 2 * dim  # attention_norm, ffn_norm
+    )
+    resident = args.vocab_size * dim + dim + dim * args.vocab_size  # tok_embeddings, norm, output
+    blocks = args.n_layers * per_block
+    return dict(per_block=per_block, blocks=blocks, resident=resident, total=blocks + resident)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _fmt_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n:,} ({n / scale:.2f} {unit})"
+    return f"{n:,}"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _checkpoint_dtype(ckpt_dir: Path) -> tuple[torch.dtype, int]:
+    """(dtype, number of shards), reading only shard 00's index: mmap leaves the weights on disk."""
+    shards = find_shards(ckpt_dir)
+    try:
+        sd = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch.load raises many types on a damaged file
+        raise RuntimeError(f"Could not read {shards[0]} ({type(e).__name__}: {e}). Re-download it, or pass "
+                           "--dtype to plan without reading the weights.") from e
+    tensors = [v for v in sd.values() if isinstance(v, torch.Tensor)] if isinstance(sd, dict) else []
+    if not tensors:
+        raise RuntimeError(f"{shards[0]} holds no tensors. Re-download it, or pass --dtype to plan without it.")
+    return sd.get("tok_embeddings.weight", tensors[0]).dtype, len(shards)
+
+
+def info(
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    max_seq_len: int = 512,
+    max_batch_size: int = 4,
+    num_slices: Optional[int] = None,
+    gpu_memory_gb: Optional[float] = None,
+    dtype: Optional[str] = None,
+) -> None:
+    """Model shape, parameter count and the memory an offloaded run needs, without loading the weights.
+
+    Args:
+        ckpt_dir: Meta checkpoint directory; unset: the default tiny model.
+        tokenizer_path: tokenizer.model (only read when params.json has vocab_size -1).
+        max_seq_len: sizes the KV cache, as in complete/chat.
+        max_batch_size: sizes the KV cache, as in complete/chat.
+        num_slices: groups the blocks are paged in (default: one block per slice).
+        gpu_memory_gb: plan for this GPU memory budget in GiB instead (resident blocks first, the rest paged).
+        dtype: float16, bfloat16 or float32 to plan for (default: the checkpoint's, read from shard 00).
+    """
+    check_generation_flags(temperature=0, top_p=1, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                           max_gen_len=None, num_slices=num_slices, gpu_memory_gb=gpu_memory_gb)
+    want_dtype = parse_dtype(dtype)
+    if ckpt_dir is None:
+        ckpt, tok = resolve_paths(None, tokenizer_path)
+    else:
+        ckpt = Path(ckpt_dir).expanduser()
+        tok = None if tokenizer_path is None else Path(tokenizer_path).expanduser()
+        if not ckpt.is_dir():
+            find_shards(ckpt)  # the error that names the directory and explains the layout
+    args = ModelArgs.from_json(ckpt / "params.json", max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    vocab_note = ""
+    if args.vocab_size == -1:
+        # Only now is the tokenizer needed: a checkpoint whose params.json names its vocab plans without one.
+        if tok is None:
+            _, tok = resolve_paths(ckpt, None)
+        args = dataclasses.replace(args, vocab_size=load_tokenizer(tok).n_words)
+        vocab_note = f" (params.json says -1: taken from {tok})"
+    if want_dtype is None:
+        model_dtype, n_shards = _checkpoint_dtype(ckpt)
+        dtype_note = f"{_dtype_name(model_dtype)} (as stored in {n_shards} shard(s))"
+    else:
+        model_dtype, dtype_note = want_dtype, f"{_dtype_name(want_dtype)} (from --dtype)"
+    n_layers = args.n_layers
+    if num_slices is not None and num_slices > n_layers:
+        raise ValueError(f"--num_slices {num_slices} is more than the {n_layers} blocks there are to page; "
+                         f"choose 1..{n_layers}.")
+    # The same plan offload() follows when the model is loaded with these flags.
+    plan = plan_offload(args, model_dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                        gpu_memory_gb=None if gpu_memory_gb is None else float(gpu_memory_gb), num_slices=num_slices)
+    counts, size = param_counts(args), model_dtype.itemsize
+
+    print(f"checkpoint     {ckpt}")
+    print(f"dtype          {dtype_note}")
+    print(f"model          dim {args.dim}, {n_layers} layers, {args.n_heads} heads, {args.kv_heads} kv heads, "
+          f"head_dim {args.head_dim}, ffn hidden {args.ffn_hidden_dim}, vocab {args.vocab_size}{vocab_note}, "
+          f"rope_theta {args.rope_theta:g}")
+    print(f"parameters     {_fmt_count(counts['total'])}: {_fmt_count(counts['per_block'])} per block, "
+          f"{_fmt_count(counts['resident'])} in embedding + norm + output head")
+    print(f"weights        {_fmt_bytes(plan.block_bytes)} per block, {_fmt_bytes(n_layers * plan.block_bytes)} for all "
+          f"{n_layers} blocks, {_fmt_bytes(counts['total'] * size)} in all")
+    print(f"run size       max_batch_size {max_batch_size} x max_seq_len {max_seq_len} (sizes the KV cache)")
+    print(f"paged          {plan.paged_layers} of {n_layers} blocks, in {plan.num_slices} slice(s), from "
+          f"{_fmt_bytes(plan.streamed_bytes)} of pinned host memory; {plan.resident_layers} block(s) resident")
+    print("GPU memory plan (the CUDA context, a few hundred MiB, comes on top):")
+    print(plan.describe())
+    if not torch.cuda.is_available():
+        print("note           PyTorch sees no CUDA GPU here: on this machine the blocks would run on the CPU.")
+
+
+def main() -> None:
+    fire_main({"complete": complete, "chat": chat, "info": info}, name="llama-offload")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The model used when no checkpoint is named: for now a tiny random one, made on first use.
+
+It exists so that ``llama-offload`` and the example scripts run straight after ``pip install``, with
+no download. Its weights are random, so its text is gibberish: it shows that the pipeline (tokenizer,
+checkpoint loading, packed blocks, offload, sampling) works, nothing more. A later change replaces it
+with a real pretrained model; callers should only rely on ``resolve_paths`` and ``prepare_default_model``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .args import ModelArgs
+from .checkpoint import find_shards, random_state_dict, save_checkpoint
+from .tokenizer import BUNDLED_CORPUS_PATH, DEFAULT_TOKENIZER_FILENAME, train_sentencepiece
+
+__all__ = ["CHECKPOINTS_DIR", "DEFAULT_NAME", "default_paths", "prepare_default_model", "resolve_paths"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS_DIR = Path(os.environ.get("LLAMA_OFFLOAD_CHECKPOINTS", REPO_ROOT / "checkpoints"))
+DEFAULT_NAME = "tiny-random"
+
+# Llama 2 layout (grouped-query attention included) at a size the CPU runs in milliseconds per token.
+# float32 so that CPU runs are fast and exact; seed and std fixed so every machine gets the same weights.
+_PARAMS = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=64, rope_theta=10000.0)
+_SEED, _STD, _DTYPE = 0, 0.02, torch.float32
+_SHARD = "consolidated.00.pth"
+_FILES = ("params.json", _SHARD, DEFAULT_TOKENIZER_FILENAME)  # what a complete default checkpoint holds
+
+_WARNING = (
+    "NOTE: this is a TINY MODEL WITH RANDOM WEIGHTS. Its output is gibberish; it only shows that the "
+    "pipeline works. To run a real model, pass --ckpt_dir (and --tokenizer_path) of a Meta-format "
+    "checkpoint: see 'Using a real checkpoint' in README.md."
+)
+
+
+def _say(msg: str) -> None:
+    print(f"llama_offload: {msg}", file=sys.stderr, flush=True)
+
+
+def default_paths() -> tuple[Path, Path]:
+    """(ckpt_dir, tokenizer_path) of the default model; they may not exist yet."""
+    ckpt_dir = CHECKPOINTS_DIR / DEFAULT_NAME
+    return ckpt_dir, ckpt_dir / DEFAULT_TOKENIZER_FILENAME
+
+
+def _is_complete(ckpt_dir: Path) -> bool:
+    return all((ckpt_dir / name).is_file() for name in _FILES)
+
+
+def _build(tmp: Path) -> None:
+    tokenizer = train_sentencepiece(BUNDLED_CORPUS_PATH, tmp / "tokenizer", _PARAMS["vocab_size"])
+    # Meta ships only tokenizer.model; the trainer's .vocab listing is not part of that layout.
+    tokenizer.with_suffix(".vocab").unlink(missing_ok=True)
+    args = ModelArgs(**_PARAMS)
+    save_checkpoint(random_state_dict(args, seed=_SEED, dtype=_DTYPE, std=_STD), args, tmp)
+
+
+def _new_sibling(kind: str) -> Path:
+    # Not tempfile.mkdtemp: its 0700 mode would stay with the directory after the rename, and a shared
+    # checkpoints directory should be readable as the umask allows.
+    path = CHECKPOINTS_DIR / f".{DEFAULT_NAME}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    return path
+
+
+def prepare_default_model(force: bool = False) -> tuple[Path, Path]:
+    """Make the default checkpoint unless it is already complete; return (ckpt_dir, tokenizer_path).
+
+    ``force`` rebuilds it even when complete. Only a directory holding nothing but the default model's
+    own files is ever replaced: anything else found there is left alone and reported.
+    """
+    ckpt_dir, tokenizer_path = default_paths()
+    if _is_complete(ckpt_dir) and not force:
+        _say(f"default model already prepared at {ckpt_dir}; nothing to do.")
+        return ckpt_dir, tokenizer_path
+    if ckpt_dir.exists():
+        if not ckpt_dir.is_dir():
+            raise FileExistsError(
+                f"Expected the default model directory at {ckpt_dir}, found a file. Move or delete it, or point "
+                "LLAMA_OFFLOAD_CHECKPOINTS at another directory."
+            )
+        foreign = sorted(p.name for p in ckpt_dir.iterdir() if p.name not in _FILES)
+        if foreign:
+            raise FileExistsError(
+                f"{ckpt_dir} holds files that are not part of the default model ({', '.join(foreign)}), so it "
+                "will not be replaced. Move them elsewhere, or point LLAMA_OFFLOAD_CHECKPOINTS at another directory."
+            )
+
+    _say(f"preparing the default model '{DEFAULT_NAME}' in {ckpt_dir} (a few seconds) ...")
+    CHECKPOINTS_DIR.mkdir(parents=True, exist_ok=True)
+    # Built beside its final place and renamed into it, so that an interrupted run never leaves a
+    # directory that looks complete.
+    tmp = _new_sibling("partial")
+    old: Optional[Path] = None
+    try:
+        _build(tmp)
+        if _is_complete(ckpt_dir) and not force:
+            # Another process finished first, and may be reading it already: keep its copy.
+            _say(f"another process prepared {ckpt_dir} at the same time; using that one.")
+            return ckpt_dir, tokenizer_path
+        if ckpt_dir.exists():
+            # Only our own files are in it (checked above): set it aside, then delete it once ours is in place.
+            old = _new_sibling("old")
+            os.replace(ckpt_dir, old / DEFAULT_NAME)
+        try:
+            os.replace(tmp, ckpt_dir)
+        except OSError:
+            # Another process got there between the check and the rename (rename onto a non-empty
+            # directory fails): use its copy.
+            if not _is_complete(ckpt_dir):
+                raise
+            _say(f"another process prepared {ckpt_dir} at the same time; using that one.")
+            return ckpt_dir, tokenizer_path
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    _say(f"default model written to {ckpt_dir}.")
+    _say(_WARNING)
+    return ckpt_dir, tokenizer_path
+
+
+def _find_tokenizer(ckpt_dir: Path) -> Optional[Path]:
+    # Meta's download puts tokenizer.model beside the model folders (llama-2-7b/, llama-2-7b-chat/),
+    # converted or re-packed checkpoints often inside the folder: look in both.
+    for candidate in (ckpt_dir / DEFAULT_TOKENIZER_FILENAME, ckpt_dir.parent / DEFAULT_TOKENIZER_FILENAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve_paths(ckpt_dir: Optional[str | Path], tokenizer_path: Optional[str | Path]) -> tuple[Path, Path]:
+    """The (ckpt_dir, tokenizer_path) to load from what the user passed; both None means the default model."""
+    if ckpt_dir is None:
+        if tokenizer_path is not None:
+            raise ValueError(
+                f"--tokenizer_path {tokenizer_path} was given without --ckpt_dir. A tokenizer alone is not a model: "
+                "pass --ckpt_dir with the checkpoint directory too, or neither to use the default tiny model."
+            )
+        paths = default_paths()
+        if not _is_complete(paths[0]):
+            paths = prepare_default_model()
+        _say(f"no --ckpt_dir given: using the default tiny random model at {paths[0]} (its output is gibberish).")
+        return paths
+
+    ckpt = Path(ckpt_dir).expanduser()
+    if not ckpt.is_dir():
+        find_shards(ckpt)  # raises the error that names the directory and explains the layout
+    if tokenizer_path is not None:
+        return ckpt, Path(tokenizer_path).expanduser()
+    found = _find_tokenizer(ckpt)
+    if found is None:
+        raise FileNotFoundError(
+            f"No --tokenizer_path given, and no {DEFAULT_TOKENIZER_FILENAME} was found in {ckpt} or in its parent "
+            f"{ckpt.parent}. Pass --tokenizer_path with the {DEFAULT_TOKENIZER_FILENAME} that came with the checkpoint."
+        )
+    return ckpt, found

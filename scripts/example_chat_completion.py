@@ -1,0 +1,78 @@
+"""Chat completion with a Meta-format chat checkpoint, flags as in Meta's llama repo.
+
+    torchrun --nproc_per_node 1 scripts/example_chat_completion.py \
+        --ckpt_dir checkpoints/llama-2-7b-chat/ --tokenizer_path checkpoints/tokenizer.model \
+        --max_seq_len 512 --max_batch_size 4
+    python scripts/example_chat_completion.py                     # the default tiny random model
+    python scripts/example_chat_completion.py --dialogs '[[{"role": "user", "content": "Hi!"}]]'
+
+Each dialog is [system], user, assistant, user, ..., user; the model writes the next assistant turn.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+try:
+    import llama_offload  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llama_offload.chat_format import Dialog
+from llama_offload.options import (
+    build_llama, check_generation_flags, check_single_process, fire_main, parse_dialogs, run_chat_completion,
+)
+
+EXAMPLE_DIALOGS: list[Dialog] = [
+    [{"role": "user", "content": "What should I pack for a weekend of hiking in the hills?"}],
+    [
+        {"role": "user", "content": "Suggest a name for a grey cat."},
+        {"role": "assistant", "content": "How about Pebble? It is short, friendly and suits a grey coat."},
+        {"role": "user", "content": "Something more dignified, please."},
+    ],
+    [
+        {"role": "system", "content": "Answer in one short sentence."},
+        {"role": "user", "content": "Why does bread go stale?"},
+    ],
+    [
+        {"role": "system", "content": "You are a patient maths tutor. Explain one step at a time."},
+        {"role": "user", "content": "How do I add fractions with different denominators?"},
+    ],
+]
+
+
+def main(
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 512,
+    max_batch_size: int = 4,
+    max_gen_len: Optional[int] = None,
+    dialogs: Any = None,
+    offload: bool = True,
+    num_slices: Optional[int] = None,
+    gpu_memory_gb: Optional[float] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+    seed: int = 1,
+) -> None:
+    """Answer the example dialogs (or --dialogs, a JSON list of dialogs) and print them with the answers.
+
+    Without --ckpt_dir the default tiny random model is used (made on first use; its text is gibberish).
+    """
+    check_single_process()
+    temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_seq_len=max_seq_len,
+                                                max_batch_size=max_batch_size, max_gen_len=max_gen_len,
+                                                num_slices=num_slices, gpu_memory_gb=gpu_memory_gb)
+    chats = EXAMPLE_DIALOGS if dialogs is None else parse_dialogs(dialogs)
+    generator = build_llama(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                            offload=offload, num_slices=num_slices, gpu_memory_gb=gpu_memory_gb, device=device,
+                            dtype=dtype, seed=seed)
+    run_chat_completion(generator, chats, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+
+
+if __name__ == "__main__":
+    fire_main(main, name=Path(__file__).name)

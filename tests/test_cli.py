@@ -1,0 +1,319 @@
+"""The command line end to end on the CPU: ``llama-offload`` (complete, chat, info), the example scripts,
+the default model, and the errors a user sees. Commands run in subprocesses, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import pytest
+import torch
+
+from llama_offload.args import ModelArgs
+from llama_offload.chat_format import Llama2ChatFormat
+from llama_offload.checkpoint import random_state_dict, save_checkpoint
+from llama_offload.cli import chat_repl, param_counts
+from llama_offload.generation import GenerationStats
+from llama_offload.model import Transformer
+from llama_offload.options import parse_dialogs, parse_dtype, parse_prompts
+from llama_offload.plan import plan_offload
+from llama_offload.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT_SCRIPT = REPO / "scripts" / "example_text_completion.py"
+CHAT_SCRIPT = REPO / "scripts" / "example_chat_completion.py"
+STATS = "tokens/s"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, sp_tokenizer_path: Path) -> Path:
+    """A tiny random checkpoint in Meta's download layout: the tokenizer beside the model folder."""
+    root = tmp_path_factory.mktemp("models")
+    shutil.copy(sp_tokenizer_path, root / "tokenizer.model")
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32)
+    save_checkpoint(random_state_dict(args, seed=0), args, root / "tiny")
+    return root / "tiny"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    # The default model goes to a temporary directory, never into the checkout's checkpoints/.
+    e = dict(os.environ, LLAMA_OFFLOAD_CHECKPOINTS=str(tmp_path_factory.mktemp("checkpoints")))
+    e.pop("LLAMA_OFFLOAD_TRACEBACK", None)
+    e.pop("WORLD_SIZE", None)
+    return e
+
+
+def run(cmd: list[str], env: dict[str, str], stdin: Optional[str] = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "llama_offload.cli", *args]
+
+
+GEN = ["--max_gen_len", "8", "--temperature", "0"]
+
+
+def ok(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    return p.stdout
+
+
+def failed(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode != 0, f"expected a failure\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    assert "Traceback" not in p.stderr, p.stderr  # a user error is one readable line, not a traceback
+    return p.stderr
+
+
+# --- llama-offload complete / info ------------------------------------------------------------------
+
+
+def test_complete_from_args(tiny_ckpt: Path, env: dict[str, str]) -> None:
+    out = ok(run(cli("complete", "Once upon a time", "The sea is", "--ckpt_dir", str(tiny_ckpt), *GEN), env))
+    assert "Once upon a time\n> " in out and "The sea is\n> " in out
+    assert out.count(STATS) == 1
+
+
+def test_complete_from_stdin_in_batches(tiny_ckpt: Path, env: dict[str, str]) -> None:
+    prompts = ["first prompt", "second prompt", "third prompt"]
+    stdin = "\n".join([prompts[0], "", "   ", prompts[1], prompts[2]]) + "\n"
+    out = ok(run(cli("complete", "--ckpt_dir", str(tiny_ckpt), "--max_batch_size", "2", *GEN), env, stdin))
+    for p in prompts:
+        assert f"{p}\n> " in out
+    assert out.count("\n> ") == 3  # blank lines are not prompts
+    assert out.count(STATS) == 2  # 3 prompts in batches of 2
+
+
+def test_complete_without_prompts_fails(tiny_ckpt: Path, env: dict[str, str]) -> None:
+    err = failed(run(cli("complete", "--ckpt_dir", str(tiny_ckpt)), env, "\n\n"))
+    assert "No prompts" in err
+
+
+def test_info(tiny_ckpt: Path, env: dict[str, str]) -> None:
+    out = ok(run(cli("info", "--ckpt_dir", str(tiny_ckpt), "--max_seq_len", "64", "--max_batch_size", "2"), env))
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_json(tiny_ckpt / "params.json", vocab_size=512))
+    n = sum(p.numel() for p in model.parameters())
+    assert f"{n:,}" in out
+    assert "dim 64, 2 layers, 4 heads, 2 kv heads, head_dim 16" in out
+    assert "float32" in out and "KV cache" in out and "expected GPU memory" in out
+    assert "2 of 2 blocks, in 2 slice(s)" in out
+
+
+# --- example scripts ---------------------------------------------------------------------------------
+
+
+def test_text_script(tiny_ckpt: Path, env: dict[str, str]) -> None:
+    prompts = ["Hello world", 'She said "yes"']
+    out = ok(run([sys.executable, str(TEXT_SCRIPT), "--ckpt_dir", str(tiny_ckpt),
+                  "--tokenizer_path", str(tiny_ckpt.parent / "tokenizer.model"),
+                  "--prompts", json.dumps(prompts), *GEN], env))
+    for p in prompts:
+        assert f"{p}\n> " in out
+    assert out.count(STATS) == 1
+
+
+DIALOGS = [
+    [{"role": "user", "content": "What is a lighthouse?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another one."}],
+]
+
+
+def _check_chat_output(out: str) -> None:
+    assert "User: What is a lighthouse?" in out
+    assert "System: Be brief." in out and "Assistant: Blue." in out and "User: Another one." in out
+    assert out.count("> Assistant: ") == 2
+    assert out.count(STATS) == 1
+
+
+def test_chat_script(tiny_ckpt: Path, env: dict[str, str]) -> None:
+    _check_chat_output(ok(run([sys.executable, str(CHAT_SCRIPT), "--ckpt_dir", str(tiny_ckpt),
+                               "--dialogs", json.dumps(DIALOGS), *GEN], env)))
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_chat_script_under_torchrun(tiny_ckpt: Path, env: dict[str, str]) -> None:
+    cmd = ["torchrun", "--nproc_per_node", "1", "--standalone", str(CHAT_SCRIPT), "--ckpt_dir", str(tiny_ckpt),
+           "--dialogs", json.dumps(DIALOGS), *GEN]
+    _check_chat_output(ok(run(cmd, env)))
+
+
+def test_default_model(env: dict[str, str]) -> None:
+    """No --ckpt_dir: the tiny random model is made under LLAMA_OFFLOAD_CHECKPOINTS, with a warning."""
+    p = run([sys.executable, str(TEXT_SCRIPT), "--prompts", '["Good morning"]', *GEN], env)
+    assert "Good morning\n> " in ok(p)
+    assert STATS in p.stdout
+    assert "default tiny random model" in p.stderr
+    ckpt = Path(env["LLAMA_OFFLOAD_CHECKPOINTS"]) / "tiny-random"
+    assert sorted(x.name for x in ckpt.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
+    assert not [x for x in ckpt.parent.iterdir() if x.name.startswith(".")]  # no temporary directory left behind
+    # The second time it is reused, not rebuilt.
+    again = run([sys.executable, str(REPO / "scripts" / "prepare_default_model.py")], env)
+    assert "nothing to do" in again.stderr and str(ckpt) in ok(again)
+
+
+# --- the chat REPL ---------------------------------------------------------------------------------
+
+
+def test_chat_repl_subprocess(tiny_ckpt: Path, env: dict[str, str]) -> None:
+    p = run(cli("chat", "--ckpt_dir", str(tiny_ckpt), "--system", "Be brief.", *GEN), env, "hello\n/reset\nhi\n/exit\n")
+    out = ok(p)
+    assert out.count(STATS) == 2
+    assert "(conversation cleared)" in out
+
+
+def test_chat_repl_ends_at_eof(tiny_ckpt: Path, env: dict[str, str]) -> None:
+    assert ok(run(cli("chat", "--ckpt_dir", str(tiny_ckpt), *GEN), env, "hello\n")).count(STATS) == 1
+
+
+class FakeLlama:
+    """Just what chat_repl uses, with answers scripted piece by piece; ``None`` stands for a Ctrl-C."""
+
+    def __init__(self, tokenizer: Tokenizer, answers: list[list[Optional[str]]], max_seq_len: int = 256):
+        self.chat_format = Llama2ChatFormat(tokenizer)
+        self.max_seq_len = max_seq_len
+        self.answers = answers
+        self.asked: list[list[dict]] = []
+        self.last_stats = GenerationStats()
+
+    def stream_chat(self, dialog, **kwargs) -> Iterator[str]:
+        self.asked.append([dict(m) for m in dialog])
+        pieces = self.answers.pop(0)
+        produced = 0
+        try:
+            for piece in pieces:
+                if piece is None:
+                    raise KeyboardInterrupt
+                produced += 1
+                yield piece
+        finally:
+            self.last_stats = GenerationStats(produced, 0.1)
+
+
+def lines(*items: object) -> Callable[[str], str]:
+    def read(prompt: str) -> str:
+        item = next(it)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+    it = iter(items)
+    return read
+
+
+def test_chat_repl_keeps_the_dialog(sp_tokenizer: Tokenizer, capsys: pytest.CaptureFixture) -> None:
+    llama = FakeLlama(sp_tokenizer, [["Hel", "lo"], ["Fine."], ["Again"]])
+    dialog = chat_repl(llama, system="Be nice.", read=lines("hi", "how are you?", "/reset", "hey", EOFError()))
+    # After /reset only the system prompt is kept; the last exchange is in the dialog.
+    assert dialog == [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "hey"},
+                      {"role": "assistant", "content": "Again"}]
+    assert llama.asked[1][-2:] == [{"role": "assistant", "content": "Hello"},
+                                   {"role": "user", "content": "how are you?"}]
+    out = capsys.readouterr().out
+    assert "Hello\n" in out and out.count(STATS) == 3
+
+
+def test_chat_repl_ctrl_c(sp_tokenizer: Tokenizer, capsys: pytest.CaptureFixture) -> None:
+    llama = FakeLlama(sp_tokenizer, [["Par", "tial", None, "never"], [None], ["ok"]])
+    dialog = chat_repl(llama, read=lines("one", "two", "three", KeyboardInterrupt()))
+    # Stopped with text shown: kept as the answer. Stopped before any text: the question is dropped.
+    assert dialog == [{"role": "user", "content": "one"}, {"role": "assistant", "content": "Partial"},
+                      {"role": "user", "content": "three"}, {"role": "assistant", "content": "ok"}]
+    out = capsys.readouterr().out
+    assert "[answer stopped]" in out and "question was dropped" in out
+    assert out.count(STATS) == 3  # the session goes on after each Ctrl-C, and ends cleanly at the prompt
+
+
+def test_chat_repl_full_context(sp_tokenizer: Tokenizer, capsys: pytest.CaptureFixture) -> None:
+    llama = FakeLlama(sp_tokenizer, [], max_seq_len=16)
+    dialog = chat_repl(llama, read=lines("word " * 40, "/exit"))
+    assert dialog == [] and llama.asked == []
+    assert "/reset" in capsys.readouterr().out
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+
+def test_missing_ckpt_dir(tmp_path: Path, env: dict[str, str]) -> None:
+    missing = tmp_path / "no-such-model"
+    for cmd in (cli("complete", "hi", "--ckpt_dir", str(missing)),
+                [sys.executable, str(CHAT_SCRIPT), "--ckpt_dir", str(missing)]):
+        assert str(missing) in failed(run(cmd, env))
+
+
+def test_bad_prompts_and_dtype(tiny_ckpt: Path, env: dict[str, str]) -> None:
+    err = failed(run([sys.executable, str(TEXT_SCRIPT), "--ckpt_dir", str(tiny_ckpt), "--prompts", "[oops"], env))
+    assert "--prompts" in err and "JSON list of strings" in err
+    err = failed(run(cli("complete", "hi", "--ckpt_dir", str(tiny_ckpt), "--dtype", "float8"), env))
+    assert "float8" in err and "bfloat16" in err
+
+
+def test_world_size_refused(env: dict[str, str]) -> None:
+    err = failed(run([sys.executable, str(CHAT_SCRIPT)], dict(env, WORLD_SIZE="2", RANK="0")))
+    assert "not supported yet" in err and "--nproc_per_node 1" in err
+
+
+def test_flag_parsers() -> None:
+    assert parse_dtype(None) is None
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float16") is torch.float16
+    assert parse_prompts('["a", "b"]') == ["a", "b"] == parse_prompts(["a", "b"])
+    for bad in ("not json", "[]", '"one string"', [1], {"a": 1}):
+        with pytest.raises(ValueError, match="--prompts"):
+            parse_prompts(bad)
+    assert parse_dialogs(json.dumps(DIALOGS)) == DIALOGS
+    with pytest.raises(ValueError, match="looks like one dialog"):
+        parse_dialogs(json.dumps(DIALOGS[0]))
+    with pytest.raises(ValueError, match="item 0: Message 0"):
+        parse_dialogs([[{"role": "assistant", "content": "x"}]])
+
+
+# --- the numbers info prints ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("params, dtype, num_slices", [
+    (dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=64), torch.float32, None),
+    (dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256), torch.float16, 5),
+    (dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, multiple_of=4096,
+          ffn_dim_multiplier=1.3), torch.bfloat16, 1),
+    (dict(dim=72, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=100, multiple_of=7), torch.float16, 2),
+])
+def test_info_arithmetic_matches_the_model(params: dict, dtype: torch.dtype, num_slices: Optional[int]) -> None:
+    bs, seq = 3, 100
+    args = ModelArgs(**params, max_batch_size=bs, max_seq_len=seq)
+    counts = param_counts(args)
+    with torch.device("meta"):
+        model = Transformer(args).to(dtype)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert counts["total"] == count(model)
+    assert counts["per_block"] == count(model.layers[0])
+    assert counts["blocks"] == count(model.layers)
+    assert counts["resident"] == count(model.tok_embeddings) + count(model.norm) + count(model.output)
+
+    # The memory plan info prints is the one offload() follows: check its parts against what is allocated.
+    plan = plan_offload(args, dtype, max_batch_size=bs, max_seq_len=seq, num_slices=num_slices)
+    assert plan.block_bytes == counts["per_block"] * dtype.itemsize
+    model.setup_caches(bs, seq, "meta", dtype)
+    caches = [layer.attention.cache for layer in model.layers]
+    assert plan.fixed_bytes["KV cache"] == sum(t.numel() * t.element_size() for c in caches for t in (c.k, c.v))
+    assert plan.fixed_bytes["RoPE table"] == model.freqs_cis.numel() * model.freqs_cis.element_size()
+    assert plan.fixed_bytes["embedding"] + plan.fixed_bytes["output head + norm"] == counts["resident"] * dtype.itemsize
+    n = args.n_layers if num_slices is None else num_slices
+    assert plan.slot_bytes == min(2, n) * -(-args.n_layers // n) * plan.block_bytes
+
+
+def test_param_counts_needs_a_vocab() -> None:
+    with pytest.raises(ValueError, match="vocab_size"):
+        param_counts(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=-1))
+
+
+def test_info_flag_errors(tiny_ckpt: Path, env: dict[str, str]) -> None:
+    err = failed(run(cli("info", "--ckpt_dir", str(tiny_ckpt), "--num_slices", "3"), env))
+    assert "--num_slices 3" in err and "1..2" in err
+    err = failed(run(cli("info", "--ckpt_dir", str(tiny_ckpt), "--num_slices", "2", "--gpu_memory_gb", "4"), env))
+    assert "not both" in err
