@@ -37,7 +37,7 @@ _FILES = ("params.json", _SHARD, DEFAULT_TOKENIZER_FILENAME)  # what a complete 
 _WARNING = (
     "NOTE: this is a TINY MODEL WITH RANDOM WEIGHTS. Its output is gibberish; it only shows that the "
     "pipeline works. To run a real model, pass --ckpt_dir (and --tokenizer_path) of a Meta-format "
-    "checkpoint: see 'Using a real checkpoint' in README.md."
+    "checkpoint: see the 'Checkpoints' section of README.md and checkpoints/README.md."
 )
 
 
