@@ -3,13 +3,15 @@
 The Llama 2 format reproduces ``chat_completion`` in Meta's
 facebookresearch/llama ``generation.py`` token for token, because the chat
 models were fine-tuned on exactly that layout and drift from it (an extra
-space, a missing BOS) degrades their answers.
+space, a missing BOS) degrades their answers. ChatML (SmolLM2, Qwen and many
+others) follows the model's own Hugging Face chat template in the same way.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
-from typing import Callable, Literal, Protocol, TypedDict, get_args
+from typing import Callable, Literal, Optional, Protocol, TypedDict, get_args
 
 from llama_offload.tokenizer import Tokenizer
 
@@ -17,7 +19,9 @@ __all__ = [
     "B_INST",
     "B_SYS",
     "CHAT_FORMATS",
+    "CHATML_TAGS",
     "ChatFormat",
+    "ChatMLFormat",
     "Dialog",
     "E_INST",
     "E_SYS",
@@ -26,6 +30,7 @@ __all__ = [
     "Role",
     "SPECIAL_TAGS",
     "SPECIAL_TAGS_ERROR",
+    "default_system_prompt",
     "get_chat_format",
     "validate_dialog",
 ]
@@ -165,8 +170,103 @@ class Llama2ChatFormat:
         return tokens
 
 
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHATML_TAGS = [IM_START, IM_END]
+
+# The branch of a ChatML Jinja template that fills in a system turn when the dialog has none, e.g.
+# SmolLM2's {% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are ...<|im_end|>\n' }}
+_DEFAULT_SYSTEM_RE = re.compile(
+    r"""!=\s*['"]system['"]\s*%\}\s*\{\{-?\s*(['"])<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>""",
+    re.DOTALL,
+)
+
+
+def default_system_prompt(chat_template: Optional[str]) -> Optional[str]:
+    """The system prompt a ChatML chat template inserts when a dialog has none; None if it inserts none.
+
+    Only the literal form that Hugging Face templates use is recognised (SmolLM2, Qwen2); anything else
+    gives None, so a template we cannot read never invents a prompt.
+    """
+    if not chat_template:
+        return None
+    m = _DEFAULT_SYSTEM_RE.search(chat_template)
+    if m is None:
+        return None
+    text = m.group(2)
+    if m.group(1) in text:  # the quoted literal ended before <|im_end|>: not a plain string
+        return None
+    return text.replace("\\n", "\n")
+
+
+_NOT_GIVEN = object()
+
+
+class ChatMLFormat:
+    """``<|im_start|>{role}\n{content}<|im_end|>\n`` per message, then ``<|im_start|>assistant\n``.
+
+    This is what the Hugging Face templates of ChatML models render with ``add_generation_prompt=True``.
+    Contents are used as given (the templates do not strip them). When the dialog has no system message,
+    the model's own default is inserted if its template has one: SmolLM2's inserts "You are a helpful AI
+    assistant named SmolLM, trained by Hugging Face", and the model was tuned with it. The default comes
+    from ``tokenizer.chat_template`` (the tokenizer_config.json beside tokenizer.json, which conversion
+    writes), or is passed as ``default_system``.
+
+    Special tokens are inserted by id, never parsed out of the text, so a message cannot forge a turn;
+    messages that contain the tags are still reported by ``contains_special_tags``, as for Llama 2.
+    A BOS is put first only if the tokenizer adds one to every sequence (SmolLM2 does not).
+    """
+
+    name = "chatml"
+
+    def __init__(self, tokenizer: Tokenizer, default_system: object = _NOT_GIVEN) -> None:
+        self.tokenizer = tokenizer
+        to_id = getattr(tokenizer, "token_to_id", None)
+        ids = [to_id(tag) if to_id is not None else None for tag in CHATML_TAGS]
+        if any(i is None for i in ids):
+            raise ValueError(
+                f"Chat format 'chatml' needs the special tokens {IM_START} and {IM_END}, which {tokenizer!r} does "
+                f"not have. Use the chat format the model was tuned with (known formats: "
+                f"{', '.join(sorted(CHAT_FORMATS))}; converted checkpoints record theirs in llama_offload.json)."
+            )
+        self.im_start_id, self.im_end_id = ids
+        if default_system is _NOT_GIVEN:
+            default_system = default_system_prompt(getattr(tokenizer, "chat_template", None))
+        self.default_system: Optional[str] = default_system  # type: ignore[assignment]
+
+    @property
+    def stop_ids(self) -> set[int]:
+        return {self.im_end_id, self.tokenizer.eos_id}
+
+    def contains_special_tags(self, dialog: Sequence[Message]) -> bool:
+        return any(
+            isinstance(msg["content"], str) and tag in msg["content"]
+            for msg in dialog
+            for tag in CHATML_TAGS
+        )
+
+    def _message(self, role: str, content: str) -> list[int]:
+        # Split exactly where the rendered template's special tokens would split the text.
+        return (
+            [self.im_start_id]
+            + self.tokenizer.encode(f"{role}\n{content}", bos=False, eos=False)
+            + [self.im_end_id]
+            + self.tokenizer.encode("\n", bos=False, eos=False)
+        )
+
+    def encode_dialog_prompt(self, dialog: Sequence[Message]) -> list[int]:
+        validate_dialog(dialog)
+        tokens = self.tokenizer.encode("", bos=True, eos=False)  # [bos] if the model uses one, else []
+        if dialog[0]["role"] != "system" and self.default_system is not None:
+            tokens += self._message("system", self.default_system)
+        for msg in dialog:
+            tokens += self._message(msg["role"], msg["content"])
+        tokens += [self.im_start_id] + self.tokenizer.encode("assistant\n", bos=False, eos=False)
+        return tokens
+
+
 CHAT_FORMATS: dict[str, Callable[[Tokenizer], ChatFormat]] = {
     Llama2ChatFormat.name: Llama2ChatFormat,
+    ChatMLFormat.name: ChatMLFormat,
 }
 
 

@@ -2,21 +2,26 @@
 
 Every backend exposes the same small interface (:class:`Tokenizer`) so that the
 model, the chat formats and generation never need to know which file format the
-vocabulary came from. Only SentencePiece (Llama 1/2 ``tokenizer.model``) exists
-today; other backends plug in through :func:`load_tokenizer`.
+vocabulary came from. Two backends exist: SentencePiece (Llama 1/2
+``tokenizer.model``) and Hugging Face ``tokenizers`` (``tokenizer.json``: byte-level
+BPE models such as SmolLM2, converted from GGUF or copied from a Hugging Face model).
+:func:`load_tokenizer` picks one from the file's content.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
 
 __all__ = [
     "BUNDLED_CORPUS_PATH",
     "DEFAULT_TOKENIZER_FILENAME",
+    "HF_TOKENIZER_FILENAME",
+    "HFTokenizer",
     "SUPPORTED_FORMATS",
     "SentencePieceTokenizer",
     "Tokenizer",
@@ -27,13 +32,19 @@ __all__ = [
 
 # Meta ships the tokenizer next to the checkpoint folders under this name.
 DEFAULT_TOKENIZER_FILENAME = "tokenizer.model"
+# Hugging Face's name for a `tokenizers` file; GGUF conversion writes one too.
+HF_TOKENIZER_FILENAME = "tokenizer.json"
 
 # Small original English text shipped with the package, enough to train a tiny
 # vocabulary for tests and for the toy default model without any download.
 BUNDLED_CORPUS_PATH = Path(__file__).resolve().parent / "assets" / "corpus.txt"
 
 # Shown in error messages; extend when a new backend is added to load_tokenizer.
-SUPPORTED_FORMATS: tuple[str, ...] = ("SentencePiece model (tokenizer.model, as shipped with Llama 1/2)",)
+SUPPORTED_FORMATS: tuple[str, ...] = (
+    "SentencePiece model (tokenizer.model, as shipped with Llama 1/2)",
+    "Hugging Face tokenizers JSON (tokenizer.json, as written by `llama-offload convert` or shipped with a "
+    "Hugging Face model), with its tokenizer_config.json beside it when there is one",
+)
 
 
 @runtime_checkable
@@ -92,26 +103,198 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({os.fspath(self.model_path)!r}, n_words={self.n_words})"
 
 
+# Special tokens that end a turn or a document in the byte-level BPE vocabularies we know of (ChatML,
+# GPT-2/StarCoder/SmolLM, Llama 3). Generation stops at any of them that the vocabulary has as a special
+# token: a model that emits one is done, whichever of them its tokenizer_config calls "eos".
+END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{os.fspath(path)!r} is not valid JSON ({e}); restore it from the model's files.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{os.fspath(path)!r} should hold a JSON object, found {type(data).__name__}.")
+    return data
+
+
+def _token_content(value: Any) -> Optional[str]:
+    # tokenizer_config.json spells a special token as a string or as a serialized AddedToken.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class HFTokenizer:
+    """Hugging Face ``tokenizers`` backend for ``tokenizer.json`` files (byte-level BPE and others).
+
+    The special tokens come from ``tokenizer_config.json`` beside the file when there is one (Hugging Face's
+    layout, and what GGUF conversion writes), else from what the file itself adds (its post-processor)
+    and the usual end-of-turn tokens.
+
+    Decisions that differ from a plain ``tokenizers`` call, and why:
+
+    - ``encode(s, bos=True)`` adds ``bos_id`` only when the model adds one (``add_bos``): SmolLM2, like
+      other GPT-2 style models, is trained without a BOS, and llama.cpp (``tokenizer.ggml.add_bos_token``)
+      and Hugging Face (``add_bos_token`` / the post-processor) both leave it out. ``eos=True`` always
+      appends ``eos_id``: callers only ask for it to close a finished turn.
+    - Text never turns into special tokens: ``"<|im_end|>"`` typed by a user is encoded as plain text,
+      as SentencePiece and Meta's Llama 3 tokenizer do. Chat formats insert special tokens by id.
+    - ``pad_id`` is -1. Generation uses pad_id to mark "no token here" in its token buffer, so it must
+      never appear in a prompt; the files' pad token (SmolLM2: ``<|im_end|>``) appears in every chat.
+    - ``decode`` drops special tokens, as SentencePiece drops its control tokens.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            from tokenizers import Tokenizer as _Tokenizer
+        except ImportError as e:  # a dependency, but keep the message actionable if it was left out
+            raise ImportError("Reading tokenizer.json needs the `tokenizers` package: pip install tokenizers") from e
+        self.path = Path(path)
+        # from_file raises a bare Exception on a bad file; load_tokenizer() turns it into a clear one.
+        self._tok = _Tokenizer.from_file(os.fspath(self.path))
+        self._tok.encode_special_tokens = True
+        config = _read_sidecar(self.path.parent / "tokenizer_config.json")
+        generation = _read_sidecar(self.path.parent / "generation_config.json")
+
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        # The embedding table must cover the largest id, even if the file leaves holes.
+        self.n_words: int = max(vocab.values()) + 1 if vocab else 0
+        added = self._tok.get_added_tokens_decoder()
+        self._specials = {t.content: i for i, t in added.items() if t.special}
+        self.chat_template: Optional[str] = self._chat_template(config.get("chat_template"))
+
+        # What the file's own post-processor puts before a sequence: its BOS, if it has one.
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        prefix = full[: len(full) - len(plain)] if full[len(full) - len(plain) :] == plain else []
+
+        self.bos_id: int = self._config_token(config, "bos_token")
+        if self.bos_id < 0 and len(prefix) == 1:
+            self.bos_id = prefix[0]
+        add_bos = config.get("add_bos_token")
+        self.add_bos: bool = bool(add_bos) if isinstance(add_bos, bool) else len(prefix) == 1
+        if self.add_bos and self.bos_id < 0:
+            raise ValueError(f"{os.fspath(self.path)!r}: the tokenizer is set to add a BOS token but does not say "
+                             "which one; set bos_token in tokenizer_config.json beside it.")
+
+        gen_eos = generation.get("eos_token_id")
+        gen_eos_ids = [gen_eos] if isinstance(gen_eos, int) else [i for i in gen_eos or [] if isinstance(i, int)]
+        ends = [self._specials[t] for t in END_OF_TURN_TOKENS if t in self._specials]
+        self.eos_id: int = self._config_token(config, "eos_token")
+        if self.eos_id < 0:
+            candidates = gen_eos_ids + ends
+            if not candidates:
+                raise ValueError(
+                    f"{os.fspath(self.path)!r}: cannot tell which token ends a sequence: there is no "
+                    "tokenizer_config.json beside it naming eos_token, and none of the special tokens "
+                    f"{list(END_OF_TURN_TOKENS)} is in the vocabulary. Put the model's tokenizer_config.json next to it."
+                )
+            self.eos_id = candidates[0]
+        self.pad_id: int = -1
+        self.stop_ids: set[int] = {self.eos_id, *gen_eos_ids, *ends}
+
+    @staticmethod
+    def _chat_template(value: Any) -> Optional[str]:
+        if isinstance(value, list):  # newer configs: [{"name": "default", "template": ...}, ...]
+            named = {d.get("name"): d.get("template") for d in value if isinstance(d, dict)}
+            value = named.get("default")
+        return value if isinstance(value, str) else None
+
+    def _config_token(self, config: dict[str, Any], key: str) -> int:
+        content = _token_content(config.get(key))
+        if content is None:
+            return -1
+        token_id = self._tok.token_to_id(content)
+        if token_id is None:
+            raise ValueError(
+                f"tokenizer_config.json beside {os.fspath(self.path)!r} names {key} {content!r}, which is not in "
+                "the vocabulary. The two files come from different models: use the pair shipped together."
+            )
+        return token_id
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        """Id of a vocabulary entry (e.g. a special token such as ``<|im_start|>``), None if absent."""
+        return self._tok.token_to_id(token)
+
+    def encode(self, s: str, *, bos: bool, eos: bool) -> list[int]:
+        if not isinstance(s, str):
+            raise TypeError(f"encode() expects a str, got {type(s).__name__}")
+        t: list[int] = self._tok.encode(s, add_special_tokens=False).ids
+        if bos and self.add_bos:
+            t = [self.bos_id] + t
+        if eos:
+            t = t + [self.eos_id]
+        return t
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({os.fspath(self.path)!r}, n_words={self.n_words})"
+
+
 def _supported_formats_text() -> str:
     return "; ".join(SUPPORTED_FORMATS)
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Open the tokenizer stored at ``path``, choosing the backend from the file.
+def _tokenizer_in_dir(directory: Path) -> Path:
+    # A converted checkpoint says which file to use; otherwise Meta's tokenizer.model comes first, so a
+    # Meta download behaves as it always has, then Hugging Face's tokenizer.json.
+    meta_path = directory / "llama_offload.json"
+    if meta_path.is_file():
+        from .convert import read_checkpoint_meta  # late: convert imports torch, the tokenizer does not need it
 
-    ``path`` may also be a directory, in which case ``tokenizer.model`` inside it
-    is used (Meta's download layout puts it in the model's parent directory).
+        name = read_checkpoint_meta(directory).get("tokenizer")
+        if name:
+            return directory / name
+    for name in (DEFAULT_TOKENIZER_FILENAME, HF_TOKENIZER_FILENAME):
+        if (directory / name).is_file():
+            return directory / name
+    return directory / DEFAULT_TOKENIZER_FILENAME  # reported as missing below
+
+
+def _looks_like_json(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{")
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Open the tokenizer stored at ``path``, choosing the backend from the file's content.
+
+    A JSON file is read with Hugging Face ``tokenizers``, anything else as a SentencePiece model.
+    ``path`` may also be a directory: the tokenizer named by its ``llama_offload.json``, else its
+    ``tokenizer.model``, else its ``tokenizer.json`` is used (Meta's download layout puts
+    ``tokenizer.model`` in the model's parent directory).
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        path = path / DEFAULT_TOKENIZER_FILENAME
+        path = _tokenizer_in_dir(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"Tokenizer file not found: expected {os.fspath(path)!r}. "
             f"Pass the path of the {DEFAULT_TOKENIZER_FILENAME} that was downloaded together "
-            "with the checkpoint (Meta's download script places it next to the model folders)."
+            "with the checkpoint (Meta's download script places it next to the model folders), "
+            f"or of the {HF_TOKENIZER_FILENAME} written by the conversion of a GGUF or Hugging Face model."
         )
 
+    if _looks_like_json(path):
+        try:
+            return HFTokenizer(path)
+        except ImportError:
+            raise
+        except ValueError as e:
+            if os.fspath(path) in str(e):
+                raise
+            raise ValueError(f"{os.fspath(path)!r}: {e}") from e
+        except Exception as e:  # tokenizers raises a bare Exception for files it cannot parse
+            raise ValueError(
+                f"{os.fspath(path)!r} is JSON but not a tokenizer file the Hugging Face tokenizers library can "
+                f"read (it said: {e}). Supported formats: {_supported_formats_text()}."
+            ) from e
     try:
         return SentencePieceTokenizer(path)
     except (RuntimeError, OSError) as e:

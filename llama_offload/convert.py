@@ -1,0 +1,233 @@
+"""What every converter (GGUF, Hugging Face) shares: where the result goes and what it records.
+
+A conversion writes a complete checkpoint directory (``params.json``, ``consolidated.00.pth``, the
+tokenizer and ``llama_offload.json``) into a temporary sibling of the output directory and renames it
+into place only when everything is written, so an interrupted conversion never leaves a directory that
+looks complete. An existing non-empty output directory is only replaced with ``force=True``, and then
+only after the new one is complete.
+
+``llama_offload.json`` records what a Meta checkpoint does not say: which chat format the model was
+tuned on and which tokenizer file to use. :func:`read_checkpoint_meta` reads it back for generation
+and the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .args import ModelArgs
+
+__all__ = [
+    "DTYPES",
+    "META_FILENAME",
+    "check_out_dir",
+    "detect_chat_format",
+    "ffn_params",
+    "output_dir",
+    "parse_dtype",
+    "read_checkpoint_meta",
+    "write_checkpoint_meta",
+]
+
+META_FILENAME = "llama_offload.json"
+META_VERSION = 1
+
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+def _say(msg: str) -> None:
+    print(f"llama_offload: {msg}", file=sys.stderr, flush=True)
+
+
+def parse_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
+    """A dtype given by name (``bf16``, ``float16``, ...) or as a torch dtype; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}: expected bfloat16, float16 or float32 (or bf16, fp16, fp32).")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _is_inside(path: Path, parent: Path) -> bool:
+    try:
+        path.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def check_out_dir(out_dir: str | Path, *, force: bool, sources: Iterable[str | Path] = ()) -> Path:
+    """Refuse an output directory that a conversion must not write, before any work is done.
+
+    ``sources`` are the files being converted: with ``force`` the old output directory is deleted, so it
+    must not hold them.
+    """
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is a file; the output of a conversion is a directory. "
+                              "Choose another --out.")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise FileExistsError(
+                f"{out_dir} already exists and is not empty; refusing to overwrite it. "
+                "Pass --force (force=True) to replace it, or choose another output directory."
+            )
+        for src in sources:
+            if _is_inside(Path(src), out_dir):
+                raise ValueError(
+                    f"{src} lies inside the output directory {out_dir}, which --force would delete. "
+                    "Choose an output directory that does not hold the model being converted."
+                )
+    return out_dir
+
+
+@contextlib.contextmanager
+def output_dir(out_dir: str | Path, *, force: bool, sources: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yield an empty temporary directory; when the block ends without error, it becomes ``out_dir``.
+
+    On error the temporary directory is removed and ``out_dir`` is left as it was. With ``force`` an
+    existing ``out_dir`` is moved aside first and deleted once the new one is in place.
+    """
+    sources = list(sources)
+    out_dir = check_out_dir(out_dir, force=force, sources=sources)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling, so the final rename stays within one file system and is atomic.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield tmp
+        _publish(tmp, out_dir, force=force, sources=sources)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful publish
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: Path, out_dir: Path, *, force: bool, sources: list) -> None:
+    # Checked again: something may have appeared in out_dir while we converted.
+    check_out_dir(out_dir, force=force, sources=sources)
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp made it private; the checkpoint should look like any directory
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.replace(out_dir, old / out_dir.name)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        os.replace(old / out_dir.name, out_dir)  # put the old checkpoint back
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_checkpoint_meta(ckpt_dir: str | Path, *, chat_format: Optional[str], tokenizer: str,
+                          source: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "format_version": META_VERSION,
+        "chat_format": chat_format,
+        "tokenizer": tokenizer,
+        "source": source,
+        **extra,
+        "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (Path(ckpt_dir) / META_FILENAME).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    return meta
+
+
+def read_checkpoint_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    """The ``llama_offload.json`` of a checkpoint directory as a dict; ``{}`` when there is none.
+
+    Keys: ``chat_format`` (a name in ``CHAT_FORMATS``, or None when the conversion found no known chat
+    template), ``tokenizer`` (file name inside ``ckpt_dir``), ``source`` (what was converted), and
+    informational extras such as ``dtype``, ``context_length`` and ``add_bos``. Meta's own downloads
+    have no such file: callers fall back to their defaults (``tokenizer.model``, ``llama2``).
+    """
+    path = Path(ckpt_dir) / META_FILENAME
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}). Re-run the conversion, or delete the file to use "
+                         "the defaults (tokenizer.model, llama2 chat format).") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} should hold a JSON object, found {type(meta).__name__}. Re-run the conversion.")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > META_VERSION:
+        raise ValueError(f"{path} has format_version {version!r}; this version of llama_offload reads up to "
+                         f"{META_VERSION}. Upgrade llama_offload or re-run the conversion with this one.")
+    chat_format = meta.get("chat_format")
+    if chat_format is not None and not isinstance(chat_format, str):
+        raise ValueError(f"{path}: chat_format must be a name or null, found {chat_format!r}.")
+    tokenizer = meta.get("tokenizer")
+    if tokenizer is not None:
+        if not isinstance(tokenizer, str) or Path(tokenizer).name != tokenizer:
+            raise ValueError(f"{path}: tokenizer must be a file name inside {ckpt_dir}, found {tokenizer!r}.")
+        if not (Path(ckpt_dir) / tokenizer).is_file():
+            raise FileNotFoundError(f"{path} names the tokenizer {tokenizer}, but {Path(ckpt_dir) / tokenizer} "
+                                    "does not exist. Re-run the conversion.")
+    return meta
+
+
+def detect_chat_format(chat_template: Optional[str]) -> Optional[str]:
+    """The chat format a Jinja chat template implements, by its markers; None when none is recognised."""
+    if not chat_template:
+        return None
+    if "<|im_start|>" in chat_template:
+        return "chatml"
+    if "[INST]" in chat_template:
+        return "llama2"
+    return None
+
+
+def ffn_params(dim: int, hidden_dim: int) -> dict[str, Any]:
+    """``multiple_of`` and ``ffn_dim_multiplier`` for which ``ModelArgs.ffn_hidden_dim`` is ``hidden_dim``.
+
+    Meta's rule only rounds up, so a plain ``multiple_of`` works when the file's size is the rounded
+    2/3 * 4 * dim; otherwise a multiplier brings it there. Meta's usual 256 is preferred; the result is
+    checked against ModelArgs itself, so it can never disagree with what the model builds.
+    """
+    base = int(2 * (4 * dim) / 3)
+    multiples = [256] + [m for m in (4096, 2048, 1024, 512, 128, 64, 32, 16, 8, 4, 2, 1) if hidden_dim % m == 0]
+    multipliers: list[Optional[float]] = [None]
+    if base > 0:
+        exact = hidden_dim / base
+        # int(m * base) truncates; a hair above the exact ratio survives float rounding.
+        multipliers += [exact, float(torch.nextafter(torch.tensor(exact, dtype=torch.float64),
+                                                     torch.tensor(2 * exact, dtype=torch.float64)))]
+    for mult in multipliers:
+        for m in multiples:
+            if hidden_dim % m:
+                continue
+            # n_heads=2 only makes a valid ModelArgs; the feed-forward size depends on dim alone.
+            args = ModelArgs(dim=dim, n_heads=2, multiple_of=m, ffn_dim_multiplier=mult, n_layers=1)
+            if args.ffn_hidden_dim == hidden_dim:
+                return {"multiple_of": m, "ffn_dim_multiplier": mult}
+    raise ValueError(f"Cannot express a feed-forward size of {hidden_dim} for dim {dim} with Meta's "
+                     "multiple_of / ffn_dim_multiplier rule.")
