@@ -361,7 +361,9 @@ def test_save_rejects_bad_split_and_bad_state_dict(tmp_path, args, sd):
 
 def test_make_random_checkpoint_script(tmp_path):
     d = tmp_path / "tiny"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the script must find the package itself
+    # The script must find the package itself: keep PYTHONPATH's other entries (installed tools), drop the repo.
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO.resolve()]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     r = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "make_random_checkpoint.py"), "--ckpt_dir", str(d),
          "--preset", "tiny", "--num_shards", "2", "--dtype", "float16", "--seed", "3"],
