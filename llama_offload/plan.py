@@ -115,7 +115,7 @@ def plan_offload(
     minimum = OffloadPlan(n, 0, n, per_block, fixed).gpu_bytes  # nothing resident, two one-block slots
     if budget < minimum:
         raise ValueError(
-            f"A GPU memory budget of {gpu_memory_gb:g} GB is too small: this model needs at least "
+            f"A GPU memory budget of {gpu_memory_gb:g} GiB is too small: this model needs at least "
             f"{minimum / GiB:.2f} GiB (resident part {base / GiB:.2f} GiB + two paged blocks of "
             f"{per_block / GiB:.2f} GiB) at max_batch_size={max_batch_size}, max_seq_len={max_seq_len}. "
             "Raise --gpu_memory_gb, or lower max_seq_len / max_batch_size to shrink the KV cache and activations."
