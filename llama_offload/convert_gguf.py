@@ -358,6 +358,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str | tor
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"{gguf_path} holds a {arch!r} model (general.architecture); only "
                          f"{', '.join(repr(a) for a in SUPPORTED_ARCHITECTURES)} models can be converted.")
+    if (f.get("split.count") or 1) > 1:
+        raise ValueError(f"{gguf_path} is part {int(f.get('split.no', 0)) + 1} of a GGUF split into {f.get('split.count')} "
+                         "files; merge them first (llama.cpp: llama-gguf-split --merge FIRST.gguf MERGED.gguf).")
     tokenizer_json, tokenizer_config = tokenizer_json_from_gguf(f.values, source=str(gguf_path))
     n_vocab = len(tokenizer_json["model"]["vocab"])
     args, extra = _model_args(f, n_vocab)

@@ -282,6 +282,7 @@ def test_unsupported_tensor_type(source: tuple[ModelArgs, Transformer], tmp_path
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
+        ({"split.count": 3}, "split into 3 files"),
         ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}, "RoPE scaling"),
         ({"llama.expert_count": 8}, "mixture-of-experts"),
         ({"llama.attention.key_length": 8}, "key_length"),
@@ -370,6 +371,26 @@ def test_force_refuses_to_delete_the_source(source: tuple[ModelArgs, Transformer
     with pytest.raises(ValueError, match="inside the output directory"):
         convert_gguf(path, out, force=True)
     assert path.is_file()
+
+
+def test_script(small_gguf: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "convert.py"
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
+
+    r = run("gguf", str(small_gguf), "--out", str(tmp_path / "c"), "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "c")
+    assert read_checkpoint_meta(tmp_path / "c")["dtype"] == "float32"
+    r = run("gguf", str(small_gguf), "--out", str(tmp_path / "c"))
+    assert r.returncode == 1 and "--force" in r.stderr and "Traceback" not in r.stderr
+    r = run("gguf", str(small_gguf), "--out", str(tmp_path / "c"), "--force")
+    assert r.returncode == 0, r.stderr
+    assert read_checkpoint_meta(tmp_path / "c")["dtype"] == "bfloat16"
 
 
 def test_converted_checkpoint_chats(source: tuple[ModelArgs, Transformer], small_gguf: Path, tmp_path: Path) -> None:
