@@ -1,0 +1,293 @@
+"""Decode and prefill speed of llama_offload against the PCIe floor and against peers, in one process.
+
+    python scripts/benchmark.py --shape 7b --budgets 6,8,12 --peers accelerate,airllm --out BENCHMARKS.md
+
+Everything runs on one random-weight fp16 checkpoint (N(0, 0.02)), written once under --workdir in the
+Meta layout (and in the Hugging Face layout for the peers). For each variant it reports decode ms/token
+at batch 1 and 8, the time of a 512-token prefill, peak GPU memory, and the ratio of the batch-1 decode
+step to its floor: the bytes the variant streams per step divided by the pinned host-to-device bandwidth
+measured in the same run. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+try:
+    import llama_offload  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fire
+
+from llama_offload.args import ModelArgs
+from llama_offload.checkpoint import load_model, random_state_dict, save_checkpoint
+from llama_offload.offload import offload
+from llama_offload.plan import GiB
+
+SHAPES = {
+    "7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256),
+    "13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256),
+}
+PREFILL_LEN = 512
+DECODE_PROMPT_LEN = 16
+MAX_BATCH = 8
+MAX_SEQ_LEN = PREFILL_LEN + 32
+
+
+def pinned_bandwidth(nbytes: int = GiB, reps: int = 5) -> float:
+    """Host-to-device bytes/s from pinned memory: the link every offloaded step is bound by."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
+def timed(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(model, vocab_size: int, steps: int) -> dict:
+    """The shared protocol: warm-up, a 512-token prefill, then decode steps at batch 1 and 8."""
+    g = torch.Generator().manual_seed(0)
+
+    def ids(bs: int, n: int) -> torch.Tensor:
+        return torch.randint(0, vocab_size, (bs, n), generator=g).cuda()
+
+    model(ids(1, 4), 0)  # warm-up: kernels, cuBLAS handles, allocator
+    result = {"prefill_s_512": timed(lambda: model(ids(1, PREFILL_LEN), 0))}
+    for bs in (1, 8):
+        model(ids(bs, DECODE_PROMPT_LEN), 0)
+        nxt = ids(bs, 1)
+        total = sum(timed(lambda: model(nxt, DECODE_PROMPT_LEN + i)) for i in range(steps))
+        result[f"decode_ms_b{bs}"] = 1e3 * total / steps
+    return result
+
+
+def free_gpu() -> None:
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def run_variant(name: str, build: Callable[[], tuple[object, int, str]], vocab_size: int, steps: int,
+                bandwidth: float) -> dict:
+    """Build a variant (returns model, bytes streamed per step, a note), measure it, free it."""
+    free_gpu()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    model, streamed, note = build()
+    build_s = time.perf_counter() - start
+    row = {"name": name, "build_s": build_s, "streamed_gib": streamed / GiB, "note": note}
+    with torch.inference_mode():
+        row.update(measure(model, vocab_size, steps))
+    row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GiB
+    row["floor_ms"] = 1e3 * streamed / bandwidth if streamed else None
+    row["ratio_b1"] = row["decode_ms_b1"] / row["floor_ms"] if streamed else None
+    row["b8_over_b1"] = row["decode_ms_b8"] / row["decode_ms_b1"]
+    print(json.dumps(row), flush=True)
+    del model
+    free_gpu()
+    return row
+
+
+def make_checkpoint(args: ModelArgs, ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    if not (ckpt_dir / "params.json").exists():
+        sd = random_state_dict(args, dtype=torch.float16, device="cuda")
+        save_checkpoint(sd, args, ckpt_dir)
+        return sd
+    return {}
+
+
+def ours(ckpt_dir: Path, **offload_kwargs) -> Callable[[], tuple[object, int, str]]:
+    def build():
+        cpu = load_model(ckpt_dir, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH, show_progress=False)
+        model = offload(cpu, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ_LEN, **offload_kwargs)
+        plan = model.plan
+        return model, plan.streamed_bytes, f"{plan.resident_layers} resident, {plan.paged_layers} paged"
+    return build
+
+
+def resident(ckpt_dir: Path) -> Callable[[], tuple[object, int, str]]:
+    def build():
+        model = load_model(ckpt_dir, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH, show_progress=False).cuda()
+        model.setup_caches(MAX_BATCH, MAX_SEQ_LEN, "cuda", torch.float16)
+        return model, 0, "plain Transformer, every weight on the GPU"
+    return build
+
+
+def stock(ckpt_dir: Path, args: ModelArgs) -> Callable[[], tuple[object, int, str]]:
+    def build():
+        cpu = load_model(ckpt_dir, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH, show_progress=False)
+        model = offload(cpu, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ_LEN, num_slices=args.n_layers, stock=True)
+        return model, model.plan.streamed_bytes, "FairScale OffloadModel as shipped: its outputs are wrong"
+    return build
+
+
+def load_speed(ckpt_dir: Path) -> dict:
+    """Checkpoint file -> pinned host buffers, the cost paid once at start-up."""
+    nbytes = sum(p.stat().st_size for p in ckpt_dir.glob("consolidated.*.pth"))
+    start = time.perf_counter()
+    cpu = load_model(ckpt_dir, max_seq_len=MAX_SEQ_LEN, max_batch_size=1, show_progress=False)
+    mapped = time.perf_counter() - start
+    model = offload(cpu, max_batch_size=1, max_seq_len=MAX_SEQ_LEN)
+    total = time.perf_counter() - start
+    del model, cpu
+    free_gpu()
+    return {"checkpoint_gib": nbytes / GiB, "mmap_s": mapped, "to_pinned_s": total, "gib_per_s": nbytes / GiB / total}
+
+
+def table(rows: list[dict]) -> str:
+    def f(x, fmt):
+        return "n/a" if x is None else format(x, fmt)
+
+    out = ["| variant | decode ms/token b=1 | b=8 | b8/b1 | prefill 512 (s) | peak GPU GiB | streamed GiB/step "
+           "| floor ms | b=1 / floor | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['name']} | {f(r.get('decode_ms_b1'), '.1f')} | {f(r.get('decode_ms_b8'), '.1f')} "
+                   f"| {f(r.get('b8_over_b1'), '.2f')} | {f(r.get('prefill_s_512'), '.3f')} "
+                   f"| {f(r.get('peak_gpu_gib'), '.2f')} | {f(r.get('streamed_gib'), '.2f')} "
+                   f"| {f(r.get('floor_ms'), '.1f')} | {f(r.get('ratio_b1'), '.3f')} | {r.get('note', '')} |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ours_rows = sorted((r for r in rows if r.get("budget_gib") is not None), key=lambda r: r["budget_gib"])
+    ax.plot([r["budget_gib"] for r in ours_rows], [1e3 / r["decode_ms_b1"] for r in ours_rows], "o-",
+            label="llama_offload")
+    for r in rows:
+        if r.get("budget_gib") is None and r.get("decode_ms_b1"):
+            ax.axhline(1e3 / r["decode_ms_b1"], linestyle="--", linewidth=1, color="gray")
+            ax.annotate(r["name"], (0, 1e3 / r["decode_ms_b1"]), xycoords=("axes fraction", "data"),
+                        textcoords="offset points", xytext=(4, 3), fontsize=8)
+    ax.set_xlabel("GPU memory budget (GiB)")
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title("7B-shaped fp16, random weights")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(shape: str = "7b", budgets: str = "6,8,12", peers: str = "accelerate,airllm", steps: int = 8,
+         workdir: str = "/tmp/llama_offload_bench", out: Optional[str] = None, json_out: Optional[str] = None,
+         png: Optional[str] = None) -> None:
+    """Run every variant and print (and optionally write) the table. --budgets in GiB, comma-separated."""
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmark.py needs a CUDA GPU: PyTorch sees none here.")
+    args = SHAPES[shape]
+    args = ModelArgs(**{**args.to_params(), "max_batch_size": MAX_BATCH, "max_seq_len": MAX_SEQ_LEN})
+    work = Path(workdir)
+    ckpt = work / f"meta-{shape}"
+    start = time.perf_counter()
+    sd = make_checkpoint(args, ckpt)
+    print(f"checkpoint ready in {time.perf_counter() - start:.1f} s at {ckpt}", flush=True)
+
+    bandwidth = pinned_bandwidth()
+    print(f"pinned host-to-device bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": shape,
+            "date": datetime.date.today().isoformat(), "bandwidth_gbps": bandwidth / 1e9, "steps": steps}
+    info["load"] = load_speed(ckpt)
+    print(json.dumps(info["load"]), flush=True)
+
+    rows = [run_variant("all resident", resident(ckpt), args.vocab_size, steps, bandwidth)]
+    rows.append(run_variant("stock OffloadModel, 32 slices", stock(ckpt, args), args.vocab_size, steps, bandwidth))
+    row = run_variant("ours, everything paged", ours(ckpt), args.vocab_size, steps, bandwidth)
+    row["budget_gib"] = row["peak_gpu_gib"]
+    rows.append(row)
+    for b in [float(x) for x in str(budgets).split(",") if x]:
+        row = run_variant(f"ours, budget {b:g} GiB", ours(ckpt, gpu_memory_gb=b), args.vocab_size, steps,
+                          bandwidth)
+        row["budget_gib"] = b
+        rows.append(row)
+
+    peer_names = [p for p in str(peers).split(",") if p]
+    if peer_names:
+        import bench_peers  # scripts/bench_peers.py
+
+        hf_dir = work / f"hf-{shape}"
+        if not (hf_dir / "config.json").exists():
+            sd = sd or {k: v for k, v in torch.load(ckpt / "consolidated.00.pth", mmap=True, weights_only=True).items()}
+            bench_peers.write_hf_checkpoint(sd, args, hf_dir)
+        del sd
+        for name in peer_names:
+            if name == "accelerate":
+                for b in [float(x) for x in str(budgets).split(",") if x][:1]:
+                    r = bench_peers.bench_accelerate(hf_dir, b, steps=steps)
+                    rows.append(_peer_row(r, bandwidth, args))
+            elif name == "airllm":
+                rows.append(_peer_row(bench_peers.bench_airllm(hf_dir, steps=steps), bandwidth, args))
+    info["rows"] = rows
+
+    text = table(rows)
+    print(text)
+    if json_out:
+        Path(json_out).write_text(json.dumps(info, indent=2))
+    if png:
+        plot(rows, Path(png))
+    if out:
+        write_markdown(Path(out), info, text, png)
+
+
+def _peer_row(r: dict, bandwidth: float, args: ModelArgs) -> dict:
+    # Peers stream whatever they keep off the GPU; the floor is taken as every block, an optimistic bound for them.
+    from llama_offload.plan import block_bytes
+
+    streamed = r.pop("streamed_bytes", args.n_layers * block_bytes(args, torch.float16))
+    r["streamed_gib"] = streamed / GiB
+    r["floor_ms"] = 1e3 * streamed / bandwidth
+    r["ratio_b1"] = r["decode_ms_b1"] / r["floor_ms"] if r.get("decode_ms_b1") else None
+    r["b8_over_b1"] = r["decode_ms_b8"] / r["decode_ms_b1"] if r.get("decode_ms_b1") and r.get("decode_ms_b8") else None
+    print(json.dumps(r), flush=True)
+    return r
+
+
+def write_markdown(path: Path, info: dict, text: str, png: Optional[str]) -> None:
+    load = info["load"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Command: `python scripts/benchmark.py --shape {info['shape']} ...` (see the scripts' docstring)  ",
+        f"Device: {info['device']}, torch {info['torch']}, {info['date']}  ",
+        f"Pinned host-to-device bandwidth measured in the same run: {info['bandwidth_gbps']:.1f} GB/s  ",
+        f"Decode steps timed per batch size: {info['steps']}",
+        "",
+        text,
+        "",
+        f"Load: {load['checkpoint_gib']:.2f} GiB checkpoint to pinned host buffers in {load['to_pinned_s']:.1f} s "
+        f"({load['gib_per_s']:.2f} GiB/s; memory-mapping alone {load['mmap_s']:.2f} s).",
+    ]
+    if png:
+        lines += ["", f"![tokens/s against the GPU budget]({Path(png).name})"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # for bench_peers
+    fire.Fire(main)
