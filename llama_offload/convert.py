@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -33,6 +32,7 @@ __all__ = [
     "META_FILENAME",
     "check_out_dir",
     "detect_chat_format",
+    "dtype_name",
     "ffn_params",
     "output_dir",
     "parse_dtype",
@@ -48,10 +48,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }
-
-
-def _say(msg: str) -> None:
-    print(f"llama_offload: {msg}", file=sys.stderr, flush=True)
 
 
 def parse_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:

@@ -232,7 +232,8 @@ def _read_tensors(reader: Any, f: _Fields, args: ModelArgs, dtype: torch.dtype) 
         t = named[key]
         values = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists ne0 (the contiguous one) first
-        w = torch.from_numpy(values.reshape(shape).copy())  # copy: the reader's arrays are read-only mmaps
+        # (out_features, in_features) for matrices; a copy, since the reader's arrays are read-only mmaps
+        w = torch.from_numpy(values.reshape(shape).copy())
         if w.shape != expected[key]:
             raise ValueError(f"{f.path}: tensor {t.name} has shape {tuple(w.shape)} (GGUF {t.shape.tolist()}), "
                              f"but the metadata implies {tuple(expected[key])} for {key}.")

@@ -8,6 +8,7 @@ that permutation (:func:`permute_hf_to_meta`); everything else is a renaming.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -189,16 +190,16 @@ def _load_weights(hf_dir: Path, args: ModelArgs, dtype: Optional[torch.dtype]) -
     if missing:
         raise ValueError(f"{hf_dir} lacks the weights for {missing[:8]}; the download is incomplete.")
 
-    handles: dict[Path, Any] = {}
     state_dict: dict[str, torch.Tensor] = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
         for key in expected:
             if key not in meta_names:
                 continue
             name = meta_names[key]
             path = files[name]
             if path not in handles:
-                handles[path] = safe_open(path, framework="pt").__enter__()
+                handles[path] = stack.enter_context(safe_open(path, framework="pt"))
             w = handles[path].get_tensor(name)
             if key.endswith("attention.wq.weight"):
                 w = permute_hf_to_meta(w, args.n_heads)
@@ -208,9 +209,6 @@ def _load_weights(hf_dir: Path, args: ModelArgs, dtype: Optional[torch.dtype]) -
                 raise ValueError(f"{path.name}: {name} has shape {tuple(w.shape)}, config.json implies "
                                  f"{tuple(expected[key])} for {key}.")
             state_dict[key] = w
-    finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
     if "output.weight" not in state_dict:  # tie_word_embeddings: the head reuses the embedding
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"].clone()
     # One dtype for the whole model: the embedding's unless asked otherwise (norms saved in fp32 next to

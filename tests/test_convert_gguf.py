@@ -8,7 +8,6 @@ permuting would not.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional
