@@ -9,7 +9,8 @@ per slice) and replaces its forward pass:
     host:  one pinned flat buffer per slice (the only copy of its weights; parameters are views of it)
     GPU:   two reusable slot buffers; slice i is copied into slot i % 2 on a copy stream
     order: copy(i+1) overlaps compute(i); compute(i) waits for copy(i) (event ``loaded``);
-           copy(i+2) into the same slot waits for compute(i) to finish (event ``freed``)
+           copy(i+2) into the same slot waits for compute(i) to finish (event ``freed``);
+           the next step's slice 0 is copied as soon as this step's last slice is done
 
 The packet stays on the GPU from the first slice to the last.
 """
@@ -87,6 +88,7 @@ class InferenceOffloadModel(OffloadModel):
         self.copy_stream = torch.cuda.Stream(device=device)
         self.loaded = [torch.cuda.Event() for _ in self.slots]
         self.freed = [torch.cuda.Event() for _ in self.slots]
+        self._first_slice_loaded = False
 
     @property
     def slot_bytes(self) -> int:
@@ -112,13 +114,19 @@ class InferenceOffloadModel(OffloadModel):
     def forward(self, packet: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         compute = torch.cuda.current_stream(self.device)
         n = len(self.model_slices)
-        self._load(0)
+        if not self._first_slice_loaded:
+            self._load(0)
+        self._first_slice_loaded = False  # stays False if a slice raises: the next call reloads
         for i, shard in enumerate(self.model_slices):
             if i + 1 < n:
                 self._load(i + 1)  # prefetch: this copy runs while slice i computes
             compute.wait_event(self.loaded[i % len(self.slots)])
             packet = shard(packet)
             self._drop(i)
+        # Weights never change, so the next step's first slice can be copied now, behind the output
+        # head, the sampling and any resident blocks of the next step.
+        self._load(0)
+        self._first_slice_loaded = True
         return packet
 
 
