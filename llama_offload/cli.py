@@ -1,10 +1,11 @@
-"""The ``llama-offload`` command: ``complete``, ``chat`` and ``info``.
+"""The ``llama-offload`` command: ``complete``, ``chat``, ``info`` and ``convert``.
 
     llama-offload complete "Once upon a time" "The capital of France is" --ckpt_dir DIR
     llama-offload chat --ckpt_dir DIR --system "Answer briefly."
     llama-offload info --ckpt_dir DIR --max_seq_len 4096 --max_batch_size 1
+    llama-offload convert model.gguf --out checkpoints/NAME      (or a Hugging Face Llama directory)
 
-Without --ckpt_dir every command uses the default tiny random model (made on first use; gibberish).
+Without --ckpt_dir every command uses the default model (SmolLM2-135M-Instruct, made on first use).
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ import torch
 from .args import ModelArgs
 from .chat_format import SPECIAL_TAGS_ERROR, Dialog
 from .checkpoint import find_shards
+from .convert import read_checkpoint_meta
+from .convert_gguf import convert_gguf
+from .convert_hf import convert_hf
 from .default_model import resolve_paths
 from .generation import Llama
 from .options import build_llama, check_generation_flags, fire_main, parse_dtype, run_text_completion
 from .plan import plan_offload
 from .tokenizer import load_tokenizer
 
-__all__ = ["chat", "chat_repl", "complete", "info", "main", "param_counts"]
+__all__ = ["chat", "chat_repl", "complete", "convert", "info", "main", "param_counts"]
 
 
 def complete(
@@ -48,8 +52,8 @@ def complete(
 
     Args:
         prompts: the texts to continue; without any, prompts are read from stdin, one per line.
-        ckpt_dir: Meta checkpoint directory (params.json, consolidated.NN.pth); unset: the default tiny model.
-        tokenizer_path: tokenizer.model; unset: looked for in ckpt_dir, then in its parent.
+        ckpt_dir: Meta checkpoint directory (params.json, consolidated.NN.pth); unset: the default model.
+        tokenizer_path: tokenizer.model or tokenizer.json; unset: looked for in ckpt_dir, then in its parent.
         temperature: 0 means greedy.
         top_p: nucleus sampling threshold.
         max_seq_len: prompt + completion length the KV cache is sized for.
@@ -125,7 +129,8 @@ def chat_repl(
 
         asked: Dialog = dialog + [{"role": "user", "content": text}]
         if llama.chat_format.contains_special_tags(asked):
-            print(f"{SPECIAL_TAGS_ERROR} The message was not sent; rephrase it without [INST] or <<SYS>> tags.")
+            print(f"{SPECIAL_TAGS_ERROR} The message was not sent; rephrase it without the chat format's "
+                  f"control tags ({llama.chat_format.name}).")
             continue
         prompt_len = len(llama.chat_format.encode_dialog_prompt(asked))
         if prompt_len >= llama.max_seq_len:
@@ -171,12 +176,13 @@ def chat(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     seed: int = 1,
+    chat_format: Optional[str] = None,
 ) -> None:
     """Interactive chat; the answer streams as it is generated. /reset, /exit; Ctrl-C stops an answer.
 
     Args:
-        ckpt_dir: Meta checkpoint directory (a chat model, e.g. llama-2-7b-chat); unset: the default tiny model.
-        tokenizer_path: tokenizer.model; unset: looked for in ckpt_dir, then in its parent.
+        ckpt_dir: Meta checkpoint directory (a chat model, e.g. llama-2-7b-chat); unset: the default model.
+        tokenizer_path: tokenizer.model or tokenizer.json; unset: looked for in ckpt_dir, then in its parent.
         system: system prompt that starts every conversation (kept by /reset).
         temperature: 0 means greedy.
         top_p: nucleus sampling threshold.
@@ -188,6 +194,7 @@ def chat(
         device: cuda, cuda:N or cpu (default: cuda if available).
         dtype: float16, bfloat16 or float32 (default: the checkpoint's).
         seed: sampling seed (the same conversation gets the same answer).
+        chat_format: llama2 or chatml (default: what the checkpoint records, else llama2).
     """
     temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_seq_len=max_seq_len,
                                                 max_batch_size=1, max_gen_len=max_gen_len, num_slices=num_slices,
@@ -198,7 +205,8 @@ def chat(
         pass
     # One conversation at a time: a batch of 1 keeps the KV cache as small as it can be.
     llama = build_llama(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, offload=offload,
-                        num_slices=num_slices, gpu_memory_gb=gpu_memory_gb, device=device, dtype=dtype, seed=seed)
+                        num_slices=num_slices, gpu_memory_gb=gpu_memory_gb, device=device, dtype=dtype, seed=seed,
+                        chat_format=chat_format)
     chat_repl(llama, system=None if system is None else str(system), temperature=temperature, top_p=top_p,
               max_gen_len=max_gen_len)
 
@@ -263,7 +271,7 @@ def info(
     """Model shape, parameter count and the memory an offloaded run needs, without loading the weights.
 
     Args:
-        ckpt_dir: Meta checkpoint directory; unset: the default tiny model.
+        ckpt_dir: Meta checkpoint directory; unset: the default model.
         tokenizer_path: tokenizer.model (only read when params.json has vocab_size -1).
         max_seq_len: sizes the KV cache, as in complete/chat.
         max_batch_size: sizes the KV cache, as in complete/chat.
@@ -303,7 +311,10 @@ def info(
                         gpu_memory_gb=None if gpu_memory_gb is None else float(gpu_memory_gb), num_slices=num_slices)
     counts, size = param_counts(args), model_dtype.itemsize
 
+    meta = read_checkpoint_meta(ckpt)
     print(f"checkpoint     {ckpt}")
+    if meta:
+        print(f"converted from {meta.get('source', '?')}; chat format {meta.get('chat_format') or 'none recorded'}")
     print(f"dtype          {dtype_note}")
     print(f"model          dim {args.dim}, {n_layers} layers, {args.n_heads} heads, {args.kv_heads} kv heads, "
           f"head_dim {args.head_dim}, ffn hidden {args.ffn_hidden_dim}, vocab {args.vocab_size}{vocab_note}, "
@@ -321,8 +332,26 @@ def info(
         print("note           PyTorch sees no CUDA GPU here: on this machine the blocks would run on the CPU.")
 
 
+def convert(source: str, out: str, dtype: Optional[str] = None, force: bool = False) -> None:
+    """Convert a GGUF file or a Hugging Face Llama directory into a checkpoint directory llama-offload runs.
+
+    Args:
+        source: a .gguf file (Llama architecture), or a directory with config.json and *.safetensors.
+        out: the checkpoint directory to write, e.g. checkpoints/NAME; an existing one needs --force.
+        dtype: float16, bfloat16 or float32 (default: bfloat16 for GGUF, the stored dtype for Hugging Face).
+        force: replace an existing output directory (only once the new one is complete).
+    """
+    src = Path(source).expanduser()
+    if src.is_dir():
+        done = convert_hf(src, out, dtype=dtype, force=bool(force))
+    else:
+        done = convert_gguf(src, out, dtype=dtype or "bfloat16", force=bool(force))
+    print(f"converted {src} -> {done}")
+    print(f"run it with: llama-offload chat --ckpt_dir {done}")
+
+
 def main() -> None:
-    fire_main({"complete": complete, "chat": chat, "info": info}, name="llama-offload")
+    fire_main({"complete": complete, "chat": chat, "info": info, "convert": convert}, name="llama-offload")
 
 
 if __name__ == "__main__":

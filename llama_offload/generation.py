@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .chat_format import SPECIAL_TAGS_ERROR, ChatFormat, Dialog, Message, get_chat_format
 from .checkpoint import load_model
+from .convert import read_checkpoint_meta
 from .offload import offload as offload_model
 from .tokenizer import Tokenizer, check_vocab_size, load_tokenizer
 
@@ -80,12 +81,13 @@ class Llama:
         gpu_memory_gb: Optional[float] = None,
         device: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
-        chat_format: str = "llama2",
+        chat_format: Optional[str] = None,
         seed: int = 1,
     ) -> "Llama":
         """Load a Meta checkpoint. On a GPU its blocks are paged by OffloadModel (``offload=True``: all of
         them in ``num_slices`` slices, or as many kept resident as ``gpu_memory_gb`` allows) or all moved to
-        the GPU (``offload=False``); without a GPU the packed blocks run on the CPU."""
+        the GPU (``offload=False``); without a GPU the packed blocks run on the CPU. ``chat_format`` defaults
+        to the one a converted checkpoint records in llama_offload.json, else Llama 2's."""
         start = time.perf_counter()
         tokenizer = load_tokenizer(tokenizer_path)
         model = load_model(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size, dtype=dtype,
@@ -103,6 +105,7 @@ class Llama:
             model = offload_model(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                                   num_slices=num_slices, gpu_memory_gb=gpu_memory_gb, device=target)
         print(f"llama_offload: loaded in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+        chat_format = chat_format or read_checkpoint_meta(ckpt_dir).get("chat_format") or "llama2"
         return Llama(model, tokenizer, get_chat_format(chat_format, tokenizer), max_seq_len, max_batch_size,
                      target, seed)
 

@@ -172,14 +172,16 @@ def build_llama(
     device: Optional[str] = None,
     dtype: Optional[str | torch.dtype] = None,
     seed: int = 1,
+    chat_format: Optional[str] = None,
 ) -> Llama:
-    """``Llama.build`` from command-line flags; no ckpt_dir means the default tiny model."""
+    """``Llama.build`` from command-line flags; no ckpt_dir means the default model."""
     torch_dtype = parse_dtype(dtype)  # before resolve_paths, which may spend seconds making the default model
     ckpt, tokenizer = resolve_paths(ckpt_dir, tokenizer_path)
     return Llama.build(
         ckpt, tokenizer, max_seq_len, max_batch_size, offload=bool(offload), num_slices=num_slices,
         gpu_memory_gb=None if gpu_memory_gb is None else float(gpu_memory_gb),
         device=None if device is None else str(device), dtype=torch_dtype, seed=int(seed),
+        chat_format=None if chat_format is None else str(chat_format),
     )
 
 

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 1 scripts/example_chat_completion.py \
         --ckpt_dir checkpoints/llama-2-7b-chat/ --tokenizer_path checkpoints/tokenizer.model \
         --max_seq_len 512 --max_batch_size 4
-    python scripts/example_chat_completion.py                     # the default tiny random model
+    python scripts/example_chat_completion.py                     # the default model, SmolLM2-135M-Instruct
     python scripts/example_chat_completion.py --dialogs '[[{"role": "user", "content": "Hi!"}]]'
 
 Each dialog is [system], user, assistant, user, ..., user; the model writes the next assistant turn.
@@ -58,10 +58,12 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     seed: int = 1,
+    chat_format: Optional[str] = None,
 ) -> None:
     """Answer the example dialogs (or --dialogs, a JSON list of dialogs) and print them with the answers.
 
-    Without --ckpt_dir the default tiny random model is used (made on first use; its text is gibberish).
+    Without --ckpt_dir the default model (SmolLM2-135M-Instruct) is used, made on first use.
+    --chat_format llama2|chatml overrides the format the checkpoint records.
     """
     check_single_process()
     temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_seq_len=max_seq_len,
@@ -70,7 +72,7 @@ def main(
     chats = EXAMPLE_DIALOGS if dialogs is None else parse_dialogs(dialogs)
     generator = build_llama(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                             offload=offload, num_slices=num_slices, gpu_memory_gb=gpu_memory_gb, device=device,
-                            dtype=dtype, seed=seed)
+                            dtype=dtype, seed=seed, chat_format=chat_format)
     run_chat_completion(generator, chats, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
 
 

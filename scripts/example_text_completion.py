@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 1 scripts/example_text_completion.py \
         --ckpt_dir checkpoints/llama-2-7b/ --tokenizer_path checkpoints/tokenizer.model \
         --max_seq_len 128 --max_batch_size 4
-    python scripts/example_text_completion.py                     # the default tiny random model
+    python scripts/example_text_completion.py                     # the default model, SmolLM2-135M-Instruct
     python scripts/example_text_completion.py --prompts '["Once upon a time"]' --temperature 0
 
 Pretrained (not chat) models continue text: each prompt is written so that its natural continuation
@@ -63,7 +63,7 @@ def main(
 ) -> None:
     """Complete the example prompts (or --prompts, a JSON list of strings) and print the results.
 
-    Without --ckpt_dir the default tiny random model is used (made on first use; its text is gibberish).
+    Without --ckpt_dir the default model (SmolLM2-135M-Instruct) is used, made on first use.
     """
     check_single_process()
     temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_seq_len=max_seq_len,

