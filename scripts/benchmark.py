@@ -213,9 +213,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(shape: str = "7b", budgets: str = "6,8,12", peers: str = "accelerate,airllm", steps: int = 8,
+         peer_steps: int = 4, peer_budget: float = 8.0,
          workdir: str = "/tmp/llama_offload_bench", out: Optional[str] = None, json_out: Optional[str] = None,
          png: Optional[str] = None) -> None:
-    """Run every variant and print (and optionally write) the table. --budgets in GiB, comma-separated."""
+    """Run every variant and print (and optionally write) the table. --budgets in GiB, comma-separated;
+    accelerate gets --peer_budget GiB; peers, being slow, are timed over --peer_steps decode steps."""
     if not torch.cuda.is_available():
         raise SystemExit("benchmark.py needs a CUDA GPU: PyTorch sees none here.")
     args = SHAPES[shape]
@@ -229,7 +231,8 @@ def main(shape: str = "7b", budgets: str = "6,8,12", peers: str = "accelerate,ai
     bandwidth = pinned_bandwidth()
     print(f"pinned host-to-device bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": shape,
-            "date": datetime.date.today().isoformat(), "bandwidth_gbps": bandwidth / 1e9, "steps": steps}
+            "date": datetime.date.today().isoformat(), "bandwidth_gbps": bandwidth / 1e9, "steps": steps,
+            "peer_steps": peer_steps}
     info["load"] = load_speed(ckpt)
     print(json.dumps(info["load"]), flush=True)
 
@@ -256,11 +259,12 @@ def main(shape: str = "7b", budgets: str = "6,8,12", peers: str = "accelerate,ai
         del sd
         for name in peer_names:
             if name == "accelerate":
-                for b in list(map(float, _list(budgets)))[:1]:
-                    r = bench_peers.bench_accelerate(hf_dir, b, steps=steps)
-                    rows.append(_peer_row(r, bandwidth, args))
+                r = bench_peers.bench_accelerate(hf_dir, float(peer_budget), steps=peer_steps)
+                rows.append(_peer_row(r, bandwidth, args))
             elif name == "airllm":
-                rows.append(_peer_row(bench_peers.bench_airllm(hf_dir, steps=steps), bandwidth, args))
+                rows.append(_peer_row(bench_peers.bench_airllm(hf_dir, steps=peer_steps), bandwidth, args))
+            else:
+                raise SystemExit(f"unknown peer {name!r}: choose from accelerate, airllm")
     info["rows"] = rows
 
     text = table(rows)
@@ -294,7 +298,7 @@ def write_markdown(path: Path, info: dict, text: str, png: Optional[str]) -> Non
         f"Command: `python scripts/benchmark.py --shape {info['shape']} ...` (see the scripts' docstring)  ",
         f"Device: {info['device']}, torch {info['torch']}, {info['date']}  ",
         f"Pinned host-to-device bandwidth measured in the same run: {info['bandwidth_gbps']:.1f} GB/s  ",
-        f"Decode steps timed per batch size: {info['steps']}",
+        f"Decode steps timed per batch size: {info['steps']} (peers: {info['peer_steps']})",
         "",
         text,
         "",
