@@ -237,7 +237,7 @@ def main(shape: str = "7b", budgets: str = "6,8,12", peers: str = "accelerate,ai
     print(json.dumps(info["load"]), flush=True)
 
     rows = [run_variant("all resident", resident(ckpt), args.vocab_size, steps, bandwidth)]
-    rows.append(run_variant("stock OffloadModel, 32 slices", stock(ckpt, args), args.vocab_size, steps, bandwidth))
+    rows.append(run_variant(f"stock OffloadModel, {args.n_layers} slices", stock(ckpt, args), args.vocab_size, steps, bandwidth))
     row = run_variant("ours, everything paged", ours(ckpt), args.vocab_size, steps, bandwidth)
     row["budget_gib"] = row["peak_gpu_gib"]
     rows.append(row)
