@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import sys
 import warnings
+import weakref
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -49,6 +51,22 @@ def split_evenly(items: list, num_slices: int) -> list[list]:
     return groups
 
 
+def pinned_host_buffer(nbytes: int) -> torch.Tensor:
+    """Uninitialised page-locked host memory that the copy engine reads at full speed.
+
+    Made by registering a plain allocation with CUDA rather than by cudaHostAlloc (``pin_memory=True``),
+    which zero-fills and pins page by page: for 12 GiB on the H200 machine it took 4.8 s, against 1.1 s
+    for allocating, filling and registering. The registration ends when the last view of the buffer dies.
+    """
+    array = np.empty(nbytes, dtype=np.uint8)  # numpy owns the memory: its lifetime ends the registration
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostRegister(array.ctypes.data, nbytes, 0)) != 0:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # registration refused: pin the usual way
+    done = weakref.finalize(array, cudart.cudaHostUnregister, array.ctypes.data)
+    done.atexit = False  # at exit the CUDA context may already be gone; the process frees everything anyway
+    return torch.from_numpy(array)
+
+
 class FlatPages:
     """The tensors of one slice laid out in one pinned host buffer, re-pointable at a GPU copy of it."""
 
@@ -59,7 +77,7 @@ class FlatPages:
             self.offsets.append(offset)
             offset += (t.numel() * t.element_size() + ALIGN - 1) // ALIGN * ALIGN
         self.nbytes = offset
-        self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
+        self.host = pinned_host_buffer(self.nbytes)
         for t, host_view in zip(self.tensors, self._views(self.host)):
             host_view.copy_(t.data)
             t.data = host_view  # the old (possibly mmap-backed) storage is released here

@@ -182,3 +182,16 @@ def test_7b_budget_is_exact_and_kept(seven_b, gpu_memory_gb):
     assert peak <= gpu_memory_gb * 2**30
     del model
     free_gpu()
+
+
+def test_pinned_host_buffer_is_pinned_while_any_view_lives():
+    from llama_offload.offload import pinned_host_buffer
+
+    buf = pinned_host_buffer(64 * 2**20)
+    assert buf.is_pinned()
+    view = buf[2**20 :]
+    del buf
+    gc.collect()
+    assert view.is_pinned()  # the registration lasts as long as the memory does
+    view.fill_(7)
+    assert torch.equal(view[:16].cuda().cpu(), torch.full((16,), 7, dtype=torch.uint8))
