@@ -20,6 +20,7 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    use_scaled_rope: bool = False  # Llama 3.1+: stretch the low RoPE frequencies for long contexts
 
     # Not in params.json: chosen at run time, they size the KV cache and the RoPE table.
     max_batch_size: int = 32
@@ -47,6 +48,8 @@ class ModelArgs:
             )
         if self.vocab_size != -1 and self.vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, or -1 to take it from the tokenizer; found {self.vocab_size}.")
+        if not isinstance(self.use_scaled_rope, bool):
+            raise ValueError(f"use_scaled_rope must be true or false, found {self.use_scaled_rope!r}.")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError(f"norm_eps and rope_theta must be positive; found {self.norm_eps} and {self.rope_theta}.")
 

@@ -29,8 +29,24 @@ class RMSNorm(nn.Module):
         return self._norm(x.float()).type_as(x) * self.weight
 
 
-def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, device: torch.device | str = "cpu") -> torch.Tensor:
+def apply_scaling(freqs: torch.Tensor, scale_factor: float = 8.0, low_freq_factor: float = 1.0,
+                  high_freq_factor: float = 4.0, old_context_len: int = 8192) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: slow frequencies are divided by scale_factor, fast ones kept, and the band
+    between them blended, so a model trained on 8192 positions reads much longer contexts."""
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+
+
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, device: torch.device | str = "cpu",
+                         use_scaled: bool = False) -> torch.Tensor:
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device)[: (dim // 2)].float() / dim))  # (dim/2,)
+    if use_scaled:
+        freqs = apply_scaling(freqs)
     t = torch.arange(end, device=device, dtype=torch.float32)  # (end,)
     freqs = torch.outer(t, freqs)  # (end, dim/2)
     return torch.polar(torch.ones_like(freqs), freqs)  # (end, dim/2) complex64
@@ -178,7 +194,8 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = KVCache(max_batch_size, max_seq_len, p.kv_heads, p.head_dim, device, dtype)
         # Meta's table covers twice the context; positions never exceed max_seq_len here, so that suffices.
-        self.freqs_cis = precompute_freqs_cis(p.head_dim, max_seq_len * 2, p.rope_theta, device=device)
+        self.freqs_cis = precompute_freqs_cis(p.head_dim, max_seq_len * 2, p.rope_theta, device=device,
+                                              use_scaled=p.use_scaled_rope)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:

@@ -34,6 +34,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "70b": dict(
         dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, multiple_of=4096, ffn_dim_multiplier=1.3
     ),
+    # Llama 3.x (params.json as Meta ships them): 128256-token vocabulary, theta 5e5, scaled RoPE from 3.1 on.
+    "llama3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                        ffn_dim_multiplier=1.3, rope_theta=500000.0, use_scaled_rope=True),
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                        ffn_dim_multiplier=1.5, rope_theta=500000.0, use_scaled_rope=True),
+    "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                        ffn_dim_multiplier=1.0, rope_theta=500000.0, use_scaled_rope=True),
 }
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -59,7 +66,8 @@ def main(
 
     Args:
         ckpt_dir: output directory; created, and refused if it already holds params.json or shards.
-        preset: tiny | 7b | 13b | 70b (Llama 2 shapes); the shape flags below override its values.
+        preset: tiny | 7b | 13b | 70b (Llama 2 shapes) | llama3.1-8b | llama3.2-1b | llama3.2-3b; the shape
+            flags below override its values.
         dim, n_layers, n_heads, n_kv_heads, vocab_size, multiple_of, ffn_dim_multiplier, rope_theta, norm_eps:
             params.json fields; without a preset, dim/n_layers/n_heads default to ModelArgs' and
             vocab_size is required.

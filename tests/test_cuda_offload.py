@@ -195,3 +195,14 @@ def test_pinned_host_buffer_is_pinned_while_any_view_lives():
     assert view.is_pinned()  # the registration lasts as long as the memory does
     view.fill_(7)
     assert torch.equal(view[:16].cuda().cpu(), torch.full((16,), 7, dtype=torch.uint8))
+
+
+def test_tiny_llama3_shaped_offloaded_equals_unoffloaded():
+    args = tiny_args(rope_theta=500000.0, use_scaled_rope=True, ffn_dim_multiplier=1.3)
+    cpu_model = tiny_model(args, dtype=torch.bfloat16)
+    ref = copy.deepcopy(cpu_model).cuda()
+    ref.setup_caches(args.max_batch_size, args.max_seq_len, "cuda", torch.bfloat16)
+    prompt = torch.randint(0, args.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0)).cuda()
+    tokens, expected = greedy(ref, prompt, DECODE_STEPS)
+    model = offload(cpu_model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, num_slices=2)
+    assert max_abs_diff(expected, run_steps(model, prompt, tokens.cuda())) == 0.0
