@@ -300,8 +300,9 @@ def test_shards_of_different_dtypes(ckpt, args):
 
 
 def test_params_json_unknown_key(ckpt):
-    (ckpt / "params.json").write_text(json.dumps({**json.loads((ckpt / "params.json").read_text()), "use_scaled_rope": True}))
-    with pytest.raises(ValueError, match="params.json.*use_scaled_rope"):
+    # A key of a feature this version lacks (here: Llama 3.2 Vision's) must stop the load, not be ignored.
+    (ckpt / "params.json").write_text(json.dumps({**json.loads((ckpt / "params.json").read_text()), "vision_chunk_size": 560}))
+    with pytest.raises(ValueError, match="params.json.*vision_chunk_size"):
         load_model(ckpt, max_seq_len=MAX_SEQ, max_batch_size=MAX_BATCH)
 
 
