@@ -3,8 +3,9 @@
 The Llama 2 format reproduces ``chat_completion`` in Meta's
 facebookresearch/llama ``generation.py`` token for token, because the chat
 models were fine-tuned on exactly that layout and drift from it (an extra
-space, a missing BOS) degrades their answers. ChatML (SmolLM2, Qwen and many
-others) follows the model's own Hugging Face chat template in the same way.
+space, a missing BOS) degrades their answers. Llama 3 reproduces Meta's llama3
+``ChatFormat.encode_dialog_prompt`` the same way, and ChatML (SmolLM2, Qwen and
+many others) follows the model's own Hugging Face chat template.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ __all__ = [
     "Dialog",
     "E_INST",
     "E_SYS",
+    "LLAMA3_SPECIAL_TAG_RE",
     "Llama2ChatFormat",
+    "Llama3ChatFormat",
     "Message",
     "Role",
     "SPECIAL_TAGS",
     "SPECIAL_TAGS_ERROR",
+    "default_chat_format_name",
     "default_system_prompt",
     "get_chat_format",
     "validate_dialog",
@@ -108,7 +112,7 @@ def validate_dialog(dialog: Sequence[Mapping[str, object]]) -> None:
 
 
 class ChatFormat(Protocol):
-    """What generation needs from any chat format (Llama 3 and ChatML come later)."""
+    """What generation needs from any chat format."""
 
     name: str
 
@@ -264,10 +268,104 @@ class ChatMLFormat:
         return tokens
 
 
+BEGIN_OF_TEXT, START_HEADER, END_HEADER = "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>"
+EOT, EOM, END_OF_TEXT = "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"
+# Any Llama 3 special token written out as text, in any release's naming.
+LLAMA3_SPECIAL_TAG_RE = re.compile(
+    r"<\|(?:begin_of_text|end_of_text|start_header_id|end_header_id|eot_id|eom_id|python_tag|image|step_id"
+    r"|finetune_right_pad_id|reserved_special_token_\d+)\|>"
+)
+
+
+class Llama3ChatFormat:
+    """Meta's Llama 3.x chat prompt (llama-models ``llama3/chat_format.py``), for text messages:
+
+    ``<|begin_of_text|>``, then per message ``<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>``
+    with the content stripped, then ``<|start_header_id|>assistant<|end_header_id|>\n\n`` for the model to
+    continue. Special tokens are inserted by id; the role, the ``\n\n`` and the content are encoded
+    separately, as Meta does, which fixes where the token boundaries fall.
+
+    Roles are system, user and assistant, checked by ``validate_dialog``. Llama 3.1+ also knows an
+    ``ipython`` (tool) role, tool calls ended by ``<|eom_id|>`` and images: not supported here. Works with
+    any tokenizer that has the Llama 3 special tokens: Meta's tiktoken file or a Llama 3 tokenizer.json.
+    """
+
+    name = "llama3"
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        to_id = getattr(tokenizer, "token_to_id", None)
+        needed = (BEGIN_OF_TEXT, START_HEADER, END_HEADER, EOT)
+        ids = [to_id(tag) if to_id is not None else None for tag in needed]
+        if any(i is None for i in ids):
+            raise ValueError(
+                f"Chat format 'llama3' needs the special tokens {', '.join(needed)}, which {tokenizer!r} does not "
+                f"have. Use the chat format the model was tuned with (known formats: "
+                f"{', '.join(sorted(CHAT_FORMATS))}; converted checkpoints record theirs in llama_offload.json)."
+            )
+        self.begin_of_text_id, self.start_header_id, self.end_header_id, self.eot_id = ids
+        # A model stops at the end of its turn; eom (a tool call) and end_of_text end its answer too.
+        optional = [to_id(tag) for tag in (EOM, END_OF_TEXT)]
+        self._stop_ids = {self.eot_id, tokenizer.eos_id, *(i for i in optional if i is not None)}
+
+    @property
+    def stop_ids(self) -> set[int]:
+        return set(self._stop_ids)
+
+    def contains_special_tags(self, dialog: Sequence[Message]) -> bool:
+        # Encoding never turns such text into special tokens, but a message that writes them out is the
+        # Llama 3 counterpart of Meta's Llama 2 "unsafe request", and gets the same error result.
+        return any(
+            isinstance(msg["content"], str) and LLAMA3_SPECIAL_TAG_RE.search(msg["content"]) is not None
+            for msg in dialog
+        )
+
+    def encode_header(self, role: str) -> list[int]:
+        return (
+            [self.start_header_id]
+            + self.tokenizer.encode(role, bos=False, eos=False)
+            + [self.end_header_id]
+            + self.tokenizer.encode("\n\n", bos=False, eos=False)
+        )
+
+    def encode_message(self, message: Message) -> list[int]:
+        return (
+            self.encode_header(message["role"])
+            + self.tokenizer.encode(message["content"].strip(), bos=False, eos=False)
+            + [self.eot_id]
+        )
+
+    def encode_dialog_prompt(self, dialog: Sequence[Message]) -> list[int]:
+        validate_dialog(dialog)
+        tokens = [self.begin_of_text_id]
+        for msg in dialog:
+            tokens += self.encode_message(msg)
+        tokens += self.encode_header("assistant")  # the model writes the answer from here
+        return tokens
+
+
 CHAT_FORMATS: dict[str, Callable[[Tokenizer], ChatFormat]] = {
     Llama2ChatFormat.name: Llama2ChatFormat,
+    Llama3ChatFormat.name: Llama3ChatFormat,
     ChatMLFormat.name: ChatMLFormat,
 }
+
+
+def default_chat_format_name(tokenizer: Tokenizer) -> str:
+    """The chat format a model with this tokenizer most likely uses, for checkpoints that record none.
+
+    "llama3" when the vocabulary has Llama 3's header and end-of-turn tokens (Meta's tiktoken file, or a
+    Llama 3 tokenizer.json), "chatml" when it has ``<|im_start|>`` and ``<|im_end|>``, else "llama2"
+    (SentencePiece vocabularies, whose chat models all use [INST]).
+    """
+    to_id = getattr(tokenizer, "token_to_id", None)
+    if to_id is None:
+        return Llama2ChatFormat.name
+    if all(to_id(tag) is not None for tag in (BEGIN_OF_TEXT, START_HEADER, END_HEADER, EOT)):
+        return Llama3ChatFormat.name
+    if all(to_id(tag) is not None for tag in CHATML_TAGS):
+        return ChatMLFormat.name
+    return Llama2ChatFormat.name
 
 
 def get_chat_format(name: str, tokenizer: Tokenizer) -> ChatFormat:

@@ -2,18 +2,23 @@
 
 Every backend exposes the same small interface (:class:`Tokenizer`) so that the
 model, the chat formats and generation never need to know which file format the
-vocabulary came from. Two backends exist: SentencePiece (Llama 1/2
-``tokenizer.model``) and Hugging Face ``tokenizers`` (``tokenizer.json``: byte-level
-BPE models such as SmolLM2, converted from GGUF or copied from a Hugging Face model).
-:func:`load_tokenizer` picks one from the file's content.
+vocabulary came from. Three backends exist: SentencePiece (Llama 1/2
+``tokenizer.model``), tiktoken (Llama 3.x ``tokenizer.model``, a text file of
+base64 tokens and ranks) and Hugging Face ``tokenizers`` (``tokenizer.json``:
+byte-level BPE models such as SmolLM2, converted from GGUF or copied from a
+Hugging Face model). :func:`load_tokenizer` picks one from the file's content.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Optional, Protocol, Sequence, runtime_checkable
 
 from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
 
@@ -22,11 +27,18 @@ __all__ = [
     "DEFAULT_TOKENIZER_FILENAME",
     "HF_TOKENIZER_FILENAME",
     "HFTokenizer",
+    "LLAMA3_PAT_STR",
+    "LLAMA3_SPECIAL_TOKENS",
+    "MAX_NO_WHITESPACES_CHARS",
     "SUPPORTED_FORMATS",
     "SentencePieceTokenizer",
+    "TIKTOKEN_MAX_ENCODE_CHARS",
+    "TiktokenTokenizer",
     "Tokenizer",
     "check_vocab_size",
+    "detect_tokenizer_format",
     "load_tokenizer",
+    "read_tiktoken_ranks",
     "train_sentencepiece",
 ]
 
@@ -42,6 +54,8 @@ BUNDLED_CORPUS_PATH = Path(__file__).resolve().parent / "assets" / "corpus.txt"
 # Shown in error messages; extend when a new backend is added to load_tokenizer.
 SUPPORTED_FORMATS: tuple[str, ...] = (
     "SentencePiece model (tokenizer.model, as shipped with Llama 1/2)",
+    "tiktoken BPE ranks (tokenizer.model, as shipped with Llama 3.x: one line per token, "
+    "'<base64 bytes> <rank>')",
     "Hugging Face tokenizers JSON (tokenizer.json, as written by `llama-offload convert` or shipped with a "
     "Hugging Face model), with its tokenizer_config.json beside it when there is one",
 )
@@ -237,6 +251,178 @@ class HFTokenizer:
         return f"HFTokenizer({os.fspath(self.path)!r}, n_words={self.n_words})"
 
 
+# --- Llama 3 (tiktoken) ---------------------------------------------------------------------------------
+# All of this is Meta's llama_models/llama3/tokenizer.py (llama-models 0.3.0, the code that ships with the
+# tokenizer.model file), so that ids match Meta's token for token.
+
+# The pre-tokenizer split, verbatim: any change moves token boundaries and so changes ids.
+LLAMA3_PAT_STR = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+# tiktoken panics (pyo3_runtime.PanicException) on longer inputs, so Meta encodes in pieces of this size...
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000
+# ...and cuts runs of whitespace or non-whitespace longer than this, whose regex matching is quadratic
+# (https://github.com/openai/tiktoken/issues/195).
+MAX_NO_WHITESPACES_CHARS = 25_000
+
+_LLAMA3_NAMED_SPECIALS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",  # end of message: the model waits for a tool's answer
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>",
+    "<|image|>",  # Llama 3.2 Vision
+)
+# Releases named some of these ids differently (Llama 3.0 had reserved tokens where 3.1 has <|eom_id|> and
+# <|python_tag|>, 3.1 a reserved token where 3.2 has <|image|>); the ids, and so the model's view, are the same.
+# The 256 special tokens, in id order from the first id after the BPE ranks (128000 for Llama 3).
+LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = _LLAMA3_NAMED_SPECIALS + tuple(
+    f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(_LLAMA3_NAMED_SPECIALS))
+)
+
+# "<base64 of the token's bytes> <rank>": a line of a tiktoken file.
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+")
+
+
+def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
+    """The BPE ranks of a tiktoken file: one ``<base64 token> <rank>`` per line, ranks 0..n-1.
+
+    Stricter than Meta's loader, which logs and skips lines it cannot parse: a damaged file would then load
+    with shifted special-token ids and give wrong answers without a word.
+    """
+    path = Path(path)
+    ranks: dict[bytes, int] = {}
+    with path.open("rb") as f:
+        lines = f.read().splitlines()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        line = line.strip()
+        if not _TIKTOKEN_LINE.fullmatch(line):
+            raise ValueError(
+                f"{os.fspath(path)!r} line {lineno}: expected '<base64 token> <rank>', found {line[:80]!r}. "
+                "The file is damaged or not a tiktoken tokenizer; use the tokenizer.model of the checkpoint."
+            )
+        token, rank = line.split(b" ")
+        try:
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except binascii.Error as e:
+            raise ValueError(f"{os.fspath(path)!r} line {lineno}: bad base64 token {token[:80]!r} ({e}).") from None
+    if not ranks:
+        raise ValueError(f"{os.fspath(path)!r} holds no tokens.")
+    # Special tokens take the ids right after the ranks, so the ranks must be exactly 0..n-1.
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(
+            f"{os.fspath(path)!r}: the ranks of its {len(ranks)} tokens are not 0..{len(ranks) - 1} each once "
+            "(a token or a rank is repeated or missing). The file is damaged; use the checkpoint's own."
+        )
+    return ranks
+
+
+def _split_whitespaces_or_nonwhitespaces(s: str, max_consecutive_slice_len: int) -> Iterator[str]:
+    """Meta's split of ``s`` into pieces without a run of more than ``max_consecutive_slice_len``
+    whitespace or non-whitespace characters, where each cut falls."""
+    if len(s) <= max_consecutive_slice_len:  # no run can be too long: skip the per-character loop
+        yield s
+        return
+    current_slice_len = 0
+    current_slice_is_space = s[0].isspace()
+    slice_start = 0
+    for i in range(len(s)):
+        is_now_space = s[i].isspace()
+        if current_slice_is_space ^ is_now_space:
+            current_slice_len = 1
+            current_slice_is_space = is_now_space
+        else:
+            current_slice_len += 1
+            if current_slice_len > max_consecutive_slice_len:
+                yield s[slice_start:i]
+                slice_start = i
+                current_slice_len = 1
+    yield s[slice_start:]
+
+
+class TiktokenTokenizer:
+    """tiktoken backend for Llama 3.x's ``tokenizer.model``, token-for-token Meta's llama3 ``Tokenizer``.
+
+    The special tokens are Llama 3's 256 (``LLAMA3_SPECIAL_TOKENS``), with ids from the number of BPE ranks
+    on (128000..128255 for the real file: ``n_words`` 128256). Where it differs from Meta's class, and why:
+
+    - ``pad_id`` is -1 (Meta's is ``<|finetune_right_pad_id|>``): generation uses pad_id to mark "no token
+      here" in its token buffer, so it must be an id no prompt holds, as in Meta's Llama 3 reference repo.
+    - ``stop_ids`` is a set: ``eos_id``, ``<|eot_id|>`` and ``<|eom_id|>`` (Meta's ``stop_tokens``).
+
+    As in Meta's, text never turns into special tokens (``"<|eot_id|>"`` in a message is plain text: chat
+    formats insert special tokens by id), and ``decode`` writes special tokens out as their text.
+    """
+
+    special_tokens: dict[str, int]
+
+    def __init__(self, model_path: str | Path, *, mergeable_ranks: Optional[dict[bytes, int]] = None) -> None:
+        try:
+            import tiktoken
+        except ImportError as e:  # a dependency, but keep the message actionable if it was left out
+            raise ImportError("Reading a Llama 3 tokenizer.model needs the `tiktoken` package: pip install tiktoken") from e
+        self.model_path = Path(model_path)
+        ranks = read_tiktoken_ranks(self.model_path) if mergeable_ranks is None else mergeable_ranks
+        num_base_tokens = len(ranks)
+        self.special_tokens = {token: num_base_tokens + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self.model = tiktoken.Encoding(
+            name=self.model_path.name,
+            pat_str=LLAMA3_PAT_STR,
+            mergeable_ranks=ranks,
+            special_tokens=self.special_tokens,
+        )
+        self._ranks = ranks
+        self.n_words: int = num_base_tokens + len(self.special_tokens)
+        self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id: int = self.special_tokens["<|end_of_text|>"]
+        self.eot_id: int = self.special_tokens["<|eot_id|>"]
+        self.eom_id: int = self.special_tokens["<|eom_id|>"]
+        self.python_tag_id: int = self.special_tokens["<|python_tag|>"]
+        self.pad_id: int = -1
+        self.stop_ids: set[int] = {self.eos_id, self.eot_id, self.eom_id}
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        """Id of a special token (``<|eot_id|>``) or of a token whose UTF-8 bytes are one BPE rank; else None."""
+        if token in self.special_tokens:
+            return self.special_tokens[token]
+        return self._ranks.get(token.encode("utf-8"))
+
+    def encode(self, s: str, *, bos: bool, eos: bool) -> list[int]:
+        if not isinstance(s, str):
+            raise TypeError(f"encode() expects a str, got {type(s).__name__}")
+        t: list[int] = []
+        for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
+            for substr in _split_whitespaces_or_nonwhitespaces(s[i : i + TIKTOKEN_MAX_ENCODE_CHARS],
+                                                               MAX_NO_WHITESPACES_CHARS):
+                # disallowed_special=(): special-token text is encoded as text, never refused.
+                t.extend(self.model.encode(substr, allowed_special=set(), disallowed_special=()))
+        if bos:
+            t.insert(0, self.bos_id)
+        if eos:
+            t.append(self.eos_id)
+        return t
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.n_words]
+        if bad:
+            raise ValueError(f"Cannot decode ids {bad[:5]}: this tokenizer's ids are 0..{self.n_words - 1}.")
+        # Bytes that end mid-character come out as U+FFFD, which streaming relies on to wait for the rest.
+        return self.model.decode(ids)
+
+    def __repr__(self) -> str:
+        return f"TiktokenTokenizer({os.fspath(self.model_path)!r}, n_words={self.n_words})"
+
+
 def _supported_formats_text() -> str:
     return "; ".join(SUPPORTED_FORMATS)
 
@@ -257,18 +443,35 @@ def _tokenizer_in_dir(directory: Path) -> Path:
     return directory / DEFAULT_TOKENIZER_FILENAME  # reported as missing below
 
 
-def _looks_like_json(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{")
+TokenizerFormat = Literal["sentencepiece", "tiktoken", "json"]
+
+
+def detect_tokenizer_format(path: str | Path) -> TokenizerFormat:
+    """Which backend reads the file, from its first bytes (the name says nothing: Meta calls both the
+    SentencePiece and the tiktoken file ``tokenizer.model``).
+
+    ``"json"``: a JSON object (tokenizer.json). ``"tiktoken"``: a text line ``<base64> <rank>``.
+    ``"sentencepiece"``: anything else, which should be a SentencePiece protobuf (binary; it starts with
+    the tag of its first field, never with base64 text or ``{``).
+    """
+    with Path(path).open("rb") as f:
+        head = f.read(4096)
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+        return "json"
+    first_line = head.split(b"\n", 1)[0].strip()
+    if _TIKTOKEN_LINE.fullmatch(first_line):
+        return "tiktoken"
+    return "sentencepiece"
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Open the tokenizer stored at ``path``, choosing the backend from the file's content.
 
-    A JSON file is read with Hugging Face ``tokenizers``, anything else as a SentencePiece model.
-    ``path`` may also be a directory: the tokenizer named by its ``llama_offload.json``, else its
-    ``tokenizer.model``, else its ``tokenizer.json`` is used (Meta's download layout puts
-    ``tokenizer.model`` in the model's parent directory).
+    A JSON file is read with Hugging Face ``tokenizers``, a text file of base64 tokens and ranks with
+    tiktoken (Llama 3), anything else as a SentencePiece model (Llama 1/2); see
+    :func:`detect_tokenizer_format`. ``path`` may also be a directory: the tokenizer named by its
+    ``llama_offload.json``, else its ``tokenizer.model``, else its ``tokenizer.json`` is used (Meta's
+    download layout puts ``tokenizer.model`` in the model's parent directory).
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -281,7 +484,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             f"or of the {HF_TOKENIZER_FILENAME} written by the conversion of a GGUF or Hugging Face model."
         )
 
-    if _looks_like_json(path):
+    kind = detect_tokenizer_format(path)
+    if kind == "json":
         try:
             return HFTokenizer(path)
         except ImportError:
@@ -295,12 +499,16 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                 f"{os.fspath(path)!r} is JSON but not a tokenizer file the Hugging Face tokenizers library can "
                 f"read (it said: {e}). Supported formats: {_supported_formats_text()}."
             ) from e
+    if kind == "tiktoken":
+        # read_tiktoken_ranks names the file and the line in its errors.
+        return TiktokenTokenizer(path)
     try:
         return SentencePieceTokenizer(path)
     except (RuntimeError, OSError) as e:
         raise ValueError(
             f"{os.fspath(path)!r} is not a tokenizer this package can read "
-            f"(the SentencePiece loader said: {e}). Supported formats: {_supported_formats_text()}."
+            f"(it is neither JSON nor tiktoken text, and the SentencePiece loader said: {e}). "
+            f"Supported formats: {_supported_formats_text()}."
         ) from e
 
 
