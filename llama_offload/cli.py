@@ -1,9 +1,10 @@
-"""The ``llama-offload`` command: ``complete``, ``chat``, ``info`` and ``convert``.
+"""The ``llama-offload`` command: ``complete``, ``chat``, ``info``, ``convert`` and ``tokenize``.
 
     llama-offload complete "Once upon a time" "The capital of France is" --ckpt_dir DIR
     llama-offload chat --ckpt_dir DIR --system "Answer briefly."
     llama-offload info --ckpt_dir DIR --max_seq_len 4096 --max_batch_size 1
     llama-offload convert model.gguf --out checkpoints/NAME      (or a Hugging Face Llama directory)
+    llama-offload tokenize --tokenizer_path tokenizer.model --text "Hello"    (or --dialog '[...]')
 
 Without --ckpt_dir every command uses the default model (SmolLM2-135M-Instruct, made on first use).
 """
@@ -11,6 +12,7 @@ Without --ckpt_dir every command uses the default model (SmolLM2-135M-Instruct, 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,18 +20,18 @@ from typing import Callable, Optional
 import torch
 
 from .args import ModelArgs
-from .chat_format import SPECIAL_TAGS_ERROR, Dialog
+from .chat_format import SPECIAL_TAGS_ERROR, Dialog, default_chat_format_name, get_chat_format, validate_dialog
 from .checkpoint import find_shards
 from .convert import read_checkpoint_meta
 from .convert_gguf import convert_gguf
 from .convert_hf import convert_hf
-from .default_model import resolve_paths
+from .default_model import _find_tokenizer, resolve_paths
 from .generation import Llama
-from .options import build_llama, check_generation_flags, fire_main, parse_dtype, run_text_completion
+from .options import _load_json, build_llama, check_generation_flags, fire_main, parse_dtype, run_text_completion
 from .plan import plan_offload
 from .tokenizer import load_tokenizer
 
-__all__ = ["chat", "chat_repl", "complete", "convert", "info", "main", "param_counts"]
+__all__ = ["chat", "chat_repl", "complete", "convert", "info", "main", "param_counts", "token_ids", "tokenize"]
 
 
 def complete(
@@ -350,8 +352,108 @@ def convert(source: str, out: str, dtype: Optional[str] = None, force: bool = Fa
     print(f"run it with: llama-offload chat --ckpt_dir {done}")
 
 
+_DIALOG_EXAMPLE = """a JSON list of messages, e.g. --dialog '[{"role": "user", "content": "Hi!"}]'"""
+
+
+def _text_flag(text: object) -> str:
+    # fire turns `--text 42` into an int and a bare `--text` into True; only scalars have an obvious text.
+    if isinstance(text, str):
+        return text
+    if isinstance(text, bool) or not isinstance(text, (int, float)):
+        raise ValueError(
+            f"--text must be a string, but the command line gave a {type(text).__name__} ({text!r}). Give it a "
+            """value, and quote text that looks like a list or a number twice: --text '"[1, 2]"'."""
+        )
+    print(f"llama-offload: note: --text was read as the number {text!r}; tokenizing {str(text)!r}. "
+          """Quote it twice (--text '"1e3"') to pass the text exactly as typed.""", file=sys.stderr)
+    return str(text)
+
+
+def _dialog_flag(dialog: object) -> Dialog:
+    value = _load_json(dialog, "--dialog", _DIALOG_EXAMPLE)
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, dict):
+        raise ValueError(f"--dialog is one message, not a dialog: wrap it in a list. Expected {_DIALOG_EXAMPLE}.")
+    if not isinstance(value, list):
+        raise ValueError(f"--dialog must be {_DIALOG_EXAMPLE}; found a {type(value).__name__}: {value!r}.")
+    if value and all(isinstance(d, list) for d in value):
+        raise ValueError(f"--dialog holds a list of dialogs; give one dialog, {_DIALOG_EXAMPLE}.")
+    try:
+        validate_dialog(value)
+    except ValueError as e:
+        raise ValueError(f"--dialog: {e}") from None
+    return value
+
+
+def token_ids(
+    text: Optional[object] = None,
+    dialog: Optional[object] = None,
+    tokenizer_path: Optional[str] = None,
+    ckpt_dir: Optional[str] = None,
+    chat_format: Optional[str] = None,
+) -> list[int]:
+    """The ids ``tokenize`` prints: what the model is given for ``text`` (text completion, BOS included when
+    the tokenizer adds one) or for ``dialog`` (the chat prompt of ``chat_completion``)."""
+    if (text is None) == (dialog is None):
+        raise ValueError("Give exactly one of --text (a text completion prompt) and --dialog (a chat, "
+                         f"{_DIALOG_EXAMPLE}); found {'both' if text is not None else 'neither'}.")
+    if chat_format is not None and dialog is None:
+        raise ValueError("--chat_format only applies to --dialog; text completion prompts use no chat format.")
+    recorded = None
+    if tokenizer_path is not None:
+        tok_path = Path(tokenizer_path).expanduser()
+    elif ckpt_dir is not None:
+        ckpt = Path(ckpt_dir).expanduser()
+        if not ckpt.is_dir():
+            raise FileNotFoundError(f"--ckpt_dir {ckpt} is not a directory. Pass the checkpoint directory, or "
+                                    "--tokenizer_path with the tokenizer file itself.")
+        found = _find_tokenizer(ckpt)
+        if found is None:
+            raise FileNotFoundError(
+                f"No tokenizer (tokenizer.model or tokenizer.json) was found in {ckpt}, nor tokenizer.model in its "
+                f"parent {ckpt.parent}. Pass --tokenizer_path with the tokenizer that came with the checkpoint."
+            )
+        tok_path = found
+    else:
+        _, tok_path = resolve_paths(None, None)  # the default model, as in the other commands
+    if ckpt_dir is not None:
+        recorded = read_checkpoint_meta(Path(ckpt_dir).expanduser()).get("chat_format")
+
+    tokenizer = load_tokenizer(tok_path)
+    if text is not None:
+        return tokenizer.encode(_text_flag(text), bos=True, eos=False)  # as text_completion does
+    messages = _dialog_flag(dialog)
+    # The same choice generation makes: the flag, else what a converted checkpoint records, else by tokenizer.
+    name = str(chat_format) if chat_format is not None else recorded or default_chat_format_name(tokenizer)
+    return get_chat_format(name, tokenizer).encode_dialog_prompt(messages)
+
+
+def tokenize(
+    text: Optional[str] = None,
+    dialog: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    ckpt_dir: Optional[str] = None,
+    chat_format: Optional[str] = None,
+) -> None:
+    """Print the token ids the model sees, as one JSON list on one line.
+
+    Args:
+        text: a text completion prompt (BOS included when the tokenizer adds one, as in complete).
+        dialog: instead of text, a chat as a JSON list of {"role", "content"} messages; prints the chat prompt.
+        tokenizer_path: tokenizer.model (SentencePiece or Llama 3 tiktoken) or tokenizer.json.
+        ckpt_dir: instead of tokenizer_path, a checkpoint directory: its tokenizer and recorded chat format.
+            Neither: the default model's tokenizer.
+        chat_format: llama2, llama3 or chatml for --dialog (default: what the checkpoint records, else the
+            one that fits the tokenizer).
+    """
+    print(json.dumps(token_ids(text, dialog, tokenizer_path=tokenizer_path, ckpt_dir=ckpt_dir,
+                               chat_format=chat_format)))
+
+
 def main() -> None:
-    fire_main({"complete": complete, "chat": chat, "info": info, "convert": convert}, name="llama-offload")
+    fire_main({"complete": complete, "chat": chat, "info": info, "convert": convert, "tokenize": tokenize},
+              name="llama-offload")
 
 
 if __name__ == "__main__":
