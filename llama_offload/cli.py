@@ -356,16 +356,17 @@ _DIALOG_EXAMPLE = """a JSON list of messages, e.g. --dialog '[{"role": "user", "
 
 
 def _text_flag(text: object) -> str:
-    # fire turns `--text 42` into an int and a bare `--text` into True; only scalars have an obvious text.
+    # main() passes --text through as typed; a positional text is still evaluated by fire (42 -> int), and a
+    # bare --text arrives as True.
     if isinstance(text, str):
         return text
     if isinstance(text, bool) or not isinstance(text, (int, float)):
         raise ValueError(
-            f"--text must be a string, but the command line gave a {type(text).__name__} ({text!r}). Give it a "
-            """value, and quote text that looks like a list or a number twice: --text '"[1, 2]"'."""
+            f"--text must be a string, but it arrived as a {type(text).__name__} ({text!r}). Give it a value "
+            """with the flag: --text "Hello, world"."""
         )
-    print(f"llama-offload: note: --text was read as the number {text!r}; tokenizing {str(text)!r}. "
-          """Quote it twice (--text '"1e3"') to pass the text exactly as typed.""", file=sys.stderr)
+    print(f"llama-offload: note: the text was read as the number {text!r}; tokenizing {str(text)!r}. "
+          "Pass it with --text to have it exactly as typed.", file=sys.stderr)
     return str(text)
 
 
@@ -400,6 +401,9 @@ def token_ids(
                          f"{_DIALOG_EXAMPLE}); found {'both' if text is not None else 'neither'}.")
     if chat_format is not None and dialog is None:
         raise ValueError("--chat_format only applies to --dialog; text completion prompts use no chat format.")
+    # The flags are checked before anything is loaded (without a path that may mean preparing the default model).
+    prompt = _text_flag(text) if text is not None else None
+    messages = _dialog_flag(dialog) if dialog is not None else None
     recorded = None
     if tokenizer_path is not None:
         tok_path = Path(tokenizer_path).expanduser()
@@ -421,9 +425,9 @@ def token_ids(
         recorded = read_checkpoint_meta(Path(ckpt_dir).expanduser()).get("chat_format")
 
     tokenizer = load_tokenizer(tok_path)
-    if text is not None:
-        return tokenizer.encode(_text_flag(text), bos=True, eos=False)  # as text_completion does
-    messages = _dialog_flag(dialog)
+    if prompt is not None:
+        return tokenizer.encode(prompt, bos=True, eos=False)  # as text_completion does
+    assert messages is not None
     # The same choice generation makes: the flag, else what a converted checkpoint records, else by tokenizer.
     name = str(chat_format) if chat_format is not None else recorded or default_chat_format_name(tokenizer)
     return get_chat_format(name, tokenizer).encode_dialog_prompt(messages)
@@ -451,7 +455,29 @@ def tokenize(
                                chat_format=chat_format)))
 
 
+def _keep_as_text(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``argv`` with the values of ``flags`` written as Python string literals, which fire reads back as
+    exactly the text typed. Otherwise fire evaluates them: "Hello, world" becomes a tuple, "(a)" becomes
+    "a", "None" None, and JSON's true/null/"\\/" do not survive into --dialog."""
+    out = list(argv)
+    i = 0
+    while i < len(out):
+        arg = out[i]
+        if arg == "--":  # what follows is for fire itself (--help, --trace)
+            break
+        for flag in flags:
+            if arg.startswith(f"--{flag}="):
+                out[i] = f"--{flag}={out[i].split('=', 1)[1]!r}"
+            elif arg == f"--{flag}" and i + 1 < len(out) and not out[i + 1].startswith("--"):
+                out[i + 1] = repr(out[i + 1])
+                i += 1
+        i += 1
+    return out
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["tokenize"]:  # its flags must reach it exactly as typed
+        sys.argv[2:] = _keep_as_text(sys.argv[2:], ("text", "dialog"))
     fire_main({"complete": complete, "chat": chat, "info": info, "convert": convert, "tokenize": tokenize},
               name="llama-offload")
 
