@@ -11,7 +11,7 @@ from typing import Iterator, Optional, Sequence, TypedDict
 import torch
 import torch.nn.functional as F
 
-from .chat_format import SPECIAL_TAGS_ERROR, ChatFormat, Dialog, Message, get_chat_format
+from .chat_format import SPECIAL_TAGS_ERROR, ChatFormat, Dialog, Message, default_chat_format_name, get_chat_format
 from .checkpoint import load_model
 from .convert import read_checkpoint_meta
 from .offload import offload as offload_model
@@ -87,7 +87,8 @@ class Llama:
         """Load a Meta checkpoint. On a GPU its blocks are paged by OffloadModel (``offload=True``: all of
         them in ``num_slices`` slices, or as many kept resident as ``gpu_memory_gb`` allows) or all moved to
         the GPU (``offload=False``); without a GPU the packed blocks run on the CPU. ``chat_format`` defaults
-        to the one a converted checkpoint records in llama_offload.json, else Llama 2's."""
+        to the one a converted checkpoint records in llama_offload.json, else the one the tokenizer implies
+        (Llama 3 header tokens: llama3; <|im_start|>: chatml; otherwise llama2)."""
         start = time.perf_counter()
         tokenizer = load_tokenizer(tokenizer_path)
         model = load_model(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size, dtype=dtype,
@@ -105,7 +106,8 @@ class Llama:
             model = offload_model(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                                   num_slices=num_slices, gpu_memory_gb=gpu_memory_gb, device=target)
         print(f"llama_offload: loaded in {time.perf_counter() - start:.2f} s", file=sys.stderr)
-        chat_format = chat_format or read_checkpoint_meta(ckpt_dir).get("chat_format") or "llama2"
+        chat_format = (chat_format or read_checkpoint_meta(ckpt_dir).get("chat_format")
+                       or default_chat_format_name(tokenizer))
         return Llama(model, tokenizer, get_chat_format(chat_format, tokenizer), max_seq_len, max_batch_size,
                      target, seed)
 
