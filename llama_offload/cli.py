@@ -196,7 +196,7 @@ def chat(
         device: cuda, cuda:N or cpu (default: cuda if available).
         dtype: float16, bfloat16 or float32 (default: the checkpoint's).
         seed: sampling seed (the same conversation gets the same answer).
-        chat_format: llama2 or chatml (default: what the checkpoint records, else llama2).
+        chat_format: llama2, chatml or llama3 (default: what the checkpoint records, else what the tokenizer implies).
     """
     temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_seq_len=max_seq_len,
                                                 max_batch_size=1, max_gen_len=max_gen_len, num_slices=num_slices,

@@ -197,6 +197,8 @@ def detect_chat_format(chat_template: Optional[str]) -> Optional[str]:
         return None
     if "<|im_start|>" in chat_template:
         return "chatml"
+    if "<|start_header_id|>" in chat_template:
+        return "llama3"
     if "[INST]" in chat_template:
         return "llama2"
     return None

@@ -267,3 +267,13 @@ def test_default_chat_format_name(tiny_tik: TiktokenTokenizer, sp_tokenizer: Tok
 
 def test_default_for_the_real_file(llama3_tok: TiktokenTokenizer) -> None:
     assert default_chat_format_name(llama3_tok) == "llama3"
+
+
+def test_converted_checkpoints_record_the_llama3_template():
+    from llama_offload.convert import detect_chat_format
+
+    template = "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    assert detect_chat_format(template) == "llama3"
+    assert detect_chat_format("<|im_start|>{{ message['role'] }}") == "chatml"
+    assert detect_chat_format("[INST] {{ message['content'] }} [/INST]") == "llama2"
+    assert detect_chat_format("{{ message['content'] }}") is None
