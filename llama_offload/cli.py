@@ -320,7 +320,7 @@ def info(
     print(f"dtype          {dtype_note}")
     print(f"model          dim {args.dim}, {n_layers} layers, {args.n_heads} heads, {args.kv_heads} kv heads, "
           f"head_dim {args.head_dim}, ffn hidden {args.ffn_hidden_dim}, vocab {args.vocab_size}{vocab_note}, "
-          f"rope_theta {args.rope_theta:g}")
+          f"rope_theta {args.rope_theta:g}{', scaled RoPE' if args.use_scaled_rope else ''}")
     print(f"parameters     {_fmt_count(counts['total'])}: {_fmt_count(counts['per_block'])} per block, "
           f"{_fmt_count(counts['resident'])} in embedding + norm + output head")
     print(f"weights        {_fmt_bytes(plan.block_bytes)} per block, {_fmt_bytes(n_layers * plan.block_bytes)} for all "
