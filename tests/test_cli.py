@@ -140,10 +140,10 @@ def test_chat_script(tiny_ckpt: Path, env: dict[str, str]) -> None:
                                "--dialogs", json.dumps(DIALOGS), *GEN], env)))
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_chat_script_under_torchrun(tiny_ckpt: Path, env: dict[str, str]) -> None:
-    cmd = ["torchrun", "--nproc_per_node", "1", "--standalone", str(CHAT_SCRIPT), "--ckpt_dir", str(tiny_ckpt),
-           "--dialogs", json.dumps(DIALOGS), *GEN]
+    # torchrun's own module, run by this interpreter: a `torchrun` on PATH may belong to another Python.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone", str(CHAT_SCRIPT),
+           "--ckpt_dir", str(tiny_ckpt), "--dialogs", json.dumps(DIALOGS), *GEN]
     _check_chat_output(ok(run(cmd, env)))
 
 
