@@ -8,6 +8,20 @@ incomplete download fails here, with the file and the key named, instead of deep
 Shards are opened with ``torch.load(mmap=True)``: a single-shard checkpoint is returned as
 file-backed tensors (the page cache holds the bytes, the process holds no second copy), and a
 multi-shard one is concatenated key by key from those mappings.
+
+Under model parallelism (N ranks, see parallel.py) each rank builds only its own slice of every split
+tensor: the merged length L along the rank split dim is cut into N equal parts, and rank r assembles
+[r*L/N, (r+1)*L/N) from the pieces of the M shards that overlap it. Any N that divides the heads works
+with any M: N == M reads exactly shard r (a view of its mapping, no copy), N < M joins neighbouring
+shards, N > M cuts a shard. Only the bytes a rank needs are read. Replicated tensors (the norms) come
+from shard 00.
+
+How N ranks split the embedding (``vocab_parallel_embedding``): along the vocabulary (Llama 3's
+VocabParallelEmbedding) or along the embedding dim (Llama 2's ParallelEmbedding). Both are exact (an
+embedding is a lookup); the choice only decides which bytes each rank reads and whether the lookup ends in
+an all-reduce or an all-gather. Unless the caller says, it follows the checkpoint: a multi-shard one shows
+its layout in its shard shapes, and a single-shard one (whose layout cannot be seen) is split by vocabulary
+when vocab_size >= 128000 (Llama 3's 128256 tokens), along the embedding dim otherwise.
 """
 
 from __future__ import annotations
@@ -25,8 +39,9 @@ from typing import Optional, Union
 
 import torch
 
+from . import parallel
 from .args import ModelArgs
-from .model import Transformer
+from .model import Transformer, check_model_parallel_sizes
 
 # How a key is split across model-parallel shards:
 #   int            concatenate along this dim;
@@ -51,6 +66,10 @@ SHARD_DIMS: list[tuple[str, ShardDim]] = [
 DROPPED_KEYS: list[str] = [
     r"^rope\.freqs$",  # Llama 1 saved its RoPE table; setup_caches() builds it from rope_theta
 ]
+
+# A single-shard checkpoint cannot show how its embedding was split; from this vocabulary size on it is
+# taken to be a Llama 3 model, whose reference code splits the embedding by token.
+VOCAB_PARALLEL_MIN_VOCAB = 128_000
 
 _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 _CKPT_LAYOUT = "A Meta checkpoint directory holds params.json, consolidated.00.pth (.01, ... for sharded models) and usually tokenizer.model."
@@ -87,10 +106,30 @@ def _log(show: bool, msg: str) -> None:
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, torch.Size]:
-    """The state-dict shapes of ``Transformer(args)``, computed on the meta device (no memory used)."""
+    """The state-dict shapes of the whole ``Transformer(args)``, computed on the meta device (no memory used).
+    Always the whole model, also under model parallelism: checkpoints hold whole tensors."""
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args, model_parallel_size=1)
     return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def rank_split_dim(key: str, vocab_parallel_embedding: bool) -> Optional[int]:
+    """The dim along which model parallelism cuts ``key`` at run time (the layers model.py builds); None:
+    every rank holds all of it."""
+    if re.match(r"^tok_embeddings\.weight$", key):
+        return 0 if vocab_parallel_embedding else 1
+    cands = _candidates(_shard_dim(key))
+    return cands[0] if cands else None
+
+
+def local_shapes(args: ModelArgs, world_size: int = 1, vocab_parallel_embedding: bool = False) -> dict[str, torch.Size]:
+    """The state-dict shapes of one rank's part when the model is split over ``world_size`` ranks."""
+    check_model_parallel_sizes(args, world_size)
+    out = {}
+    for key, shape in expected_shapes(args).items():
+        d = rank_split_dim(key, vocab_parallel_embedding) if world_size > 1 else None
+        out[key] = shape if d is None else torch.Size(s // world_size if i == d else s for i, s in enumerate(shape))
+    return out
 
 
 def find_shards(ckpt_dir: str | Path) -> list[Path]:
@@ -179,9 +218,10 @@ def _check_keys(shards: list[dict[str, torch.Tensor]], paths: list[Path], expect
             )
 
 
-def _merge_key(
+def _merge_dim(
     key: str, parts: list[torch.Tensor], paths: list[Path], want: torch.Size, count_confirmed: bool
-) -> torch.Tensor:
+) -> Optional[int]:
+    """Check that the shards of ``key`` merge to ``want``; the dim they join along (None: shard 00 as is)."""
     n = len(parts)
     for t, path in zip(parts[1:], paths[1:]):
         if t.dtype != parts[0].dtype:
@@ -237,17 +277,74 @@ def _merge_key(
         else:
             msg += " params.json does not match the weights: use the params.json that came with this checkpoint."
         raise RuntimeError(msg)
-
-    if cat_dim is None:
-        return parts[0]  # replicated (or a single shard): keep the file-backed tensor, no copy
-    return torch.cat(parts, dim=cat_dim)
+    return cat_dim
 
 
-def load_state_dict(ckpt_dir: str | Path, args: ModelArgs, *, show_progress: bool = True) -> dict[str, torch.Tensor]:
+def _rank_part(
+    key: str, parts: list[torch.Tensor], cat_dim: Optional[int], split_dim: Optional[int], rank: int, world_size: int
+) -> torch.Tensor:
+    """Rank ``rank``'s 1/world_size of cat(parts, cat_dim) along ``split_dim``, cut from the parts it overlaps.
+
+    Pieces are views of the mmap'd shards; bytes are copied only where pieces are joined, or where a cut
+    along a later dim leaves a strided view, so a rank reads what it needs and no more.
+    """
+    if split_dim is None:
+        return parts[0]  # replicated: every shard holds it, shard 00's copy is used
+    if cat_dim is None:  # a single shard
+        cat_dim, parts = split_dim, parts[:1]
+    if cat_dim == split_dim:
+        size = parts[0].shape[split_dim]  # each shard's length along the split
+        total = size * len(parts)
+    else:
+        size = total = parts[0].shape[split_dim]  # every shard spans the whole split dim
+    if total % world_size:
+        raise ValueError(
+            f"Cannot split {key!r} ({total} along dim {split_dim}) evenly over {world_size} ranks. "
+            "Run torchrun --nproc_per_node with a number that divides the model's heads."
+        )
+    lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+    pieces = []
+    for j, t in enumerate(parts):
+        start = j * size if cat_dim == split_dim else 0  # where shard j begins along the split dim
+        a, b = max(lo, start), min(hi, start + size)
+        if a < b:
+            pieces.append(t.narrow(split_dim, a - start, b - a))
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=cat_dim)
+    return out if out.is_contiguous() else out.contiguous()
+
+
+def load_state_dict(
+    ckpt_dir: str | Path,
+    args: ModelArgs,
+    *,
+    show_progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    vocab_parallel_embedding: Optional[bool] = None,
+) -> dict[str, torch.Tensor]:
     """Load, merge and validate the shards of ``ckpt_dir`` against the shapes ``args`` implies.
 
     Tensors keep the checkpoint's dtype. With one shard they are mmap-backed views of the file.
+    With ``world_size`` N > 1, only rank ``rank``'s part of each split tensor is built (see the module
+    docstring; ``vocab_parallel_embedding`` None follows the checkpoint's layout). Needs no process group.
     """
+    return _load_state_dict(ckpt_dir, args, show_progress, rank, world_size, vocab_parallel_embedding)[0]
+
+
+def _load_state_dict(
+    ckpt_dir: str | Path,
+    args: ModelArgs,
+    show_progress: bool,
+    rank: int,
+    world_size: int,
+    vocab_parallel_embedding: Optional[bool],
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """``load_state_dict``, and the embedding layout it used."""
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size <= 0:
+        raise ValueError(f"world_size must be a positive integer, found {world_size!r}.")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an integer in [0, {world_size}), found {rank!r}.")
+    check_model_parallel_sizes(args, world_size)  # before reading gigabytes
     start = time.perf_counter()
     paths = find_shards(ckpt_dir)
     expected = expected_shapes(args)
@@ -258,18 +355,35 @@ def load_state_dict(ckpt_dir: str | Path, args: ModelArgs, *, show_progress: boo
         shards.append(_load_shard(path))
     _check_keys(shards, paths, expected)
 
-    merged: dict[str, torch.Tensor] = {}
+    # Validate every key's shards and find how they join; the embedding's join shows the checkpoint's layout.
     count_confirmed = False  # has a split key merged to its full shape with this many shards?
+    cat_dims: dict[str, Optional[int]] = {}
     for key in expected:  # model order, so the result iterates like model.state_dict()
-        merged[key] = _merge_key(key, [sd[key] for sd in shards], paths, expected[key], count_confirmed)
+        cat_dims[key] = _merge_dim(key, [sd[key] for sd in shards], paths, expected[key], count_confirmed)
         count_confirmed = count_confirmed or _shard_dim(key) is not None
+    if vocab_parallel_embedding is None:
+        embedding_dim = cat_dims["tok_embeddings.weight"]
+        vocab_parallel_embedding = (embedding_dim == 0 if embedding_dim is not None
+                                    else args.vocab_size >= VOCAB_PARALLEL_MIN_VOCAB)
+    local = local_shapes(args, world_size, vocab_parallel_embedding) if world_size > 1 else expected
+
+    merged: dict[str, torch.Tensor] = {}
+    for key in expected:
+        parts = [sd[key] for sd in shards]
+        if world_size == 1:
+            merged[key] = parts[0] if cat_dims[key] is None else torch.cat(parts, dim=cat_dims[key])
+        else:
+            merged[key] = _rank_part(key, parts, cat_dims[key], rank_split_dim(key, vocab_parallel_embedding),
+                                     rank, world_size)
+            assert merged[key].shape == local[key], (key, merged[key].shape, local[key])
         # Release each shard's reference as soon as it is merged, so the mappings can go early.
         for sd in shards:
             del sd[key]
 
     nbytes = sum(t.numel() * t.element_size() for t in merged.values())
-    _log(show_progress, f"loaded {len(merged)} tensors, {_fmt_bytes(nbytes)} in {time.perf_counter() - start:.2f} s")
-    return merged
+    what = f"{len(merged)} tensors" if world_size == 1 else f"rank {rank}'s part of {len(merged)} tensors"
+    _log(show_progress, f"loaded {what}, {_fmt_bytes(nbytes)} in {time.perf_counter() - start:.2f} s")
+    return merged, vocab_parallel_embedding
 
 
 def load_model(
@@ -280,11 +394,16 @@ def load_model(
     dtype: Optional[torch.dtype] = None,
     vocab_size: Optional[int] = None,
     show_progress: bool = True,
+    model_parallel_size: Optional[int] = None,
+    vocab_parallel_embedding: Optional[bool] = None,
 ) -> Transformer:
     """Build a CPU ``Transformer`` from a Meta checkpoint directory, in eval mode, caches not set up.
 
     ``vocab_size`` is the tokenizer's: it fills params.json's ``-1`` and is checked against any other value.
     ``dtype`` converts the weights; ``None`` keeps the checkpoint's (file-backed when there is one shard).
+    ``model_parallel_size`` None follows parallel.py: under torchrun with N > 1 processes this rank's part
+    of the model (FairScale's parallel layers), else the whole model; 1 loads the whole model regardless.
+    ``vocab_parallel_embedding`` None: the embedding layout the checkpoint shows (see the module docstring).
     """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
@@ -303,12 +422,19 @@ def load_model(
             "tokens. The tokenizer does not belong to this checkpoint: use the tokenizer.model shipped with it."
         )
 
-    state_dict = load_state_dict(ckpt_dir, args, show_progress=show_progress)
+    n = parallel.model_parallel_world_size() if model_parallel_size is None else model_parallel_size
+    rank = parallel.model_parallel_rank() if n > 1 else 0
+    state_dict, vocab_parallel = _load_state_dict(ckpt_dir, args, show_progress, rank, n, vocab_parallel_embedding)
     if dtype is not None:
         state_dict = {k: v if v.dtype == dtype else v.to(dtype) for k, v in state_dict.items()}
 
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args, model_parallel_size=n, vocab_parallel_embedding=vocab_parallel)
+    if n > 1:
+        # The slicing table and the layers must agree on every rank-local shape.
+        built = {k: v.shape for k, v in model.state_dict().items()}
+        wrong = {k: (tuple(v.shape), tuple(built[k])) for k, v in state_dict.items() if built.get(k) != v.shape}
+        assert not wrong and set(built) == set(state_dict), f"rank {rank}: sliced vs built shapes {wrong}"
     model.load_state_dict(state_dict, assign=True, strict=True)
     # Inference only: no gradients means no autograd bookkeeping when blocks run outside inference_mode.
     model.requires_grad_(False)
@@ -421,7 +547,10 @@ def random_state_dict(
 __all__ = [
     "SHARD_DIMS",
     "DROPPED_KEYS",
+    "VOCAB_PARALLEL_MIN_VOCAB",
     "expected_shapes",
+    "local_shapes",
+    "rank_split_dim",
     "find_shards",
     "load_state_dict",
     "load_model",

@@ -11,6 +11,7 @@ from typing import Iterator, Optional, Sequence, TypedDict
 import torch
 import torch.nn.functional as F
 
+from . import parallel
 from .chat_format import SPECIAL_TAGS_ERROR, ChatFormat, Dialog, Message, default_chat_format_name, get_chat_format
 from .checkpoint import load_model
 from .convert import read_checkpoint_meta
@@ -83,21 +84,33 @@ class Llama:
         dtype: Optional[torch.dtype] = None,
         chat_format: Optional[str] = None,
         seed: int = 1,
+        vocab_parallel_embedding: Optional[bool] = None,
     ) -> "Llama":
         """Load a Meta checkpoint. On a GPU its blocks are paged by OffloadModel (``offload=True``: all of
         them in ``num_slices`` slices, or as many kept resident as ``gpu_memory_gb`` allows) or all moved to
         the GPU (``offload=False``); without a GPU the packed blocks run on the CPU. ``chat_format`` defaults
         to the one a converted checkpoint records in llama_offload.json, else the one the tokenizer implies
-        (Llama 3 header tokens: llama3; <|im_start|>: chatml; otherwise llama2)."""
+        (Llama 3 header tokens: llama3; <|im_start|>: chatml; otherwise llama2).
+
+        Under torchrun with N > 1 processes the model is split over them (parallel.py): each rank loads and
+        pages 1/N of every block on GPU LOCAL_RANK, ``gpu_memory_gb`` is each rank's budget, and every rank
+        samples with the same seed from the same gathered logits, so all of them produce the same tokens.
+        ``vocab_parallel_embedding`` overrides how the embedding is split (see checkpoint.py)."""
         start = time.perf_counter()
+        if parallel.requested_world_size() > 1:
+            parallel.init_model_parallel()
+            torch.manual_seed(seed)  # as Meta's reference does: every rank draws the same numbers
         tokenizer = load_tokenizer(tokenizer_path)
         model = load_model(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size, dtype=dtype,
-                           vocab_size=tokenizer.n_words)
+                           vocab_size=tokenizer.n_words, show_progress=parallel.is_rank0(),
+                           vocab_parallel_embedding=vocab_parallel_embedding)
         check_vocab_size(tokenizer, model.vocab_size, source=str(Path(ckpt_dir) / "params.json"))
         target = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if target.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was asked for, but PyTorch sees no CUDA GPU. "
                                "Leave device unset to run on the CPU, or install a CUDA build of torch.")
+        if target.type == "cuda" and target.index is None and model.model_parallel_size > 1:
+            target = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU: LOCAL_RANK
         if target.type == "cuda" and not offload:
             dtype_ = model.tok_embeddings.weight.dtype
             model = model.to(target)
@@ -105,7 +118,8 @@ class Llama:
         else:
             model = offload_model(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                                   num_slices=num_slices, gpu_memory_gb=gpu_memory_gb, device=target)
-        print(f"llama_offload: loaded in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+        if parallel.is_rank0():
+            print(f"llama_offload: loaded in {time.perf_counter() - start:.2f} s", file=sys.stderr)
         chat_format = (chat_format or read_checkpoint_meta(ckpt_dir).get("chat_format")
                        or default_chat_format_name(tokenizer))
         return Llama(model, tokenizer, get_chat_format(chat_format, tokenizer), max_seq_len, max_batch_size,

@@ -1,6 +1,11 @@
 """Meta's reference LLaMA math, with Meta's parameter names so ``consolidated.*.pth`` loads as is.
 
 ``Transformer`` here is the plain, unoffloaded model: every offloaded result is compared with it.
+
+Under model parallelism (torchrun with N > 1 processes, see parallel.py) each rank builds FairScale's
+parallel layers instead, with the same parameter names: wq/wk/wv/w1/w3 hold 1/N of the output features,
+wo/w2 1/N of the input features (their partial sums are all-reduced), the output head 1/N of the vocabulary
+(gathered), and each rank attends with its own n_heads/N query and kv_heads/N key/value heads.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import parallel
 from .args import ModelArgs
 
 
@@ -111,61 +117,99 @@ class KVCache:
         return self.k[:bsz, :end], self.v[:bsz, :end]  # (bs, cache_len + seqlen, n_kv_heads, head_dim)
 
 
+def check_model_parallel_sizes(args: ModelArgs, world_size: int) -> None:
+    """Every rank holds whole heads and equal parts of the other split dims: refuse a process count that
+    does not divide them, naming the counts that would work."""
+    if world_size == 1:
+        return
+    sizes = {"n_heads": args.n_heads, "key/value heads (n_kv_heads)": args.kv_heads,
+             "feed-forward hidden size": args.ffn_hidden_dim, "vocab_size": args.vocab_size}
+    bad = {name: size for name, size in sizes.items() if size % world_size}
+    if bad:
+        common = math.gcd(*sizes.values())
+        works = [n for n in range(1, common + 1) if common % n == 0]
+        found = ", ".join(f"{name} {size}" for name, size in bad.items())
+        raise ValueError(
+            f"Model parallelism over {world_size} processes needs n_heads, n_kv_heads, the feed-forward hidden "
+            f"size and vocab_size to be divisible by {world_size} (each rank holds whole heads and an equal part "
+            f"of every split matrix), but this model has {found}. Process counts that work for this model: "
+            f"{', '.join(map(str, works))}. Run torchrun --nproc_per_node with one of them."
+        )
+
+
+def _column_parallel(in_features: int, out_features: int, model_parallel_size: int,
+                     gather_output: bool = False) -> nn.Module:
+    """nn.Linear, or with N ranks FairScale's column-parallel layer holding 1/N of the output features."""
+    if model_parallel_size == 1:
+        return nn.Linear(in_features, out_features, bias=False)
+    return parallel.ColumnParallelLinear(in_features, out_features, gather_output=gather_output)
+
+
+def _row_parallel(in_features: int, out_features: int, model_parallel_size: int) -> nn.Module:
+    """nn.Linear, or with N ranks FairScale's row-parallel layer: 1/N of the input features, all-reduced."""
+    if model_parallel_size == 1:
+        return nn.Linear(in_features, out_features, bias=False)
+    return parallel.RowParallelLinear(in_features, out_features, input_is_parallel=True)
+
+
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, model_parallel_size: int = 1):
         super().__init__()
         self.n_heads = args.n_heads
         self.n_kv_heads = args.kv_heads
-        self.n_rep = self.n_heads // self.n_kv_heads
+        # This rank's heads: all of them in one process.
+        self.n_local_heads = args.n_heads // model_parallel_size
+        self.n_local_kv_heads = args.kv_heads // model_parallel_size
+        self.n_rep = self.n_local_heads // self.n_local_kv_heads
         self.head_dim = args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wq = _column_parallel(args.dim, args.n_heads * self.head_dim, model_parallel_size)
+        self.wk = _column_parallel(args.dim, self.n_kv_heads * self.head_dim, model_parallel_size)
+        self.wv = _column_parallel(args.dim, self.n_kv_heads * self.head_dim, model_parallel_size)
+        self.wo = _row_parallel(args.n_heads * self.head_dim, args.dim, model_parallel_size)
         self.cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         if self.cache is None:
             raise RuntimeError("The KV cache is not set up: call setup_caches() on the model before running it.")
         bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)  # (bs, seqlen, n_heads, head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)  # (bs, seqlen, n_kv_heads, head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)  # (bs, seqlen, n_kv_heads, head_dim)
+        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (bs, seqlen, n_local_heads, head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
 
         keys, values = self.cache.update(start_pos, xk, xv)
-        keys = repeat_kv(keys, self.n_rep)  # (bs, cache_len + seqlen, n_heads, head_dim)
-        values = repeat_kv(values, self.n_rep)  # (bs, cache_len + seqlen, n_heads, head_dim)
+        keys = repeat_kv(keys, self.n_rep)  # (bs, cache_len + seqlen, n_local_heads, head_dim)
+        values = repeat_kv(values, self.n_rep)  # (bs, cache_len + seqlen, n_local_heads, head_dim)
 
-        xq = xq.transpose(1, 2)  # (bs, n_heads, seqlen, head_dim)
-        keys = keys.transpose(1, 2)  # (bs, n_heads, cache_len + seqlen, head_dim)
-        values = values.transpose(1, 2)  # (bs, n_heads, cache_len + seqlen, head_dim)
-        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)  # (bs, n_heads, seqlen, cache_len + seqlen)
+        xq = xq.transpose(1, 2)  # (bs, n_local_heads, seqlen, head_dim)
+        keys = keys.transpose(1, 2)  # (bs, n_local_heads, cache_len + seqlen, head_dim)
+        values = values.transpose(1, 2)  # (bs, n_local_heads, cache_len + seqlen, head_dim)
+        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)  # (bs, n_local_heads, seqlen, cache_len + seqlen)
         if mask is not None:
             scores = scores + mask
         scores = F.softmax(scores.float(), dim=-1).type_as(xq)
-        output = torch.matmul(scores, values)  # (bs, n_heads, seqlen, head_dim)
-        output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)  # (bs, seqlen, dim)
-        return self.wo(output)
+        output = torch.matmul(scores, values)  # (bs, n_local_heads, seqlen, head_dim)
+        output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)  # (bs, seqlen, n_local_heads * head_dim)
+        return self.wo(output)  # (bs, seqlen, dim): with N ranks, the sum of every rank's heads
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, model_parallel_size: int = 1):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = _column_parallel(dim, hidden_dim, model_parallel_size)
+        self.w2 = _row_parallel(hidden_dim, dim, model_parallel_size)
+        self.w3 = _column_parallel(dim, hidden_dim, model_parallel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs):
+    def __init__(self, layer_id: int, args: ModelArgs, model_parallel_size: int = 1):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention = Attention(args, model_parallel_size)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, model_parallel_size)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
@@ -175,24 +219,46 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, params: ModelArgs):
+    def __init__(self, params: ModelArgs, *, model_parallel_size: Optional[int] = None,
+                 vocab_parallel_embedding: bool = False):
+        """``model_parallel_size``: None follows parallel.py (N ranks once torchrun's group is initialised, else
+        1); 1 builds the whole model even then (a reference run on one rank). ``vocab_parallel_embedding`` picks
+        how N ranks split the embedding: by token (Llama 3's VocabParallelEmbedding) or along the embedding dim
+        (Llama 2's ParallelEmbedding); either is exact, it decides which bytes each rank loads."""
         super().__init__()
         if params.vocab_size <= 0:
             raise ValueError("ModelArgs.vocab_size is -1: set it from the tokenizer before building the model.")
+        n = parallel.model_parallel_world_size() if model_parallel_size is None else model_parallel_size
+        if n > 1:
+            check_model_parallel_sizes(params, n)
+            if n != parallel.model_parallel_world_size():
+                raise RuntimeError(f"A model split over {n} ranks needs a model-parallel group of {n} processes; "
+                                   f"this one has {parallel.model_parallel_world_size()}. Call "
+                                   f"parallel.init_model_parallel() under torchrun --nproc_per_node {n}.")
         self.params = params
+        self.model_parallel_size = n
+        self.vocab_parallel_embedding = bool(vocab_parallel_embedding) and n > 1
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
-        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
-        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        if n == 1:
+            self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
+        elif self.vocab_parallel_embedding:
+            self.tok_embeddings = parallel.VocabParallelEmbedding(params.vocab_size, params.dim)
+        else:
+            self.tok_embeddings = parallel.ParallelEmbedding(params.vocab_size, params.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, params, n) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        # Every rank needs the whole distribution to sample the same token: gather the vocabulary parts.
+        self.output = _column_parallel(params.dim, params.vocab_size, n, gather_output=True)
         self.freqs_cis: Optional[torch.Tensor] = None  # plain attribute, not a buffer: not in the state dict
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, device: torch.device | str, dtype: torch.dtype) -> None:
-        """Allocate the KV caches and the RoPE table on `device`. Called once, before the first forward."""
+        """Allocate the KV caches and the RoPE table on `device`. Called once, before the first forward.
+        With N ranks each cache holds this rank's key/value heads only."""
         p = self.params
         for layer in self.layers:
-            layer.attention.cache = KVCache(max_batch_size, max_seq_len, p.kv_heads, p.head_dim, device, dtype)
+            layer.attention.cache = KVCache(max_batch_size, max_seq_len, layer.attention.n_local_kv_heads,
+                                            p.head_dim, device, dtype)
         # Meta's table covers twice the context; positions never exceed max_seq_len here, so that suffices.
         self.freqs_cis = precompute_freqs_cis(p.head_dim, max_seq_len * 2, p.rope_theta, device=device,
                                               use_scaled=p.use_scaled_rope)

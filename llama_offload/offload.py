@@ -13,6 +13,9 @@ per slice) and replaces its forward pass:
            the next step's slice 0 is copied as soon as this step's last slice is done
 
 The packet stays on the GPU from the first slice to the last.
+
+Under model parallelism (torchrun, N processes) every rank pages its own 1/N of each block through its own
+GPU, with the plan made for that part; the blocks' all-reduces run on the compute stream between the copies.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     from fairscale.experimental.nn.offload import OffloadModel
 
+from . import parallel
 from .model import Transformer
 from .packing import PackedBlock, pack, unpack
 from .plan import OffloadPlan, plan_offload
@@ -188,7 +192,8 @@ def offload(
     without it every block is paged, in ``num_slices`` slices (default: one block per slice, the least GPU
     memory). ``stock=True`` uses FairScale's unmodified OffloadModel instead, only to show that it is wrong
     in inference. Without CUDA, or with ``device="cpu"``, the same packed blocks run unoffloaded on the CPU.
-    The model's own blocks are reused, so it must not be run on its own afterwards.
+    The model's own blocks are reused, so it must not be run on its own afterwards. A model split over N
+    ranks (model parallelism) is planned and paged per rank: ``gpu_memory_gb`` is each rank's budget.
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -197,11 +202,13 @@ def offload(
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = model.tok_embeddings.weight.dtype
     plan = plan_offload(model.params, dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                        gpu_memory_gb=gpu_memory_gb, num_slices=num_slices)
+                        gpu_memory_gb=gpu_memory_gb, num_slices=num_slices,
+                        model_parallel_size=model.model_parallel_size)
     model.setup_caches(max_batch_size, max_seq_len, device, dtype)
     packed = [PackedBlock(layer) for layer in model.layers]
     if device.type == "cpu":
-        print("llama_offload: no CUDA device, so the packed blocks run unoffloaded on the CPU.", file=sys.stderr)
+        if parallel.is_rank0():
+            print("llama_offload: no CUDA device, so the packed blocks run unoffloaded on the CPU.", file=sys.stderr)
         blocks = nn.Sequential(*packed)
     elif stock:
         blocks = OffloadModel(nn.Sequential(*packed), device=device, num_slices=plan.num_slices or len(packed))

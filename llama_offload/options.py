@@ -16,6 +16,7 @@ from typing import Any, Optional, TypeVar
 import fire
 import torch
 
+from . import parallel
 from .chat_format import Dialog, validate_dialog
 from .default_model import resolve_paths
 from .generation import Llama
@@ -24,13 +25,13 @@ __all__ = [
     "DTYPES",
     "build_llama",
     "check_generation_flags",
-    "check_single_process",
     "fire_main",
     "parse_dialogs",
     "parse_dtype",
     "parse_prompts",
     "run_chat_completion",
     "run_text_completion",
+    "start_model_parallel",
 ]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -145,19 +146,14 @@ def check_generation_flags(
     return float(temperature), float(top_p)
 
 
-def check_single_process() -> None:
-    """Refuse to run as one of several torchrun processes: the model is not split across GPUs (yet)."""
-    try:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        world_size = 1  # not set by torchrun: not our business
-    if world_size > 1:
-        raise RuntimeError(
-            f"WORLD_SIZE is {world_size}, but multi-GPU model parallelism is not supported yet: llama_offload runs "
-            "the whole model in one process and pages its blocks through one GPU. "
-            "Run with torchrun --nproc_per_node 1 (or plain python); checkpoints with several shards are merged "
-            "on load."
-        )
+def start_model_parallel() -> tuple[int, int]:
+    """Under torchrun with N > 1 processes: join them into one model-parallel group (one GPU each) and let
+    only rank 0 print to stdout; return (rank, N). One process: nothing to do, (0, 1)."""
+    if parallel.requested_world_size() == 1:
+        return 0, 1
+    rank, world_size = parallel.init_model_parallel()
+    parallel.quiet_other_ranks()
+    return rank, world_size
 
 
 def build_llama(
@@ -174,8 +170,10 @@ def build_llama(
     seed: int = 1,
     chat_format: Optional[str] = None,
 ) -> Llama:
-    """``Llama.build`` from command-line flags; no ckpt_dir means the default model."""
+    """``Llama.build`` from command-line flags; no ckpt_dir means the default model. Under torchrun with
+    several processes, the model is split over them (see start_model_parallel)."""
     torch_dtype = parse_dtype(dtype)  # before resolve_paths, which may spend seconds making the default model
+    start_model_parallel()
     ckpt, tokenizer = resolve_paths(ckpt_dir, tokenizer_path)
     return Llama.build(
         ckpt, tokenizer, max_seq_len, max_batch_size, offload=bool(offload), num_slices=num_slices,
@@ -224,8 +222,16 @@ def run_chat_completion(
 def fire_main(component: Callable[..., Any] | dict[str, Callable[..., Any]], name: str) -> None:
     """``fire.Fire`` with user errors shown as one line (exit 1) instead of a traceback.
 
-    Set LLAMA_OFFLOAD_TRACEBACK=1 to see the traceback anyway. Under torchrun only rank 0 prints.
+    Set LLAMA_OFFLOAD_TRACEBACK=1 to see the traceback anyway. Under torchrun only rank 0 prints results.
+
+    Under torchrun with several processes, a rank that fails must not leave the others waiting in a
+    collective: it prints its own error to stderr (every rank that fails does, tagged with its rank) and
+    ends with ``os._exit(1)``, and torchrun then stops the other ranks, so the run exits non-zero instead
+    of hanging. A successful run leaves the process group cleanly.
     """
+    if parallel.requested_world_size() > 1:
+        _fire_main_model_parallel(component, name)
+        return
     try:
         fire.Fire(component, name=name)
     except KeyboardInterrupt:
@@ -238,3 +244,23 @@ def fire_main(component: Callable[..., Any] | dict[str, Callable[..., Any]], nam
             print(f"{name}: error: {e}", file=sys.stderr)
             print(f"{name}: (set LLAMA_OFFLOAD_TRACEBACK=1 to see where it came from)", file=sys.stderr)
         sys.exit(1)
+
+
+def _fire_main_model_parallel(component: Callable[..., Any] | dict[str, Callable[..., Any]], name: str) -> None:
+    show = bool(os.environ.get("LLAMA_OFFLOAD_TRACEBACK"))
+    try:
+        fire.Fire(component, name=name)
+    except SystemExit as e:  # fire's own exits (--help, bad flags): every rank makes the same one
+        if e.code not in (None, 0):
+            code = e.code if isinstance(e.code, int) else 1
+            parallel.exit_after_error(f"{name}: exited with status {e.code}", code=code)
+        parallel.shutdown()
+        raise
+    except KeyboardInterrupt:
+        parallel.exit_after_error(f"{name}: interrupted", code=130)
+    except USER_ERRORS as e:
+        hint = "" if show else f"\n{name}: (set LLAMA_OFFLOAD_TRACEBACK=1 to see where it came from)"
+        parallel.exit_after_error(f"{name}: error: {e}{hint}", show_traceback=show)
+    except BaseException as e:  # a bug: keep its traceback, and still bring the whole group down
+        parallel.exit_after_error(f"{name}: {type(e).__name__}: {e}", show_traceback=True)
+    parallel.shutdown()

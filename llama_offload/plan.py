@@ -4,6 +4,9 @@ Everything is counted in bytes that PyTorch allocates; the CUDA context (a few h
 The resident part is set aside first (embedding, final norm, output head, KV cache, RoPE table,
 activations of the largest step, and the two slot buffers that paged blocks stream through); whatever
 the budget leaves is filled with resident blocks, and the rest of the blocks are paged.
+
+Under model parallelism over N ranks the plan is one rank's: its 1/N of every block, of the embedding,
+the output head and the KV cache, against its own GPU's budget (``gpu_memory_gb`` is per rank).
 """
 
 from __future__ import annotations
@@ -18,21 +21,24 @@ from .args import ModelArgs
 GiB = 2**30
 
 
-def block_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
-    p = args
-    attention = p.dim * p.head_dim * (2 * p.n_heads + 2 * p.kv_heads)  # wq, wo + wk, wv
-    feed_forward = 3 * p.dim * p.ffn_hidden_dim  # w1, w2, w3
+def block_bytes(args: ModelArgs, dtype: torch.dtype, model_parallel_size: int = 1) -> int:
+    """One block's weights on one rank: 1/N of its matrices, all of its norms."""
+    p, n = args, model_parallel_size
+    attention = p.dim * p.head_dim * (2 * p.n_heads + 2 * p.kv_heads) // n  # wq, wo + wk, wv
+    feed_forward = 3 * p.dim * p.ffn_hidden_dim // n  # w1, w2, w3
     norms = 2 * p.dim
     return (attention + feed_forward + norms) * dtype.itemsize
 
 
-def activation_bytes(args: ModelArgs, dtype: torch.dtype, max_batch_size: int, max_seq_len: int) -> int:
-    """An upper estimate of the working memory of the largest step (a full-length prefill)."""
-    p, b, tokens = args, dtype.itemsize, max_batch_size * max_seq_len
-    scores = max_batch_size * p.n_heads * max_seq_len * max_seq_len * (2 * b + 4)  # scores, fp32 softmax, cast back
-    expanded_kv = 2 * tokens * p.n_heads * p.head_dim * b  # repeat_kv copies
-    feed_forward = 3 * tokens * p.ffn_hidden_dim * b
-    logits = tokens * p.vocab_size * (b + 4)  # the head's output and its fp32 copy
+def activation_bytes(args: ModelArgs, dtype: torch.dtype, max_batch_size: int, max_seq_len: int,
+                     model_parallel_size: int = 1) -> int:
+    """An upper estimate of the working memory of the largest step (a full-length prefill), on one rank."""
+    p, b, tokens, n = args, dtype.itemsize, max_batch_size * max_seq_len, model_parallel_size
+    scores = max_batch_size * p.n_heads // n * max_seq_len * max_seq_len * (2 * b + 4)  # scores, fp32 softmax, cast back
+    expanded_kv = 2 * tokens * p.n_heads // n * p.head_dim * b  # repeat_kv copies
+    feed_forward = 3 * tokens * p.ffn_hidden_dim // n * b
+    logits = tokens * p.vocab_size * (b + 4)  # the head's output (gathered whole on every rank) and its fp32 copy
+    logits += 0 if n == 1 else 2 * tokens * p.vocab_size * b  # this rank's part and the gathered parts before joining
     hidden = 8 * tokens * p.dim * b  # residual stream, norms, packets in and out
     return max(scores + expanded_kv, feed_forward, logits) + hidden
 
@@ -44,6 +50,7 @@ class OffloadPlan:
     num_slices: int  # the paged blocks are streamed in this many slices (0: nothing paged)
     block_bytes: int
     fixed_bytes: dict[str, int]  # what is resident whatever the budget
+    model_parallel_size: int = 1  # N > 1: every figure is one rank's, on its own GPU
 
     @property
     def paged_layers(self) -> int:
@@ -74,6 +81,9 @@ class OffloadPlan:
                      f"  ({self.paged_layers} blocks paged in {self.num_slices} slices)")
         lines.append(f"  {'expected GPU memory':<22} {self.gpu_bytes / GiB:8.3f} GiB")
         lines.append(f"  {'streamed per step':<22} {self.streamed_bytes / GiB:8.3f} GiB")
+        if self.model_parallel_size > 1:
+            lines.append(f"  (per rank: each of {self.model_parallel_size} ranks holds 1/{self.model_parallel_size} "
+                         "of every block on its own GPU)")
         return "\n".join(lines)
 
 
@@ -85,37 +95,40 @@ def plan_offload(
     max_seq_len: int,
     gpu_memory_gb: Optional[float] = None,
     num_slices: Optional[int] = None,
+    model_parallel_size: int = 1,
 ) -> OffloadPlan:
     """With a budget: as many resident blocks as fit, the rest paged one block per slice.
-    Without one: every block paged, in ``num_slices`` slices (default: one block per slice)."""
+    Without one: every block paged, in ``num_slices`` slices (default: one block per slice).
+    With ``model_parallel_size`` N > 1: one rank's plan, for its 1/N of the model and its own GPU."""
     if args.vocab_size <= 0:
         raise ValueError("vocab_size is -1: set it from the tokenizer before planning.")
-    b = dtype.itemsize
+    b, mp = dtype.itemsize, model_parallel_size
     fixed = {
-        "embedding": args.vocab_size * args.dim * b,
-        "output head + norm": (args.vocab_size + 1) * args.dim * b,
-        "KV cache": 2 * args.n_layers * max_batch_size * max_seq_len * args.kv_heads * args.head_dim * b,
+        "embedding": args.vocab_size * args.dim // mp * b,
+        "output head + norm": (args.vocab_size // mp + 1) * args.dim * b,
+        "KV cache": 2 * args.n_layers * max_batch_size * max_seq_len * args.kv_heads // mp * args.head_dim * b,
         "RoPE table": 2 * max_seq_len * args.head_dim // 2 * 8,
-        "activations (est.)": activation_bytes(args, dtype, max_batch_size, max_seq_len),
+        "activations (est.)": activation_bytes(args, dtype, max_batch_size, max_seq_len, mp),
     }
-    per_block = block_bytes(args, dtype)
+    per_block = block_bytes(args, dtype, mp)
     n = args.n_layers
     if gpu_memory_gb is None:
         slices = n if num_slices is None else num_slices
         if not 1 <= slices <= n:
             raise ValueError(f"num_slices must be between 1 and the number of blocks ({n}), found {slices}.")
-        return OffloadPlan(n, 0, slices, per_block, fixed)
+        return OffloadPlan(n, 0, slices, per_block, fixed, mp)
     if num_slices is not None:
         raise ValueError("Give either gpu_memory_gb or num_slices, not both: the budget decides the slices.")
 
     budget = int(gpu_memory_gb * GiB)
     base = sum(fixed.values())
     if base + n * per_block <= budget:
-        return OffloadPlan(n, n, 0, per_block, fixed)  # everything fits: nothing to page
-    minimum = OffloadPlan(n, 0, n, per_block, fixed).gpu_bytes  # nothing resident, two one-block slots
+        return OffloadPlan(n, n, 0, per_block, fixed, mp)  # everything fits: nothing to page
+    minimum = OffloadPlan(n, 0, n, per_block, fixed, mp).gpu_bytes  # nothing resident, two one-block slots
     if budget < minimum:
+        per_rank = "" if mp == 1 else f" (per rank: each of {mp} processes holds 1/{mp} of the model on its own GPU)"
         raise ValueError(
-            f"A GPU memory budget of {gpu_memory_gb:g} GiB is too small: this model needs at least "
+            f"A GPU memory budget of {gpu_memory_gb:g} GiB{per_rank} is too small: this model needs at least "
             f"{minimum / GiB:.2f} GiB (resident part {base / GiB:.2f} GiB + two paged blocks of "
             f"{per_block / GiB:.2f} GiB) at max_batch_size={max_batch_size}, max_seq_len={max_seq_len}. "
             "Raise --gpu_memory_gb, or lower max_seq_len / max_batch_size to shrink the KV cache and activations."
@@ -123,4 +136,4 @@ def plan_offload(
     # Two slots of one block stay reserved for the paged part, so the resident blocks get the rest.
     resident = min(n - 1, (budget - base - 2 * per_block) // per_block)
     paged = n - resident
-    return OffloadPlan(n, resident, paged, per_block, fixed)
+    return OffloadPlan(n, resident, paged, per_block, fixed, mp)

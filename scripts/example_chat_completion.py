@@ -7,6 +7,16 @@
     python scripts/example_chat_completion.py --dialogs '[[{"role": "user", "content": "Hi!"}]]'
 
 Each dialog is [system], user, assistant, user, ..., user; the model writes the next assistant turn.
+
+Several GPUs (model parallelism): each of N processes holds 1/N of every block on its own GPU and pages it
+there; --gpu_memory_gb is then each GPU's budget. N must divide the model's heads (and kv heads).
+
+    torchrun --nproc_per_node 2 scripts/example_chat_completion.py \
+        --ckpt_dir checkpoints/llama-2-13b-chat/ --tokenizer_path checkpoints/tokenizer.model \
+        --max_seq_len 512 --max_batch_size 4
+
+Only rank 0 prints. If one rank fails, it prints its error (tagged [rank N]) and exits at once, and torchrun
+stops the others: the run ends with a non-zero status instead of hanging.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ except ImportError:  # run from a checkout without installing
 
 from llama_offload.chat_format import Dialog
 from llama_offload.options import (
-    build_llama, check_generation_flags, check_single_process, fire_main, parse_dialogs, run_chat_completion,
+    build_llama, check_generation_flags, fire_main, parse_dialogs, run_chat_completion, start_model_parallel,
 )
 
 EXAMPLE_DIALOGS: list[Dialog] = [
@@ -65,7 +75,7 @@ def main(
     Without --ckpt_dir the default model (SmolLM2-135M-Instruct) is used, made on first use.
     --chat_format llama2|chatml overrides the format the checkpoint records.
     """
-    check_single_process()
+    start_model_parallel()  # under torchrun --nproc_per_node N > 1: split the model over N GPUs; else nothing
     temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_seq_len=max_seq_len,
                                                 max_batch_size=max_batch_size, max_gen_len=max_gen_len,
                                                 num_slices=num_slices, gpu_memory_gb=gpu_memory_gb)

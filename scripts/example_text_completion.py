@@ -8,6 +8,16 @@
 
 Pretrained (not chat) models continue text: each prompt is written so that its natural continuation
 is the answer.
+
+Several GPUs (model parallelism): each of N processes holds 1/N of every block on its own GPU and pages it
+there; --gpu_memory_gb is then each GPU's budget. N must divide the model's heads (and kv heads).
+
+    torchrun --nproc_per_node 2 scripts/example_text_completion.py \
+        --ckpt_dir checkpoints/llama-2-13b/ --tokenizer_path checkpoints/tokenizer.model \
+        --max_seq_len 128 --max_batch_size 4
+
+Only rank 0 prints. If one rank fails, it prints its error (tagged [rank N]) and exits at once, and torchrun
+stops the others: the run ends with a non-zero status instead of hanging.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama_offload.options import (
-    build_llama, check_generation_flags, check_single_process, fire_main, parse_prompts, run_text_completion,
+    build_llama, check_generation_flags, fire_main, parse_prompts, run_text_completion, start_model_parallel,
 )
 
 EXAMPLE_PROMPTS: list[str] = [
@@ -65,7 +75,7 @@ def main(
 
     Without --ckpt_dir the default model (SmolLM2-135M-Instruct) is used, made on first use.
     """
-    check_single_process()
+    start_model_parallel()  # under torchrun --nproc_per_node N > 1: split the model over N GPUs; else nothing
     temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_seq_len=max_seq_len,
                                                 max_batch_size=max_batch_size, max_gen_len=max_gen_len,
                                                 num_slices=num_slices, gpu_memory_gb=gpu_memory_gb)
