@@ -112,10 +112,6 @@ class InferenceOffloadModel(OffloadModel):
         self.freed = [torch.cuda.Event() for _ in self.slots]
         self._first_slice_loaded = False
 
-    @property
-    def slot_bytes(self) -> int:
-        return sum(s.numel() for s in self.slots)
-
     def _load(self, i: int) -> None:
         slot = i % len(self.slots)
         pages = self.pages[i]
