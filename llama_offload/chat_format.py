@@ -205,6 +205,19 @@ def default_system_prompt(chat_template: Optional[str]) -> Optional[str]:
 _NOT_GIVEN = object()
 
 
+def _special_ids(tokenizer: Tokenizer, format_name: str, tags: Sequence[str]) -> list[int]:
+    """The ids of a chat format's special tokens, or an error saying the tokenizer lacks them."""
+    to_id = getattr(tokenizer, "token_to_id", None)
+    ids = [to_id(tag) if to_id is not None else None for tag in tags]
+    if any(i is None for i in ids):
+        raise ValueError(
+            f"Chat format {format_name!r} needs the special tokens {', '.join(tags)}, which {tokenizer!r} does not "
+            f"have. Use the chat format the model was tuned with (known formats: "
+            f"{', '.join(sorted(CHAT_FORMATS))}; converted checkpoints record theirs in llama_offload.json)."
+        )
+    return ids
+
+
 class ChatMLFormat:
     """``<|im_start|>{role}\n{content}<|im_end|>\n`` per message, then ``<|im_start|>assistant\n``.
 
@@ -224,15 +237,7 @@ class ChatMLFormat:
 
     def __init__(self, tokenizer: Tokenizer, default_system: object = _NOT_GIVEN) -> None:
         self.tokenizer = tokenizer
-        to_id = getattr(tokenizer, "token_to_id", None)
-        ids = [to_id(tag) if to_id is not None else None for tag in CHATML_TAGS]
-        if any(i is None for i in ids):
-            raise ValueError(
-                f"Chat format 'chatml' needs the special tokens {IM_START} and {IM_END}, which {tokenizer!r} does "
-                f"not have. Use the chat format the model was tuned with (known formats: "
-                f"{', '.join(sorted(CHAT_FORMATS))}; converted checkpoints record theirs in llama_offload.json)."
-            )
-        self.im_start_id, self.im_end_id = ids
+        self.im_start_id, self.im_end_id = _special_ids(tokenizer, "chatml", CHATML_TAGS)
         if default_system is _NOT_GIVEN:
             default_system = default_system_prompt(getattr(tokenizer, "chat_template", None))
         self.default_system: Optional[str] = default_system  # type: ignore[assignment]
@@ -294,18 +299,11 @@ class Llama3ChatFormat:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        to_id = getattr(tokenizer, "token_to_id", None)
         needed = (BEGIN_OF_TEXT, START_HEADER, END_HEADER, EOT)
-        ids = [to_id(tag) if to_id is not None else None for tag in needed]
-        if any(i is None for i in ids):
-            raise ValueError(
-                f"Chat format 'llama3' needs the special tokens {', '.join(needed)}, which {tokenizer!r} does not "
-                f"have. Use the chat format the model was tuned with (known formats: "
-                f"{', '.join(sorted(CHAT_FORMATS))}; converted checkpoints record theirs in llama_offload.json)."
-            )
-        self.begin_of_text_id, self.start_header_id, self.end_header_id, self.eot_id = ids
+        self.begin_of_text_id, self.start_header_id, self.end_header_id, self.eot_id = _special_ids(
+            tokenizer, "llama3", needed)
         # A model stops at the end of its turn; eom (a tool call) and end_of_text end its answer too.
-        optional = [to_id(tag) for tag in (EOM, END_OF_TEXT)]
+        optional = [tokenizer.token_to_id(tag) for tag in (EOM, END_OF_TEXT)]  # present: checked above
         self._stop_ids = {self.eot_id, tokenizer.eos_id, *(i for i in optional if i is not None)}
 
     @property
