@@ -19,6 +19,7 @@ from torch import nn
 
 from . import parallel
 from .args import ModelArgs
+from .step import Step, StepShape, attention_mask, cache_len, make_step
 
 
 class RMSNorm(nn.Module):
@@ -59,6 +60,11 @@ def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, device: tor
 
 
 def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Meta's (seqlen, head_dim/2) table, or per-token frequencies (bs, seqlen, head_dim/2) when every row
+    of the batch sits at its own positions."""
+    if freqs_cis.ndim == 3:
+        assert freqs_cis.shape == (x.shape[0], x.shape[1], x.shape[-1]), (freqs_cis.shape, x.shape)
+        return freqs_cis[:, :, None, :]  # (bs, seqlen, 1, head_dim/2)
     assert freqs_cis.shape == (x.shape[1], x.shape[-1]), (freqs_cis.shape, x.shape)
     shape = [d if i == 1 or i == x.ndim - 1 else 1 for i, d in enumerate(x.shape)]
     return freqs_cis.view(*shape)  # (1, seqlen, 1, head_dim/2)
@@ -84,14 +90,36 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     )
 
 
-def causal_mask(seqlen: int, start_pos: int, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """Meta's mask: new tokens see every cached position and the new tokens up to themselves."""
-    if seqlen == 1:
-        return None  # one new token may attend to everything before it
-    mask = torch.full((seqlen, seqlen), float("-inf"), device=device)
-    mask = torch.triu(mask, diagonal=1)
-    # (seqlen, start_pos + seqlen): cached positions are all visible
-    return torch.hstack([torch.zeros((seqlen, start_pos), device=device), mask]).to(dtype)
+def attend(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Fused attention (``scaled_dot_product_attention``): no (heads x seqlen x kv_len) score matrix is
+    kept, so long prompts cost memory linear in their length.
+
+    Grouped-query attention without copying the cache: the n_rep query heads that share a key/value head
+    are stacked along the query axis, so each key/value head is read once, as it is stored.
+    """
+    bsz, seqlen, n_heads, head_dim = xq.shape
+    n_kv_heads = keys.shape[2]
+    n_rep = n_heads // n_kv_heads
+    q = xq.view(bsz, seqlen, n_kv_heads, n_rep, head_dim).permute(0, 2, 3, 1, 4)  # (bs, n_kv_heads, n_rep, seqlen, head_dim)
+    q = q.reshape(bsz, n_kv_heads, n_rep * seqlen, head_dim)  # (bs, n_kv_heads, n_rep * seqlen, head_dim)
+    if n_rep > 1:
+        mask = mask.expand(bsz, n_rep, seqlen, mask.shape[-1]).reshape(bsz, 1, n_rep * seqlen, -1)  # (bs, 1, n_rep * seqlen, kv_len)
+    out = F.scaled_dot_product_attention(q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask)
+    out = out.view(bsz, n_kv_heads, n_rep, seqlen, head_dim).permute(0, 3, 1, 2, 4)  # (bs, seqlen, n_kv_heads, n_rep, head_dim)
+    return out.reshape(bsz, seqlen, n_heads * head_dim)  # (bs, seqlen, n_heads * head_dim)
+
+
+def attend_explicit(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Meta's attention math, score matrix and all: the reference ``attend`` is checked against."""
+    bsz, seqlen, n_heads, head_dim = xq.shape
+    n_rep = n_heads // keys.shape[2]
+    keys = repeat_kv(keys, n_rep).transpose(1, 2)  # (bs, n_heads, kv_len, head_dim)
+    values = repeat_kv(values, n_rep).transpose(1, 2)  # (bs, n_heads, kv_len, head_dim)
+    scores = torch.matmul(xq.transpose(1, 2), keys.transpose(2, 3)) / math.sqrt(head_dim)  # (bs, n_heads, seqlen, kv_len)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = F.softmax(scores.float(), dim=-1).type_as(xq)
+    output = torch.matmul(scores, values)  # (bs, n_heads, seqlen, head_dim)
+    return output.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bs, seqlen, n_heads * head_dim)
 
 
 class KVCache:
@@ -100,21 +128,26 @@ class KVCache:
 
     def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
                  device: torch.device | str, dtype: torch.dtype):
-        shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
+        shape = (max_batch_size, cache_len(max_seq_len), n_kv_heads, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
-    def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        bsz, seqlen = xk.shape[:2]
-        end = start_pos + seqlen
-        if end > self.k.shape[1] or bsz > self.k.shape[0]:
+    def update(self, shape: StepShape, input_pos: torch.Tensor, xk: torch.Tensor,
+               xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the step's keys/values at each token's own position (positions on the device: no host read),
+        and return the rows' first kv_len positions."""
+        rows, positions = self.k.shape[:2]
+        if shape.row0 + shape.bsz > rows or shape.kv_len > positions:
             raise ValueError(
-                f"KV cache holds {self.k.shape[0]} sequences of {self.k.shape[1]} positions; "
-                f"asked for {bsz} sequences up to position {end}. Raise max_batch_size / max_seq_len."
+                f"KV cache holds {rows} sequences of {positions} positions; asked for rows {shape.row0}.."
+                f"{shape.row0 + shape.bsz - 1} up to position {shape.kv_len - 1}. Raise max_batch_size / max_seq_len."
             )
-        self.k[:bsz, start_pos:end] = xk
-        self.v[:bsz, start_pos:end] = xv
-        return self.k[:bsz, :end], self.v[:bsz, :end]  # (bs, cache_len + seqlen, n_kv_heads, head_dim)
+        row = torch.arange(shape.row0, shape.row0 + shape.bsz, device=input_pos.device)  # (bs,)
+        slot = (row[:, None] * positions + input_pos).reshape(-1)  # (bs * seqlen,) flat cache index
+        self.k.view(rows * positions, *self.k.shape[2:]).index_copy_(0, slot, xk.reshape(-1, *xk.shape[2:]))
+        self.v.view(rows * positions, *self.v.shape[2:]).index_copy_(0, slot, xv.reshape(-1, *xv.shape[2:]))
+        batch = slice(shape.row0, shape.row0 + shape.bsz)
+        return self.k[batch, : shape.kv_len], self.v[batch, : shape.kv_len]  # (bs, kv_len, n_kv_heads, head_dim)
 
 
 def check_model_parallel_sizes(args: ModelArgs, world_size: int) -> None:
@@ -167,8 +200,10 @@ class Attention(nn.Module):
         self.wv = _column_parallel(args.dim, self.n_kv_heads * self.head_dim, model_parallel_size)
         self.wo = _row_parallel(args.n_heads * self.head_dim, args.dim, model_parallel_size)
         self.cache: Optional[KVCache] = None
+        self.explicit = False  # True: Meta's score-matrix attention, the reference for the fused kernel
 
-    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shape: StepShape, input_pos: torch.Tensor, freqs_cis: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
             raise RuntimeError("The KV cache is not set up: call setup_caches() on the model before running it.")
         bsz, seqlen, _ = x.shape
@@ -176,20 +211,8 @@ class Attention(nn.Module):
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
-
-        keys, values = self.cache.update(start_pos, xk, xv)
-        keys = repeat_kv(keys, self.n_rep)  # (bs, cache_len + seqlen, n_local_heads, head_dim)
-        values = repeat_kv(values, self.n_rep)  # (bs, cache_len + seqlen, n_local_heads, head_dim)
-
-        xq = xq.transpose(1, 2)  # (bs, n_local_heads, seqlen, head_dim)
-        keys = keys.transpose(1, 2)  # (bs, n_local_heads, cache_len + seqlen, head_dim)
-        values = values.transpose(1, 2)  # (bs, n_local_heads, cache_len + seqlen, head_dim)
-        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)  # (bs, n_local_heads, seqlen, cache_len + seqlen)
-        if mask is not None:
-            scores = scores + mask
-        scores = F.softmax(scores.float(), dim=-1).type_as(xq)
-        output = torch.matmul(scores, values)  # (bs, n_local_heads, seqlen, head_dim)
-        output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)  # (bs, seqlen, n_local_heads * head_dim)
+        keys, values = self.cache.update(shape, input_pos, xk, xv)  # (bs, kv_len, n_local_kv_heads, head_dim)
+        output = (attend_explicit if self.explicit else attend)(xq, keys, values, mask)  # (bs, seqlen, n_local_heads * head_dim)
         return self.wo(output)  # (bs, seqlen, dim): with N ranks, the sum of every rank's heads
 
 
@@ -213,8 +236,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+    def forward(self, x: torch.Tensor, shape: StepShape, input_pos: torch.Tensor, freqs_cis: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), shape, input_pos, freqs_cis, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -259,18 +283,36 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = KVCache(max_batch_size, max_seq_len, layer.attention.n_local_kv_heads,
                                             p.head_dim, device, dtype)
-        # Meta's table covers twice the context; positions never exceed max_seq_len here, so that suffices.
-        self.freqs_cis = precompute_freqs_cis(p.head_dim, max_seq_len * 2, p.rope_theta, device=device,
+        # Meta's table covers twice the context; positions never exceed the cache length here, so that suffices.
+        self.freqs_cis = precompute_freqs_cis(p.head_dim, cache_len(max_seq_len), p.rope_theta, device=device,
                                               use_scaled=p.use_scaled_rope)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Meta's call: every row at positions start_pos.., logits for every position (bs, seqlen, vocab)."""
+        return self.step(make_step(tokens, start_pos, max_positions=self.max_positions))
+
+    @property
+    def max_positions(self) -> int:
         if self.freqs_cis is None:
             raise RuntimeError("The KV cache is not set up: call setup_caches() on the model before running it.")
-        seqlen = tokens.shape[1]
-        h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
-        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]  # (seqlen, head_dim/2)
-        mask = causal_mask(seqlen, start_pos, h.device, h.dtype)
+        return self.layers[0].attention.cache.k.shape[1]
+
+    @torch.inference_mode()
+    def step(self, step: Step) -> torch.Tensor:
+        """Logits of one step: (bs, vocab) at ``step.last``, else (bs, seqlen, vocab)."""
+        if self.freqs_cis is None:
+            raise RuntimeError("The KV cache is not set up: call setup_caches() on the model before running it.")
+        h = self.tok_embeddings(step.tokens)  # (bs, seqlen, dim)
+        freqs_cis = self.freqs_cis[step.input_pos]  # (bs, seqlen, head_dim/2)
+        mask = attention_mask(step.input_pos, step.shape.kv_len)  # (bs, 1, seqlen, kv_len)
         for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask)
-        return self.output(self.norm(h)).float()  # (bs, seqlen, vocab_size)
+            h = layer(h, step.shape, step.input_pos, freqs_cis, mask)
+        return head(self.norm, self.output, h, step.last)
+
+
+def head(norm: nn.Module, output: nn.Module, h: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor:
+    """Final norm and output head, on the wanted positions only: a prompt's other positions need no logits."""
+    if last is not None:
+        h = h[torch.arange(h.shape[0], device=h.device), last]  # (bs, dim)
+    return output(norm(h)).float()  # (bs, vocab) or (bs, seqlen, vocab)

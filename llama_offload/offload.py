@@ -35,9 +35,11 @@ with warnings.catch_warnings():
     from fairscale.experimental.nn.offload import OffloadModel
 
 from . import parallel
-from .model import Transformer
-from .packing import PackedBlock, pack, unpack
+from .graphs import DecodeGraphs
+from .model import Transformer, head
+from .packing import PacketLayout, PackedBlock, StepContext
 from .plan import OffloadPlan, plan_offload
+from .step import Step, attention_mask, make_step
 
 ALIGN = 256  # byte alignment of each tensor inside a flat buffer: keeps every dtype view and kernel aligned
 
@@ -149,9 +151,16 @@ class InferenceOffloadModel(OffloadModel):
 
 
 class OffloadedTransformer(nn.Module):
-    """A loaded ``Transformer`` run as packed blocks; embedding, final norm, output head and KV caches resident."""
+    """A loaded ``Transformer`` run as packed blocks; embedding, final norm, output head and KV caches resident.
 
-    def __init__(self, model: Transformer, blocks: nn.Module, device: torch.device, plan: OffloadPlan):
+    A step runs in three parts: ``prefix`` (embedding, the packet, the resident blocks), the paged blocks
+    (``InferenceOffloadModel``), and ``suffix`` (final norm and head on the wanted positions). On a GPU,
+    decode steps replay the prefix and suffix as CUDA graphs (graphs.py); the paged part stays eager, so
+    its copies and events keep the order written in ``InferenceOffloadModel.forward``.
+    """
+
+    def __init__(self, model: Transformer, resident: list[PackedBlock], paged: Optional[nn.Module],
+                 context: StepContext, device: torch.device, plan: OffloadPlan, cuda_graphs: bool):
         super().__init__()
         self.params = model.params
         self.device = device
@@ -159,17 +168,46 @@ class OffloadedTransformer(nn.Module):
         self.tok_embeddings = model.tok_embeddings.to(device)
         self.norm = model.norm.to(device)
         self.output = model.output.to(device)
-        self.blocks = blocks
+        self.resident = nn.Sequential(*resident)
+        self.paged = paged
+        self.context = context
         self.freqs_cis = model.freqs_cis
+        self.dtype = model.tok_embeddings.weight.dtype
+        self.max_positions = model.max_positions
+        self.head_half = model.params.head_dim // 2
+        capturable = device.type == "cuda" and model.model_parallel_size == 1 and isinstance(paged, (InferenceOffloadModel, type(None)))
+        self.graphs = DecodeGraphs(self) if cuda_graphs and capturable else None
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        seqlen = tokens.shape[1]
-        h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
-        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]  # (seqlen, head_dim/2)
-        packet = self.blocks(pack(h, freqs_cis, start_pos))  # the mask is rebuilt inside each block
-        h = unpack(packet).h  # (bs, seqlen, dim)
-        return self.output(self.norm(h)).float()  # (bs, seqlen, vocab_size)
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Meta's call: every row at positions start_pos.., logits for every position (bs, seqlen, vocab)."""
+        return self.step(make_step(tokens, start_pos, max_positions=self.max_positions))
+
+    @torch.inference_mode()
+    def step(self, step: Step) -> torch.Tensor:
+        """Logits of one step: (bs, vocab) at ``step.last``, else (bs, seqlen, vocab)."""
+        if self.graphs is not None and self.graphs.handles(step):
+            return self.graphs.run(step)
+        return self.run_eager(step)
+
+    def run_eager(self, step: Step) -> torch.Tensor:
+        packet = self.prefix(step)
+        if self.paged is not None:
+            packet = self.paged(packet)
+        return self.suffix(packet, step.last)
+
+    def prefix(self, step: Step) -> torch.Tensor:
+        """Embedding, RoPE frequencies and mask (built once for the step) packed, then the resident blocks."""
+        layout = PacketLayout(step.shape, self.params.dim, self.head_half, self.dtype)
+        self.context.layout = layout
+        h = self.tok_embeddings(step.tokens)  # (bs, seqlen, dim)
+        freqs_cis = self.freqs_cis[step.input_pos]  # (bs, seqlen, head_dim/2)
+        mask = attention_mask(step.input_pos, step.shape.kv_len)  # (bs, 1, seqlen, kv_len)
+        return self.resident(layout.pack(h, freqs_cis, step.input_pos, mask))
+
+    def suffix(self, packet: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor:
+        h = self.context.current().unpack(packet.to(self.device)).h  # (bs, seqlen, dim)
+        return head(self.norm, self.output, h, last)
 
 
 def offload(
@@ -181,13 +219,18 @@ def offload(
     gpu_memory_gb: Optional[float] = None,
     device: Optional[torch.device | str] = None,
     stock: bool = False,
+    resident: bool = False,
+    cuda_graphs: bool = True,
+    prefill_chunk: Optional[int] = None,
 ) -> OffloadedTransformer:
     """Turn a loaded CPU ``Transformer`` into packed blocks, paged by OffloadModel on a GPU.
 
     ``gpu_memory_gb`` keeps as many blocks resident as the budget allows and pages the rest (see plan.py);
     without it every block is paged, in ``num_slices`` slices (default: one block per slice, the least GPU
-    memory). ``stock=True`` uses FairScale's unmodified OffloadModel instead, only to show that it is wrong
-    in inference. Without CUDA, or with ``device="cpu"``, the same packed blocks run unoffloaded on the CPU.
+    memory); ``resident=True`` keeps every block on the GPU. ``stock=True`` uses FairScale's unmodified
+    OffloadModel instead, only to show that it is wrong in inference. Without CUDA, or with ``device="cpu"``,
+    the same packed blocks run unoffloaded on the CPU. ``cuda_graphs`` replays decode steps as CUDA graphs.
+    ``prefill_chunk`` (positions per prefill pass) sizes the plan's activation estimate.
     The model's own blocks are reused, so it must not be run on its own afterwards. A model split over N
     ranks (model parallelism) is planned and paged per rank: ``gpu_memory_gb`` is each rank's budget.
     """
@@ -196,21 +239,24 @@ def offload(
         raise RuntimeError("device='cuda' was asked for but PyTorch sees no CUDA GPU. Use device='cpu', or install a CUDA build of torch.")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if resident and (gpu_memory_gb is not None or num_slices is not None):
+        raise ValueError("resident=True keeps every block on the GPU: give no gpu_memory_gb or num_slices with it.")
     dtype = model.tok_embeddings.weight.dtype
     plan = plan_offload(model.params, dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                         gpu_memory_gb=gpu_memory_gb, num_slices=num_slices,
-                        model_parallel_size=model.model_parallel_size)
+                        model_parallel_size=model.model_parallel_size, prefill_chunk=prefill_chunk,
+                        all_resident=resident)
     model.setup_caches(max_batch_size, max_seq_len, device, dtype)
-    packed = [PackedBlock(layer) for layer in model.layers]
+    context = StepContext()
+    packed = [PackedBlock(layer, context) for layer in model.layers]
     if device.type == "cpu":
         if parallel.is_rank0():
             print("llama_offload: no CUDA device, so the packed blocks run unoffloaded on the CPU.", file=sys.stderr)
-        blocks = nn.Sequential(*packed)
-    elif stock:
-        blocks = OffloadModel(nn.Sequential(*packed), device=device, num_slices=plan.num_slices or len(packed))
-    else:
-        resident = [block.to(device) for block in packed[: plan.resident_layers]]
-        paged = packed[plan.resident_layers :]
-        stages = resident + ([InferenceOffloadModel(nn.Sequential(*paged), device, plan.num_slices)] if paged else [])
-        blocks = nn.Sequential(*stages)
-    return OffloadedTransformer(model, blocks, device, plan).eval()
+        return OffloadedTransformer(model, packed, None, context, device, plan, cuda_graphs=False).eval()
+    if stock:
+        paged = OffloadModel(nn.Sequential(*packed), device=device, num_slices=plan.num_slices or len(packed))
+        return OffloadedTransformer(model, [], paged, context, device, plan, cuda_graphs=False).eval()
+    on_gpu = [block.to(device) for block in packed[: plan.resident_layers]]
+    rest = packed[plan.resident_layers :]
+    paged = InferenceOffloadModel(nn.Sequential(*rest), device, plan.num_slices) if rest else None
+    return OffloadedTransformer(model, on_gpu, paged, context, device, plan, cuda_graphs).eval()

@@ -1,106 +1,137 @@
-"""The packet: everything one transformer block needs, in one flat tensor.
+"""One flat tensor per step, so that FairScale's OffloadModel (which passes one tensor between stages) can
+run Meta's blocks.
 
-FairScale's OffloadModel runs an ``nn.Sequential`` whose stages pass a single tensor, but a block
-needs the hidden state, the RoPE frequencies, the mask and the position. So each step packs them
-into one uint8 tensor, byte for byte, which makes the round trip exact for every dtype and position:
+A packet is a 1-D uint8 tensor on the GPU holding, as raw bytes (no lossy casts):
 
-    [ header: 8 x int64 | hidden state bytes | pad to 16 | RoPE freqs as (seqlen, head_dim/2, 2) fp32 ]
+    hidden state    (bs, seqlen, dim)          in the model dtype
+    RoPE freqs      (bs, seqlen, head_dim/2)   complex64 as fp32 pairs, one row per token's own position
+    positions       (bs, seqlen)               int64, where each token's keys/values go in the cache
+    attention mask  (bs, 1, seqlen, kv_len)    bool, built once per step
 
-The mask is not stored: it is rebuilt from (seqlen, start_pos), as Meta's ``Transformer.forward`` builds it.
+Where each field starts is not stored in the packet: ``PacketLayout`` computes it from the step's host-side
+``StepShape``, which travels beside the packet through ``StepContext``. So a block never reads the GPU back
+to learn a shape, and a step can be captured as a CUDA graph. Each block writes its output hidden state into
+the packet it was given and returns that same packet: nothing is allocated per block.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
-from .model import TransformerBlock, causal_mask
+from .model import TransformerBlock
+from .step import StepShape
 
-MAGIC = 0x4C4C4F46_50415431  # identifies a packet, so a stray tensor fails loudly instead of decoding garbage
-HEADER_BYTES = 8 * 8
-ALIGN = 16  # keeps the fp32/complex view of the frequencies aligned
+ALIGN = 16  # every field starts 16-byte aligned, so each dtype view is aligned for the kernels
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 class Unpacked(NamedTuple):
     h: torch.Tensor  # (bs, seqlen, dim)
-    freqs_cis: torch.Tensor  # (seqlen, head_dim/2) complex64
-    start_pos: int
-    mask: Optional[torch.Tensor]  # (seqlen, start_pos + seqlen) or None for a single token
-
-
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
+    freqs_cis: torch.Tensor  # (bs, seqlen, head_dim/2) complex64
+    input_pos: torch.Tensor  # (bs, seqlen) int64
+    mask: torch.Tensor  # (bs, 1, seqlen, kv_len) bool
 
 
 def _padded(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def pack(h: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int) -> torch.Tensor:
-    """Pack one step's block inputs into a 1-D uint8 tensor on ``h.device``."""
-    if h.dtype not in DTYPES:
-        raise TypeError(f"Hidden states must be one of {DTYPES}, found {h.dtype}.")
-    if h.ndim != 3:
-        raise ValueError(f"Hidden state must be (batch, seqlen, dim), found shape {tuple(h.shape)}.")
-    bsz, seqlen, dim = h.shape
-    if freqs_cis.dtype != torch.complex64 or freqs_cis.ndim != 2 or freqs_cis.shape[0] != seqlen:
-        raise ValueError(
-            f"RoPE frequencies must be complex64 of shape ({seqlen}, head_dim/2), "
-            f"found {freqs_cis.dtype} {tuple(freqs_cis.shape)}."
-        )
-    header = torch.tensor(
-        [MAGIC, DTYPES.index(h.dtype), bsz, seqlen, dim, start_pos, freqs_cis.shape[1], 0], dtype=torch.int64
-    )
-    hidden = _as_bytes(h)
-    pad = torch.zeros(_padded(hidden.numel()) - hidden.numel(), dtype=torch.uint8, device=h.device)
-    freqs = _as_bytes(torch.view_as_real(freqs_cis).to(h.device))  # (seqlen, head_dim/2, 2) fp32 as bytes
-    return torch.cat([_as_bytes(header).to(h.device), hidden, pad, freqs])
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-def _header(packet: torch.Tensor) -> list[int]:
-    if packet.dtype != torch.uint8 or packet.ndim != 1 or packet.numel() < HEADER_BYTES:
-        raise ValueError(f"Not a packet: expected a 1-D uint8 tensor, found {packet.dtype} {tuple(packet.shape)}.")
-    # One small device-to-host read per block: the header sizes the views below.
-    header = packet[:HEADER_BYTES].view(torch.int64).tolist()
-    if header[0] != MAGIC:
-        raise ValueError("Not a packet: the header's magic number is wrong.")
-    return header
+@dataclass(frozen=True)
+class PacketLayout:
+    """Where each field of a step's packet lives, known on the host."""
+
+    shape: StepShape
+    dim: int
+    half: int  # head_dim / 2
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise TypeError(f"Hidden states must be one of {DTYPES}, found {self.dtype}.")
+
+    @property
+    def _sizes(self) -> list[int]:
+        tokens = self.shape.bsz * self.shape.seqlen
+        return [tokens * self.dim * self.dtype.itemsize, tokens * self.half * 8, tokens * 8,
+                tokens * self.shape.kv_len]
+
+    @property
+    def offsets(self) -> list[int]:
+        out, at = [], 0
+        for n in self._sizes:
+            out.append(at)
+            at += _padded(n)
+        return out + [at]
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[-1]
+
+    def pack(self, h: torch.Tensor, freqs_cis: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One packet on ``h.device`` holding the step's block inputs."""
+        bsz, seqlen, kv_len = self.shape.bsz, self.shape.seqlen, self.shape.kv_len
+        expected = {"hidden state": (h, (bsz, seqlen, self.dim), self.dtype),
+                    "RoPE frequencies": (freqs_cis, (bsz, seqlen, self.half), torch.complex64),
+                    "positions": (input_pos, (bsz, seqlen), torch.int64),
+                    "mask": (mask, (bsz, 1, seqlen, kv_len), torch.bool)}
+        for name, (t, shape, dtype) in expected.items():
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(f"The packet's {name} must be {dtype} of shape {shape}, found {t.dtype} {tuple(t.shape)}.")
+        parts = [_as_bytes(h), _as_bytes(torch.view_as_real(freqs_cis)), _as_bytes(input_pos), _as_bytes(mask)]
+        packet = torch.empty(self.nbytes, dtype=torch.uint8, device=h.device)
+        for part, start in zip(parts, self.offsets):
+            packet[start : start + part.numel()].copy_(part)
+        return packet
+
+    def unpack(self, packet: torch.Tensor) -> Unpacked:
+        """Views into ``packet``: no copies, no reads."""
+        if packet.dtype != torch.uint8 or packet.ndim != 1 or packet.numel() != self.nbytes:
+            raise ValueError(f"Not this step's packet: expected a 1-D uint8 tensor of {self.nbytes} bytes, "
+                             f"found {packet.dtype} {tuple(packet.shape)}.")
+        bsz, seqlen, kv_len = self.shape.bsz, self.shape.seqlen, self.shape.kv_len
+        o, n = self.offsets, self._sizes
+        h = packet[o[0] : o[0] + n[0]].view(self.dtype).view(bsz, seqlen, self.dim)
+        freqs = packet[o[1] : o[1] + n[1]].view(torch.float32).view(bsz, seqlen, self.half, 2)
+        input_pos = packet[o[2] : o[2] + n[2]].view(torch.int64).view(bsz, seqlen)
+        mask = packet[o[3] : o[3] + n[3]].view(torch.bool).view(bsz, 1, seqlen, kv_len)
+        return Unpacked(h, torch.view_as_complex(freqs), input_pos, mask)
 
 
-def unpack(packet: torch.Tensor) -> Unpacked:
-    """Views into ``packet`` (no copies), plus the rebuilt mask."""
-    _, code, bsz, seqlen, dim, start_pos, half, _ = _header(packet)
-    dtype = DTYPES[code]
-    hidden_bytes = bsz * seqlen * dim * dtype.itemsize
-    h = packet[HEADER_BYTES : HEADER_BYTES + hidden_bytes].view(dtype).view(bsz, seqlen, dim)
-    start = HEADER_BYTES + _padded(hidden_bytes)
-    freqs = packet[start : start + seqlen * half * 8].view(torch.float32).view(seqlen, half, 2)
-    mask = causal_mask(seqlen, start_pos, packet.device, dtype)
-    return Unpacked(h, torch.view_as_complex(freqs), start_pos, mask)
+class StepContext:
+    """The current step's layout, shared by every PackedBlock: the host-side half of the packet."""
 
+    def __init__(self) -> None:
+        self.layout: Optional[PacketLayout] = None
 
-def with_hidden(packet: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """A new packet equal to ``packet`` but carrying hidden state ``h`` (same shape and dtype)."""
-    hidden = _as_bytes(h)
-    end = HEADER_BYTES + hidden.numel()
-    return torch.cat([packet[:HEADER_BYTES], hidden, packet[end:]])
+    def current(self) -> PacketLayout:
+        if self.layout is None:
+            raise RuntimeError("No step is running: packed blocks are run through OffloadedTransformer.step().")
+        return self.layout
 
 
 class PackedBlock(nn.Module):
-    """A Meta ``TransformerBlock`` that takes one packet and returns one, for ``nn.Sequential``."""
+    """A Meta ``TransformerBlock`` that takes one packet and returns it, for ``nn.Sequential``."""
 
-    def __init__(self, block: TransformerBlock):
+    def __init__(self, block: TransformerBlock, context: StepContext):
         super().__init__()
         self.block = block
+        self.context = context
 
     def forward(self, packet: torch.Tensor) -> torch.Tensor:
-        h, freqs_cis, start_pos, mask = unpack(packet)
-        out = self.block(h, start_pos, freqs_cis, mask)
+        layout = self.context.current()
+        h, freqs_cis, input_pos, mask = layout.unpack(packet)
+        out = self.block(h, layout.shape, input_pos, freqs_cis, mask)  # (bs, seqlen, dim)
         if out.shape != h.shape or out.dtype != h.dtype:
             raise RuntimeError(f"Block {self.block.layer_id} changed the hidden state from {h.shape} {h.dtype} "
                                f"to {out.shape} {out.dtype}.")
-        return with_hidden(packet, out)
+        h.copy_(out)  # in place: the packet goes on to the next block
+        return packet

@@ -17,6 +17,9 @@ from typing import Optional
 import torch
 
 from .args import ModelArgs
+from .step import cache_len
+
+DEFAULT_PREFILL_CHUNK = 2048  # prompt positions per prefill pass unless --prefill_chunk says otherwise
 
 GiB = 2**30
 
@@ -31,16 +34,22 @@ def block_bytes(args: ModelArgs, dtype: torch.dtype, model_parallel_size: int = 
 
 
 def activation_bytes(args: ModelArgs, dtype: torch.dtype, max_batch_size: int, max_seq_len: int,
-                     model_parallel_size: int = 1) -> int:
-    """An upper estimate of the working memory of the largest step (a full-length prefill), on one rank."""
-    p, b, tokens, n = args, dtype.itemsize, max_batch_size * max_seq_len, model_parallel_size
-    scores = max_batch_size * p.n_heads // n * max_seq_len * max_seq_len * (2 * b + 4)  # scores, fp32 softmax, cast back
-    expanded_kv = 2 * tokens * p.n_heads // n * p.head_dim * b  # repeat_kv copies
+                     model_parallel_size: int = 1, prefill_chunk: Optional[int] = None) -> int:
+    """An upper estimate of the working memory of the largest step, on one rank: a prefill pass of
+    ``prefill_chunk`` positions for every sequence, attending the whole cache. Attention is fused (no score
+    matrix), and the head computes logits for one position per sequence."""
+    p, b, n = args, dtype.itemsize, model_parallel_size
+    chunk = min(max_seq_len, prefill_chunk or DEFAULT_PREFILL_CHUNK)
+    tokens, kv = max_batch_size * chunk, cache_len(max_seq_len)
+    n_rep = p.n_heads // p.kv_heads
+    mask = tokens * kv * (1 + (n_rep if n_rep > 1 else 0))  # the packet's bool mask, and its grouped-query copy
+    bias = tokens * n_rep * kv * b  # the fused kernel's additive form of the mask
+    attention = tokens * p.n_heads // n * p.head_dim * (3 * b + 8) + mask + bias  # q, k, v, rotary fp32 copies, output
     feed_forward = 3 * tokens * p.ffn_hidden_dim // n * b
-    logits = tokens * p.vocab_size * (b + 4)  # the head's output (gathered whole on every rank) and its fp32 copy
-    logits += 0 if n == 1 else 2 * tokens * p.vocab_size * b  # this rank's part and the gathered parts before joining
-    hidden = 8 * tokens * p.dim * b  # residual stream, norms, packets in and out
-    return max(scores + expanded_kv, feed_forward, logits) + hidden
+    logits = max_batch_size * p.vocab_size * (b + 4)  # the head's output (gathered whole on every rank) and its fp32 copy
+    logits += 0 if n == 1 else 2 * max_batch_size * p.vocab_size * b  # this rank's part and the gathered parts
+    hidden = 8 * tokens * p.dim * b  # residual stream, norms, the packet
+    return max(attention, feed_forward, logits) + hidden + mask
 
 
 @dataclass(frozen=True)
@@ -96,9 +105,12 @@ def plan_offload(
     gpu_memory_gb: Optional[float] = None,
     num_slices: Optional[int] = None,
     model_parallel_size: int = 1,
+    prefill_chunk: Optional[int] = None,
+    all_resident: bool = False,
 ) -> OffloadPlan:
     """With a budget: as many resident blocks as fit, the rest paged one block per slice.
-    Without one: every block paged, in ``num_slices`` slices (default: one block per slice).
+    Without one: every block paged, in ``num_slices`` slices (default: one block per slice); with
+    ``all_resident``, every block on the GPU. ``prefill_chunk`` sizes the activation estimate.
     With ``model_parallel_size`` N > 1: one rank's plan, for its 1/N of the model and its own GPU."""
     if args.vocab_size <= 0:
         raise ValueError("vocab_size is -1: set it from the tokenizer before planning.")
@@ -106,12 +118,14 @@ def plan_offload(
     fixed = {
         "embedding": args.vocab_size * args.dim // mp * b,
         "output head + norm": (args.vocab_size // mp + 1) * args.dim * b,
-        "KV cache": 2 * args.n_layers * max_batch_size * max_seq_len * args.kv_heads // mp * args.head_dim * b,
-        "RoPE table": 2 * max_seq_len * args.head_dim // 2 * 8,
-        "activations (est.)": activation_bytes(args, dtype, max_batch_size, max_seq_len, mp),
+        "KV cache": 2 * args.n_layers * max_batch_size * cache_len(max_seq_len) * args.kv_heads // mp * args.head_dim * b,
+        "RoPE table": cache_len(max_seq_len) * args.head_dim // 2 * 8,
+        "activations (est.)": activation_bytes(args, dtype, max_batch_size, max_seq_len, mp, prefill_chunk),
     }
     per_block = block_bytes(args, dtype, mp)
     n = args.n_layers
+    if all_resident:
+        return OffloadPlan(n, n, 0, per_block, fixed, mp)
     if gpu_memory_gb is None:
         slices = n if num_slices is None else num_slices
         if not 1 <= slices <= n:

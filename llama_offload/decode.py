@@ -1,0 +1,179 @@
+"""Sequences decoding together, each at its own position, in the rows of one KV cache.
+
+``BatchDecoder`` is the loop every generation path shares. A sequence joins in a free cache row: its prompt
+is prefilled (in chunks of ``prefill_chunk`` positions, so activation memory stays bounded however long the
+prompt) and its first token sampled. Each ``step`` then runs one decode pass over every active sequence,
+each at its own position: sequences of different lengths need no padding steps, one that stops frees its row,
+and a new one can join between two steps. Greedy output per sequence equals decoding it alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Protocol, Sequence
+
+import torch
+
+from .step import Step, make_step, to_device
+
+
+class StepModel(Protocol):
+    max_positions: int
+
+    def step(self, step: Step) -> torch.Tensor: ...
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Sample from the smallest set of tokens whose probabilities add up to more than ``p``."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (bs, vocab)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p  # tokens after the nucleus is already complete
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (bs, 1)
+    return torch.gather(probs_idx, -1, next_token)  # (bs, 1)
+
+
+@dataclass
+class Decoding:
+    """One sequence's state. ``tokens`` excludes the stop token that ended it, as Meta's output does."""
+
+    row: int
+    prompt: list[int]
+    limit: int  # most new tokens
+    stop_ids: frozenset[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    prompt_logprobs: list[float] = field(default_factory=list)  # of prompt tokens 1.., when echoing
+    done: bool = False
+
+    @property
+    def position(self) -> int:
+        """Where the last token sits: the next decode pass feeds it there."""
+        return len(self.prompt) + len(self.tokens) - 1
+
+
+class BatchDecoder:
+    def __init__(self, model: StepModel, *, max_batch_size: int, max_seq_len: int, device: torch.device,
+                 temperature: float = 0.6, top_p: float = 0.9, seed: int = 1, prefill_chunk: int = 2048,
+                 logprobs: bool = False, echo_logprobs: bool = False):
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.device = device
+        self.temperature = temperature
+        self.top_p = top_p
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.prefill_chunk = prefill_chunk
+        self.logprobs = logprobs or echo_logprobs
+        self.echo_logprobs = echo_logprobs
+        self.rows: list[Optional[Decoding]] = [None] * max_batch_size
+
+    @property
+    def active(self) -> list[Decoding]:
+        return [s for s in self.rows if s is not None and not s.done]
+
+    def free_rows(self) -> list[int]:
+        return [i for i, s in enumerate(self.rows) if s is None or s.done]
+
+    def join(self, prompts: Sequence[Sequence[int]], max_gen_len: int, stop_ids: set[int]) -> list[Decoding]:
+        """Prefill ``prompts`` into free rows and sample each one's first token (see ``Decoding.tokens``)."""
+        free = self.free_rows()
+        if len(prompts) > len(free):
+            raise ValueError(f"{len(prompts)} sequences cannot join: {len(free)} of {self.max_batch_size} rows are "
+                             "free. Wait for running ones to finish, or build with a larger max_batch_size.")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"Prompt {i} is empty: it has no tokens. Give it some text.")
+            if len(p) >= self.max_seq_len:
+                raise ValueError(f"Prompt {i} is {len(p)} tokens long, but max_seq_len is {self.max_seq_len} and at "
+                                 "least one position must be left to generate into. Shorten the prompt or build "
+                                 "with a larger max_seq_len.")
+        joined = [Decoding(row, list(p), min(max_gen_len, self.max_seq_len - len(p)), frozenset(stop_ids))
+                  for row, p in zip(free, prompts)]
+        for seq in joined:
+            self.rows[seq.row] = seq
+        for run in _contiguous(joined):
+            self._prefill(run)
+        return joined
+
+    def _prefill(self, run: list[Decoding]) -> None:
+        """One batch of prompts in contiguous rows, chunk by chunk; then each one's first token."""
+        lengths = [len(s.prompt) for s in run]
+        longest = max(lengths)
+        last_logits = None
+        for c0 in range(0, longest, self.prefill_chunk):
+            c1 = min(longest, c0 + self.prefill_chunk)
+            ids = [(s.prompt[c0:c1] + [0] * (c1 - c0))[: c1 - c0] for s in run]  # pad with any valid id
+            tokens = to_device(ids, self.device)  # (bs, chunk)
+            ends = [min(max(n - 1 - c0, 0), c1 - c0 - 1) for n in lengths]  # each prompt's last index in the chunk
+            if self.echo_logprobs:
+                logits = self.model.step(make_step(tokens, c0, max_positions=self.model.max_positions,
+                                                   row0=run[0].row))  # (bs, chunk, vocab)
+                self._prompt_logprobs(run, logits, c0)
+                chunk_last = logits[torch.arange(len(run), device=logits.device),
+                                    to_device(ends, logits.device)]  # (bs, vocab)
+            else:
+                chunk_last = self.model.step(make_step(tokens, c0, max_positions=self.model.max_positions,
+                                                       row0=run[0].row, last=ends))  # (bs, vocab)
+            here = to_device([[int(c0 <= n - 1 < c1)] for n in lengths], chunk_last.device).bool()  # (bs, 1)
+            last_logits = chunk_last if last_logits is None else torch.where(here, chunk_last, last_logits)
+        assert last_logits is not None
+        self._accept(run, last_logits)
+
+    def _prompt_logprobs(self, run: list[Decoding], logits: torch.Tensor, c0: int) -> None:
+        lp = torch.log_softmax(logits, dim=-1)  # (bs, chunk, vocab)
+        for i, seq in enumerate(run):
+            targets = seq.prompt[c0 + 1 : c0 + logits.shape[1] + 1]  # token j + 1 is scored at position j
+            if targets:
+                idx = to_device(targets, lp.device)
+                seq.prompt_logprobs += lp[i, torch.arange(len(targets), device=lp.device), idx].tolist()
+
+    def step(self) -> list[tuple[Decoding, int]]:
+        """One decode pass over rows 0 .. the last active row; returns the (sequence, token) pairs produced.
+        Rows without a running sequence are fed a placeholder at position 0 of their own row."""
+        active = self.active
+        if not active:
+            return []
+        n = max(s.row for s in active) + 1
+        feed, starts = [0] * n, [0] * n
+        for s in active:
+            feed[s.row], starts[s.row] = s.tokens[-1], s.position
+        tokens = to_device([[t] for t in feed], self.device)  # (n, 1)
+        logits = self.model.step(make_step(tokens, starts, max_positions=self.model.max_positions,
+                                           last=[0] * n))  # (n, vocab)
+        rows = to_device([s.row for s in active], logits.device)
+        return self._accept(active, logits[rows])
+
+    def _accept(self, seqs: list[Decoding], logits: torch.Tensor) -> list[tuple[Decoding, int]]:
+        """Sample one token per sequence from its logits (len(seqs), vocab) and record it."""
+        if self.temperature > 0:
+            probs = torch.softmax(logits / self.temperature, dim=-1)
+            next_token = sample_top_p(probs, self.top_p, self.generator).reshape(-1)  # (n,)
+        else:
+            next_token = torch.argmax(logits, dim=-1)  # (n,)
+        lps = None
+        if self.logprobs:
+            lps = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None])[:, 0].tolist()
+        out = []
+        for i, (seq, token) in enumerate(zip(seqs, next_token.tolist())):
+            if token in seq.stop_ids:
+                seq.done = True
+                continue
+            seq.tokens.append(token)
+            if lps is not None:
+                seq.logprobs.append(lps[i])
+            seq.done = len(seq.tokens) >= seq.limit
+            out.append((seq, token))
+        return out
+
+
+def _contiguous(seqs: list[Decoding]) -> list[list[Decoding]]:
+    """Group sequences into runs of consecutive cache rows: each run is prefilled in one pass."""
+    runs: list[list[Decoding]] = []
+    for s in sorted(seqs, key=lambda s: s.row):
+        if runs and runs[-1][-1].row + 1 == s.row:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return runs

@@ -1,0 +1,135 @@
+"""One typed home for the flags that say how a model is loaded and run.
+
+``RunOptions`` is what ``llama-offload complete|chat|info``, the example scripts and ``Llama.build`` share: a
+new flag is one field here, with its help line in ``metadata["help"]``. The command-line layer builds the
+flags and their help from these fields, and ``Llama.build`` takes the object (or the same names as keywords).
+Sampling flags (temperature, top_p, max_gen_len) belong to each call, not to the loaded model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+def _flag(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    ckpt_dir: Optional[str] = _flag(None, "Meta checkpoint directory (params.json, consolidated.NN.pth); unset: "
+                                          "the default model.")
+    tokenizer_path: Optional[str] = _flag(None, "tokenizer.model or tokenizer.json; unset: looked for in ckpt_dir, "
+                                                "then in its parent.")
+    max_seq_len: int = _flag(512, "prompt + completion length the KV cache is sized for.")
+    max_batch_size: int = _flag(4, "sequences run together (the KV cache holds this many).")
+    offload: bool = _flag(True, "page blocks through the GPU (False: the whole model on the GPU).")
+    num_slices: Optional[int] = _flag(None, "groups the blocks are paged in (default: one block per slice, the "
+                                            "least GPU memory).")
+    gpu_memory_gb: Optional[float] = _flag(None, "GPU memory budget in GiB: as many blocks as fit stay resident, "
+                                                 "the rest are paged (instead of num_slices).")
+    device: Optional[str] = _flag(None, "cuda, cuda:N or cpu (default: cuda if available).")
+    dtype: Optional[str] = _flag(None, "float16, bfloat16 or float32 (default: the checkpoint's on a GPU, "
+                                       "float32 on the CPU).")
+    seed: int = _flag(1, "sampling seed.")
+    chat_format: Optional[str] = _flag(None, "llama2, chatml or llama3 (default: what the checkpoint records, else "
+                                             "what the tokenizer implies).")
+    cuda_graphs: bool = _flag(True, "replay decode steps as CUDA graphs (False: launch every kernel, for "
+                                    "debugging).")
+    prefill_chunk: Optional[int] = _flag(None, "prompt positions per prefill pass; longer prompts are prefilled "
+                                               "in chunks, bounding activation memory (default: min(max_seq_len, "
+                                               "2048)).")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_flags(cls, flags: dict[str, Any], base: Optional["RunOptions"] = None) -> "RunOptions":
+        """Options from keyword flags (unknown names refused), checked and normalised."""
+        unknown = sorted(set(flags) - set(cls.names()))
+        if unknown:
+            raise ValueError(f"Unknown run option(s) {', '.join(unknown)}: expected some of {', '.join(cls.names())}.")
+        return dataclasses.replace(base or cls(), **flags).checked()
+
+    def replace(self, **flags: Any) -> "RunOptions":
+        return RunOptions.from_flags(flags, base=self)
+
+    def checked(self) -> "RunOptions":
+        """Refuse values no run can use, before anything is loaded; normalise fire's loose types."""
+        _positive_int("max_seq_len", self.max_seq_len)
+        _positive_int("max_batch_size", self.max_batch_size)
+        if self.num_slices is not None:
+            _positive_int("num_slices", self.num_slices)
+        if self.prefill_chunk is not None:
+            _positive_int("prefill_chunk", self.prefill_chunk)
+        if self.gpu_memory_gb is not None:
+            g = self.gpu_memory_gb
+            if isinstance(g, bool) or not isinstance(g, (int, float)) or g <= 0:
+                raise ValueError(f"--gpu_memory_gb must be a positive number of GiB, found {g!r}.")
+            if self.num_slices is not None:
+                raise ValueError("Give either --gpu_memory_gb or --num_slices, not both: the budget decides how "
+                                 "many blocks stay resident and how the rest is paged.")
+        switches = {name: _bool_flag(name, getattr(self, name)) for name in ("offload", "cuda_graphs")}
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"--seed must be an integer, found {self.seed!r}.")
+        parse_dtype(self.dtype)
+        text = {n: getattr(self, n) for n in ("ckpt_dir", "tokenizer_path", "device", "chat_format")}
+        return dataclasses.replace(
+            self, gpu_memory_gb=None if self.gpu_memory_gb is None else float(self.gpu_memory_gb),
+            dtype=None if self.dtype is None else str(self.dtype), **switches,
+            **{n: None if v is None else str(v) for n, v in text.items()},
+        )
+
+    @property
+    def torch_dtype(self) -> Optional[torch.dtype]:
+        return parse_dtype(self.dtype)
+
+    def chunk(self) -> int:
+        """Prompt positions per prefill pass."""
+        return min(self.max_seq_len, self.prefill_chunk or 2048)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"--{name} must be a positive integer, found {value!r}.")
+    return value
+
+
+_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _bool_flag(name: str, value: Any) -> bool:
+    """True or False; also the words fire leaves as text (``--cuda_graphs false``) and 0/1."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, str)) and str(value).strip().lower() in _WORDS:
+        return _WORDS[str(value).strip().lower()]
+    raise ValueError(f"--{name} must be True or False (or --no{name}), found {value!r}.")
+
+
+def parse_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
+    """``--dtype`` as a torch dtype; None keeps the default (the checkpoint's on a GPU, float32 on the CPU)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(
+            f"Unknown --dtype {dtype!r}: expected float16, bfloat16 or float32 (or fp16, bf16, fp32). "
+            "Leave it unset for the default: the checkpoint's own dtype on a GPU, float32 on the CPU."
+        )
+    return DTYPES[key]
