@@ -65,7 +65,7 @@ def test_tiny_offloaded_equals_unoffloaded(dtype, num_slices):
     tokens, expected = greedy(ref, prompt, DECODE_STEPS)
 
     model = offload(cpu_model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, num_slices=num_slices)
-    paged = model.blocks[-1]
+    paged = model.paged
     assert isinstance(paged, InferenceOffloadModel) and len(paged.model_slices) == num_slices
     got = run_steps(model, prompt, tokens.cuda())
     assert max_abs_diff(expected, got) == 0.0
@@ -159,12 +159,12 @@ def test_tiny_budget_mixes_resident_and_paged_blocks():
     budget = (everything_paged.gpu_bytes + everything_paged.block_bytes) / GiB  # room for one resident block
     model = offload(cpu_model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, gpu_memory_gb=budget)
     assert (model.plan.resident_layers, model.plan.paged_layers) == (1, 3)
-    assert isinstance(model.blocks[-1], InferenceOffloadModel)
+    assert isinstance(model.paged, InferenceOffloadModel)
     got = run_steps(model, prompt, tokens.cuda())
     assert max_abs_diff(expected, got) == 0.0
 
 
-@pytest.mark.parametrize("gpu_memory_gb", [4, 8])
+@pytest.mark.parametrize("gpu_memory_gb", [4, 8, 40])
 def test_7b_budget_is_exact_and_kept(seven_b, gpu_memory_gb):
     args, prompt, tokens = seven_b["args"], seven_b["prompt"], seven_b["tokens"].cuda()
     free_gpu()
@@ -180,6 +180,7 @@ def test_7b_budget_is_exact_and_kept(seven_b, gpu_memory_gb):
           f"peak {peak / 2**30:.2f} GiB, plan {model.plan.gpu_bytes / 2**30:.2f} GiB")
     assert diff == 0.0
     assert peak <= gpu_memory_gb * 2**30
+    assert model.graphs is not None and model.graphs.captured  # decode steps ran as CUDA graphs
     del model
     free_gpu()
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from llama_offload.step import cache_len
 from llama_offload.args import ModelArgs
 from llama_offload.checkpoint import (
     VOCAB_PARALLEL_MIN_VOCAB,
@@ -223,7 +224,7 @@ def _worker(rank: int, world_size: int, port: int, job: dict) -> None:
             "vocab_parallel": model.vocab_parallel_embedding,
         }
         packed = offload(model, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ, device="cpu")
-        result["cache"] = tuple(packed.blocks[0].block.attention.cache.k.shape)
+        result["cache"] = tuple(packed.resident[0].block.attention.cache.k.shape)
         result["logits"] = run_steps(packed, job["prompt"], job["tokens"])
         if spec.get("plain"):
             plain = load_model(spec["ckpt"], max_seq_len=MAX_SEQ, max_batch_size=MAX_BATCH, show_progress=False)
@@ -334,7 +335,7 @@ def test_each_rank_holds_its_slice_in_fairscale_layers(two_ranks, case):
                      "layers.0.feed_forward.w3", "output"):
             assert types[name] == "ColumnParallelLinear", name
         assert types["layers.0.attention.wo"] == types["layers.0.feed_forward.w2"] == "RowParallelLinear"
-        assert result["cache"] == (MAX_BATCH, MAX_SEQ, args.kv_heads // 2, args.head_dim)  # this rank's kv heads
+        assert result["cache"] == (MAX_BATCH, cache_len(MAX_SEQ), args.kv_heads // 2, args.head_dim)  # this rank's kv heads
 
 
 def test_every_rank_samples_the_same_tokens_as_one_process(two_ranks):
