@@ -6,9 +6,9 @@ resident work is captured: the prefix (embedding, packet, resident blocks) and t
 head). The paged blocks between them run eagerly, so their copy-stream waits and events are issued exactly
 as ``InferenceOffloadModel.forward`` orders them. With nothing paged, the whole step is one graph.
 
-A capture first runs the step once eagerly on a side stream (PyTorch's recipe: it settles lazy
-initialisation); that run writes the same keys and values the replay writes, at the same positions, so the
-KV caches end up as after one step.
+A capture first runs the resident parts once eagerly on a side stream (PyTorch's recipe: it settles lazy
+initialisation such as cuBLAS handles); that run writes the same keys and values the replay writes, at the
+same positions, so the KV caches end up as after one step.
 """
 
 from __future__ import annotations
@@ -80,7 +80,11 @@ class DecodeGraphs:
         side = torch.cuda.Stream(device=m.device)
         side.wait_stream(torch.cuda.current_stream(m.device))
         with torch.cuda.stream(side):
-            prefix()  # warm-up: the resident blocks write this step's keys and values, as the replay will
+            # Warm-up (cuBLAS handles cannot be made during a capture): the resident blocks write this step's
+            # keys and values, as the replay will; the head only reads.
+            warm = prefix()
+            if not whole:
+                m.suffix(warm, None)
         torch.cuda.current_stream(m.device).wait_stream(side)
 
         first = torch.cuda.CUDAGraph()
