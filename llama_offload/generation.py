@@ -110,7 +110,7 @@ class Llama:
         model = offload_model(model, max_batch_size=opts.max_batch_size, max_seq_len=opts.max_seq_len,
                               num_slices=opts.num_slices, gpu_memory_gb=opts.gpu_memory_gb, device=target,
                               resident=not opts.offload and target.type == "cuda", cuda_graphs=opts.cuda_graphs,
-                              prefill_chunk=opts.chunk())
+                              prefill_chunk=opts.prefill_chunk)
         if parallel.is_rank0():
             print(f"llama_offload: loaded in {time.perf_counter() - start:.2f} s", file=sys.stderr)
         chat_format = (opts.chat_format or read_checkpoint_meta(ckpt_dir).get("chat_format")

@@ -60,6 +60,7 @@ class OffloadPlan:
     block_bytes: int
     fixed_bytes: dict[str, int]  # what is resident whatever the budget
     model_parallel_size: int = 1  # N > 1: every figure is one rank's, on its own GPU
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt positions per prefill pass the activations are sized for
 
     @property
     def paged_layers(self) -> int:
@@ -90,6 +91,7 @@ class OffloadPlan:
                      f"  ({self.paged_layers} blocks paged in {self.num_slices} slices)")
         lines.append(f"  {'expected GPU memory':<22} {self.gpu_bytes / GiB:8.3f} GiB")
         lines.append(f"  {'streamed per step':<22} {self.streamed_bytes / GiB:8.3f} GiB")
+        lines.append(f"  {'prefill chunk':<22} {self.prefill_chunk:8d} positions per pass (longer prompts take several)")
         if self.model_parallel_size > 1:
             lines.append(f"  (per rank: each of {self.model_parallel_size} ranks holds 1/{self.model_parallel_size} "
                          "of every block on its own GPU)")
@@ -124,21 +126,22 @@ def plan_offload(
     }
     per_block = block_bytes(args, dtype, mp)
     n = args.n_layers
+    chunk = min(max_seq_len, prefill_chunk or DEFAULT_PREFILL_CHUNK)
     if all_resident:
-        return OffloadPlan(n, n, 0, per_block, fixed, mp)
+        return OffloadPlan(n, n, 0, per_block, fixed, mp, chunk)
     if gpu_memory_gb is None:
         slices = n if num_slices is None else num_slices
         if not 1 <= slices <= n:
             raise ValueError(f"num_slices must be between 1 and the number of blocks ({n}), found {slices}.")
-        return OffloadPlan(n, 0, slices, per_block, fixed, mp)
+        return OffloadPlan(n, 0, slices, per_block, fixed, mp, chunk)
     if num_slices is not None:
         raise ValueError("Give either gpu_memory_gb or num_slices, not both: the budget decides the slices.")
 
     budget = int(gpu_memory_gb * GiB)
     base = sum(fixed.values())
     if base + n * per_block <= budget:
-        return OffloadPlan(n, n, 0, per_block, fixed, mp)  # everything fits: nothing to page
-    minimum = OffloadPlan(n, 0, n, per_block, fixed, mp).gpu_bytes  # nothing resident, two one-block slots
+        return OffloadPlan(n, n, 0, per_block, fixed, mp, chunk)  # everything fits: nothing to page
+    minimum = OffloadPlan(n, 0, n, per_block, fixed, mp, chunk).gpu_bytes  # nothing resident, two one-block slots
     if budget < minimum:
         per_rank = "" if mp == 1 else f" (per rank: each of {mp} processes holds 1/{mp} of the model on its own GPU)"
         raise ValueError(
@@ -150,4 +153,4 @@ def plan_offload(
     # Two slots of one block stay reserved for the paged part, so the resident blocks get the rest.
     resident = min(n - 1, (budget - base - 2 * per_block) // per_block)
     paged = n - resident
-    return OffloadPlan(n, resident, paged, per_block, fixed, mp)
+    return OffloadPlan(n, resident, paged, per_block, fixed, mp, chunk)

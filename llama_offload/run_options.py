@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import torch
 
+from .plan import DEFAULT_PREFILL_CHUNK
+
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -87,11 +89,11 @@ class RunOptions:
         switches = {name: _bool_flag(name, getattr(self, name)) for name in ("offload", "cuda_graphs")}
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"--seed must be an integer, found {self.seed!r}.")
-        parse_dtype(self.dtype)
+        torch_dtype = parse_dtype(self.dtype)
         text = {n: getattr(self, n) for n in ("ckpt_dir", "tokenizer_path", "device", "chat_format")}
         return dataclasses.replace(
             self, gpu_memory_gb=None if self.gpu_memory_gb is None else float(self.gpu_memory_gb),
-            dtype=None if self.dtype is None else str(self.dtype), **switches,
+            dtype=None if torch_dtype is None else str(torch_dtype).removeprefix("torch."), **switches,
             **{n: None if v is None else str(v) for n, v in text.items()},
         )
 
@@ -101,7 +103,7 @@ class RunOptions:
 
     def chunk(self) -> int:
         """Prompt positions per prefill pass."""
-        return min(self.max_seq_len, self.prefill_chunk or 2048)
+        return min(self.max_seq_len, self.prefill_chunk or DEFAULT_PREFILL_CHUNK)
 
 
 def _positive_int(name: str, value: Any) -> int:

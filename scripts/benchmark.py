@@ -33,6 +33,9 @@ from llama_offload.checkpoint import load_model, random_state_dict, save_checkpo
 from llama_offload.offload import offload
 from llama_offload.plan import GiB
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the peers beside this script
+import bench_peers  # noqa: E402
+
 SHAPES = {
     "7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256),
     "13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256),
@@ -97,7 +100,7 @@ def free_gpu() -> None:
 
 
 def run_variant(name: str, build: Callable[[], tuple[object, int, str]], vocab_size: int, steps: int,
-                bandwidth: float) -> dict:
+                bandwidth: float, hbm_floor_ms: Optional[float] = None) -> dict:
     """Build a variant (returns model, bytes streamed per step, a note), measure it, free it."""
     free_gpu()
     torch.cuda.reset_peak_memory_stats()
@@ -115,6 +118,9 @@ def run_variant(name: str, build: Callable[[], tuple[object, int, str]], vocab_s
     row["floor_ms"] = 1e3 * streamed / bandwidth if streamed else None
     row["ratio_b1"] = row["decode_ms_b1"] / row["floor_ms"] if streamed else None
     row["b8_over_b1"] = row["decode_ms_b8"] / row["decode_ms_b1"]
+    if not streamed and hbm_floor_ms:
+        row["hbm_floor_ms"] = hbm_floor_ms
+        row["ratio_hbm"] = row["decode_ms_b1"] / hbm_floor_ms
     print(json.dumps(row), flush=True)
     del model
     free_gpu()
@@ -142,8 +148,47 @@ def resident(ckpt_dir: Path) -> Callable[[], tuple[object, int, str]]:
     def build():
         model = load_model(ckpt_dir, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH, show_progress=False).cuda()
         model.setup_caches(MAX_BATCH, MAX_SEQ_LEN, "cuda", torch.float16)
-        return model, 0, "plain Transformer, every weight on the GPU"
+        return model, 0, "plain Transformer (the unoffloaded reference), eager kernel launches"
     return build
+
+
+def read_per_step(args: ModelArgs, positions: int) -> int:
+    """Bytes a batch-1 decode step must read from device memory: every block, the final norm and the output
+    head, and the keys/values of ``positions`` cached tokens (the embedding contributes one row)."""
+    from llama_offload.plan import block_bytes
+
+    kv = 2 * args.n_layers * positions * args.kv_heads * args.head_dim * 2
+    return args.n_layers * block_bytes(args, torch.float16) + (args.vocab_size + 1) * args.dim * 2 + kv
+
+
+def prefill_long(ckpt_dir: Path, tokens: int, budget: float, vocab_size: int) -> dict:
+    """One prompt of ``tokens`` tokens, prefilled in chunks at a GPU budget: seconds and peak memory."""
+    from llama_offload.step import make_step
+
+    name = f"ours, {tokens}-token prefill at {budget:g} GiB"
+    free_gpu()
+    torch.cuda.reset_peak_memory_stats()
+    cpu = load_model(ckpt_dir, max_seq_len=tokens + 16, max_batch_size=1, show_progress=False)
+    try:
+        model = offload(cpu, max_batch_size=1, max_seq_len=tokens + 16, gpu_memory_gb=budget)
+    except ValueError as e:  # the plan's minimum is above the budget: reported, not fatal
+        print(f"{name}: {e}", flush=True)
+        return {"name": name, "note": str(e)}
+    from llama_offload.decode import BatchDecoder
+
+    prompt = torch.randint(0, vocab_size, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    decoder = BatchDecoder(model, max_batch_size=1, max_seq_len=tokens + 16, device=torch.device("cuda"),
+                           temperature=0, prefill_chunk=model.plan.prefill_chunk)
+    base = torch.cuda.memory_allocated()
+    seconds = timed(lambda: decoder.join([prompt], 1, {-1}))
+    row = {"name": name, "prefill_s": seconds, "peak_gpu_gib": torch.cuda.max_memory_allocated() / GiB,
+           "plan_gib": model.plan.gpu_bytes / GiB, "chunk": model.plan.prefill_chunk,
+           "note": f"{model.plan.resident_layers} resident, {model.plan.paged_layers} paged, chunks of "
+                   f"{model.plan.prefill_chunk} positions; {base / GiB:.2f} GiB allocated before the prefill"}
+    print(json.dumps(row), flush=True)
+    del model, decoder, cpu
+    free_gpu()
+    return row
 
 
 def stock(ckpt_dir: Path, args: ModelArgs) -> Callable[[], tuple[object, int, str]]:
@@ -178,12 +223,13 @@ def table(rows: list[dict]) -> str:
         return "n/a" if x is None else format(x, fmt)
 
     out = ["| variant | decode ms/token b=1 | b=8 | b8/b1 | prefill 512 (s) | peak GPU GiB | streamed GiB/step "
-           "| floor ms | b=1 / floor | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "| floor ms | b=1 / floor | b=1 / HBM floor | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['name']} | {f(r.get('decode_ms_b1'), '.1f')} | {f(r.get('decode_ms_b8'), '.1f')} "
                    f"| {f(r.get('b8_over_b1'), '.2f')} | {f(r.get('prefill_s_512'), '.3f')} "
                    f"| {f(r.get('peak_gpu_gib'), '.2f')} | {f(r.get('streamed_gib'), '.2f')} "
-                   f"| {f(r.get('floor_ms'), '.1f')} | {f(r.get('ratio_b1'), '.3f')} | {r.get('note', '')} |")
+                   f"| {f(r.get('floor_ms'), '.1f')} | {f(r.get('ratio_b1'), '.3f')} | {f(r.get('ratio_hbm'), '.2f')} "
+                   f"| {r.get('note', '')} |")
     return "\n".join(out)
 
 
@@ -212,12 +258,15 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(shape: str = "7b", budgets: str = "6,8,12", peers: str = "accelerate,airllm", steps: int = 8,
-         peer_steps: int = 4, peer_budget: float = 8.0,
+def main(shape: str = "7b", budgets: str = "6,8,12", peers: str = "meta,llamacpp,accelerate,airllm", steps: int = 8,
+         peer_steps: int = 4, peer_budget: float = 8.0, long_prompt: int = 8192, long_budgets: str = "4,6",
+         llamacpp_bin: str = "/tmp/llamacpp/llama.cpp/build/bin",
          workdir: str = "/tmp/llama_offload_bench", out: Optional[str] = None, json_out: Optional[str] = None,
          png: Optional[str] = None) -> None:
     """Run every variant and print (and optionally write) the table. --budgets in GiB, comma-separated;
-    accelerate gets --peer_budget GiB; peers, being slow, are timed over --peer_steps decode steps."""
+    accelerate gets --peer_budget GiB; peers, being slow, are timed over --peer_steps decode steps. Meta's
+    reference code and llama.cpp (all layers on the GPU, built by ../shared/tools/llamacpp-peer.sh into
+    --llamacpp_bin) run on the same weights. A --long_prompt prompt is prefilled at each of --long_budgets."""
     if not torch.cuda.is_available():
         raise SystemExit("benchmark.py needs a CUDA GPU: PyTorch sees none here.")
     args = SHAPES[shape]
@@ -236,20 +285,51 @@ def main(shape: str = "7b", budgets: str = "6,8,12", peers: str = "accelerate,ai
     info["load"] = load_speed(ckpt)
     print(json.dumps(info["load"]), flush=True)
 
-    rows = [run_variant("all resident", resident(ckpt), args.vocab_size, steps, bandwidth)]
-    rows.append(run_variant(f"stock OffloadModel, {args.n_layers} slices", stock(ckpt, args), args.vocab_size, steps, bandwidth))
-    row = run_variant("ours, everything paged", ours(ckpt), args.vocab_size, steps, bandwidth)
+    hbm = bench_peers.hbm_bandwidth()
+    hbm_floor_ms = 1e3 * read_per_step(args, DECODE_PROMPT_LEN + steps) / hbm
+    info["hbm_gbps"], info["hbm_floor_ms"] = hbm / 1e9, hbm_floor_ms
+    info["read_gib"] = read_per_step(args, DECODE_PROMPT_LEN + steps) / GiB
+    print(f"device memory bandwidth: {hbm / 1e9:.0f} GB/s; batch-1 decode floor {hbm_floor_ms:.2f} ms", flush=True)
+
+    v = args.vocab_size
+    rows = [run_variant("plain Transformer, all resident", resident(ckpt), v, steps, bandwidth, hbm_floor_ms)]
+    rows.append(run_variant("ours, all resident, CUDA graphs", ours(ckpt, resident=True), v, steps, bandwidth,
+                            hbm_floor_ms))
+    rows.append(run_variant("ours, all resident, --cuda_graphs false", ours(ckpt, resident=True, cuda_graphs=False),
+                            v, steps, bandwidth, hbm_floor_ms))
+    if "meta" in _list(peers):
+        import bench_meta  # scripts/bench_meta.py
+
+        r = bench_meta.bench_meta(ckpt, args, steps=steps)
+        if r.get("decode_ms_b1"):
+            r["hbm_floor_ms"], r["ratio_hbm"] = hbm_floor_ms, r["decode_ms_b1"] / hbm_floor_ms
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+    if "llamacpp" in _list(peers):
+        import bench_llamacpp  # scripts/bench_llamacpp.py
+
+        gguf = work / f"{shape}-f16.gguf"
+        if not gguf.exists():
+            sd = sd or torch.load(ckpt / "consolidated.00.pth", mmap=True, weights_only=True)
+            bench_llamacpp.write_gguf(sd, args, gguf)
+        r = bench_llamacpp.bench_llamacpp(gguf, Path(llamacpp_bin), n_gpu_layers=99)
+        if r.get("decode_ms_b1"):
+            r["hbm_floor_ms"], r["ratio_hbm"] = hbm_floor_ms, r["decode_ms_b1"] / hbm_floor_ms
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+    rows.append(run_variant(f"stock OffloadModel, {args.n_layers} slices", stock(ckpt, args), v, steps, bandwidth))
+    row = run_variant("ours, everything paged", ours(ckpt), v, steps, bandwidth)
     row["budget_gib"] = row["peak_gpu_gib"]
     rows.append(row)
     for b in map(float, _list(budgets)):
-        row = run_variant(f"ours, budget {b:g} GiB", ours(ckpt, gpu_memory_gb=b), args.vocab_size, steps,
-                          bandwidth)
+        row = run_variant(f"ours, budget {b:g} GiB", ours(ckpt, gpu_memory_gb=b), v, steps, bandwidth)
         if "decode_ms_b1" in row:
             row["budget_gib"] = b
         rows.append(row)
+    info["long_prefill"] = [prefill_long(ckpt, long_prompt, float(b), v) for b in _list(long_budgets)]
 
     peer_names = _list(peers)
-    if peer_names:
+    if set(peer_names) - {"meta", "llamacpp"}:
         import bench_peers  # scripts/bench_peers.py
 
         hf_dir = work / f"hf-{shape}"
@@ -258,13 +338,15 @@ def main(shape: str = "7b", budgets: str = "6,8,12", peers: str = "accelerate,ai
             bench_peers.write_hf_checkpoint(sd, args, hf_dir)
         del sd
         for name in peer_names:
+            if name in ("meta", "llamacpp"):
+                continue  # measured above, beside the resident rows
             if name == "accelerate":
                 r = bench_peers.bench_accelerate(hf_dir, float(peer_budget), steps=peer_steps)
                 rows.append(_peer_row(r, bandwidth, args))
             elif name == "airllm":
                 rows.append(_peer_row(bench_peers.bench_airllm(hf_dir, steps=peer_steps), bandwidth, args))
             else:
-                raise SystemExit(f"unknown peer {name!r}: choose from accelerate, airllm")
+                raise SystemExit(f"unknown peer {name!r}: choose from meta, llamacpp, accelerate, airllm")
     info["rows"] = rows
 
     text = table(rows)
@@ -298,9 +380,18 @@ def write_markdown(path: Path, info: dict, text: str, png: Optional[str]) -> Non
         f"Command: `python scripts/benchmark.py --shape {info['shape']} ...` (see the scripts' docstring)  ",
         f"Device: {info['device']}, torch {info['torch']}, {info['date']}  ",
         f"Pinned host-to-device bandwidth measured in the same run: {info['bandwidth_gbps']:.1f} GB/s  ",
+        f"Device memory bandwidth measured in the same run: {info['hbm_gbps']:.0f} GB/s, so a batch-1 decode step, "
+        f"which must read {info['read_gib']:.2f} GiB, has an HBM floor of {info['hbm_floor_ms']:.2f} ms  ",
         f"Decode steps timed per batch size: {info['steps']} (peers: {info['peer_steps']})",
         "",
         text,
+        "",
+        "Long prompt, prefilled in chunks at a GPU budget:",
+        "",
+        "| run | prefill s | peak GPU GiB | plan GiB | note |",
+        "|---|---|---|---|---|",
+        *[f"| {r['name']} | {r['prefill_s']:.2f} | {r['peak_gpu_gib']:.2f} | {r['plan_gib']:.2f} | {r['note']} |"
+          if "prefill_s" in r else f"| {r['name']} | n/a | n/a | n/a | {r['note']} |" for r in info["long_prefill"]],
         "",
         f"Load: {load['checkpoint_gib']:.2f} GiB checkpoint to pinned host buffers in {load['to_pinned_s']:.1f} s "
         f"({load['gib_per_s']:.2f} GiB/s; memory-mapping alone {load['mmap_s']:.2f} s).",
@@ -311,5 +402,4 @@ def write_markdown(path: Path, info: dict, text: str, png: Optional[str]) -> Non
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # for bench_peers
     fire.Fire(main)
