@@ -20,6 +20,11 @@ It also writes a minimal word-level ``tokenizer.json`` covering the vocabulary: 
 ``AutoTokenizer.from_pretrained(hf_dir)`` unconditionally, and fails without one. Ids are random in the
 benchmark, so the tokenizer is never used to encode anything.
 
+The "HBM floor" of a step whose weights are all on the GPU is :func:`decode_read_bytes` (every weight read
+once, plus the KV cache) divided by :func:`hbm_bandwidth` (a device-to-device copy, measured in the same run).
+Two more peers live beside this file, with the same row keys: ``bench_llamacpp.py`` (llama.cpp's
+``llama-bench`` on a GGUF of the same weights) and ``bench_meta.py`` (Meta's reference ``llama_models`` code).
+
 Offline use (the GPU machine has no network): every path here is local. ``HF_HUB_OFFLINE=1`` is set (unless
 already set) before transformers is imported, so a stray hub call fails at once instead of timing out.
 AirLLM only calls the hub when given a repo id instead of a directory.
@@ -51,7 +56,8 @@ Usage
         --gpu_gb 8 --peers accelerate,airllm --json peers.json
 
 converts the Meta checkpoint to ``--hf_dir`` (if that does not hold a ``config.json`` yet) and prints one
-JSON object per peer. From Python: ``write_hf_checkpoint``, ``bench_accelerate``, ``bench_airllm``.
+JSON object per peer. From Python: ``write_hf_checkpoint``, ``bench_accelerate``, ``bench_airllm``,
+``hbm_bandwidth``, ``decode_read_bytes``.
 """
 
 from __future__ import annotations
@@ -84,6 +90,8 @@ __all__ = [
     "measure_peer",
     "bench_accelerate",
     "bench_airllm",
+    "hbm_bandwidth",
+    "decode_read_bytes",
     "PEER_KEYS",
 ]
 
@@ -318,7 +326,8 @@ def _free(device: torch.device) -> None:
 
 
 def measure_peer(forward: Callable[..., Any], vocab_size: int, device: torch.device | str, *, steps: int = 8,
-                 seed: int = 0, figures: Optional[dict[str, Any]] = None) -> dict[str, Optional[float]]:
+                 seed: int = 0, figures: Optional[dict[str, Any]] = None,
+                 batches: tuple[int, ...] = DECODE_BATCHES) -> dict[str, Optional[float]]:
     """The common protocol, on ``forward(input_ids=, past_key_values=, use_cache=)`` -> output with
     ``.logits`` and ``.past_key_values`` (a transformers causal LM, or anything that calls one).
 
@@ -326,7 +335,8 @@ def measure_peer(forward: Callable[..., Any], vocab_size: int, device: torch.dev
     2. ``prefill_s_512``: one forward of a (1, 512) prompt with a fresh cache, seconds;
     3. ``decode_ms_b{1,8}``: a (b, 16) prompt prefilled (not timed), then ``steps`` single-token forwards
        feeding back the argmax, with the KV cache; milliseconds per step.
-    Ids are uniform in [0, vocab_size) from ``seed``. Times are wall clock between ``torch.cuda.synchronize()``
+    ``batches`` are the decode batch sizes (1 and 8; fewer for a model whose cache holds fewer sequences). Ids
+    are uniform in [0, vocab_size) from ``seed``. Times are wall clock between ``torch.cuda.synchronize()``
     calls. Figures go into ``figures`` as soon as they are measured, so a caller that catches an exception
     keeps the ones taken before it. Returns ``figures``.
     """
@@ -349,7 +359,7 @@ def measure_peer(forward: Callable[..., Any], vocab_size: int, device: torch.dev
         figures["prefill_s_512"] = time.perf_counter() - start
         del out, prompt
 
-        for b in DECODE_BATCHES:
+        for b in batches:
             out = forward(input_ids=ids(b, DECODE_PROMPT_LEN), past_key_values=None, use_cache=True)
             cache = out.past_key_values
             if cache is None:
@@ -402,6 +412,60 @@ def _baseline_note(peak: _GpuPeak) -> str:
 
 def _read_config(hf_dir: Path) -> dict[str, Any]:
     return json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8"))
+
+
+# --- the device-memory floor --------------------------------------------------------------------------------
+
+
+def hbm_bandwidth(nbytes: int = GiB, reps: int = 10, *, device: torch.device | str = "cuda") -> float:
+    """Device-memory bandwidth in bytes/s: the best of ``reps`` device-to-device copies of ``nbytes``.
+
+    A copy reads ``nbytes`` and writes ``nbytes``, so each counts ``2 * nbytes``. On CUDA each copy is timed
+    with a pair of CUDA events (after one untimed warm-up copy); the answer is what a memory-bound kernel
+    can hope for, so ``bytes read per decode step / hbm_bandwidth()`` is the "HBM floor" of a step whose
+    weights are all resident (see :func:`decode_read_bytes`). ``device="cpu"`` times a host memcpy with
+    ``perf_counter`` (tests only). Raises RuntimeError when a CUDA device is asked for and there is none.
+    """
+    dev = torch.device(device)
+    if nbytes <= 0 or reps <= 0:
+        raise ValueError(f"nbytes and reps must be positive, found {nbytes} and {reps}.")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("hbm_bandwidth needs a CUDA GPU: PyTorch sees none here.")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    src.fill_(1)  # touch every page before timing
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up
+    best = float("inf")
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        stream = torch.cuda.current_stream(dev)
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            dst.copy_(src)
+            end.record(stream)
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - t0)
+    del src, dst
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return 2 * nbytes / best
+
+
+def decode_read_bytes(args: ModelArgs, *, itemsize: int = 2, batch: int = 1, context_len: int = 0) -> int:
+    """Bytes one decode step must read from device memory: every weight matrix and norm once (the
+    embedding table only for the ``batch`` rows looked up), plus ``context_len`` cached keys and values per
+    sequence and layer, all at ``itemsize`` bytes. Divide by :func:`hbm_bandwidth` for the HBM floor."""
+    d, hd, kv, f = args.dim, args.head_dim, args.kv_heads, args.ffn_hidden_dim
+    per_layer = d * d * 2 + 2 * kv * hd * d + 3 * f * d + 2 * d
+    weights = args.n_layers * per_layer + d + args.vocab_size * d + batch * d
+    cache = 2 * args.n_layers * batch * context_len * kv * hd
+    return itemsize * (weights + cache)
 
 
 # --- accelerate ----------------------------------------------------------------------------------------------

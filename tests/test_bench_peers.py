@@ -239,3 +239,42 @@ def test_airllm(tiny, tmp_path: Path) -> None:
     prompt = torch.arange(10).unsqueeze(0)
     with torch.inference_mode():
         torch.testing.assert_close(model(input_ids=prompt).logits, ours(sd, args)(prompt, 0), atol=1e-5, rtol=1e-5)
+
+
+# --- the HBM floor -----------------------------------------------------------------------------------------------
+
+
+def test_hbm_bandwidth_counts_a_read_and_a_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On the CPU the copy is timed with perf_counter: fake a clock where every copy takes 0.5 s.
+    ticks = iter(x * 0.5 for x in range(100))
+    monkeypatch.setattr(bp.time, "perf_counter", lambda: next(ticks))
+    assert bp.hbm_bandwidth(1000, reps=3, device="cpu") == pytest.approx(2 * 1000 / 0.5)
+    monkeypatch.undo()
+    assert bp.hbm_bandwidth(2**20, reps=2, device="cpu") > 1e6  # a real copy: at least 1 MB/s
+    with pytest.raises(ValueError):
+        bp.hbm_bandwidth(0, device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
+def test_hbm_bandwidth_needs_a_gpu() -> None:
+    with pytest.raises(RuntimeError, match="CUDA"):
+        bp.hbm_bandwidth(2**20)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_hbm_bandwidth_on_the_gpu() -> None:
+    # H100 SXM: ~3.35 TB/s peak, H200: ~4.8 TB/s; a copy reaches most of it. Anything above PCIe speeds is HBM.
+    assert 3e11 < bp.hbm_bandwidth(2**28, reps=3) < 6e12
+
+
+@pytest.mark.parametrize("args", ARGS, ids=["gqa", "mha"])
+def test_decode_read_bytes(args: ModelArgs) -> None:
+    sd = random_state_dict(args, dtype=torch.float16)
+    all_weights = sum(t.numel() * 2 for t in sd.values())
+    embedding = sd["tok_embeddings.weight"].numel() * 2
+    row = args.dim * 2
+    assert bp.decode_read_bytes(args) == all_weights - embedding + row  # one embedding row per sequence
+    kv = 2 * args.n_layers * args.kv_heads * args.head_dim * 2  # keys and values, per cached position
+    assert bp.decode_read_bytes(args, batch=8, context_len=16) == all_weights - embedding + 8 * row + 8 * 16 * kv
+    assert bp.decode_read_bytes(args, itemsize=4) == 2 * bp.decode_read_bytes(args)

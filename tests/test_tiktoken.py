@@ -128,11 +128,16 @@ def meta_tokenizer(llama3_cache: Path, llama3_tokenizer_path: Path):
         pytest.skip(f"Meta's tokenizer code from {LLAMA_MODELS} is not in {ref} (the tokenizer came from {ENV_VAR}).")
     # llama_models/__init__.py and llama3/__init__.py are not extracted: the namespace packages import only
     # the two modules, without the rest of llama-models' dependencies.
+    # Another test may have imported a llama_models package from elsewhere (Meta's model code): set it aside.
+    saved = {m: sys.modules.pop(m) for m in list(sys.modules) if m == "llama_models" or m.startswith("llama_models.")}
     sys.path.insert(0, str(ref))
     try:
         module = importlib.import_module("llama_models.llama3.tokenizer")
     finally:
         sys.path.remove(str(ref))
+        for m in [m for m in sys.modules if m == "llama_models" or m.startswith("llama_models.")]:
+            del sys.modules[m]
+        sys.modules.update(saved)
     return module.Tokenizer(llama3_tokenizer_path)
 
 
@@ -327,9 +332,9 @@ def test_special_tokens_match_metas_code(llama3_tok: TiktokenTokenizer, meta_tok
     assert llama3_tok.n_words == meta_tokenizer.n_words
     assert llama3_tok.stop_ids == set(meta_tokenizer.stop_tokens)
     assert LLAMA3_PAT_STR == meta_tokenizer.pat_str
-    module = sys.modules[type(meta_tokenizer).__module__]
+    module = type(meta_tokenizer).__init__.__globals__  # the module's namespace, wherever it was imported from
     assert (TIKTOKEN_MAX_ENCODE_CHARS, MAX_NO_WHITESPACES_CHARS) == (
-        module.TIKTOKEN_MAX_ENCODE_CHARS, module.MAX_NO_WHITESPACES_CHARS)
+        module["TIKTOKEN_MAX_ENCODE_CHARS"], module["MAX_NO_WHITESPACES_CHARS"])
 
 
 @pytest.mark.parametrize(("text", "ids"), GOLDEN)
