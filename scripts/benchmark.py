@@ -79,7 +79,6 @@ def measure(model, vocab_size: int, steps: int) -> dict:
     model(ids(1, 4), 0)  # warm-up: kernels, cuBLAS handles, allocator
     result = {"prefill_s_512": timed(lambda: model(ids(1, PREFILL_LEN), 0))}
     for bs in (1, 8):
-        model(ids(bs, DECODE_PROMPT_LEN), 0)
         first = ids(bs, 1)
 
         def decode() -> None:
@@ -89,7 +88,10 @@ def measure(model, vocab_size: int, steps: int) -> dict:
             for i in range(steps):
                 tok = model(tok, DECODE_PROMPT_LEN + i)[:, -1].argmax(-1, keepdim=True)  # (bs, 1)
 
-        result[f"decode_ms_b{bs}"] = 1e3 * timed(decode) / steps
+        for timing in (False, True):  # the first run warms up: lazily loaded kernels, CUDA graph captures
+            model(ids(bs, DECODE_PROMPT_LEN), 0)
+            seconds = timed(decode)
+        result[f"decode_ms_b{bs}"] = 1e3 * seconds / steps
     return result
 
 
@@ -103,6 +105,7 @@ def run_variant(name: str, build: Callable[[], tuple[object, int, str]], vocab_s
                 bandwidth: float, hbm_floor_ms: Optional[float] = None) -> dict:
     """Build a variant (returns model, bytes streamed per step, a note), measure it, free it."""
     free_gpu()
+    before = torch.cuda.memory_allocated()  # whatever earlier variants left: not this variant's
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
@@ -114,7 +117,7 @@ def run_variant(name: str, build: Callable[[], tuple[object, int, str]], vocab_s
     row = {"name": name, "build_s": build_s, "streamed_gib": streamed / GiB, "note": note}
     with torch.inference_mode():
         row.update(measure(model, vocab_size, steps))
-    row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GiB
+    row["peak_gpu_gib"] = (torch.cuda.max_memory_allocated() - before) / GiB
     row["floor_ms"] = 1e3 * streamed / bandwidth if streamed else None
     row["ratio_b1"] = row["decode_ms_b1"] / row["floor_ms"] if streamed else None
     row["b8_over_b1"] = row["decode_ms_b8"] / row["decode_ms_b1"]
@@ -167,6 +170,7 @@ def prefill_long(ckpt_dir: Path, tokens: int, budget: float, vocab_size: int) ->
 
     name = f"ours, {tokens}-token prefill at {budget:g} GiB"
     free_gpu()
+    before = torch.cuda.memory_allocated()  # whatever earlier variants left: not this run's
     torch.cuda.reset_peak_memory_stats()
     cpu = load_model(ckpt_dir, max_seq_len=tokens + 16, max_batch_size=1, show_progress=False)
     try:
@@ -179,12 +183,13 @@ def prefill_long(ckpt_dir: Path, tokens: int, budget: float, vocab_size: int) ->
     prompt = torch.randint(0, vocab_size, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     decoder = BatchDecoder(model, max_batch_size=1, max_seq_len=tokens + 16, device=torch.device("cuda"),
                            temperature=0, prefill_chunk=model.plan.prefill_chunk)
-    base = torch.cuda.memory_allocated()
+    loaded = torch.cuda.memory_allocated() - before
     seconds = timed(lambda: decoder.join([prompt], 1, {-1}))
-    row = {"name": name, "prefill_s": seconds, "peak_gpu_gib": torch.cuda.max_memory_allocated() / GiB,
+    row = {"name": name, "prefill_s": seconds, "peak_gpu_gib": (torch.cuda.max_memory_allocated() - before) / GiB,
            "plan_gib": model.plan.gpu_bytes / GiB, "chunk": model.plan.prefill_chunk,
            "note": f"{model.plan.resident_layers} resident, {model.plan.paged_layers} paged, chunks of "
-                   f"{model.plan.prefill_chunk} positions; {base / GiB:.2f} GiB allocated before the prefill"}
+                   f"{model.plan.prefill_chunk} positions; {loaded / GiB:.2f} GiB allocated by the model before the "
+                   f"prefill; {before / GiB:.2f} GiB left by earlier variants not counted"}
     print(json.dumps(row), flush=True)
     del model, decoder, cpu
     free_gpu()
@@ -330,7 +335,6 @@ def main(shape: str = "7b", budgets: str = "6,8,12", peers: str = "meta,llamacpp
 
     peer_names = _list(peers)
     if set(peer_names) - {"meta", "llamacpp"}:
-        import bench_peers  # scripts/bench_peers.py
 
         hf_dir = work / f"hf-{shape}"
         if not (hf_dir / "config.json").exists():

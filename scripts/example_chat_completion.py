@@ -32,8 +32,13 @@ except ImportError:  # run from a checkout without installing
 
 from llama_offload.chat_format import Dialog
 from llama_offload.options import (
-    build_llama, check_generation_flags, fire_main, parse_dialogs, run_chat_completion, start_model_parallel,
+    build_llama, check_generation_flags, fire_main, parse_dialogs, run_chat_completion, run_options_command,
+    start_model_parallel,
 )
+from llama_offload.run_options import RunOptions
+
+META_FLAGS = ("ckpt_dir", "tokenizer_path", "temperature", "top_p", "max_seq_len", "max_batch_size", "max_gen_len",
+              "dialogs")
 
 EXAMPLE_DIALOGS: list[Dialog] = [
     [{"role": "user", "content": "What should I pack for a weekend of hiking in the hills?"}],
@@ -53,36 +58,32 @@ EXAMPLE_DIALOGS: list[Dialog] = [
 ]
 
 
+# Meta's flags first, in Meta's order, with Meta's defaults; then our run options (offload, dtype, ...).
+@run_options_command(defaults=dict(max_seq_len=512, max_batch_size=4), leading=META_FLAGS)
 def main(
-    ckpt_dir: Optional[str] = None,
-    tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
-    max_seq_len: int = 512,
-    max_batch_size: int = 4,
     max_gen_len: Optional[int] = None,
     dialogs: Any = None,
-    offload: bool = True,
-    num_slices: Optional[int] = None,
-    gpu_memory_gb: Optional[float] = None,
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
-    seed: int = 1,
-    chat_format: Optional[str] = None,
+    *,
+    options: RunOptions,
 ) -> None:
     """Answer the example dialogs (or --dialogs, a JSON list of dialogs) and print them with the answers.
 
     Without --ckpt_dir the default model (SmolLM2-135M-Instruct) is used, made on first use.
-    --chat_format llama2|chatml overrides the format the checkpoint records.
+
+    Args:
+        temperature: 0 means greedy.
+        top_p: nucleus sampling threshold.
+        max_batch_size: dialogs run together; more are run in several batches.
+        max_gen_len: most new tokens per answer (default: until the end of the answer or of max_seq_len).
+        dialogs: a JSON list of dialogs, each a list of {"role", "content"} messages, instead of the examples.
+        chat_format: overrides the format the checkpoint records: llama2, chatml or llama3.
     """
     start_model_parallel()  # under torchrun --nproc_per_node N > 1: split the model over N GPUs; else nothing
-    temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_seq_len=max_seq_len,
-                                                max_batch_size=max_batch_size, max_gen_len=max_gen_len,
-                                                num_slices=num_slices, gpu_memory_gb=gpu_memory_gb)
+    temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
     chats = EXAMPLE_DIALOGS if dialogs is None else parse_dialogs(dialogs)
-    generator = build_llama(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                            offload=offload, num_slices=num_slices, gpu_memory_gb=gpu_memory_gb, device=device,
-                            dtype=dtype, seed=seed, chat_format=chat_format)
+    generator = build_llama(options)
     run_chat_completion(generator, chats, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
 
 

@@ -32,8 +32,13 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama_offload.options import (
-    build_llama, check_generation_flags, fire_main, parse_prompts, run_text_completion, start_model_parallel,
+    build_llama, check_generation_flags, fire_main, parse_prompts, run_options_command, run_text_completion,
+    start_model_parallel,
 )
+from llama_offload.run_options import RunOptions
+
+META_FLAGS = ("ckpt_dir", "tokenizer_path", "temperature", "top_p", "max_seq_len", "max_batch_size", "max_gen_len",
+              "prompts")
 
 EXAMPLE_PROMPTS: list[str] = [
     # Plain continuation
@@ -55,34 +60,31 @@ Hi Sam,
 ]
 
 
+# Meta's flags first, in Meta's order, with Meta's defaults; then our run options (offload, dtype, ...).
+@run_options_command(defaults=dict(max_seq_len=128, max_batch_size=4), leading=META_FLAGS)
 def main(
-    ckpt_dir: Optional[str] = None,
-    tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
-    max_seq_len: int = 128,
-    max_batch_size: int = 4,
     max_gen_len: Optional[int] = 64,
     prompts: Any = None,
-    offload: bool = True,
-    num_slices: Optional[int] = None,
-    gpu_memory_gb: Optional[float] = None,
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
-    seed: int = 1,
+    *,
+    options: RunOptions,
 ) -> None:
     """Complete the example prompts (or --prompts, a JSON list of strings) and print the results.
 
     Without --ckpt_dir the default model (SmolLM2-135M-Instruct) is used, made on first use.
+
+    Args:
+        temperature: 0 means greedy.
+        top_p: nucleus sampling threshold.
+        max_batch_size: prompts run together; more are run in several batches.
+        max_gen_len: most new tokens per prompt.
+        prompts: a JSON list of strings to complete instead of the example prompts.
     """
     start_model_parallel()  # under torchrun --nproc_per_node N > 1: split the model over N GPUs; else nothing
-    temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_seq_len=max_seq_len,
-                                                max_batch_size=max_batch_size, max_gen_len=max_gen_len,
-                                                num_slices=num_slices, gpu_memory_gb=gpu_memory_gb)
+    temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
     texts = EXAMPLE_PROMPTS if prompts is None else parse_prompts(prompts)
-    generator = build_llama(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                            offload=offload, num_slices=num_slices, gpu_memory_gb=gpu_memory_gb, device=device,
-                            dtype=dtype, seed=seed)
+    generator = build_llama(options)
     run_text_completion(generator, texts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
 
 
