@@ -27,51 +27,34 @@ from .convert_gguf import convert_gguf
 from .convert_hf import convert_hf
 from .default_model import _find_tokenizer, resolve_paths
 from .generation import Llama
-from .options import _load_json, build_llama, check_generation_flags, fire_main, parse_dtype, run_text_completion
+from .options import (
+    _load_json, build_llama, check_generation_flags, fire_main, run_options_command, run_text_completion,
+)
 from .plan import plan_offload
+from .run_options import RunOptions
 from .tokenizer import load_tokenizer
 
 __all__ = ["chat", "chat_repl", "complete", "convert", "info", "main", "param_counts", "token_ids", "tokenize"]
 
 
+@run_options_command(defaults=dict(max_seq_len=128, max_batch_size=4))
 def complete(
     *prompts: str,
-    ckpt_dir: Optional[str] = None,
-    tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
-    max_seq_len: int = 128,
-    max_batch_size: int = 4,
     max_gen_len: Optional[int] = 64,
-    offload: bool = True,
-    num_slices: Optional[int] = None,
-    gpu_memory_gb: Optional[float] = None,
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
-    seed: int = 1,
+    options: RunOptions,
 ) -> None:
     """Complete each prompt (arguments, or one per line on stdin), in batches of max_batch_size.
 
     Args:
         prompts: the texts to continue; without any, prompts are read from stdin, one per line.
-        ckpt_dir: Meta checkpoint directory (params.json, consolidated.NN.pth); unset: the default model.
-        tokenizer_path: tokenizer.model or tokenizer.json; unset: looked for in ckpt_dir, then in its parent.
         temperature: 0 means greedy.
         top_p: nucleus sampling threshold.
-        max_seq_len: prompt + completion length the KV cache is sized for.
-        max_batch_size: prompts run together; more are run in several batches.
         max_gen_len: most new tokens per prompt.
-        offload: page blocks through the GPU (False: the whole model on the GPU).
-        num_slices: groups the blocks are paged in (default: one block per slice, least GPU memory).
-        gpu_memory_gb: GPU memory budget in GiB: as many blocks as fit stay resident, the rest are paged
-            (instead of num_slices).
-        device: cuda, cuda:N or cpu (default: cuda if available).
-        dtype: float16, bfloat16 or float32 (default: the checkpoint's).
-        seed: sampling seed.
+        max_batch_size: prompts run together; more are run in several batches.
     """
-    temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_seq_len=max_seq_len,
-                                                max_batch_size=max_batch_size, max_gen_len=max_gen_len,
-                                                num_slices=num_slices, gpu_memory_gb=gpu_memory_gb)
+    temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
     # fire turns a bare `42` or `True` into a number or a bool; a prompt is text whatever it looks like.
     texts = [str(p) for p in prompts]
     if not texts:
@@ -83,9 +66,7 @@ def complete(
                 "No prompts: pass them as arguments (llama-offload complete \"Once upon a time\") "
                 "or one per line on stdin (blank lines are skipped)."
             )
-    llama = build_llama(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                        offload=offload, num_slices=num_slices, gpu_memory_gb=gpu_memory_gb, device=device,
-                        dtype=dtype, seed=seed)
+    llama = build_llama(options)
     run_text_completion(llama, texts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
 
 
@@ -164,51 +145,36 @@ def chat_repl(
                   "or restart with a larger --max_seq_len.)")
 
 
+@run_options_command(defaults=dict(max_seq_len=512), fixed=dict(max_batch_size=1),
+                     leading=("ckpt_dir", "tokenizer_path"))
 def chat(
-    ckpt_dir: Optional[str] = None,
-    tokenizer_path: Optional[str] = None,
     system: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
-    max_seq_len: int = 512,
     max_gen_len: Optional[int] = None,
-    offload: bool = True,
-    num_slices: Optional[int] = None,
-    gpu_memory_gb: Optional[float] = None,
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
-    seed: int = 1,
-    chat_format: Optional[str] = None,
+    *,
+    options: RunOptions,
 ) -> None:
     """Interactive chat; the answer streams as it is generated. /reset, /exit; Ctrl-C stops an answer.
 
+    One conversation at a time: the batch is 1 (there is no --max_batch_size), which keeps the KV cache as
+    small as it can be.
+
     Args:
         ckpt_dir: Meta checkpoint directory (a chat model, e.g. llama-2-7b-chat); unset: the default model.
-        tokenizer_path: tokenizer.model or tokenizer.json; unset: looked for in ckpt_dir, then in its parent.
         system: system prompt that starts every conversation (kept by /reset).
         temperature: 0 means greedy.
         top_p: nucleus sampling threshold.
-        max_seq_len: the whole conversation must fit in this many tokens; /reset when it is full.
         max_gen_len: most new tokens per answer (default: until the end of the answer or of max_seq_len).
-        offload: page blocks through the GPU (False: the whole model on the GPU).
-        num_slices: groups the blocks are paged in (default: one block per slice).
-        gpu_memory_gb: GPU memory budget in GiB: as many blocks as fit stay resident, the rest are paged.
-        device: cuda, cuda:N or cpu (default: cuda if available).
-        dtype: float16, bfloat16 or float32 (default: the checkpoint's).
+        max_seq_len: the whole conversation must fit in this many tokens; /reset when it is full.
         seed: sampling seed (the same conversation gets the same answer).
-        chat_format: llama2, chatml or llama3 (default: what the checkpoint records, else what the tokenizer implies).
     """
-    temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_seq_len=max_seq_len,
-                                                max_batch_size=1, max_gen_len=max_gen_len, num_slices=num_slices,
-                                                gpu_memory_gb=gpu_memory_gb)
+    temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
     try:  # line editing and history for input(), where the platform has it
         import readline  # noqa: F401
     except ImportError:
         pass
-    # One conversation at a time: a batch of 1 keeps the KV cache as small as it can be.
-    llama = build_llama(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, offload=offload,
-                        num_slices=num_slices, gpu_memory_gb=gpu_memory_gb, device=device, dtype=dtype, seed=seed,
-                        chat_format=chat_format)
+    llama = build_llama(options)
     chat_repl(llama, system=None if system is None else str(system), temperature=temperature, top_p=top_p,
               max_gen_len=max_gen_len)
 
@@ -261,16 +227,15 @@ def _checkpoint_dtype(ckpt_dir: Path) -> tuple[torch.dtype, int]:
     return sd.get("tok_embeddings.weight", tensors[0]).dtype, len(shards)
 
 
-def info(
-    ckpt_dir: Optional[str] = None,
-    tokenizer_path: Optional[str] = None,
-    max_seq_len: int = 512,
-    max_batch_size: int = 4,
-    num_slices: Optional[int] = None,
-    gpu_memory_gb: Optional[float] = None,
-    dtype: Optional[str] = None,
-) -> None:
+# What info leaves out: it plans the offloaded run on a GPU, without loading anything.
+INFO_IGNORES = ("offload", "device", "seed", "chat_format", "cuda_graphs")
+
+
+@run_options_command(exclude=INFO_IGNORES, leading=("ckpt_dir", "tokenizer_path"))
+def info(*, options: RunOptions) -> None:
     """Model shape, parameter count and the memory an offloaded run needs, without loading the weights.
+
+    Takes the run options that change the plan; not --offload, --device, --seed, --chat_format, --cuda_graphs.
 
     Args:
         ckpt_dir: Meta checkpoint directory; unset: the default model.
@@ -280,10 +245,12 @@ def info(
         num_slices: groups the blocks are paged in (default: one block per slice).
         gpu_memory_gb: plan for this GPU memory budget in GiB instead (resident blocks first, the rest paged).
         dtype: float16, bfloat16 or float32 to plan for (default: the checkpoint's, read from shard 00).
+        prefill_chunk: prompt positions per prefill pass, which size the activation estimate (default:
+            min(max_seq_len, 2048)).
     """
-    check_generation_flags(temperature=0, top_p=1, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                           max_gen_len=None, num_slices=num_slices, gpu_memory_gb=gpu_memory_gb)
-    want_dtype = parse_dtype(dtype)
+    ckpt_dir, tokenizer_path, num_slices = options.ckpt_dir, options.tokenizer_path, options.num_slices
+    max_seq_len, max_batch_size = options.max_seq_len, options.max_batch_size
+    want_dtype = options.torch_dtype
     if ckpt_dir is None:
         ckpt, tok = resolve_paths(None, tokenizer_path)
     else:
@@ -310,7 +277,7 @@ def info(
                          f"choose 1..{n_layers}.")
     # The same plan offload() follows when the model is loaded with these flags.
     plan = plan_offload(args, model_dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                        gpu_memory_gb=None if gpu_memory_gb is None else float(gpu_memory_gb), num_slices=num_slices)
+                        gpu_memory_gb=options.gpu_memory_gb, num_slices=num_slices, prefill_chunk=options.prefill_chunk)
     counts, size = param_counts(args), model_dtype.itemsize
 
     meta = read_checkpoint_meta(ckpt)
@@ -447,7 +414,7 @@ def tokenize(
         dialog: instead of text, a chat as a JSON list of {"role", "content"} messages; prints the chat prompt.
         tokenizer_path: tokenizer.model (SentencePiece or Llama 3 tiktoken) or tokenizer.json.
         ckpt_dir: instead of tokenizer_path, a checkpoint directory: its tokenizer and recorded chat format.
-            Neither: the default model's tokenizer.
+            With neither, the default model's tokenizer is used.
         chat_format: llama2, llama3 or chatml for --dialog (default: what the checkpoint records, else the
             one that fits the tokenizer).
     """

@@ -1,63 +1,57 @@
 """Flag handling shared by the ``llama-offload`` command and the example scripts.
 
+The model and offload flags are the fields of ``RunOptions`` (run_options.py): ``run_options_command``
+turns them into flags of a command, with their help, and hands the command one checked ``RunOptions``;
+``build_llama`` loads a model from it. The sampling flags stay each command's own.
+
 fire hands over whatever the shell gave it, parsed as Python literals where that works: ``--prompts``
 may arrive as a list or as a JSON string, ``--temperature 0`` as an int, ``--dtype`` as any word. Everything
-is checked here, before a model is loaded, so a typo costs a second and not a checkpoint load.
+is checked here, before a model is loaded, so a typo costs a second and not a checkpoint load; so is every
+flag's name (``check_flag_names``), which fire itself would only question after running the command.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
+import inspect
 import json
 import os
+import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Optional, TypeVar
 
 import fire
-import torch
 
 from . import parallel
 from .chat_format import Dialog, validate_dialog
 from .default_model import resolve_paths
 from .generation import Llama
+from .run_options import DTYPES, RunOptions, parse_dtype
 
 __all__ = [
     "DTYPES",
+    "RunOptions",
     "build_llama",
+    "check_flag_names",
     "check_generation_flags",
     "fire_main",
     "parse_dialogs",
     "parse_dtype",
     "parse_prompts",
     "run_chat_completion",
+    "run_options_command",
     "run_text_completion",
     "start_model_parallel",
 ]
-
-DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}
 
 # What a user can fix from the message alone. Anything else (TypeError, AssertionError, ...) is a bug
 # and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, RuntimeError)
 
 T = TypeVar("T")
-
-
-def parse_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
-    """``--dtype`` as a torch dtype; None keeps the checkpoint's own dtype."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in DTYPES:
-        raise ValueError(
-            f"Unknown --dtype {dtype!r}: expected float16, bfloat16 or float32 (or fp16, bf16, fp32). "
-            "Leave it unset to keep the checkpoint's own dtype."
-        )
-    return DTYPES[key]
 
 
 def _load_json(value: Any, flag: str, example: str) -> Any:
@@ -116,29 +110,11 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
-def check_generation_flags(
-    *,
-    temperature: Any,
-    top_p: Any,
-    max_seq_len: Any,
-    max_batch_size: Any,
-    max_gen_len: Any,
-    num_slices: Any,
-    gpu_memory_gb: Any = None,
-) -> tuple[float, float]:
-    """Validate the flags every command shares; return (temperature, top_p) as floats."""
-    _positive_int("max_seq_len", max_seq_len)
-    _positive_int("max_batch_size", max_batch_size)
+def check_generation_flags(*, temperature: Any, top_p: Any, max_gen_len: Any) -> tuple[float, float]:
+    """Validate the sampling flags (the run options are RunOptions' to check); return (temperature, top_p)
+    as floats."""
     if max_gen_len is not None:
         _positive_int("max_gen_len", max_gen_len)
-    if num_slices is not None:
-        _positive_int("num_slices", num_slices)
-    if gpu_memory_gb is not None:
-        if isinstance(gpu_memory_gb, bool) or not isinstance(gpu_memory_gb, (int, float)) or gpu_memory_gb <= 0:
-            raise ValueError(f"--gpu_memory_gb must be a positive number of GiB, found {gpu_memory_gb!r}.")
-        if num_slices is not None:
-            raise ValueError("Give either --gpu_memory_gb or --num_slices, not both: the budget decides how many "
-                             "blocks stay resident and how the rest is paged.")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
         raise ValueError(f"--temperature must be a number >= 0 (0 means greedy), found {temperature!r}.")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
@@ -156,31 +132,134 @@ def start_model_parallel() -> tuple[int, int]:
     return rank, world_size
 
 
-def build_llama(
-    ckpt_dir: Optional[str],
-    tokenizer_path: Optional[str],
-    *,
-    max_seq_len: int,
-    max_batch_size: int,
-    offload: bool = True,
-    num_slices: Optional[int] = None,
-    gpu_memory_gb: Optional[float] = None,
-    device: Optional[str] = None,
-    dtype: Optional[str | torch.dtype] = None,
-    seed: int = 1,
-    chat_format: Optional[str] = None,
-) -> Llama:
-    """``Llama.build`` from command-line flags; no ckpt_dir means the default model. Under torchrun with
-    several processes, the model is split over them (see start_model_parallel)."""
-    torch_dtype = parse_dtype(dtype)  # before resolve_paths, which may spend seconds making the default model
+def build_llama(options: Optional[RunOptions] = None, **flags: Any) -> Llama:
+    """``Llama.build`` with ``options`` (``flags``, RunOptions field names, change some); no ckpt_dir means the
+    default model, made on first use. Under torchrun with several processes, the model is split over them
+    (see start_model_parallel). The Llama keeps the options it was built with, the resolved paths in them."""
+    options = RunOptions.from_flags(flags, base=options)  # checked before resolve_paths, which may take seconds
     start_model_parallel()
-    ckpt, tokenizer = resolve_paths(ckpt_dir, tokenizer_path)
-    return Llama.build(
-        ckpt, tokenizer, max_seq_len, max_batch_size, offload=bool(offload), num_slices=num_slices,
-        gpu_memory_gb=None if gpu_memory_gb is None else float(gpu_memory_gb),
-        device=None if device is None else str(device), dtype=torch_dtype, seed=int(seed),
-        chat_format=None if chat_format is None else str(chat_format),
-    )
+    ckpt, tokenizer = resolve_paths(options.ckpt_dir, options.tokenizer_path)
+    return Llama.build(ckpt, tokenizer, options=options.replace(ckpt_dir=str(ckpt), tokenizer_path=str(tokenizer)))
+
+
+# --- commands whose flags are RunOptions' fields ----------------------------------------------------
+
+
+_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.KEYWORD_ONLY)
+
+
+def run_options_command(
+    *,
+    defaults: Optional[Mapping[str, Any]] = None,
+    fixed: Optional[Mapping[str, Any]] = None,
+    exclude: Sequence[str] = (),
+    leading: Sequence[str] = (),
+) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Make ``fn(..., *, options: RunOptions)`` a fire command whose flags are its own parameters plus one
+    per RunOptions field: a field added to RunOptions is a flag of every such command, with its help.
+
+    The command's ``__signature__`` (what fire parses and ``-- --help`` lists, and what Python callers see)
+    is ``fn``'s parameters without ``options``, then the fields with their defaults, in RunOptions' order:
+    keyword-only where ``fn`` has ``*args`` or keyword-only parameters of its own, else positional-or-keyword.
+    Each field's ``metadata["help"]`` is appended to the Args section of the docstring, unless ``fn``'s
+    docstring already describes that name (a command-specific wording wins).
+    A call binds the arguments to that signature and builds ``options`` with ``RunOptions.from_flags``, so
+    every run option is checked (one-line ValueError) before ``fn`` runs, let alone loads a model.
+
+    Args:
+        defaults: this command's defaults for some fields (complete: max_seq_len=128).
+        fixed: fields the command sets itself, not flags (chat: max_batch_size=1).
+        exclude: fields the command has no use for, not flags; they keep RunOptions' defaults.
+        leading: names, of fields or of ``fn``'s parameters, that come first, in this order, as
+            positional-or-keyword parameters: the Meta scripts' ckpt_dir, tokenizer_path, temperature, ...
+    """
+    defaults, fixed = dict(defaults or {}), dict(fixed or {})
+    fields = {f.name: f for f in dataclasses.fields(RunOptions)}
+    for what, names in (("defaults", defaults), ("fixed", fixed), ("exclude", exclude)):
+        unknown = sorted(set(names) - set(fields))
+        if unknown:
+            raise TypeError(f"run_options_command {what}: {unknown} are not RunOptions fields.")
+    if set(fixed) & set(exclude) or set(defaults) & (set(fixed) | set(exclude)):
+        raise TypeError("run_options_command: a field is either a flag (defaults), fixed or excluded.")
+    flags = [name for name in fields if name not in fixed and name not in exclude]
+
+    def decorate(fn: Callable[..., T]) -> Callable[..., T]:
+        own = inspect.signature(fn).parameters
+        if "options" not in own or own["options"].kind is not inspect.Parameter.KEYWORD_ONLY:
+            raise TypeError(f"{fn.__name__} must take a keyword-only parameter `options` (the RunOptions).")
+        own = {name: p for name, p in own.items() if name != "options"}
+        if any(p.kind not in _KINDS for p in own.values()):
+            raise TypeError(f"{fn.__name__}: only positional-or-keyword, *args and keyword-only parameters.")
+        clash = sorted(set(own) & set(fields))
+        if clash:
+            raise TypeError(f"{fn.__name__}: {clash} are RunOptions fields; they come in through `options`.")
+        missing = [name for name in leading if name not in own and name not in flags]
+        if missing:
+            raise TypeError(f"{fn.__name__}: leading names {missing} are neither its parameters nor flags.")
+        if any(own[name].kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for name in leading if name in own):
+            raise TypeError(f"{fn.__name__}: leading parameters must be positional-or-keyword ones.")
+
+        def field_param(name: str, kind: inspect._ParameterKind) -> inspect.Parameter:
+            default = defaults.get(name, fields[name].default)
+            return inspect.Parameter(name, kind, default=default, annotation=fields[name].type)
+
+        params = [own[name].replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) if name in own
+                  else field_param(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in leading]
+        params += [p for name, p in own.items() if name not in leading]
+        # One kind for every flag: fire's help picks one-letter shortcuts within each kind, its parser across
+        # both, so a mix would show shortcuts that the parser finds ambiguous.
+        keyword_only = any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in own.values())
+        kind = inspect.Parameter.KEYWORD_ONLY if keyword_only else inspect.Parameter.POSITIONAL_OR_KEYWORD
+        params += [field_param(name, kind) for name in flags if name not in leading]
+        signature = inspect.Signature(params, return_annotation=inspect.signature(fn).return_annotation)
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> T:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            values = dict(bound.arguments)
+            options = RunOptions.from_flags({**{name: values.pop(name) for name in flags}, **fixed})
+            call_args: list[Any] = []
+            call_kwargs: dict[str, Any] = {}
+            for name, p in own.items():
+                if p.kind is inspect.Parameter.VAR_POSITIONAL:
+                    call_args.extend(values[name])
+                else:
+                    call_kwargs[name] = values[name]
+            return fn(*call_args, **call_kwargs, options=options)
+
+        command.__signature__ = signature  # type: ignore[attr-defined]  # fire reads it (inspect.signature)
+        command.__doc__ = _docstring_with_fields(fn.__doc__ or "", flags)
+        return command
+
+    return decorate
+
+
+_ARGS_ENTRY = re.compile(r"^(\s+)(\*{0,2}\w+)\s*(?:\([^)]*\))?:")
+
+
+def _docstring_with_fields(doc: str, names: Sequence[str]) -> str:
+    """``doc`` (Google style, as fire parses it) with an Args entry for each RunOptions field in ``names``
+    that it does not describe already."""
+    lines = inspect.cleandoc(doc).splitlines() if doc.strip() else []
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Args:")
+    except StopIteration:
+        lines += ["", "Args:"] if lines else ["Args:"]
+        start = len(lines) - 1
+    end = start + 1  # the section ends at the first line as little indented as "Args:" itself
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
+        end += 1
+    while end > start + 1 and not lines[end - 1].strip():
+        end -= 1
+    described = {m.group(2).lstrip("*") for line in lines[start + 1 : end] if (m := _ARGS_ENTRY.match(line))}
+    # One line each: fire's parser ignores indentation, so a continuation line with a colon in it would
+    # be read as the start of another entry, and the rest of that line dropped from the help.
+    help_text = RunOptions.help()
+    pad = " " * (indent + 4)
+    added = [f"{pad}{name}: {' '.join(help_text[name].split())}" for name in names if name not in described]
+    return "\n".join(lines[:end] + added + lines[end:])
 
 
 def _batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -219,6 +298,47 @@ def run_chat_completion(
         print(llama.last_stats.summary(), flush=True)
 
 
+def _fire(component: Callable[..., Any] | dict[str, Callable[..., Any]], name: str) -> None:
+    check_flag_names(component, sys.argv[1:], name)
+    fire.Fire(component, name=name)
+
+
+def check_flag_names(component: Callable[..., Any] | dict[str, Callable[..., Any]], argv: Sequence[str],
+                     name: str) -> None:
+    """Refuse a ``--flag`` the command does not take, before it runs.
+
+    fire calls the command with the flags it could use and complains about the others only afterwards, so
+    a misspelt flag would cost a whole model load (or a chat session) before its error. Values are the
+    commands' to check; what comes after a bare ``--`` is fire's own (--help, --trace).
+    """
+    args = list(argv)
+    command = name
+    if isinstance(component, dict):
+        if not args or args[0] not in component:
+            return  # fire lists the commands
+        command, fn, args = f"{name} {args[0]}", component[args[0]], args[1:]
+    else:
+        fn = component
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [p for p, v in params.items() if v.kind is not inspect.Parameter.VAR_POSITIONAL]
+    for arg in args:
+        if arg == "--":
+            break
+        if not arg.startswith("--") or arg == "--help":
+            continue
+        flag = arg[2:].split("=", 1)[0].replace("-", "_")
+        if flag in known or (flag.startswith("no") and flag[2:] in known and "=" not in arg):
+            continue
+        close = difflib.get_close_matches(flag, known, n=1)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        raise ValueError(f"--{flag} is not a flag of {command}{hint}; `{command} -- --help` lists them.")
+
+
 def fire_main(component: Callable[..., Any] | dict[str, Callable[..., Any]], name: str) -> None:
     """``fire.Fire`` with user errors shown as one line (exit 1) instead of a traceback.
 
@@ -233,7 +353,7 @@ def fire_main(component: Callable[..., Any] | dict[str, Callable[..., Any]], nam
         _fire_main_model_parallel(component, name)
         return
     try:
-        fire.Fire(component, name=name)
+        _fire(component, name)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
@@ -249,7 +369,7 @@ def fire_main(component: Callable[..., Any] | dict[str, Callable[..., Any]], nam
 def _fire_main_model_parallel(component: Callable[..., Any] | dict[str, Callable[..., Any]], name: str) -> None:
     show = bool(os.environ.get("LLAMA_OFFLOAD_TRACEBACK"))
     try:
-        fire.Fire(component, name=name)
+        _fire(component, name)
     except SystemExit as e:  # fire's own exits (--help, bad flags): every rank makes the same one
         if e.code not in (None, 0):
             code = e.code if isinstance(e.code, int) else 1
