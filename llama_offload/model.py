@@ -28,12 +28,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32: fp16/bf16 sums of squares lose too much precision.
-        return self._norm(x.float()).type_as(x) * self.weight
+        # Meta's x * rsqrt(mean(x^2) + eps) in fp32 (fp16/bf16 sums of squares lose too much precision), as one
+        # fused kernel where torch has it; then cast back and scale, as Meta does.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def apply_scaling(freqs: torch.Tensor, scale_factor: float = 8.0, low_freq_factor: float = 1.0,
@@ -91,6 +89,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def attend(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # mask: (bs, 1, seqlen, kv_len) additive, 0 where a token may attend and -inf elsewhere
     """Fused attention (``scaled_dot_product_attention``): no (heads x seqlen x kv_len) score matrix is
     kept, so long prompts cost memory linear in their length.
 
@@ -116,7 +115,7 @@ def attend_explicit(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     keys = repeat_kv(keys, n_rep).transpose(1, 2)  # (bs, n_heads, kv_len, head_dim)
     values = repeat_kv(values, n_rep).transpose(1, 2)  # (bs, n_heads, kv_len, head_dim)
     scores = torch.matmul(xq.transpose(1, 2), keys.transpose(2, 3)) / math.sqrt(head_dim)  # (bs, n_heads, seqlen, kv_len)
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores + mask
     scores = F.softmax(scores.float(), dim=-1).type_as(xq)
     output = torch.matmul(scores, values)  # (bs, n_heads, seqlen, head_dim)
     return output.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bs, seqlen, n_heads * head_dim)
@@ -131,6 +130,7 @@ class KVCache:
         shape = (max_batch_size, cache_len(max_seq_len), n_kv_heads, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.row_start = torch.arange(max_batch_size, device=device) * shape[1]  # (max_batch_size,) flat index of each row
 
     def update(self, shape: StepShape, input_pos: torch.Tensor, xk: torch.Tensor,
                xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,8 +142,7 @@ class KVCache:
                 f"KV cache holds {rows} sequences of {positions} positions; asked for rows {shape.row0}.."
                 f"{shape.row0 + shape.bsz - 1} up to position {shape.kv_len - 1}. Raise max_batch_size / max_seq_len."
             )
-        row = torch.arange(shape.row0, shape.row0 + shape.bsz, device=input_pos.device)  # (bs,)
-        slot = (row[:, None] * positions + input_pos).reshape(-1)  # (bs * seqlen,) flat cache index
+        slot = (self.row_start[shape.row0 : shape.row0 + shape.bsz, None] + input_pos).reshape(-1)  # (bs * seqlen,)
         self.k.view(rows * positions, *self.k.shape[2:]).index_copy_(0, slot, xk.reshape(-1, *xk.shape[2:]))
         self.v.view(rows * positions, *self.v.shape[2:]).index_copy_(0, slot, xv.reshape(-1, *xv.shape[2:]))
         batch = slice(shape.row0, shape.row0 + shape.bsz)
@@ -305,7 +304,7 @@ class Transformer(nn.Module):
             raise RuntimeError("The KV cache is not set up: call setup_caches() on the model before running it.")
         h = self.tok_embeddings(step.tokens)  # (bs, seqlen, dim)
         freqs_cis = self.freqs_cis[step.input_pos]  # (bs, seqlen, head_dim/2)
-        mask = attention_mask(step.input_pos, step.shape.kv_len)  # (bs, 1, seqlen, kv_len)
+        mask = attention_mask(step.input_pos, step.shape.kv_len, h.dtype)  # (bs, 1, seqlen, kv_len)
         for layer in self.layers:
             h = layer(h, step.shape, step.input_pos, freqs_cis, mask)
         return head(self.norm, self.output, h, step.last)

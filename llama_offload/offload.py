@@ -202,7 +202,7 @@ class OffloadedTransformer(nn.Module):
         self.context.layout = layout
         h = self.tok_embeddings(step.tokens)  # (bs, seqlen, dim)
         freqs_cis = self.freqs_cis[step.input_pos]  # (bs, seqlen, head_dim/2)
-        mask = attention_mask(step.input_pos, step.shape.kv_len)  # (bs, 1, seqlen, kv_len)
+        mask = attention_mask(step.input_pos, step.shape.kv_len, self.dtype)  # (bs, 1, seqlen, kv_len)
         return self.resident(layout.pack(h, freqs_cis, step.input_pos, mask))
 
     def suffix(self, packet: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor:

@@ -6,7 +6,7 @@ A packet is a 1-D uint8 tensor on the GPU holding, as raw bytes (no lossy casts)
     hidden state    (bs, seqlen, dim)          in the model dtype
     RoPE freqs      (bs, seqlen, head_dim/2)   complex64 as fp32 pairs, one row per token's own position
     positions       (bs, seqlen)               int64, where each token's keys/values go in the cache
-    attention mask  (bs, 1, seqlen, kv_len)    bool, built once per step
+    attention mask  (bs, 1, seqlen, kv_len)    additive (0 or -inf) in the model dtype, built once per step
 
 Where each field starts is not stored in the packet: ``PacketLayout`` computes it from the step's host-side
 ``StepShape``, which travels beside the packet through ``StepContext``. So a block never reads the GPU back
@@ -34,7 +34,7 @@ class Unpacked(NamedTuple):
     h: torch.Tensor  # (bs, seqlen, dim)
     freqs_cis: torch.Tensor  # (bs, seqlen, head_dim/2) complex64
     input_pos: torch.Tensor  # (bs, seqlen) int64
-    mask: torch.Tensor  # (bs, 1, seqlen, kv_len) bool
+    mask: torch.Tensor  # (bs, 1, seqlen, kv_len) additive, model dtype
 
 
 def _padded(n: int) -> int:
@@ -62,7 +62,7 @@ class PacketLayout:
     def _sizes(self) -> list[int]:
         tokens = self.shape.bsz * self.shape.seqlen
         return [tokens * self.dim * self.dtype.itemsize, tokens * self.half * 8, tokens * 8,
-                tokens * self.shape.kv_len]
+                tokens * self.shape.kv_len * self.dtype.itemsize]
 
     @property
     def offsets(self) -> list[int]:
@@ -82,7 +82,7 @@ class PacketLayout:
         expected = {"hidden state": (h, (bsz, seqlen, self.dim), self.dtype),
                     "RoPE frequencies": (freqs_cis, (bsz, seqlen, self.half), torch.complex64),
                     "positions": (input_pos, (bsz, seqlen), torch.int64),
-                    "mask": (mask, (bsz, 1, seqlen, kv_len), torch.bool)}
+                    "mask": (mask, (bsz, 1, seqlen, kv_len), self.dtype)}
         for name, (t, shape, dtype) in expected.items():
             if tuple(t.shape) != shape or t.dtype != dtype:
                 raise ValueError(f"The packet's {name} must be {dtype} of shape {shape}, found {t.dtype} {tuple(t.shape)}.")
@@ -102,7 +102,7 @@ class PacketLayout:
         h = packet[o[0] : o[0] + n[0]].view(self.dtype).view(bsz, seqlen, self.dim)
         freqs = packet[o[1] : o[1] + n[1]].view(torch.float32).view(bsz, seqlen, self.half, 2)
         input_pos = packet[o[2] : o[2] + n[2]].view(torch.int64).view(bsz, seqlen)
-        mask = packet[o[3] : o[3] + n[3]].view(torch.bool).view(bsz, 1, seqlen, kv_len)
+        mask = packet[o[3] : o[3] + n[3]].view(self.dtype).view(bsz, 1, seqlen, kv_len)
         return Unpacked(h, torch.view_as_complex(freqs), input_pos, mask)
 
 

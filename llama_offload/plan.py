@@ -42,9 +42,8 @@ def activation_bytes(args: ModelArgs, dtype: torch.dtype, max_batch_size: int, m
     chunk = min(max_seq_len, prefill_chunk or DEFAULT_PREFILL_CHUNK)
     tokens, kv = max_batch_size * chunk, cache_len(max_seq_len)
     n_rep = p.n_heads // p.kv_heads
-    mask = tokens * kv * (1 + (n_rep if n_rep > 1 else 0))  # the packet's bool mask, and its grouped-query copy
-    bias = tokens * n_rep * kv * b  # the fused kernel's additive form of the mask
-    attention = tokens * p.n_heads // n * p.head_dim * (3 * b + 8) + mask + bias  # q, k, v, rotary fp32 copies, output
+    mask = tokens * kv * b * (1 + (n_rep if n_rep > 1 else 0))  # the packet's additive mask, its grouped-query copy
+    attention = tokens * p.n_heads // n * p.head_dim * (3 * b + 8) + mask  # q, k, v, rotary fp32 copies, output
     feed_forward = 3 * tokens * p.ffn_hidden_dim // n * b
     logits = max_batch_size * p.vocab_size * (b + 4)  # the head's output (gathered whole on every rank) and its fp32 copy
     logits += 0 if n == 1 else 2 * max_batch_size * p.vocab_size * b  # this rank's part and the gathered parts

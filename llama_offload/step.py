@@ -88,8 +88,11 @@ def make_step(tokens: torch.Tensor, starts: Sequence[int] | int, *, max_position
     return Step(tokens, input_pos, StepShape(bsz, seqlen, attended_len(top, max_positions), row0), last_t)
 
 
-def attention_mask(input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """(bs, 1, seqlen, kv_len) bool, True where a token may attend: every cached position up to its own.
-    Built once per step; each row sees only its own positions, so unequal lengths need no padding mask."""
+def attention_mask(input_pos: torch.Tensor, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """(bs, 1, seqlen, kv_len) additive mask: 0 where a token may attend (every cached position up to its own),
+    -inf elsewhere. Built once per step, in the form the attention kernel adds (no per-block conversion); each
+    row sees only its own positions, so unequal lengths need no padding mask."""
     keys = torch.arange(kv_len, device=input_pos.device)  # (kv_len,)
-    return (keys[None, None, :] <= input_pos[:, :, None])[:, None]  # (bs, 1, seqlen, kv_len)
+    hidden = keys[None, None, :] > input_pos[:, :, None]  # (bs, seqlen, kv_len)
+    mask = torch.zeros(hidden.shape, dtype=dtype, device=input_pos.device).masked_fill_(hidden, float("-inf"))
+    return mask[:, None]  # (bs, 1, seqlen, kv_len)

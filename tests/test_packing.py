@@ -27,7 +27,7 @@ def test_packet_round_trip_is_bit_exact(dtype, bsz, seqlen, start_pos):
     table = precompute_freqs_cis(12, int(input_pos.max()) + 1, theta=1e6)
     freqs = table[input_pos]  # (bs, seqlen, 6)
     kv_len = int(input_pos.max()) + 1
-    mask = attention_mask(input_pos, kv_len)
+    mask = attention_mask(input_pos, kv_len, dtype)
     layout = _layout(bsz, seqlen, kv_len, 48, 6, dtype)
 
     out = layout.unpack(layout.pack(h, freqs, input_pos, mask))
@@ -42,10 +42,12 @@ def test_packet_round_trip_is_bit_exact(dtype, bsz, seqlen, start_pos):
 
 def test_attention_mask_lets_each_row_see_its_own_positions():
     input_pos = torch.tensor([[0, 1, 2], [5, 6, 7]])
-    mask = attention_mask(input_pos, 8)  # (2, 1, 3, 8)
-    assert mask.shape == (2, 1, 3, 8)
-    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]]
-    assert mask[1, 0, 0].int().tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
+    mask = attention_mask(input_pos, 8, torch.float16)  # (2, 1, 3, 8)
+    assert mask.shape == (2, 1, 3, 8) and mask.dtype == torch.float16
+    seen = (mask == 0).int()
+    assert set(mask.unique().tolist()) == {0.0, float("-inf")}
+    assert seen[0, 0].tolist() == [[1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]]
+    assert seen[1, 0, 0].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
 
 
 def test_blocks_write_into_the_packet_they_are_given():
@@ -58,7 +60,7 @@ def test_blocks_write_into_the_packet_they_are_given():
     context.layout = _layout(2, 3, step.shape.kv_len, args.dim, args.head_dim // 2, torch.float32)
     h = torch.randn(2, 3, args.dim)
     packet = context.layout.pack(h, plain.freqs_cis[step.input_pos], step.input_pos,
-                                 attention_mask(step.input_pos, step.shape.kv_len))
+                                 attention_mask(step.input_pos, step.shape.kv_len, torch.float32))
     assert block(packet) is packet  # no new packet per block
     assert not torch.equal(context.layout.unpack(packet).h, h)
 
@@ -73,7 +75,7 @@ def test_bad_packets_are_rejected():
         _layout(1, 1, 64, 4, 2, torch.float64)
     pos = torch.zeros(1, 2, dtype=torch.long)
     with pytest.raises(ValueError, match="complex64"):
-        layout.pack(torch.zeros(1, 2, 4), torch.zeros(1, 2, 2), pos, attention_mask(pos, 64))
+        layout.pack(torch.zeros(1, 2, 4), torch.zeros(1, 2, 2), pos, attention_mask(pos, 64, torch.float32))
     with pytest.raises(RuntimeError, match="No step is running"):
         StepContext().current()
 
@@ -123,7 +125,7 @@ def test_packed_blocks_match_meta_math_at_large_start_pos():
     h = torch.randn(1, 2, args.dim)
     step = make_step(torch.zeros(1, 2, dtype=torch.long), 4100, max_positions=plain.max_positions)
     freqs = plain.freqs_cis[step.input_pos]
-    mask = attention_mask(step.input_pos, step.shape.kv_len)
+    mask = attention_mask(step.input_pos, step.shape.kv_len, torch.float32)
     block = plain.layers[0]
     expected = block(h, step.shape, step.input_pos, freqs, mask)
     block.attention.cache.k.zero_(); block.attention.cache.v.zero_()
