@@ -129,9 +129,6 @@ class PackedBlock(nn.Module):
     def forward(self, packet: torch.Tensor) -> torch.Tensor:
         layout = self.context.current()
         h, freqs_cis, input_pos, mask = layout.unpack(packet)
-        out = self.block(h, layout.shape, input_pos, freqs_cis, mask)  # (bs, seqlen, dim)
-        if out.shape != h.shape or out.dtype != h.dtype:
-            raise RuntimeError(f"Block {self.block.layer_id} changed the hidden state from {h.shape} {h.dtype} "
-                               f"to {out.shape} {out.dtype}.")
-        h.copy_(out)  # in place: the packet goes on to the next block
+        # The block reads h before its last add, which writes the result over h: the packet goes on in place.
+        self.block(h, layout.shape, input_pos, freqs_cis, mask, out=h)  # (bs, seqlen, dim)
         return packet
