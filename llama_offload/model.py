@@ -19,6 +19,7 @@ from torch import nn
 
 from . import parallel
 from .args import ModelArgs
+from .fused import FusedProjections, adjacent_weight, project
 from .step import Step, StepShape, attention_mask, cache_len, make_step
 
 
@@ -69,13 +70,15 @@ def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Ten
     return freqs_cis.view(*shape)  # (1, seqlen, 1, head_dim/2)
 
 
+def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """RoPE on (bs, seqlen, heads, head_dim): Meta's math, element by element in fp32."""
+    x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (bs, seqlen, heads, head_dim/2)
+    out = torch.view_as_real(x_ * reshape_for_broadcast(freqs_cis, x_)).flatten(3)  # (bs, seqlen, heads, head_dim)
+    return out.type_as(x)
+
+
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))  # (bs, seqlen, n_heads, head_dim/2)
-    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))  # (bs, seqlen, n_kv_heads, head_dim/2)
-    freqs_cis = reshape_for_broadcast(freqs_cis, xq_)
-    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)  # (bs, seqlen, n_heads, head_dim)
-    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)  # (bs, seqlen, n_kv_heads, head_dim)
-    return xq_out.type_as(xq), xk_out.type_as(xk)
+    return rotate(xq, freqs_cis), rotate(xk, freqs_cis)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -185,7 +188,7 @@ def _row_parallel(in_features: int, out_features: int, model_parallel_size: int)
     return parallel.RowParallelLinear(in_features, out_features, input_is_parallel=True)
 
 
-class Attention(nn.Module):
+class Attention(FusedProjections):
     def __init__(self, args: ModelArgs, model_parallel_size: int = 1):
         super().__init__()
         self.n_heads = args.n_heads
@@ -202,29 +205,44 @@ class Attention(nn.Module):
         self.cache: Optional[KVCache] = None
         self.explicit = False  # True: Meta's score-matrix attention, the reference for the fused kernel
 
+    def groups(self) -> list[list[nn.Module]]:
+        return [[self.wq, self.wk, self.wv]]
+
     def forward(self, x: torch.Tensor, shape: StepShape, input_pos: torch.Tensor, freqs_cis: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
             raise RuntimeError("The KV cache is not set up: call setup_caches() on the model before running it.")
         bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (bs, seqlen, n_local_heads, head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        heads, kv_heads, head_dim = self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        fused = adjacent_weight(self.groups()[0])
+        if fused is not None:  # one GEMM, and RoPE on q and k together: fewer launches per decode step
+            xqkv = F.linear(x, fused)  # (bs, seqlen, (heads + 2 * kv_heads) * head_dim)
+            xqk = xqkv[..., : (heads + kv_heads) * head_dim].view(bsz, seqlen, heads + kv_heads, head_dim)
+            xq, xk = rotate(xqk, freqs_cis).split([heads, kv_heads], dim=2)  # (bs, seqlen, heads | kv_heads, head_dim)
+            xv = xqkv[..., (heads + kv_heads) * head_dim :].view(bsz, seqlen, kv_heads, head_dim)
+        else:
+            xq = self.wq(x).view(bsz, seqlen, heads, head_dim)  # (bs, seqlen, n_local_heads, head_dim)
+            xk = self.wk(x).view(bsz, seqlen, kv_heads, head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
+            xv = self.wv(x).view(bsz, seqlen, kv_heads, head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
+            xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
         keys, values = self.cache.update(shape, input_pos, xk, xv)  # (bs, kv_len, n_local_kv_heads, head_dim)
         output = (attend_explicit if self.explicit else attend)(xq, keys, values, mask)  # (bs, seqlen, n_local_heads * head_dim)
         return self.wo(output)  # (bs, seqlen, dim): with N ranks, the sum of every rank's heads
 
 
-class FeedForward(nn.Module):
+class FeedForward(FusedProjections):
     def __init__(self, dim: int, hidden_dim: int, model_parallel_size: int = 1):
         super().__init__()
         self.w1 = _column_parallel(dim, hidden_dim, model_parallel_size)
         self.w2 = _row_parallel(hidden_dim, dim, model_parallel_size)
         self.w3 = _column_parallel(dim, hidden_dim, model_parallel_size)
 
+    def groups(self) -> list[list[nn.Module]]:
+        return [[self.w1, self.w3]]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = project(x, self.groups()[0])  # one GEMM where w1 and w3 are adjacent (fused.py)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

@@ -35,6 +35,7 @@ with warnings.catch_warnings():
     from fairscale.experimental.nn.offload import OffloadModel
 
 from . import parallel
+from .fused import FusedProjections
 from .graphs import DecodeGraphs
 from .model import Transformer, head
 from .packing import PacketLayout, PackedBlock, StepContext
@@ -77,11 +78,18 @@ class FlatPages:
     """The tensors of one slice laid out in one pinned host buffer, re-pointable at a GPU copy of it."""
 
     def __init__(self, module: nn.Module):
-        self.tensors = list(module.parameters()) + list(module.buffers())
-        self.offsets, offset = [], 0
-        for t in self.tensors:
-            self.offsets.append(offset)
-            offset += (t.numel() * t.element_size() + ALIGN - 1) // ALIGN * ALIGN
+        # Weights that run as one GEMM (fused.py) go back to back; every other tensor starts aligned.
+        units = [[m.weight for m in group] for sub in module.modules() if isinstance(sub, FusedProjections)
+                 for group in sub.groups() if all(type(m) is nn.Linear for m in group)]
+        grouped = {id(t) for unit in units for t in unit}
+        units += [[t] for t in list(module.parameters()) + list(module.buffers()) if id(t) not in grouped]
+        self.tensors, self.offsets, offset = [], [], 0
+        for unit in units:
+            for t in unit:
+                self.tensors.append(t)
+                self.offsets.append(offset)
+                offset += t.numel() * t.element_size()
+            offset = (offset + ALIGN - 1) // ALIGN * ALIGN
         self.nbytes = offset
         self.host = pinned_host_buffer(self.nbytes)
         for t, host_view in zip(self.tensors, self._views(self.host)):

@@ -123,3 +123,25 @@ def test_7b_fused_attention_against_meta_explicit_math(seven_b):
     del model
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def test_projections_run_as_one_gemm_on_the_gpu_resident_paged_and_plain():
+    """wq/wk/wv and w1/w3 lie back to back wherever the weights live on the GPU, so every copy of the model runs
+    the same (fused) GEMMs: the plain model moved with .cuda(), resident blocks, and paged blocks in their slot."""
+    from llama_offload.fused import adjacent_weight
+
+    args = tiny_args(n_layers=4)
+    cpu_model = tiny_model(args, dtype=torch.float16)
+    plain = copy.deepcopy(cpu_model).cuda()
+    model = offload(cpu_model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                    gpu_memory_gb=mixed_budget(args, torch.float16))
+    pages = model.paged.pages[0]
+    pages.point_at(model.paged.slots[0][: pages.nbytes])  # as during its turn in a step
+    paged_block = model.paged.model_slices[0].model_shard[0].block
+    try:
+        for block in (plain.layers[0], model.resident[0].block, paged_block):
+            for module in (block.attention, block.feed_forward):
+                assert adjacent_weight(module.groups()[0]) is not None, module
+    finally:
+        pages.point_at(pages.host)
+    assert adjacent_weight(tiny_model(args).layers[0].attention.groups()[0]) is None  # the CPU runs them apart
