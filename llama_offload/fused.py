@@ -31,11 +31,17 @@ def adjacent_weight(linears: Sequence[nn.Module]) -> Optional[torch.Tensor]:
     if not first.is_cuda or any(w.dtype != first.dtype or w.shape[1] != first.shape[1] or not w.is_contiguous()
                                 for w in ws):
         return None
+    storage = first.untyped_storage()
+    # One storage, not merely neighbouring allocations: a view must never reach past its storage's end.
+    if any(w.untyped_storage().data_ptr() != storage.data_ptr() for w in ws):
+        return None
     for a, b in zip(ws, ws[1:]):
         if b.data_ptr() != a.data_ptr() + a.numel() * a.element_size():
             return None
     rows = sum(w.shape[0] for w in ws)
-    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, first.shape[1]))
+    if (first.storage_offset() + rows * first.shape[1]) * first.element_size() > storage.nbytes():
+        return None
+    return first.new_empty(0).set_(storage, first.storage_offset(), (rows, first.shape[1]))
 
 
 def project(x: torch.Tensor, linears: Sequence[nn.Module]) -> list[torch.Tensor]:

@@ -197,3 +197,23 @@ def test_cpu_computes_in_float32_unless_dtype_says_otherwise(tmp_path, sp_tokeni
     assert kept.model.tok_embeddings.weight.dtype == torch.bfloat16
     on_disk = torch.load(tmp_path / "m" / "consolidated.00.pth", mmap=True, weights_only=True)
     assert on_disk["tok_embeddings.weight"].dtype == torch.bfloat16  # the checkpoint stays as it was
+
+
+def test_fused_projections_need_one_storage(monkeypatch):
+    """Weights that merely sit next to each other in memory are not fused (a view must stay inside its storage);
+    weights made adjacent are, and the fused view is exactly them."""
+    from llama_offload import fused
+
+    args = tiny_args(n_layers=1)
+    a = tiny_model(args).layers[0].attention
+    group = a.groups()[0]
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # the GPU-only rule, tried on the CPU
+    big = torch.zeros(3 * args.dim * args.dim)
+    for i, m in enumerate(group):  # back to back, but each its own storage
+        m.weight.data = big[i * args.dim * args.dim:][: m.weight.numel()].clone().view_as(m.weight)
+    assert fused.adjacent_weight(group) is None
+    before = [m.weight.detach().clone() for m in group]
+    fused.make_adjacent(group)
+    view = fused.adjacent_weight(group)
+    assert view is not None and torch.equal(view, torch.cat(before))
+    assert all(torch.equal(m.weight, b) for m, b in zip(group, before))
