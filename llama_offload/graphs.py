@@ -14,15 +14,27 @@ same positions, so the KV caches end up as after one step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
-from .packing import PacketLayout
+from .packing import PacketLayout, StepContext
 from .step import Step, StepShape
 
-if TYPE_CHECKING:
-    from .offload import OffloadedTransformer
+
+class SplitStep(Protocol):
+    """What a model offers to be graphed: a step cut into prefix, paged blocks and suffix (offload.py)."""
+
+    params: Any
+    device: torch.device
+    dtype: torch.dtype
+    head_half: int
+    context: StepContext
+    paged: Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+    def prefix(self, step: Step) -> torch.Tensor: ...
+
+    def suffix(self, packet: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -36,7 +48,7 @@ class _Captured:
 
 
 class DecodeGraphs:
-    def __init__(self, model: "OffloadedTransformer"):
+    def __init__(self, model: SplitStep):
         self.model = model
         self.captured: dict[tuple[int, int], _Captured] = {}
         self.pool: Optional[tuple] = None  # one memory pool for every graph: they never run at the same time
