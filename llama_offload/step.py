@@ -48,10 +48,6 @@ class Step:
     shape: StepShape
     last: Optional[torch.Tensor] = None  # (bs,) index into seqlen whose logits are wanted; None: every position
 
-    @property
-    def logits_positions(self) -> int:
-        return self.shape.bsz * (1 if self.last is not None else self.shape.seqlen)
-
 
 def to_device(values: Sequence | torch.Tensor, device: torch.device) -> torch.Tensor:
     """An int64 tensor on ``device``, copied without making the host wait (pinned staging on CUDA)."""
