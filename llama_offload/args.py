@@ -105,3 +105,20 @@ class ModelArgs:
         d = dataclasses.asdict(self)
         del d["max_batch_size"], d["max_seq_len"]
         return d
+
+
+# Meta's Llama 2 shapes (7B, 13B, 70B): params.json records no context length, but these are Llama 2's.
+_LLAMA2_DIMS = (4096, 5120, 8192)
+
+
+def infer_context_length(args: ModelArgs) -> tuple[Optional[int], str]:
+    """The context length a Meta checkpoint was trained for, where its params.json shows which family it is:
+    (length, why), or (None, "") when it cannot be told. params.json never records the length itself."""
+    if args.use_scaled_rope:
+        return 131072, "Llama 3.1+ (use_scaled_rope)"
+    if args.rope_theta == 500000.0 and args.vocab_size == 128256:
+        return 8192, "Llama 3 (rope_theta 500000, vocab 128256)"
+    if (args.rope_theta == 10000.0 and args.norm_eps == 1e-5 and args.vocab_size in (-1, 32000)
+            and args.dim in _LLAMA2_DIMS and args.multiple_of in (256, 4096)):
+        return 4096, "Llama 2 (its params.json shape)"
+    return None, ""

@@ -34,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -41,6 +42,7 @@ import torch
 
 from . import parallel
 from .args import ModelArgs
+from .cleanup import deferred_signals, new_temp_dir, remove_tree
 from .model import Transformer, check_model_parallel_sizes
 
 # How a key is split across model-parallel shards:
@@ -498,7 +500,8 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, ckpt_d
         split[key] = d
 
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ckpt_dir.name}.partial-", dir=ckpt_dir.parent))
+    # Named after this process: a kill's leftover is removed by the next run (cleanup.py).
+    tmp = new_temp_dir(ckpt_dir.parent, ckpt_dir.name)
     try:
         for i in range(num_shards):
             shard = {}
@@ -509,18 +512,18 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, ckpt_d
             del shard
         (tmp / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
 
-        if not ckpt_dir.exists() or not any(ckpt_dir.iterdir()):
-            # rename(2) replaces an empty directory atomically; the checkpoint appears all at once.
-            os.replace(tmp, ckpt_dir)
-        else:
-            # The directory holds other files (a tokenizer, a README): move ours in, params.json last,
-            # since loading starts from params.json.
-            for f in sorted(tmp.iterdir(), key=lambda p: p.name == "params.json"):
-                os.replace(f, ckpt_dir / f.name)
-            tmp.rmdir()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with deferred_signals():  # a Ctrl-C or SIGTERM waits for the files to be in place
+            if not ckpt_dir.exists() or not any(ckpt_dir.iterdir()):
+                # rename(2) replaces an empty directory atomically; the checkpoint appears all at once.
+                os.replace(tmp, ckpt_dir)
+            else:
+                # The directory holds other files (a tokenizer, a README): move ours in, params.json last,
+                # since loading starts from params.json.
+                for f in sorted(tmp.iterdir(), key=lambda p: p.name == "params.json"):
+                    os.replace(f, ckpt_dir / f.name)
+                tmp.rmdir()
+    finally:
+        remove_tree(tmp)  # gone already when the files were moved into place
 
 
 def random_state_dict(
@@ -557,3 +560,81 @@ __all__ = [
     "save_checkpoint",
     "random_state_dict",
 ]
+
+
+# --- checks that need no weights: file sizes and the recorded context ------------------------------------
+
+def expected_shard_elements(args: ModelArgs, num_shards: int) -> int:
+    """Elements one of ``num_shards`` shards holds for ``args`` (vocab_size filled): its part of every split
+    tensor, the whole of every replicated one."""
+    total = 0
+    for key, shape in expected_shapes(args).items():
+        n = shape.numel()
+        total += n if _shard_dim(key) is None else n // num_shards
+    return total
+
+
+def _shard_data_bytes(path: Path) -> int:
+    """The tensor bytes a torch zip checkpoint holds, from its zip directory alone (no weight is read)."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ValueError(
+            f"Could not read shard {path} ({_fmt_bytes(size)}): it is not a complete torch zip checkpoint ({e}). "
+            "The file is truncated or corrupt: re-download or re-convert it."
+        ) from None
+    if any(i.header_offset + i.compress_size > size for i in infos):
+        raise ValueError(f"Could not read shard {path} ({_fmt_bytes(size)}): its zip directory points past its end. "
+                         "The file is truncated: re-download or re-convert it.")
+    return sum(i.file_size for i in infos if "/data/" in i.filename and not i.filename.endswith("/"))
+
+
+def check_shard_sizes(ckpt_dir: str | Path, args: ModelArgs) -> int:
+    """Compare the tensor bytes each shard holds (read from its zip directory, not its weights) with what
+    params.json implies; return the bytes per element it was stored with (2: float16 or bfloat16, 4:
+    float32). A truncated download, a wrong params.json or a file from another model is refused, sizes named."""
+    paths = find_shards(ckpt_dir)
+    elements = expected_shard_elements(args, len(paths))
+    slack = 64 * 1024 + elements // 100  # keys the loader drops (Llama 1/2's rope.freqs)
+    found: Optional[int] = None
+    for path in paths:
+        data = _shard_data_bytes(path)
+        fits = [b for b in (2, 4) if elements * b <= data <= elements * b + slack]
+        if not fits:
+            raise ValueError(
+                f"{path} holds {_fmt_bytes(data)} of tensors, but params.json implies {elements:,} weights per "
+                f"shard: {_fmt_bytes(elements * 2)} in float16/bfloat16 or {_fmt_bytes(elements * 4)} in float32. "
+                "The file is truncated, or params.json does not belong to it: re-download or re-convert it."
+            )
+        if found is not None and fits[0] != found:
+            raise ValueError(f"{path} holds {fits[0]}-byte weights, {paths[0].name} {found}-byte ones: the shards "
+                             "come from different conversions. Re-download or re-convert the checkpoint.")
+        found = fits[0]
+    assert found is not None
+    return found
+
+
+def checkpoint_context_length(ckpt_dir: str | Path, args: ModelArgs) -> tuple[Optional[int], str]:
+    """The context length the model was trained for, and where that comes from: a converted checkpoint's
+    llama_offload.json (context_length), a ``max_seq_len`` that params.json records, else what its shape
+    shows (Llama 2: 4096, Llama 3: 8192, Llama 3.1+: 131072). (None, "") when it is not known."""
+    from .args import infer_context_length
+    from .convert import META_FILENAME, read_checkpoint_meta
+
+    ckpt_dir = Path(ckpt_dir)
+    recorded = read_checkpoint_meta(ckpt_dir).get("context_length")
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
+        return recorded, f"{ckpt_dir / META_FILENAME} (context_length)"
+    try:
+        params = json.loads((ckpt_dir / "params.json").read_text())
+    except (OSError, ValueError):
+        params = {}
+    value = params.get("max_seq_len") if isinstance(params, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value, f"{ckpt_dir / 'params.json'} (max_seq_len)"
+    return infer_context_length(args)
+
+
+__all__ += ["check_shard_sizes", "checkpoint_context_length", "expected_shard_elements"]

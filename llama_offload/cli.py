@@ -21,7 +21,7 @@ import torch
 
 from .args import ModelArgs
 from .chat_format import SPECIAL_TAGS_ERROR, Dialog, default_chat_format_name, get_chat_format, validate_dialog
-from .checkpoint import find_shards
+from .checkpoint import check_shard_sizes, checkpoint_context_length, find_shards
 from .convert import read_checkpoint_meta
 from .convert_gguf import convert_gguf
 from .convert_hf import convert_hf
@@ -30,11 +30,15 @@ from .generation import Llama
 from .options import (
     _load_json, build_llama, check_generation_flags, fire_main, run_options_command, run_text_completion,
 )
-from .plan import plan_offload
+from .plan import available_host_bytes, plan_host, plan_offload
+from .preflight import check_context_length
 from .run_options import RunOptions
-from .tokenizer import load_tokenizer
+from .text_input import TextInputError, a_type, check_dialog, check_text, decode_text, read_stdin_lines, \
+    tolerate_undecodable_stdin
+from .tokenizer import check_vocab_size, load_tokenizer
 
-__all__ = ["chat", "chat_repl", "complete", "convert", "info", "main", "param_counts", "token_ids", "tokenize"]
+__all__ = ["chat", "chat_repl", "complete", "convert", "empty_completion_hint", "info", "main", "param_counts",
+           "token_ids", "tokenize", "version"]
 
 
 @run_options_command(defaults=dict(max_seq_len=128, max_batch_size=4))
@@ -56,18 +60,53 @@ def complete(
     """
     temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
     # fire turns a bare `42` or `True` into a number or a bool; a prompt is text whatever it looks like.
-    texts = [str(p) for p in prompts]
+    # Every text is checked here, before the model is loaded: invalid UTF-8 is named by where it came from.
+    texts = [decode_text(p if isinstance(p, (str, bytes)) else str(p), f"argument {i}")
+             for i, p in enumerate(prompts, 1)]
     if not texts:
         if sys.stdin.isatty():
             print("Reading prompts from stdin, one per line; end with Ctrl-D.", file=sys.stderr)
-        texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+        texts = [line for line in read_stdin_lines() if line.strip()]
         if not texts:
             raise ValueError(
                 "No prompts: pass them as arguments (llama-offload complete \"Once upon a time\") "
                 "or one per line on stdin (blank lines are skipped)."
             )
-    llama = build_llama(options)
+    llama = build_llama(options, prompts=texts)  # prompt lengths checked before the weights are read
+    completions: list[str] = []
+    text_completion = llama.text_completion
+
+    def recorded(*args, **kwargs):  # run_text_completion prints the results; the hint below needs them too
+        results = text_completion(*args, **kwargs)
+        completions.extend(r["generation"] for r in results)
+        return results
+
+    llama.text_completion = recorded  # type: ignore[method-assign]
     run_text_completion(llama, texts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+    hint = empty_completion_hint(llama, completions, ckpt_dir=options.ckpt_dir)
+    if hint:
+        print(f"llama-offload: note: {hint}", file=sys.stderr)
+
+
+def empty_completion_hint(llama: Llama, completions: list[str], *, ckpt_dir: Optional[str] = None) -> Optional[str]:
+    """A hint for ``complete`` when some completions came back empty from a chat model, else None.
+
+    A chat model given a bare question often ends its "answer" at once (it expects a chat prompt around
+    it), which leaves an empty line and no clue. A model counts as a chat model when its checkpoint records
+    a chat format (llama_offload.json) or its tokenizer ships a chat template.
+    """
+    empty = sum(1 for c in completions if not c.strip())
+    if not empty:
+        return None
+    ckpt = llama.options.ckpt_dir if llama.options is not None else None
+    recorded = read_checkpoint_meta(Path(ckpt)).get("chat_format") if ckpt else None
+    if not recorded and not getattr(llama.tokenizer, "chat_template", None):
+        return None
+    which = f"{empty} of the {len(completions)} completions" if len(completions) > 1 else "the completion"
+    fmt = f" (chat format {recorded})" if recorded else ""
+    command = "llama-offload chat" + (f" --ckpt_dir {ckpt_dir}" if ckpt_dir else "")
+    return (f"{which} came back empty: this is a chat model{fmt}, which answers messages rather than "
+            f"continuing text and may end a bare question at once. Ask it with `{command}`.")
 
 
 HELP = "Commands: /reset clears the conversation, /exit (or Ctrl-D) quits; Ctrl-C stops an answer."
@@ -88,8 +127,10 @@ def chat_repl(
     so the conversation the model sees is the one on the screen; if nothing was shown yet, the question is
     dropped too, as if it had not been asked.
     """
-    fresh: Dialog = [{"role": "system", "content": system}] if system else []
+    fresh: Dialog = [{"role": "system", "content": check_text(system, "--system")}] if system else []
     dialog: Dialog = list(fresh)
+    if read is input:  # an undecodable line comes back with surrogate escapes, to be reported below
+        tolerate_undecodable_stdin()
     print(HELP, file=sys.stderr)
     while True:
         try:
@@ -97,6 +138,15 @@ def chat_repl(
         except (EOFError, KeyboardInterrupt):
             print()
             return dialog
+        except UnicodeDecodeError as e:  # a reader that decodes strictly: the line is lost, the session is not
+            print(f"That line is not valid UTF-8 ({e.reason} at byte {e.start}); it was not sent. Type it again "
+                  "as UTF-8.")
+            continue
+        try:
+            line = decode_text(line, "That line")
+        except TextInputError as e:
+            print(f"{e} It was not sent; the conversation goes on.")
+            continue
         text = line.strip()
         if not text:
             continue
@@ -179,8 +229,14 @@ def chat(
               max_gen_len=max_gen_len)
 
 
-def param_counts(args: ModelArgs) -> dict[str, int]:
-    """Parameters per part of the model, from the shapes alone (the bytes come from ``plan_offload``)."""
+def param_counts(args: ModelArgs, *, tied: bool = False) -> dict[str, int]:
+    """Parameters per part of the model, from the shapes alone (the bytes come from ``plan_offload``).
+
+    ``tied``: the output head is the token embedding (SmolLM2's tie_word_embeddings). ``total`` then counts
+    that matrix once, as the model's own parameter count does, while ``held`` still counts both copies: the
+    checkpoint stores the head as a matrix of its own, and that is what is loaded and takes memory.
+    Without ``tied`` the two are equal.
+    """
     if args.vocab_size <= 0:
         raise ValueError("Counting parameters needs the real vocab_size; fill params.json's -1 from the tokenizer.")
     dim, hidden = args.dim, args.ffn_hidden_dim
@@ -192,7 +248,9 @@ def param_counts(args: ModelArgs) -> dict[str, int]:
     )
     resident = args.vocab_size * dim + dim + dim * args.vocab_size  # tok_embeddings, norm, output
     blocks = args.n_layers * per_block
-    return dict(per_block=per_block, blocks=blocks, resident=resident, total=blocks + resident)
+    held = blocks + resident
+    total = held - args.vocab_size * dim if tied else held
+    return dict(per_block=per_block, blocks=blocks, resident=resident, total=total, held=held)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -260,12 +318,22 @@ def info(*, options: RunOptions) -> None:
             find_shards(ckpt)  # the error that names the directory and explains the layout
     args = ModelArgs.from_json(ckpt / "params.json", max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     vocab_note = ""
-    if args.vocab_size == -1:
-        # Only now is the tokenizer needed: a checkpoint whose params.json names its vocab plans without one.
-        if tok is None:
+    if tok is None:
+        try:
             _, tok = resolve_paths(ckpt, None)
-        args = dataclasses.replace(args, vocab_size=load_tokenizer(tok).n_words)
-        vocab_note = f" (params.json says -1: taken from {tok})"
+        except FileNotFoundError:
+            if args.vocab_size == -1:
+                raise  # params.json leaves the vocabulary to the tokenizer: nothing to plan without one
+    if tok is not None:  # its vocabulary must be the checkpoint's (checked without weights, like the run does)
+        tokenizer = load_tokenizer(tok)
+        if args.vocab_size == -1:
+            args = dataclasses.replace(args, vocab_size=tokenizer.n_words)
+            vocab_note = f" (params.json says -1: taken from {tok})"
+        else:
+            check_vocab_size(tokenizer, args.vocab_size, source=str(ckpt / "params.json"))
+    # The shard files must be there with the sizes params.json implies; then the context length.
+    check_shard_sizes(ckpt, args)
+    context, context_source = checkpoint_context_length(ckpt, args)
     if want_dtype is None:
         model_dtype, n_shards = _checkpoint_dtype(ckpt)
         dtype_note = f"{_dtype_name(model_dtype)} (as stored in {n_shards} shard(s))"
@@ -297,6 +365,21 @@ def info(*, options: RunOptions) -> None:
           f"{_fmt_bytes(plan.streamed_bytes)} of pinned host memory; {plan.resident_layers} block(s) resident")
     print("GPU memory plan (the CUDA context, a few hundred MiB, comes on top):")
     print(plan.describe())
+    print(f"context        {f'{context} tokens, from {context_source}' if context else 'not known (nothing records it)'}")
+    try:  # info shows the plan anyway; complete and chat refuse it
+        check_context_length(max_seq_len, context, context_source, options.allow_long_context)
+    except ValueError as e:
+        print(f"  warning: {e}")
+    cpu_plan = plan_offload(args, options.torch_dtype or torch.float32, max_batch_size=max_batch_size,
+                            max_seq_len=max_seq_len, prefill_chunk=options.prefill_chunk, all_resident=True)
+    available = available_host_bytes()
+    for title, host in (("offloaded on a GPU", plan_host(plan, on_cpu=False)),
+                        ("on the CPU, in float32 unless --dtype", plan_host(cpu_plan, on_cpu=True))):
+        print(f"Host memory plan, {title}:")
+        print(host.describe())
+        if available is not None and host.total_bytes > available:
+            print(f"  warning: more than the {available / 2**30:.2f} GiB available now (MemAvailable): "
+                  f"{host.advice()}")
     if not torch.cuda.is_available():
         print("note           PyTorch sees no CUDA GPU here: on this machine the blocks would run on the CPU.")
 
@@ -308,13 +391,18 @@ def convert(source: str, out: str, dtype: Optional[str] = None, force: bool = Fa
         source: a .gguf file (Llama architecture), or a directory with config.json and *.safetensors.
         out: the checkpoint directory to write, e.g. checkpoints/NAME; an existing one needs --force.
         dtype: float16, bfloat16 or float32 (default: bfloat16 for GGUF, the stored dtype for Hugging Face).
-        force: replace an existing output directory (only once the new one is complete).
+        force: replace an existing output directory, only one holding a checkpoint written by a conversion
+            (llama_offload.json), and only once the new one is complete.
     """
+    from .cleanup import exit_on_signal
+
     src = Path(source).expanduser()
-    if src.is_dir():
-        done = convert_hf(src, out, dtype=dtype, force=bool(force))
-    else:
-        done = convert_gguf(src, out, dtype=dtype or "bfloat16", force=bool(force))
+    # SIGTERM and Ctrl-C remove the partial output and exit 143 / 130 with one line.
+    with exit_on_signal("llama-offload convert"):
+        if src.is_dir():
+            done = convert_hf(src, out, dtype=dtype, force=bool(force))
+        else:
+            done = convert_gguf(src, out, dtype=dtype or "bfloat16", force=bool(force))
     print(f"converted {src} -> {done}")
     print(f"run it with: llama-offload chat --ckpt_dir {done}")
 
@@ -325,11 +413,11 @@ _DIALOG_EXAMPLE = """a JSON list of messages, e.g. --dialog '[{"role": "user", "
 def _text_flag(text: object) -> str:
     # main() passes --text through as typed; a positional text is still evaluated by fire (42 -> int), and a
     # bare --text arrives as True.
-    if isinstance(text, str):
-        return text
+    if isinstance(text, (str, bytes)):
+        return decode_text(text, "--text")
     if isinstance(text, bool) or not isinstance(text, (int, float)):
         raise ValueError(
-            f"--text must be a string, but it arrived as a {type(text).__name__} ({text!r}). Give it a value "
+            f"--text must be a string, but it arrived as {a_type(text)} ({text!r}). Give it a value "
             """with the flag: --text "Hello, world"."""
         )
     print(f"llama-offload: note: the text was read as the number {text!r}; tokenizing {str(text)!r}. "
@@ -344,7 +432,7 @@ def _dialog_flag(dialog: object) -> Dialog:
     if isinstance(value, dict):
         raise ValueError(f"--dialog is one message, not a dialog: wrap it in a list. Expected {_DIALOG_EXAMPLE}.")
     if not isinstance(value, list):
-        raise ValueError(f"--dialog must be {_DIALOG_EXAMPLE}; found a {type(value).__name__}: {value!r}.")
+        raise ValueError(f"--dialog must be {_DIALOG_EXAMPLE}; found {a_type(value)}: {value!r}.")
     if value and all(isinstance(d, list) for d in value):
         raise ValueError(f"--dialog holds a list of dialogs; give one dialog, {_DIALOG_EXAMPLE}.")
     try:
@@ -371,6 +459,8 @@ def token_ids(
     # The flags are checked before anything is loaded (without a path that may mean preparing the default model).
     prompt = _text_flag(text) if text is not None else None
     messages = _dialog_flag(dialog) if dialog is not None else None
+    if messages is not None:
+        check_dialog(messages, "--dialog")
     recorded = None
     if tokenizer_path is not None:
         tok_path = Path(tokenizer_path).expanduser()
@@ -442,7 +532,22 @@ def _keep_as_text(argv: list[str], flags: tuple[str, ...]) -> list[str]:
     return out
 
 
+def version() -> str:
+    """The installed package's version (its metadata), else ``llama_offload.__version__`` where it has one."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("llama_offload")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never pip-installed
+        import llama_offload
+
+        return str(getattr(llama_offload, "__version__", "unknown (not installed)"))
+
+
 def main() -> None:
+    if sys.argv[1:] in (["--version"], ["-V"]):
+        print(f"llama-offload {version()}")
+        return
     if sys.argv[1:2] == ["tokenize"]:  # its flags must reach it exactly as typed
         sys.argv[2:] = _keep_as_text(sys.argv[2:], ("text", "dialog"))
     fire_main({"complete": complete, "chat": chat, "info": info, "convert": convert, "tokenize": tokenize},

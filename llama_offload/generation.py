@@ -17,6 +17,7 @@ from .convert import read_checkpoint_meta
 from .decode import BatchDecoder, Decoding, sample_top_p  # noqa: F401  (sample_top_p: part of the API)
 from .offload import offload as offload_model
 from .plan import DEFAULT_PREFILL_CHUNK
+from .preflight import check_before_load
 from .run_options import RunOptions
 from .tokenizer import Tokenizer, check_vocab_size, load_tokenizer
 
@@ -94,13 +95,14 @@ class Llama:
         if parallel.requested_world_size() > 1:
             parallel.init_model_parallel()
             torch.manual_seed(opts.seed)  # as Meta's reference does: every rank draws the same numbers
-        target = torch.device(opts.device) if opts.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if target.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device='cuda' was asked for, but PyTorch sees no CUDA GPU. "
-                               "Leave device unset to run on the CPU, or install a CUDA build of torch.")
+        # Everything that needs no weights (device, tokenizer, chat format, context, shard sizes, the GPU and
+        # host memory plans) is checked before the shards are opened.
+        preflight = check_before_load(ckpt_dir, tokenizer_path, opts,
+                                      model_parallel_size=parallel.model_parallel_world_size())
+        target = preflight.device
         # On the CPU float32 is both faster and closer to the reference than bf16 (see the README's CPU notes).
         dtype = opts.torch_dtype or (torch.float32 if target.type == "cpu" else None)
-        tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer = preflight.tokenizer
         model = load_model(ckpt_dir, max_seq_len=opts.max_seq_len, max_batch_size=opts.max_batch_size, dtype=dtype,
                            vocab_size=tokenizer.n_words, show_progress=parallel.is_rank0(),
                            vocab_parallel_embedding=vocab_parallel_embedding)

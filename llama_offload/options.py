@@ -20,23 +20,29 @@ import json
 import os
 import re
 import sys
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Optional, TypeVar
 
 import fire
+import fire.helptext
 
 from . import parallel
-from .chat_format import Dialog, validate_dialog
+from .chat_format import Dialog, default_chat_format_name, get_chat_format, validate_dialog
+from .convert import read_checkpoint_meta
 from .default_model import resolve_paths
 from .generation import Llama
 from .run_options import DTYPES, RunOptions, parse_dtype
+from .tokenizer import load_tokenizer
 
 __all__ = [
     "DTYPES",
     "RunOptions",
     "build_llama",
+    "FlagError",
     "check_flag_names",
     "check_generation_flags",
+    "check_prompts",
     "fire_main",
     "parse_dialogs",
     "parse_dtype",
@@ -132,14 +138,44 @@ def start_model_parallel() -> tuple[int, int]:
     return rank, world_size
 
 
-def build_llama(options: Optional[RunOptions] = None, **flags: Any) -> Llama:
+def build_llama(options: Optional[RunOptions] = None, *, prompts: Optional[Sequence[str]] = None,
+                dialogs: Optional[Sequence[Dialog]] = None, **flags: Any) -> Llama:
     """``Llama.build`` with ``options`` (``flags``, RunOptions field names, change some); no ckpt_dir means the
     default model, made on first use. Under torchrun with several processes, the model is split over them
-    (see start_model_parallel). The Llama keeps the options it was built with, the resolved paths in them."""
+    (see start_model_parallel). The Llama keeps the options it was built with, the resolved paths in them.
+    ``prompts`` (texts) and ``dialogs`` the run will be given are checked against the tokenizer and
+    max_seq_len before any weight is read (see check_prompts)."""
     options = RunOptions.from_flags(flags, base=options)  # checked before resolve_paths, which may take seconds
     start_model_parallel()
     ckpt, tokenizer = resolve_paths(options.ckpt_dir, options.tokenizer_path)
-    return Llama.build(ckpt, tokenizer, options=options.replace(ckpt_dir=str(ckpt), tokenizer_path=str(tokenizer)))
+    options = options.replace(ckpt_dir=str(ckpt), tokenizer_path=str(tokenizer))
+    if prompts is not None or dialogs is not None:
+        check_prompts(options, prompts=prompts, dialogs=dialogs)
+    return Llama.build(ckpt, tokenizer, options=options)
+
+
+def check_prompts(options: RunOptions, *, prompts: Optional[Sequence[str]] = None,
+                  dialogs: Optional[Sequence[Dialog]] = None) -> None:
+    """Refuse empty prompts and prompts that leave no room to generate within max_seq_len, with only the
+    tokenizer loaded (``options`` with resolved paths). Dialogs are encoded in the chat format the run uses."""
+    assert options.tokenizer_path is not None
+    tokenizer = load_tokenizer(options.tokenizer_path)
+    encoded: list[tuple[str, list[int]]] = []
+    for i, text in enumerate(prompts or ()):
+        if not str(text).strip():
+            raise ValueError(f"Prompt {i + 1} is empty: give it some text (blank prompts are not completed).")
+        encoded.append((f"Prompt {i + 1}", tokenizer.encode(str(text), bos=True, eos=False)))
+    if dialogs:
+        recorded = read_checkpoint_meta(options.ckpt_dir).get("chat_format") if options.ckpt_dir else None
+        name = options.chat_format or recorded or default_chat_format_name(tokenizer)
+        chat_format = get_chat_format(name, tokenizer)
+        encoded += [(f"Dialog {i + 1}", chat_format.encode_dialog_prompt(d)) for i, d in enumerate(dialogs)]
+    for what, tokens in encoded:
+        if not tokens:
+            raise ValueError(f"{what} is empty: it has no tokens. Give it some text.")
+        if len(tokens) >= options.max_seq_len:
+            raise ValueError(f"{what} is {len(tokens)} tokens long, but --max_seq_len is {options.max_seq_len} and at "
+                             "least one position must be left to generate into. Shorten it, or raise --max_seq_len.")
 
 
 # --- commands whose flags are RunOptions' fields ----------------------------------------------------
@@ -175,6 +211,7 @@ def run_options_command(
     """
     defaults, fixed = dict(defaults or {}), dict(fixed or {})
     fields = {f.name: f for f in dataclasses.fields(RunOptions)}
+    hints = typing.get_type_hints(RunOptions)
     for what, names in (("defaults", defaults), ("fixed", fixed), ("exclude", exclude)):
         unknown = sorted(set(names) - set(fields))
         if unknown:
@@ -201,7 +238,9 @@ def run_options_command(
 
         def field_param(name: str, kind: inspect._ParameterKind) -> inspect.Parameter:
             default = defaults.get(name, fields[name].default)
-            return inspect.Parameter(name, kind, default=default, annotation=fields[name].type)
+            # The real type, not the string `from __future__ import annotations` leaves in the field (fire
+            # would show Optional['Optional[str]']).
+            return inspect.Parameter(name, kind, default=default, annotation=hints.get(name, fields[name].type))
 
         params = [own[name].replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) if name in own
                   else field_param(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in leading]
@@ -298,9 +337,46 @@ def run_chat_completion(
         print(llama.last_stats.summary(), flush=True)
 
 
+class FlagError(ValueError):
+    """A flag the command does not take: exit status 2, as for any usage error."""
+
+
+HELP_FLAGS = ("-h", "--help")
+
+
 def _fire(component: Callable[..., Any] | dict[str, Callable[..., Any]], name: str) -> None:
-    check_flag_names(component, sys.argv[1:], name)
-    fire.Fire(component, name=name)
+    argv = sys.argv[1:]
+    check_flag_names(component, argv, name)
+    if not any(a in HELP_FLAGS for a in argv):
+        fire.Fire(component, name=name)
+        return
+    # fire prints help to stderr; asked for, it is the output, so it goes to stdout (its notes stay on stderr).
+    display, arg_type = fire.core.Display, fire.helptext._GetArgType
+    fire.core.Display = lambda lines, out: display(lines, sys.stdout if out is sys.stderr else out)
+    fire.helptext._GetArgType = _help_arg_type
+    try:
+        fire.Fire(component, name=name)
+    finally:
+        fire.core.Display, fire.helptext._GetArgType = display, arg_type
+
+
+def _help_arg_type(arg: str, spec: Any) -> str:
+    """A flag's type as help shows it: ``Optional[int]``, not ``'Optional[int]'`` (a string annotation) nor
+    ``Optional[Optional]`` (fire wraps the type of a flag whose default is None in Optional[...] itself)."""
+    if arg not in spec.annotations:
+        return ""
+    t = spec.annotations[arg]
+    text = t if isinstance(t, str) else getattr(t, "__qualname__", None) if isinstance(t, type) else None
+    text = (text or repr(t)).replace("typing.", "")
+    if arg in (spec.kwonlydefaults or {}):
+        default = spec.kwonlydefaults[arg]
+    elif arg in spec.args and spec.defaults and spec.args.index(arg) >= len(spec.args) - len(spec.defaults):
+        default = spec.defaults[spec.args.index(arg) - (len(spec.args) - len(spec.defaults))]
+    else:
+        default = ...
+    if default is None and text.startswith("Optional[") and text.endswith("]"):
+        text = text[len("Optional["):-1]  # fire adds it back
+    return text
 
 
 def check_flag_names(component: Callable[..., Any] | dict[str, Callable[..., Any]], argv: Sequence[str],
@@ -336,7 +412,7 @@ def check_flag_names(component: Callable[..., Any] | dict[str, Callable[..., Any
             continue
         close = difflib.get_close_matches(flag, known, n=1)
         hint = f" (did you mean --{close[0]}?)" if close else ""
-        raise ValueError(f"--{flag} is not a flag of {command}{hint}; `{command} -- --help` lists them.")
+        raise FlagError(f"--{flag} is not a flag of {command}{hint}; `{command} -- --help` lists them.")
 
 
 def fire_main(component: Callable[..., Any] | dict[str, Callable[..., Any]], name: str) -> None:
@@ -354,16 +430,20 @@ def fire_main(component: Callable[..., Any] | dict[str, Callable[..., Any]], nam
         return
     try:
         _fire(component, name)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM once cleanup.py's handler is installed
+        from .cleanup import interrupt_exit_code, interrupt_message
+
         print(file=sys.stderr)
-        sys.exit(130)
+        print(interrupt_message(e, name), file=sys.stderr)
+        sys.exit(interrupt_exit_code(e))
     except USER_ERRORS as e:
         if os.environ.get("LLAMA_OFFLOAD_TRACEBACK"):
             raise
         if os.environ.get("RANK", "0") == "0":
             print(f"{name}: error: {e}", file=sys.stderr)
-            print(f"{name}: (set LLAMA_OFFLOAD_TRACEBACK=1 to see where it came from)", file=sys.stderr)
-        sys.exit(1)
+            if not isinstance(e, FlagError):
+                print(f"{name}: (set LLAMA_OFFLOAD_TRACEBACK=1 to see where it came from)", file=sys.stderr)
+        sys.exit(2 if isinstance(e, FlagError) else 1)
 
 
 def _fire_main_model_parallel(component: Callable[..., Any] | dict[str, Callable[..., Any]], name: str) -> None:
@@ -380,7 +460,8 @@ def _fire_main_model_parallel(component: Callable[..., Any] | dict[str, Callable
         parallel.exit_after_error(f"{name}: interrupted", code=130)
     except USER_ERRORS as e:
         hint = "" if show else f"\n{name}: (set LLAMA_OFFLOAD_TRACEBACK=1 to see where it came from)"
-        parallel.exit_after_error(f"{name}: error: {e}{hint}", show_traceback=show)
+        parallel.exit_after_error(f"{name}: error: {e}{hint}", show_traceback=show,
+                                  **({"code": 2} if isinstance(e, FlagError) else {}))
     except BaseException as e:  # a bug: keep its traceback, and still bring the whole group down
         parallel.exit_after_error(f"{name}: {type(e).__name__}: {e}", show_traceback=True)
     parallel.shutdown()

@@ -153,3 +153,76 @@ def plan_offload(
     resident = min(n - 1, (budget - base - 2 * per_block) // per_block)
     paged = n - resident
     return OffloadPlan(n, resident, paged, per_block, fixed, mp, chunk)
+
+
+# --- host memory ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """What a run holds in host RAM, planned like the GPU's: on a GPU the pinned pages of the paged blocks
+    (plus a converted copy of the weights while loading, when the checkpoint's dtype or sharding needs one);
+    on the CPU the whole model, its KV cache, RoPE table and activations."""
+
+    parts: dict[str, int]
+    on_cpu: bool
+    processes: int = 1  # model-parallel ranks on this host: each holds its own parts
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values()) * self.processes
+
+    def describe(self) -> str:
+        lines = [f"  {name:<22} {n / GiB:8.3f} GiB" for name, n in self.parts.items()]
+        who = "" if self.processes == 1 else f" ({self.processes} processes, each the above)"
+        lines.append(f"  {'expected host memory':<22} {self.total_bytes / GiB:8.3f} GiB{who}")
+        return "\n".join(lines)
+
+    def advice(self) -> str:
+        if self.on_cpu:
+            return ("Lower --max_seq_len or --max_batch_size (they size the KV cache), lower --prefill_chunk (the "
+                    "activations), run in --dtype bfloat16 (half the float32 weights), or free host memory.")
+        return ("Give a larger --gpu_memory_gb so that more blocks stay resident on the GPU and fewer are pinned "
+                "in host memory, or free host memory.")
+
+
+def plan_host(plan: OffloadPlan, *, on_cpu: bool, load_copy: bool = False, processes: int = 1) -> HostPlan:
+    """The host memory of a run that follows ``plan`` (the GPU plan for the same flags; on the CPU its
+    fixed parts are what the CPU holds beside the weights). ``load_copy``: the weights are converted (dtype)
+    or merged (shards) into anonymous memory while loading, instead of staying file-backed."""
+    weights = plan.n_layers * plan.block_bytes + plan.fixed_bytes["embedding"] + plan.fixed_bytes["output head + norm"]
+    if on_cpu:
+        parts = {"weights": weights, **{k: v for k, v in plan.fixed_bytes.items()
+                                        if k not in ("embedding", "output head + norm")}}
+        return HostPlan(parts, True, processes)
+    parts = {"pinned pages": plan.paged_layers * plan.block_bytes}
+    if load_copy:
+        parts["weights while loading"] = weights
+    return HostPlan(parts, False, processes)
+
+
+def available_host_bytes(meminfo: str = "/proc/meminfo") -> Optional[int]:
+    """MemAvailable from /proc/meminfo in bytes; None where it cannot be read (not Linux)."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    value, *unit = line.split()[1:]
+                    return int(value) * (1024 if unit and unit[0].lower() == "kb" else 1)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def check_host_memory(host: HostPlan, available: Optional[int] = None) -> None:
+    """Refuse a run whose host memory plan exceeds what is available, saying how much and what to change."""
+    available = available_host_bytes() if available is None else available
+    if available is None or host.total_bytes <= available:
+        return
+    parts = ", ".join(f"{name} {n / GiB:.2f} GiB" for name, n in host.parts.items() if n)
+    per = "" if host.processes == 1 else f", for each of {host.processes} processes"
+    where = "on the CPU" if host.on_cpu else "with blocks paged from pinned host memory"
+    raise ValueError(
+        f"This run {where} needs about {host.total_bytes / GiB:.2f} GiB of host memory ({parts}{per}), but only "
+        f"{available / GiB:.2f} GiB is available (MemAvailable in /proc/meminfo). {host.advice()}"
+    )

@@ -9,11 +9,13 @@ Sampling flags (temperature, top_p, max_gen_len) belong to each call, not to the
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
+from .chat_format import CHAT_FORMATS
 from .plan import DEFAULT_PREFILL_CHUNK
 
 DTYPES: dict[str, torch.dtype] = {
@@ -51,6 +53,10 @@ class RunOptions:
     prefill_chunk: Optional[int] = _flag(None, "prompt positions per prefill pass; longer prompts are prefilled "
                                                "in chunks, bounding activation memory (default: min(max_seq_len, "
                                                "2048)).")
+    allow_long_context: bool = _flag(False, "accept a max_seq_len above the context length the model was trained "
+                                            "for (its llama_offload.json, or known from its architecture): the "
+                                            "model was not trained for it, and its output degrades past that "
+                                            "length. Default: refused.")
 
     @classmethod
     def names(cls) -> list[str]:
@@ -86,11 +92,17 @@ class RunOptions:
             if self.num_slices is not None:
                 raise ValueError("Give either --gpu_memory_gb or --num_slices, not both: the budget decides how "
                                  "many blocks stay resident and how the rest is paged.")
-        switches = {name: _bool_flag(name, getattr(self, name)) for name in ("offload", "cuda_graphs")}
+        switches = {name: _bool_flag(name, getattr(self, name))
+                    for name in ("offload", "cuda_graphs", "allow_long_context")}
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"--seed must be an integer, found {self.seed!r}.")
         torch_dtype = parse_dtype(self.dtype)
         text = {n: getattr(self, n) for n in ("ckpt_dir", "tokenizer_path", "device", "chat_format")}
+        if self.device is not None:
+            check_device_name(str(self.device))
+        if self.chat_format is not None and str(self.chat_format) not in CHAT_FORMATS:
+            raise ValueError(f"Unknown --chat_format {self.chat_format!r}: expected one of "
+                             f"{', '.join(sorted(CHAT_FORMATS))} (or leave it unset for the checkpoint's own).")
         return dataclasses.replace(
             self, gpu_memory_gb=None if self.gpu_memory_gb is None else float(self.gpu_memory_gb),
             dtype=None if torch_dtype is None else str(torch_dtype).removeprefix("torch."), **switches,
@@ -104,6 +116,17 @@ class RunOptions:
     def chunk(self) -> int:
         """Prompt positions per prefill pass."""
         return min(self.max_seq_len, self.prefill_chunk or DEFAULT_PREFILL_CHUNK)
+
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def check_device_name(device: str) -> str:
+    """``--device`` as written: cpu, cuda or cuda:N (whether that GPU exists is checked when a model is built)."""
+    if not _DEVICE.match(device):
+        raise ValueError(f"--device {device!r} is not a device this runs on: expected cpu, cuda or cuda:N "
+                         "(N the GPU's index), or leave it unset for cuda if available, else cpu.")
+    return device
 
 
 def _positive_int(name: str, value: Any) -> int:

@@ -22,6 +22,8 @@ from typing import Any, Literal, Optional, Protocol, Sequence, runtime_checkable
 
 from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
 
+from .text_input import check_text
+
 __all__ = [
     "BUNDLED_CORPUS_PATH",
     "DEFAULT_TOKENIZER_FILENAME",
@@ -36,6 +38,7 @@ __all__ = [
     "TiktokenTokenizer",
     "Tokenizer",
     "check_vocab_size",
+    "tokenizer_file",
     "detect_tokenizer_format",
     "load_tokenizer",
     "read_tiktoken_ranks",
@@ -59,6 +62,11 @@ SUPPORTED_FORMATS: tuple[str, ...] = (
     "Hugging Face tokenizers JSON (tokenizer.json, as written by `llama-offload convert` or shipped with a "
     "Hugging Face model), with its tokenizer_config.json beside it when there is one",
 )
+
+
+# How encode() names its input in the error for text that is not valid Unicode (see text_input.py): the
+# callers check their input where it enters, naming its source; this is the last line of defence.
+_ENCODE_INPUT = "The text to encode"
 
 
 @runtime_checkable
@@ -100,8 +108,7 @@ class SentencePieceTokenizer:
         assert self.sp_model.vocab_size() == self.sp_model.get_piece_size()
 
     def encode(self, s: str, *, bos: bool, eos: bool) -> list[int]:
-        if not isinstance(s, str):
-            raise TypeError(f"encode() expects a str, got {type(s).__name__}")
+        check_text(s, _ENCODE_INPUT)  # no bytes, no surrogates: the backend would fail on them obscurely
         t: list[int] = self.sp_model.encode(s)
         if bos:
             t = [self.bos_id] + t
@@ -235,8 +242,7 @@ class HFTokenizer:
         return self._tok.token_to_id(token)
 
     def encode(self, s: str, *, bos: bool, eos: bool) -> list[int]:
-        if not isinstance(s, str):
-            raise TypeError(f"encode() expects a str, got {type(s).__name__}")
+        check_text(s, _ENCODE_INPUT)  # no bytes, no surrogates: the backend would fail on them obscurely
         t: list[int] = self._tok.encode(s, add_special_tokens=False).ids
         if bos and self.add_bos:
             t = [self.bos_id] + t
@@ -397,8 +403,7 @@ class TiktokenTokenizer:
         return self._ranks.get(token.encode("utf-8"))
 
     def encode(self, s: str, *, bos: bool, eos: bool) -> list[int]:
-        if not isinstance(s, str):
-            raise TypeError(f"encode() expects a str, got {type(s).__name__}")
+        check_text(s, _ENCODE_INPUT)  # no bytes, no surrogates: the backend would fail on them obscurely
         t: list[int] = []
         for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
             for substr in _split_whitespaces_or_nonwhitespaces(s[i : i + TIKTOKEN_MAX_ENCODE_CHARS],
@@ -522,10 +527,21 @@ def check_vocab_size(tokenizer: Tokenizer, vocab_size: int, *, source: str) -> N
     if vocab_size < 0:
         return
     if vocab_size != tokenizer.n_words:
+        path = tokenizer_file(tokenizer)
+        which = f"the tokenizer {os.fspath(path)!r}" if path is not None else "the tokenizer"
+        # Name the kind of file the user passed: "tokenizer.model" for a tokenizer.json would send them
+        # looking for a file their model never had.
+        shipped = f" (the {path.name} shipped with it)" if path is not None else ""
         raise ValueError(
-            f"Vocabulary size mismatch: {source} says vocab_size={vocab_size}, but the tokenizer "
-            f"has {tokenizer.n_words} tokens. Use the tokenizer that came with this checkpoint."
+            f"Vocabulary size mismatch: {source} says vocab_size={vocab_size}, but {which} "
+            f"has {tokenizer.n_words} tokens. Use the tokenizer that came with this checkpoint{shipped}."
         )
+
+
+def tokenizer_file(tokenizer: Tokenizer) -> Optional[Path]:
+    """The file ``tokenizer`` was read from (tokenizer.model or tokenizer.json), None if it does not say."""
+    path = getattr(tokenizer, "model_path", None) or getattr(tokenizer, "path", None)
+    return Path(path) if isinstance(path, (str, os.PathLike)) else None
 
 
 def train_sentencepiece(text_path: str | Path, model_prefix: str | Path, vocab_size: int) -> Path:

@@ -9,20 +9,24 @@ format to use), and runs with the example scripts and `llama-offload` like any M
 
 from __future__ import annotations
 
-import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
 
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing: python scripts/convert.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+try:  # Ctrl-C while torch is imported (a second or two) ends quietly too
+    # The checkout this script belongs to comes first, installed or not (python scripts/NAME.py).
+    _ROOT = Path(__file__).resolve().parent.parent
+    if (_ROOT / "llama_offload" / "__init__.py").is_file():
+        sys.path.insert(0, str(_ROOT))
 
-import fire
-
-from llama_offload.convert_gguf import convert_gguf
-from llama_offload.convert_hf import convert_hf
+    from llama_offload.cleanup import exit_on_signal
+    from llama_offload.convert_gguf import convert_gguf
+    from llama_offload.convert_hf import convert_hf
+    from llama_offload.options import fire_main
+except KeyboardInterrupt:
+    print("\nconvert: stopped by SIGINT; nothing was written.", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
 
 
 def gguf(path: str, out: str, dtype: str = "bfloat16", force: bool = False) -> None:
@@ -32,9 +36,11 @@ def gguf(path: str, out: str, dtype: str = "bfloat16", force: bool = False) -> N
         path: the .gguf file.
         out: the checkpoint directory to create.
         dtype: bfloat16 (default), float16 or float32: what the dequantized weights are stored as.
-        force: replace `out` if it already exists (only once the new checkpoint is complete).
+        force: replace `out`, only a checkpoint a conversion wrote, once the new one is complete.
     """
-    print(convert_gguf(path, out, dtype=dtype, force=force))
+    with exit_on_signal("convert"):  # SIGTERM / Ctrl-C: the partial output is removed, exit 143 / 130
+        done = convert_gguf(path, out, dtype=dtype, force=force)
+    print(done)
 
 
 def hf(path: str, out: str, dtype: Optional[str] = None, force: bool = False) -> None:
@@ -44,21 +50,16 @@ def hf(path: str, out: str, dtype: Optional[str] = None, force: bool = False) ->
         path: the directory.
         out: the checkpoint directory to create.
         dtype: bfloat16, float16 or float32; unset keeps the weights' own dtype.
-        force: replace `out` if it already exists (only once the new checkpoint is complete).
+        force: replace `out`, only a checkpoint a conversion wrote, once the new one is complete.
     """
-    print(convert_hf(path, out, dtype=dtype, force=force))
+    with exit_on_signal("convert"):
+        done = convert_hf(path, out, dtype=dtype, force=force)
+    print(done)
 
 
 def main() -> None:
-    try:
-        fire.Fire({"gguf": gguf, "hf": hf}, name="convert")
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (ValueError, OSError, RuntimeError) as e:
-        if os.environ.get("LLAMA_OFFLOAD_TRACEBACK"):
-            raise
-        print(f"convert: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    # Unknown flags are refused before any work (fire itself would complain only after converting).
+    fire_main({"gguf": gguf, "hf": hf}, name="convert")
 
 
 if __name__ == "__main__":

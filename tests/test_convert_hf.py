@@ -234,12 +234,17 @@ def test_existing_out_dir_needs_force(tmp_path: Path, bpe_dir: Path) -> None:
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "params.json").write_text("old")
+    for force in (False, True):  # not a checkpoint this tool wrote (no llama_offload.json): never replaced
+        with pytest.raises(FileExistsError, match="holds no llama_offload.json"):
+            convert_hf(hf, out, force=force)
+    assert [p.name for p in out.iterdir()] == ["params.json"] and (out / "params.json").read_text() == "old"
+    (out / "llama_offload.json").write_text("{}")  # as an earlier conversion leaves it
     with pytest.raises(FileExistsError, match="--force"):
         convert_hf(hf, out)
     assert (out / "params.json").read_text() == "old"
     convert_hf(hf, out, force=True)
     assert (out / "params.json").read_text() != "old"
-    with pytest.raises(ValueError, match="inside the output directory"):
+    with pytest.raises(FileExistsError, match="even with --force"):
         convert_hf(hf, tmp_path, force=True)  # would delete the model being converted
 
 

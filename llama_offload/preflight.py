@@ -1,0 +1,120 @@
+"""Everything about a run that can be checked before a weight is read.
+
+``check_before_load`` needs only params.json, the tokenizer, the shard files' names and sizes, and the plan:
+the device, the tokenizer's vocabulary, the chat format, the context length, the slices, the GPU budget and
+host memory are all refused here, in a second, instead of after a load that takes minutes on a large model.
+``Llama.build`` runs it first; ``info`` shows what it found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .args import ModelArgs
+from .chat_format import default_chat_format_name, get_chat_format
+from .checkpoint import check_shard_sizes, checkpoint_context_length, find_shards
+from .convert import read_checkpoint_meta
+from .plan import HostPlan, OffloadPlan, check_host_memory, plan_host, plan_offload
+from .run_options import RunOptions, check_device_name
+from .tokenizer import Tokenizer, check_vocab_size, load_tokenizer
+
+__all__ = ["Preflight", "check_before_load", "check_context_length", "resolve_device"]
+
+
+@dataclass(frozen=True)
+class Preflight:
+    args: ModelArgs  # vocab_size filled from the tokenizer, run sizes set
+    tokenizer: Tokenizer
+    chat_format: str
+    device: torch.device
+    dtype: torch.dtype  # the dtype the plans are made for
+    stored_itemsize: int  # bytes per weight in the shard files
+    n_shards: int
+    context_length: Optional[int]
+    context_source: str
+    plan: OffloadPlan
+    host: HostPlan
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    """``--device`` (None: cuda if available, else cpu) as a device this machine has."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    target = torch.device(check_device_name(str(device)))
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {device} was asked for, but PyTorch sees no CUDA GPU. Leave --device "
+                               "unset (or give cpu) to run on the CPU, or install a CUDA build of torch.")
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise RuntimeError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                               f"numbered 0..{torch.cuda.device_count() - 1}.")
+    return target
+
+
+def check_context_length(max_seq_len: int, context: Optional[int], source: str, allow: bool) -> None:
+    if context is None or max_seq_len <= context or allow:
+        return
+    raise ValueError(
+        f"--max_seq_len {max_seq_len} is above the {context} tokens this model was trained for ({source}). "
+        f"Use --max_seq_len {context} or less, or pass --allow_long_context to run it anyway: the model was not "
+        "trained for longer sequences, and its output degrades past that length."
+    )
+
+
+def check_before_load(ckpt_dir: str | Path, tokenizer_path: str | Path, options: RunOptions, *,
+                      model_parallel_size: int = 1, check_memory: bool = True) -> Preflight:
+    """Check a run of ``options`` on the checkpoint without reading a weight; what was found, planned.
+
+    ``model_parallel_size``: the plan is one rank's of that many. ``check_memory``: refuse a host plan
+    larger than the available RAM (``info`` shows it instead)."""
+    opts = options.checked()
+    device = resolve_device(opts.device)
+    ckpt_dir = Path(ckpt_dir)
+    shards = find_shards(ckpt_dir)  # names only: a missing directory or shard is reported first
+    args = ModelArgs.from_json(ckpt_dir / "params.json", max_seq_len=opts.max_seq_len,
+                               max_batch_size=opts.max_batch_size)
+    tokenizer = load_tokenizer(tokenizer_path)
+    if args.vocab_size == -1:
+        args = dataclasses.replace(args, vocab_size=tokenizer.n_words)
+    else:
+        check_vocab_size(tokenizer, args.vocab_size, source=str(ckpt_dir / "params.json"))
+    meta = read_checkpoint_meta(ckpt_dir)
+    chat_format = opts.chat_format or meta.get("chat_format") or default_chat_format_name(tokenizer)
+    get_chat_format(chat_format, tokenizer)  # the format's special tokens must be in this vocabulary
+    context, source = checkpoint_context_length(ckpt_dir, args)
+    check_context_length(opts.max_seq_len, context, source, opts.allow_long_context)
+    itemsize = check_shard_sizes(ckpt_dir, args)
+
+    stored = torch.float16 if itemsize == 2 else torch.float32  # a stand-in of the stored width
+    on_cpu = device.type == "cpu"
+    dtype = opts.torch_dtype or (torch.float32 if on_cpu else stored)
+    # The plan offload() makes for these flags (it refuses slices and budgets the same way, after the load).
+    plan = plan_offload(args, dtype, max_batch_size=opts.max_batch_size, max_seq_len=opts.max_seq_len,
+                        gpu_memory_gb=opts.gpu_memory_gb, num_slices=opts.num_slices,
+                        model_parallel_size=model_parallel_size, prefill_chunk=opts.prefill_chunk,
+                        all_resident=not opts.offload and not on_cpu)
+    if on_cpu:
+        cpu_plan = plan_offload(args, dtype, max_batch_size=opts.max_batch_size, max_seq_len=opts.max_seq_len,
+                                model_parallel_size=model_parallel_size, prefill_chunk=opts.prefill_chunk,
+                                all_resident=True)
+        host = plan_host(cpu_plan, on_cpu=True, processes=_local_processes(model_parallel_size))
+    else:
+        load_copy = dtype.itemsize != itemsize or len(shards) > 1
+        host = plan_host(plan, on_cpu=False, load_copy=load_copy, processes=_local_processes(model_parallel_size))
+    if check_memory:
+        check_host_memory(host)
+    return Preflight(args, tokenizer, chat_format, device, dtype, itemsize, len(shards), context, source, plan, host)
+
+
+def _local_processes(model_parallel_size: int) -> int:
+    """Ranks sharing this host's RAM: torchrun's LOCAL_WORLD_SIZE, else all of them."""
+    try:
+        return min(model_parallel_size, int(os.environ.get("LOCAL_WORLD_SIZE", model_parallel_size)))
+    except ValueError:
+        return model_parallel_size
