@@ -224,9 +224,9 @@ def chat(
         import readline  # noqa: F401
     except ImportError:
         pass
-    llama = build_llama(options)
-    chat_repl(llama, system=None if system is None else str(system), temperature=temperature, top_p=top_p,
-              max_gen_len=max_gen_len)
+    system = None if system is None else check_text(str(system), "--system")
+    llama = build_llama(options, system=system)  # the system prompt is checked before any weight is read
+    chat_repl(llama, system=system, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
 
 
 def param_counts(args: ModelArgs, *, tied: bool = False) -> dict[str, int]:

@@ -32,6 +32,7 @@ from .chat_format import Dialog, default_chat_format_name, get_chat_format, vali
 from .convert import read_checkpoint_meta
 from .default_model import resolve_paths
 from .generation import Llama
+from .text_input import a_type, check_dialog, check_texts
 from .run_options import DTYPES, RunOptions, parse_dtype
 from .tokenizer import load_tokenizer
 
@@ -80,13 +81,13 @@ def parse_prompts(value: Any) -> list[str]:
     if isinstance(prompts, tuple):
         prompts = list(prompts)
     if not isinstance(prompts, list):
-        raise ValueError(f"--prompts must be {example}; found a {type(prompts).__name__}: {prompts!r}.")
+        raise ValueError(f"--prompts must be {example}; found {a_type(prompts)}: {prompts!r}.")
     if not prompts:
         raise ValueError(f"--prompts is an empty list; give at least one prompt: {example}.")
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
-            raise ValueError(f"--prompts item {i} is a {type(p).__name__} ({p!r}), expected a string. Quote it.")
-    return prompts
+            raise ValueError(f"--prompts item {i} is {a_type(p)} ({p!r}), expected a string. Quote it.")
+    return check_texts(prompts, "--prompts")
 
 
 def parse_dialogs(value: Any) -> list[Dialog]:
@@ -107,6 +108,7 @@ def parse_dialogs(value: Any) -> list[Dialog]:
             validate_dialog(dialog)
         except ValueError as e:
             raise ValueError(f"--dialogs item {i}: {e}") from None
+        check_dialog(dialog, f"--dialogs item {i}")
     return dialogs
 
 
@@ -139,7 +141,7 @@ def start_model_parallel() -> tuple[int, int]:
 
 
 def build_llama(options: Optional[RunOptions] = None, *, prompts: Optional[Sequence[str]] = None,
-                dialogs: Optional[Sequence[Dialog]] = None, **flags: Any) -> Llama:
+                dialogs: Optional[Sequence[Dialog]] = None, system: Optional[str] = None, **flags: Any) -> Llama:
     """``Llama.build`` with ``options`` (``flags``, RunOptions field names, change some); no ckpt_dir means the
     default model, made on first use. Under torchrun with several processes, the model is split over them
     (see start_model_parallel). The Llama keeps the options it was built with, the resolved paths in them.
@@ -149,15 +151,16 @@ def build_llama(options: Optional[RunOptions] = None, *, prompts: Optional[Seque
     start_model_parallel()
     ckpt, tokenizer = resolve_paths(options.ckpt_dir, options.tokenizer_path)
     options = options.replace(ckpt_dir=str(ckpt), tokenizer_path=str(tokenizer))
-    if prompts is not None or dialogs is not None:
-        check_prompts(options, prompts=prompts, dialogs=dialogs)
+    if prompts is not None or dialogs is not None or system is not None:
+        check_prompts(options, prompts=prompts, dialogs=dialogs, system=system)
     return Llama.build(ckpt, tokenizer, options=options)
 
 
 def check_prompts(options: RunOptions, *, prompts: Optional[Sequence[str]] = None,
-                  dialogs: Optional[Sequence[Dialog]] = None) -> None:
+                  dialogs: Optional[Sequence[Dialog]] = None, system: Optional[str] = None) -> None:
     """Refuse empty prompts and prompts that leave no room to generate within max_seq_len, with only the
-    tokenizer loaded (``options`` with resolved paths). Dialogs are encoded in the chat format the run uses."""
+    tokenizer loaded (``options`` with resolved paths). Dialogs are encoded in the chat format the run uses;
+    a chat's ``system`` prompt must leave room for a question and an answer."""
     assert options.tokenizer_path is not None
     tokenizer = load_tokenizer(options.tokenizer_path)
     encoded: list[tuple[str, list[int]]] = []
@@ -165,11 +168,14 @@ def check_prompts(options: RunOptions, *, prompts: Optional[Sequence[str]] = Non
         if not str(text).strip():
             raise ValueError(f"Prompt {i + 1} is empty: give it some text (blank prompts are not completed).")
         encoded.append((f"Prompt {i + 1}", tokenizer.encode(str(text), bos=True, eos=False)))
+    if system is not None:
+        dialogs = [*(dialogs or ()), [{"role": "system", "content": system}, {"role": "user", "content": "?"}]]
     if dialogs:
         recorded = read_checkpoint_meta(options.ckpt_dir).get("chat_format") if options.ckpt_dir else None
         name = options.chat_format or recorded or default_chat_format_name(tokenizer)
         chat_format = get_chat_format(name, tokenizer)
-        encoded += [(f"Dialog {i + 1}", chat_format.encode_dialog_prompt(d)) for i, d in enumerate(dialogs)]
+        encoded += [("--system (with a one-word question)" if system is not None and i == len(dialogs) - 1
+                     else f"Dialog {i + 1}", chat_format.encode_dialog_prompt(d)) for i, d in enumerate(dialogs)]
     for what, tokens in encoded:
         if not tokens:
             raise ValueError(f"{what} is empty: it has no tokens. Give it some text.")

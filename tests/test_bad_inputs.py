@@ -68,6 +68,9 @@ CASES: list[Case] = [
     C("llama-offload", "complete", LONG, "--ckpt_dir", "{good}", fragment="Prompt 1 is 602 tokens long, but --max_seq_len is 128"),
     C("llama-offload", "complete", "--ckpt_dir", "{good}", stdin=LONG + "\n", fragment="Prompt 1 is 602 tokens long"),
     C("text", "--ckpt_dir", "{good}", "--prompts", json.dumps(["Hi", LONG]), fragment="Prompt 2 is 602 tokens long"),
+    C("llama-offload", "chat", "--ckpt_dir", "{good}", "--system", LONG,
+      fragment="--system (with a one-word question) is"),
+    C("text", "--ckpt_dir", "{good}", "--prompts", '["Caf\\udce9"]', fragment="--prompts item 0 is not valid UTF-8"),
     C("chat", "--ckpt_dir", "{good}", "--dialogs", json.dumps([[{"role": "user", "content": LONG}]]),
       fragment="Dialog 1 is 616 tokens long, but --max_seq_len is 512"),
     C("llama-offload", "complete", "Hi", "--ckpt_dir", "{good}", "--num_slices", "3",
@@ -106,7 +109,7 @@ CASES: list[Case] = [
     C("llama-offload", "complete", "Hi", "--ckpt_dir", "{good}", "--top_p", "2", fragment="--top_p must be a number in (0, 1]"),
     C("llama-offload", "complete", "Hi", "--ckpt_dir", "{good}", "--max_gen_len", "0", fragment="--max_gen_len must be a positive"),
     C("text", "--ckpt_dir", "{good}", "--prompts", '["Hi"', fragment="--prompts is not valid JSON"),
-    C("text", "--ckpt_dir", "{good}", "--prompts", "[1]", fragment="--prompts item 0 is a int"),
+    C("text", "--ckpt_dir", "{good}", "--prompts", "[1]", fragment="--prompts item 0 is an int"),
     C("chat", "--ckpt_dir", "{good}", "--dialogs", '[{"role": "user", "content": "Hi"}]', fragment="it looks like one dialog"),
     C("chat", "--ckpt_dir", "{good}", "--dialogs", '[[{"role": "robot", "content": "Hi"}]]', fragment="--dialogs item 0"),
     # --- help is output: stdout, with readable types ---
