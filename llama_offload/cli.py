@@ -346,7 +346,7 @@ def info(*, options: RunOptions) -> None:
     # The same plan offload() follows when the model is loaded with these flags.
     plan = plan_offload(args, model_dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                         gpu_memory_gb=options.gpu_memory_gb, num_slices=num_slices, prefill_chunk=options.prefill_chunk)
-    counts, size = param_counts(args), model_dtype.itemsize
+    counts, size = param_counts(args, tied=bool(read_checkpoint_meta(ckpt).get("tied_embeddings"))), model_dtype.itemsize
 
     meta = read_checkpoint_meta(ckpt)
     print(f"checkpoint     {ckpt}")
@@ -359,7 +359,7 @@ def info(*, options: RunOptions) -> None:
     print(f"parameters     {_fmt_count(counts['total'])}: {_fmt_count(counts['per_block'])} per block, "
           f"{_fmt_count(counts['resident'])} in embedding + norm + output head")
     print(f"weights        {_fmt_bytes(plan.block_bytes)} per block, {_fmt_bytes(n_layers * plan.block_bytes)} for all "
-          f"{n_layers} blocks, {_fmt_bytes(counts['total'] * size)} in all")
+          f"{n_layers} blocks, {_fmt_bytes(counts['held'] * size)} in all")
     print(f"run size       max_batch_size {max_batch_size} x max_seq_len {max_seq_len} (sizes the KV cache)")
     print(f"paged          {plan.paged_layers} of {n_layers} blocks, in {plan.num_slices} slice(s), from "
           f"{_fmt_bytes(plan.streamed_bytes)} of pinned host memory; {plan.resident_layers} block(s) resident")

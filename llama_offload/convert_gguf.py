@@ -442,6 +442,8 @@ def _convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str | to
     tokenizer_json, tokenizer_config = tokenizer_json_from_gguf(f.values, source=str(gguf_path))
     n_vocab = len(tokenizer_json["model"]["vocab"])
     args, extra = _model_args(f, n_vocab)
+    # No output tensor: the head is the embedding (written as a copy); info counts that matrix once.
+    extra["tied_embeddings"] = not any(t.name == "output.weight" for t in reader.tensors)
     needed = _estimated_bytes(reader, torch_dtype)
     check_free_space(out_dir, needed)  # from the header alone, before anything is dequantized
     _say(f"converting {gguf_path.name}: {args.n_layers} layers, dim {args.dim}, {len(reader.tensors)} tensors "

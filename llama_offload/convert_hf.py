@@ -282,6 +282,8 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, *, dtype: Optional[str |
     torch_dtype = parse_dtype(dtype)
     config = _read_json(config_path, "model config")
     args, extra = _model_args(config, config_path)
+    # The head is the embedding (written as a copy); info counts that matrix once.
+    extra["tied_embeddings"] = bool(config.get("tie_word_embeddings", False))
     out_dir = check_out_dir(out_dir, force=force, sources=[hf_dir])
     tok_config_path = hf_dir / "tokenizer_config.json"
     tok_config = _read_json(tok_config_path, "tokenizer config") if tok_config_path.is_file() else {}

@@ -204,6 +204,13 @@ def test_tied_embeddings(tmp_path: Path) -> None:
     assert torch.equal(converted.output.weight, model.tok_embeddings.weight)
     assert converted.output.weight.untyped_storage().data_ptr() != converted.tok_embeddings.weight.untyped_storage().data_ptr()
     torch.testing.assert_close(logits(converted, TOKENS), logits(model, TOKENS), rtol=0, atol=0)
+    assert read_checkpoint_meta(out)["tied_embeddings"] is True  # info counts the matrix once
+    from llama_offload.cli import param_counts
+
+    counts = param_counts(args, tied=True)
+    assert counts["held"] - counts["total"] == args.vocab_size * args.dim
+    untied = convert_gguf(write_gguf(tmp_path / "u.gguf", args, gguf_tensors_from_meta(model, args)), tmp_path / "u")
+    assert read_checkpoint_meta(untied)["tied_embeddings"] is False
 
 
 QUANT_TYPES = {

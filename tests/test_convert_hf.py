@@ -143,6 +143,7 @@ def test_tied_embeddings_and_dtype(tmp_path: Path, bpe_dir: Path) -> None:
     assert {p.dtype for p in converted.parameters()} == {torch.bfloat16}
     assert torch.equal(converted.output.weight, model.tok_embeddings.weight.bfloat16())
     assert read_checkpoint_meta(out)["dtype"] == "bfloat16"
+    assert read_checkpoint_meta(out)["tied_embeddings"] is True  # info counts the matrix once
 
 
 def test_sentencepiece_tokenizer_and_llama2_template(tmp_path: Path, sp_tokenizer_path: Path) -> None:
