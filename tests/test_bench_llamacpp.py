@@ -40,18 +40,10 @@ from llama_offload.convert_gguf import gguf_tensor_name_to_meta  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from scripts_loader import load_script  # noqa: E402
 
-
-_load("bench_peers")
-bl = _load("bench_llamacpp")
+load_script("bench_peers")
+bl = load_script("bench_llamacpp")
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32)
 ARGS = ModelArgs(**TINY, vocab_size=300)  # room for the 3 specials and the 256 byte tokens

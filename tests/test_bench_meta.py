@@ -37,18 +37,10 @@ MEMBERS = ("llama_models/__init__.py", "llama_models/llama3/__init__.py", "llama
            "llama_models/llama3/model.py")
 
 
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from scripts_loader import load_script  # noqa: E402
 
-
-bp = _load("bench_peers")
-bm = _load("bench_meta")
+bp = load_script("bench_peers")
+bm = load_script("bench_meta")
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, vocab_size=96, multiple_of=32)
 ARGS = [ModelArgs(**TINY, n_kv_heads=2), ModelArgs(**TINY, rope_theta=1e6, norm_eps=1e-6)]
