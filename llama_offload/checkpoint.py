@@ -30,9 +30,7 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path

@@ -19,7 +19,7 @@ from .offload import offload as offload_model
 from .plan import DEFAULT_PREFILL_CHUNK
 from .preflight import check_before_load
 from .run_options import RunOptions
-from .tokenizer import Tokenizer, check_vocab_size, load_tokenizer
+from .tokenizer import Tokenizer, check_vocab_size
 
 
 class CompletionPrediction(TypedDict, total=False):

@@ -166,8 +166,6 @@ def read_per_step(args: ModelArgs, positions: int) -> int:
 
 def prefill_long(ckpt_dir: Path, tokens: int, budget: float, vocab_size: int) -> dict:
     """One prompt of ``tokens`` tokens, prefilled in chunks at a GPU budget: seconds and peak memory."""
-    from llama_offload.step import make_step
-
     name = f"ours, {tokens}-token prefill at {budget:g} GiB"
     free_gpu()
     before = torch.cuda.memory_allocated()  # whatever earlier variants left: not this run's

@@ -17,7 +17,6 @@ llama.cpp itself is built and run on the GPU machine (``../shared/tools/llamacpp
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import os
 import stat
