@@ -87,8 +87,6 @@ class Llama:
         samples with the same seed from the same gathered logits, so all of them produce the same tokens.
         ``vocab_parallel_embedding`` overrides how the embedding is split (see checkpoint.py)."""
         sizes = {k: v for k, v in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)) if v is not None}
-        if isinstance(flags.get("dtype"), torch.dtype):
-            flags["dtype"] = str(flags["dtype"]).removeprefix("torch.")
         opts = RunOptions.from_flags({**sizes, **flags, "ckpt_dir": str(ckpt_dir), "tokenizer_path": str(tokenizer_path)},
                                      base=options)
         start = time.perf_counter()
