@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ import torch
 
 from llama_offload.args import ModelArgs
 from llama_offload.chat_format import Llama2ChatFormat
-from llama_offload.checkpoint import random_state_dict, save_checkpoint
 from llama_offload.cli import chat_repl, param_counts
 from llama_offload.generation import GenerationStats
 from llama_offload.model import Transformer
@@ -28,16 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 TEXT_SCRIPT = REPO / "scripts" / "example_text_completion.py"
 CHAT_SCRIPT = REPO / "scripts" / "example_chat_completion.py"
 STATS = "tokens/s"
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, sp_tokenizer_path: Path) -> Path:
-    """A tiny random checkpoint in Meta's download layout: the tokenizer beside the model folder."""
-    root = tmp_path_factory.mktemp("models")
-    shutil.copy(sp_tokenizer_path, root / "tokenizer.model")
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32)
-    save_checkpoint(random_state_dict(args, seed=0), args, root / "tiny")
-    return root / "tiny"
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import dataclasses
 import inspect
 import os
 import runpy
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,6 @@ import torch
 import llama_offload.cli as cli
 import llama_offload.options as options_module
 from llama_offload.args import ModelArgs
-from llama_offload.checkpoint import random_state_dict, save_checkpoint
 from llama_offload.generation import Llama
 from llama_offload.options import build_llama, run_options_command
 from llama_offload.run_options import RunOptions
@@ -73,15 +71,6 @@ class Planned(Exception):
     def __init__(self, dtype: torch.dtype, kwargs: dict[str, Any]):
         super().__init__("planned")
         self.dtype, self.kwargs = dtype, kwargs
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, sp_tokenizer_path: Path) -> Path:
-    root = tmp_path_factory.mktemp("run_options")
-    shutil.copy(sp_tokenizer_path, root / "tokenizer.model")
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32)
-    save_checkpoint(random_state_dict(args, seed=0), args, root / "tiny")
-    return root / "tiny"
 
 
 @pytest.fixture

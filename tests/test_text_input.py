@@ -147,15 +147,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return e
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, sp_tokenizer_path: Path) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    shutil.copy(sp_tokenizer_path, root / "tokenizer.model")
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32)
-    save_checkpoint(random_state_dict(args, seed=0), args, root / "tiny")
-    return root / "tiny"
-
-
 def run(args: list[bytes | str], env: dict[str, str], stdin: Optional[bytes] = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "llama_offload.cli", *args]
     p = subprocess.run(cmd, input=stdin or b"", capture_output=True, env=env, cwd=REPO, timeout=120)
