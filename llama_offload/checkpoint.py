@@ -42,6 +42,9 @@ from . import parallel
 from .args import ModelArgs
 from .cleanup import deferred_signals, new_temp_dir, remove_tree
 from .model import Transformer, check_model_parallel_sizes
+from .quant import QuantSpec
+from .quant_load import (check_quantized_state_dict, dequantize_embeddings, quantize_state_dict, read_quantization,
+                         slice_for_rank, swap_quantized_modules)
 
 # How a key is split across model-parallel shards:
 #   int            concatenate along this dim;
@@ -396,6 +399,7 @@ def load_model(
     show_progress: bool = True,
     model_parallel_size: Optional[int] = None,
     vocab_parallel_embedding: Optional[bool] = None,
+    quantize: Optional[QuantSpec] = None,
 ) -> Transformer:
     """Build a CPU ``Transformer`` from a Meta checkpoint directory, in eval mode, caches not set up.
 
@@ -404,6 +408,9 @@ def load_model(
     ``model_parallel_size`` None follows parallel.py: under torchrun with N > 1 processes this rank's part
     of the model (FairScale's parallel layers), else the whole model; 1 loads the whole model regardless.
     ``vocab_parallel_embedding`` None: the embedding layout the checkpoint shows (see the module docstring).
+    A quantized checkpoint (quant_load.py) loads its codes as they are; ``quantize`` quantizes a 16-bit one as
+    it loads. Under model parallelism an int8 embedding and head are dequantized (they are split as plain
+    matrices); every rank keeps whole groups of the blocks' matrices.
     """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
@@ -424,12 +431,25 @@ def load_model(
 
     n = parallel.model_parallel_world_size() if model_parallel_size is None else model_parallel_size
     rank = parallel.model_parallel_rank() if n > 1 else 0
-    state_dict, vocab_parallel = _load_state_dict(ckpt_dir, args, show_progress, rank, n, vocab_parallel_embedding)
+    stored_quantization = read_quantization(ckpt_dir)
+    if stored_quantization is not None and quantize is not None:
+        raise ValueError(already_quantized_message(ckpt_dir, quantize))
+    if stored_quantization is not None:
+        state_dict, vocab_parallel = _load_quantized(ckpt_dir, args, show_progress, rank, n, vocab_parallel_embedding)
+    else:
+        state_dict, vocab_parallel = _load_state_dict(ckpt_dir, args, show_progress, rank, n, vocab_parallel_embedding)
+        if quantize is not None:
+            state_dict = quantize_state_dict(state_dict, args, quantize if n == 1 else _plain_embeddings(quantize),
+                                             show_progress=show_progress)
     if dtype is not None:
-        state_dict = {k: v if v.dtype == dtype else v.to(dtype) for k, v in state_dict.items()}
+        # Codes and their scales stay as stored: only the 16/32-bit weights change dtype.
+        state_dict = {k: v if v.dtype == dtype or not v.is_floating_point() or k.endswith((".scales", ".mins"))
+                      else v.to(dtype) for k, v in state_dict.items()}
+    model_dtype = state_dict["norm.weight"].dtype
 
     with torch.device("meta"):
         model = Transformer(args, model_parallel_size=n, vocab_parallel_embedding=vocab_parallel)
+    swap_quantized_modules(model, state_dict, model_dtype)
     if n > 1:
         # The slicing table and the layers must agree on every rank-local shape.
         built = {k: v.shape for k, v in model.state_dict().items()}
@@ -439,6 +459,40 @@ def load_model(
     # Inference only: no gradients means no autograd bookkeeping when blocks run outside inference_mode.
     model.requires_grad_(False)
     return model.eval()
+
+
+def already_quantized_message(ckpt_dir: str | Path, spec: QuantSpec) -> str:
+    return (f"--quantize {'int8' if spec.bits == 8 else 'int4'} was given, but {ckpt_dir} is already quantized "
+            "(its llama_offload.json records a quantization). Drop --quantize to run it as it is, or quantize the "
+            "16-bit original instead.")
+
+
+def _plain_embeddings(spec: QuantSpec) -> QuantSpec:
+    return dataclasses.replace(spec, embeddings=False)
+
+
+def _load_quantized(ckpt_dir: str | Path, args: ModelArgs, show_progress: bool, rank: int, world_size: int,
+                    vocab_parallel_embedding: Optional[bool]) -> tuple[dict[str, torch.Tensor], bool]:
+    """A quantized checkpoint's one shard, checked, and this rank's part of it."""
+    check_model_parallel_sizes(args, world_size)
+    start = time.perf_counter()
+    paths = find_shards(ckpt_dir)
+    if len(paths) != 1:
+        raise RuntimeError(f"{ckpt_dir} is quantized but has {len(paths)} shards; a quantized checkpoint is one "
+                           "consolidated.00.pth. Re-quantize the original with llama-offload quantize.")
+    _log(show_progress, f"loading {paths[0].name} (quantized, {_fmt_bytes(paths[0].stat().st_size)})")
+    state_dict = _load_shard(paths[0])
+    check_quantized_state_dict(state_dict, expected_shapes(args), str(paths[0]))
+    vocab_parallel = (args.vocab_size >= VOCAB_PARALLEL_MIN_VOCAB if vocab_parallel_embedding is None
+                      else vocab_parallel_embedding)
+    if world_size > 1:
+        norm_dtype = state_dict["norm.weight"].dtype
+        state_dict = dequantize_embeddings(state_dict, norm_dtype)
+        dims = {k: rank_split_dim(k, vocab_parallel) for k in expected_shapes(args)}
+        state_dict = slice_for_rank(state_dict, dims, rank, world_size, str(paths[0]))
+    nbytes = sum(t.numel() * t.element_size() for t in state_dict.values())
+    _log(show_progress, f"loaded {len(state_dict)} tensors, {_fmt_bytes(nbytes)} in {time.perf_counter() - start:.2f} s")
+    return state_dict, vocab_parallel
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

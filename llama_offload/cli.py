@@ -1,9 +1,10 @@
-"""The ``llama-offload`` command: ``complete``, ``chat``, ``info``, ``convert`` and ``tokenize``.
+"""The ``llama-offload`` command: ``complete``, ``chat``, ``info``, ``convert``, ``quantize`` and ``tokenize``.
 
     llama-offload complete "Once upon a time" "The capital of France is" --ckpt_dir DIR
     llama-offload chat --ckpt_dir DIR --system "Answer briefly."
     llama-offload info --ckpt_dir DIR --max_seq_len 4096 --max_batch_size 1
     llama-offload convert model.gguf --out checkpoints/NAME      (or a Hugging Face Llama directory)
+    llama-offload quantize --ckpt_dir checkpoints/NAME --out checkpoints/NAME-int4 --bits 4
     llama-offload tokenize --tokenizer_path tokenizer.model --text "Hello"    (or --dialog '[...]')
 
 Without --ckpt_dir every command uses the default model (SmolLM2-135M-Instruct, made on first use).
@@ -21,7 +22,7 @@ import torch
 
 from .args import ModelArgs
 from .chat_format import SPECIAL_TAGS_ERROR, Dialog, default_chat_format_name, get_chat_format, validate_dialog
-from .checkpoint import check_shard_sizes, checkpoint_context_length, find_shards
+from .checkpoint import checkpoint_context_length, find_shards
 from .convert import read_checkpoint_meta
 from .convert_gguf import convert_gguf
 from .convert_hf import convert_hf
@@ -31,14 +32,14 @@ from .options import (
     _load_json, build_llama, check_generation_flags, fire_main, run_options_command, run_text_completion,
 )
 from .plan import available_host_bytes, plan_host, plan_offload
-from .preflight import check_context_length
+from .preflight import check_context_length, stored_weight_bytes
 from .run_options import RunOptions
 from .text_input import TextInputError, a_type, check_dialog, check_text, decode_text, read_stdin_lines, \
     tolerate_undecodable_stdin
 from .tokenizer import check_vocab_size, load_tokenizer
 
 __all__ = ["chat", "chat_repl", "complete", "convert", "empty_completion_hint", "info", "main", "param_counts",
-           "token_ids", "tokenize", "version"]
+           "quantize", "token_ids", "tokenize", "version"]
 
 
 @run_options_command(defaults=dict(max_seq_len=128, max_batch_size=4))
@@ -282,7 +283,8 @@ def _checkpoint_dtype(ckpt_dir: Path) -> tuple[torch.dtype, int]:
     tensors = [v for v in sd.values() if isinstance(v, torch.Tensor)] if isinstance(sd, dict) else []
     if not tensors:
         raise RuntimeError(f"{shards[0]} holds no tensors. Re-download it, or pass --dtype to plan without it.")
-    return sd.get("tok_embeddings.weight", tensors[0]).dtype, len(shards)
+    # The final norm: a quantized checkpoint's embedding may be int8, its norms keep the run's width.
+    return sd.get("norm.weight", tensors[0]).dtype, len(shards)
 
 
 # What info leaves out: it plans the offloaded run on a GPU, without loading anything.
@@ -331,8 +333,8 @@ def info(*, options: RunOptions) -> None:
             vocab_note = f" (params.json says -1: taken from {tok})"
         else:
             check_vocab_size(tokenizer, args.vocab_size, source=str(ckpt / "params.json"))
-    # The shard files must be there with the sizes params.json implies; then the context length.
-    check_shard_sizes(ckpt, args)
+    # The shard files must be there with the sizes params.json implies (a quantized one: its tensors must fit it).
+    _, sizes = stored_weight_bytes(ckpt, args, options.quant_spec, want_dtype)
     context, context_source = checkpoint_context_length(ckpt, args)
     if want_dtype is None:
         model_dtype, n_shards = _checkpoint_dtype(ckpt)
@@ -345,7 +347,9 @@ def info(*, options: RunOptions) -> None:
                          f"choose 1..{n_layers}.")
     # The same plan offload() follows when the model is loaded with these flags.
     plan = plan_offload(args, model_dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                        gpu_memory_gb=options.gpu_memory_gb, num_slices=num_slices, prefill_chunk=options.prefill_chunk)
+                        gpu_memory_gb=options.gpu_memory_gb, num_slices=num_slices, prefill_chunk=options.prefill_chunk,
+                        sizes=sizes if want_dtype is not None else stored_weight_bytes(ckpt, args, options.quant_spec,
+                                                                                        model_dtype)[1])
     counts, size = param_counts(args, tied=bool(read_checkpoint_meta(ckpt).get("tied_embeddings"))), model_dtype.itemsize
 
     meta = read_checkpoint_meta(ckpt)
@@ -358,8 +362,11 @@ def info(*, options: RunOptions) -> None:
           f"rope_theta {args.rope_theta:g}{', scaled RoPE' if args.use_scaled_rope else ''}")
     print(f"parameters     {_fmt_count(counts['total'])}: {_fmt_count(counts['per_block'])} per block, "
           f"{_fmt_count(counts['resident'])} in embedding + norm + output head")
-    print(f"weights        {_fmt_bytes(plan.block_bytes)} per block, {_fmt_bytes(n_layers * plan.block_bytes)} for all "
-          f"{n_layers} blocks, {_fmt_bytes(counts['held'] * size)} in all")
+    held = (counts['held'] * size if plan.quantization is None
+            else n_layers * plan.block_bytes + plan.fixed_bytes["embedding"] + plan.fixed_bytes["output head + norm"])
+    quantized = f" ({plan.quantization})" if plan.quantization else ""
+    print(f"weights        {_fmt_bytes(plan.block_bytes)} per block{quantized}, {_fmt_bytes(n_layers * plan.block_bytes)} "
+          f"for all {n_layers} blocks, {_fmt_bytes(held)} in all")
     print(f"run size       max_batch_size {max_batch_size} x max_seq_len {max_seq_len} (sizes the KV cache)")
     print(f"paged          {plan.paged_layers} of {n_layers} blocks, in {plan.num_slices} slice(s), from "
           f"{_fmt_bytes(plan.streamed_bytes)} of pinned host memory; {plan.resident_layers} block(s) resident")
@@ -370,8 +377,10 @@ def info(*, options: RunOptions) -> None:
         check_context_length(max_seq_len, context, context_source, options.allow_long_context)
     except ValueError as e:
         print(f"  warning: {e}")
-    cpu_plan = plan_offload(args, options.torch_dtype or torch.float32, max_batch_size=max_batch_size,
-                            max_seq_len=max_seq_len, prefill_chunk=options.prefill_chunk, all_resident=True)
+    cpu_dtype = options.torch_dtype or torch.float32
+    cpu_plan = plan_offload(args, cpu_dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                            prefill_chunk=options.prefill_chunk, all_resident=True,
+                            sizes=stored_weight_bytes(ckpt, args, options.quant_spec, cpu_dtype)[1])
     available = available_host_bytes()
     for title, host in (("offloaded on a GPU", plan_host(plan, on_cpu=False)),
                         ("on the CPU, in float32 unless --dtype", plan_host(cpu_plan, on_cpu=True))):
@@ -404,6 +413,31 @@ def convert(source: str, out: str, dtype: Optional[str] = None, force: bool = Fa
         else:
             done = convert_gguf(src, out, dtype=dtype or "bfloat16", force=bool(force))
     print(f"converted {src} -> {done}")
+    print(f"run it with: llama-offload chat --ckpt_dir {done}")
+
+
+def quantize(ckpt_dir: str, out: str, bits: Optional[int] = None, group_size: Optional[int] = None,
+             quantize_embeddings: bool = False, tokenizer_path: Optional[str] = None, force: bool = False) -> None:
+    """Write a quantized copy of a Meta checkpoint: int8 or int4 blocks, one consolidated.00.pth.
+
+    Args:
+        ckpt_dir: the 16-bit (or float32) checkpoint directory; sharded ones (13B, 70B) are merged.
+        out: the directory to write, outside ckpt_dir; an existing one needs --force.
+        bits: 8 (int8 per output channel, ~8.0 bits a weight) or 4 (int4 in groups, 4.5 bits with groups of 64).
+        group_size: 32, 64 or 128 inputs per int4 group (default 64); not with --bits 8.
+        quantize_embeddings: the token embedding and output head in int8 too (else they keep 16 bits).
+        tokenizer_path: the tokenizer to copy (default: the one found in ckpt_dir or beside it).
+        force: replace an existing output directory, only one holding a checkpoint this tool wrote
+            (llama_offload.json), and only once the new one is complete.
+    """
+    from .cleanup import exit_on_signal
+    from .quantize_checkpoint import quantize_checkpoint, spec_from_flags
+
+    spec = spec_from_flags(bits, group_size, quantize_embeddings)
+    with exit_on_signal("llama-offload quantize"):
+        done = quantize_checkpoint(Path(ckpt_dir).expanduser(), out, spec, tokenizer_path=tokenizer_path,
+                                   force=bool(force))
+    print(f"quantized {Path(ckpt_dir).expanduser()} -> {done} ({spec.name})")
     print(f"run it with: llama-offload chat --ckpt_dir {done}")
 
 
@@ -550,7 +584,8 @@ def main() -> None:
         return
     if sys.argv[1:2] == ["tokenize"]:  # its flags must reach it exactly as typed
         sys.argv[2:] = _keep_as_text(sys.argv[2:], ("text", "dialog"))
-    fire_main({"complete": complete, "chat": chat, "info": info, "convert": convert, "tokenize": tokenize},
+    fire_main({"complete": complete, "chat": chat, "info": info, "convert": convert, "quantize": quantize,
+               "tokenize": tokenize},
               name="llama-offload")
 
 

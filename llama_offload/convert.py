@@ -44,7 +44,11 @@ __all__ = [
 ]
 
 META_FILENAME = "llama_offload.json"
-META_VERSION = 1
+META_VERSION = 2
+# Version 2 adds the "quantization" record. Only quantized checkpoints are written as 2, so that a reader from
+# before quantization refuses them with its format_version message instead of misreading their int8 bytes,
+# while every other checkpoint stays readable by it.
+QUANTIZED_META_VERSION = 2
 
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -222,7 +226,7 @@ def _publish(tmp: Path, out_dir: Path, *, force: bool, sources: list) -> None:
 def write_checkpoint_meta(ckpt_dir: str | Path, *, chat_format: Optional[str], tokenizer: str,
                           source: dict[str, Any], **extra: Any) -> dict[str, Any]:
     meta: dict[str, Any] = {
-        "format_version": META_VERSION,
+        "format_version": QUANTIZED_META_VERSION if extra.get("quantization") else 1,
         "chat_format": chat_format,
         "tokenizer": tokenizer,
         "source": source,

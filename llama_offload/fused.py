@@ -16,6 +16,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from . import quant
+
 
 def _is_plain(linears: Sequence[nn.Module]) -> bool:
     # FairScale's parallel layers (several ranks) keep their own forward: never fused.
@@ -44,9 +46,18 @@ def adjacent_weight(linears: Sequence[nn.Module]) -> Optional[torch.Tensor]:
     return first.new_empty(0).set_(storage, first.storage_offset(), (rows, first.shape[1]))
 
 
+def group_weight(linears: Sequence[nn.Module], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The (sum of out_features, in_features) matrix of a group that can run as one GEMM on ``x``: adjacent 16-bit
+    weights, or quantized ones dequantized back to back (quant.group_weight, on every device)."""
+    fused = adjacent_weight(linears)
+    if fused is None:
+        fused = quant.group_weight(list(linears), x.dtype, x.device)
+    return fused
+
+
 def project(x: torch.Tensor, linears: Sequence[nn.Module]) -> list[torch.Tensor]:
     """Each linear applied to ``x``: one GEMM over adjacent weights, else one per linear."""
-    fused = adjacent_weight(linears)
+    fused = group_weight(linears, x)
     if fused is None:
         return [m(x) for m in linears]
     out = torch.nn.functional.linear(x, fused)  # (..., sum of out_features)

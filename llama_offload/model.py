@@ -19,7 +19,7 @@ from torch import nn
 
 from . import parallel
 from .args import ModelArgs
-from .fused import FusedProjections, adjacent_weight, project
+from .fused import FusedProjections, group_weight, project
 from .step import Step, StepShape, attention_mask, cache_len, make_step
 
 
@@ -214,7 +214,7 @@ class Attention(FusedProjections):
             raise RuntimeError("The KV cache is not set up: call setup_caches() on the model before running it.")
         bsz, seqlen, _ = x.shape
         heads, kv_heads, head_dim = self.n_local_heads, self.n_local_kv_heads, self.head_dim
-        fused = adjacent_weight(self.groups()[0])
+        fused = group_weight(self.groups()[0], x)
         if fused is not None:  # one GEMM, and RoPE on q and k together: fewer launches per decode step
             xqkv = F.linear(x, fused)  # (bs, seqlen, (heads + 2 * kv_heads) * head_dim)
             xqk = xqkv[..., : (heads + kv_heads) * head_dim].view(bsz, seqlen, heads + kv_heads, head_dim)
@@ -297,6 +297,11 @@ class Transformer(nn.Module):
         # Every rank needs the whole distribution to sample the same token: gather the vocabulary parts.
         self.output = _column_parallel(params.dim, params.vocab_size, n, gather_output=True)
         self.freqs_cis: Optional[torch.Tensor] = None  # plain attribute, not a buffer: not in the state dict
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's compute dtype (a quantized embedding's own table is int8 or uint8)."""
+        return self.norm.weight.dtype
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, device: torch.device | str, dtype: torch.dtype) -> None:
         """Allocate the KV caches and the RoPE table on `device`. Called once, before the first forward.

@@ -39,7 +39,8 @@ from .fused import FusedProjections
 from .graphs import DecodeGraphs
 from .model import Transformer, head
 from .packing import PacketLayout, PackedBlock, StepContext
-from .plan import OffloadPlan, plan_offload
+from .plan import OffloadPlan, WeightBytes, plan_offload
+from .quant import QuantLinear, describe_quantization, quant_modules, scratch_bytes
 from .step import Step, attention_mask, make_step
 
 ALIGN = 256  # byte alignment of each tensor inside a flat buffer: keeps every dtype view and kernel aligned
@@ -180,7 +181,7 @@ class OffloadedTransformer(nn.Module):
         self.paged = paged
         self.context = context
         self.freqs_cis = model.freqs_cis
-        self.dtype = model.tok_embeddings.weight.dtype
+        self.dtype = model.dtype
         self.max_positions = model.max_positions
         self.head_half = model.params.head_dim // 2
         capturable = device.type == "cuda" and model.model_parallel_size == 1 and isinstance(paged, (InferenceOffloadModel, type(None)))
@@ -218,6 +219,22 @@ class OffloadedTransformer(nn.Module):
         return head(self.norm, self.output, h, last)
 
 
+def _nbytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def loaded_weight_bytes(model: Transformer) -> WeightBytes:
+    """What the loaded weights take, block by block: quantized blocks count their codes and scales."""
+    shapes = [(m.out_features, m.in_features) for _, m in quant_modules(model) if isinstance(m, QuantLinear)]
+    # Groups dequantized together (wq/wk/wv, w1/w3); scratch_bytes caps every entry at one chunk.
+    shapes += [(sum(m.out_features for m in g), g[0].in_features) for layer in model.layers
+               for sub in (layer.attention, layer.feed_forward) for g in sub.groups()
+               if all(isinstance(m, QuantLinear) for m in g)]
+    return WeightBytes(max(_nbytes(layer) for layer in model.layers), _nbytes(model.tok_embeddings),
+                       _nbytes(model.output) + _nbytes(model.norm), scratch_bytes(shapes, model.dtype),
+                       describe_quantization(model))
+
+
 def offload(
     model: Transformer,
     *,
@@ -249,11 +266,11 @@ def offload(
         device = torch.device("cuda", torch.cuda.current_device())
     if resident and (gpu_memory_gb is not None or num_slices is not None):
         raise ValueError("resident=True keeps every block on the GPU: give no gpu_memory_gb or num_slices with it.")
-    dtype = model.tok_embeddings.weight.dtype
+    dtype = model.dtype
     plan = plan_offload(model.params, dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                         gpu_memory_gb=gpu_memory_gb, num_slices=num_slices,
                         model_parallel_size=model.model_parallel_size, prefill_chunk=prefill_chunk,
-                        all_resident=resident)
+                        all_resident=resident, sizes=loaded_weight_bytes(model))
     model.setup_caches(max_batch_size, max_seq_len, device, dtype)
     context = StepContext()
     packed = [PackedBlock(layer, context) for layer in model.layers]

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .args import ModelArgs
+from .quant import LINEAR_NAMES, QuantSpec, scratch_bytes
 from .step import cache_len
 
 DEFAULT_PREFILL_CHUNK = 2048  # prompt positions per prefill pass unless --prefill_chunk says otherwise
@@ -31,6 +32,52 @@ def block_bytes(args: ModelArgs, dtype: torch.dtype, model_parallel_size: int = 
     feed_forward = 3 * p.dim * p.ffn_hidden_dim // n  # w1, w2, w3
     norms = 2 * p.dim
     return (attention + feed_forward + norms) * dtype.itemsize
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """The weights' bytes on one rank, as the planner counts them: quantized models count their codes and scales."""
+
+    block: int  # the largest block
+    embedding: int
+    head: int  # output head and final norm
+    scratch: int = 0  # the buffer quantized matrices are dequantized into (quant.py)
+    quantization: Optional[str] = None  # e.g. "int4 g64", shown by describe()
+
+
+def linear_shapes(args: ModelArgs, model_parallel_size: int) -> list[tuple[int, int]]:
+    """(out, in) of one block's seven matrices on one rank, in LINEAR_NAMES order."""
+    p, n = args, model_parallel_size
+    q, kv = p.n_heads * p.head_dim, p.kv_heads * p.head_dim
+    return [(q // n, p.dim), (kv // n, p.dim), (kv // n, p.dim), (p.dim, q // n),
+            (p.ffn_hidden_dim // n, p.dim), (p.dim, p.ffn_hidden_dim // n), (p.ffn_hidden_dim // n, p.dim)]
+
+
+def _matrix_bytes(rows: int, cols: int, spec: Optional[QuantSpec], itemsize: int, bits: Optional[int] = None) -> int:
+    bits = spec.bits if bits is None and spec is not None else bits
+    if bits is None:
+        return rows * cols * itemsize
+    if bits == 8:
+        return rows * cols + rows * 2  # int8 codes, one fp16 scale per output channel
+    assert spec is not None and spec.group_size is not None
+    return rows * cols // 2 + 2 * rows * (cols // spec.group_size) * 2  # nibbles, fp16 scale and min per group
+
+
+def weight_bytes(args: ModelArgs, dtype: torch.dtype, model_parallel_size: int = 1,
+                 spec: Optional[QuantSpec] = None) -> WeightBytes:
+    """The bytes ``args``' weights take in ``dtype``, or quantized as ``spec`` says (before anything is loaded)."""
+    b, mp = dtype.itemsize, model_parallel_size
+    shapes = linear_shapes(args, mp)
+    block = sum(_matrix_bytes(r, c, spec, b) for r, c in shapes) + 2 * args.dim * b
+    emb_bits = 8 if spec is not None and spec.embeddings else None
+    embedding = _matrix_bytes(args.vocab_size, args.dim // mp, None, b, emb_bits)
+    head = _matrix_bytes(args.vocab_size // mp, args.dim, None, b, emb_bits) + args.dim * b
+    if spec is None:
+        return WeightBytes(block, embedding, head)
+    matrices = shapes + [(shapes[0][0] + 2 * shapes[1][0], args.dim), (2 * shapes[4][0], args.dim)]  # fused groups
+    if spec.embeddings:
+        matrices.append((args.vocab_size // mp, args.dim))
+    return WeightBytes(block, embedding, head, scratch_bytes(matrices, dtype), spec.name)
 
 
 def activation_bytes(args: ModelArgs, dtype: torch.dtype, max_batch_size: int, max_seq_len: int,
@@ -60,6 +107,7 @@ class OffloadPlan:
     fixed_bytes: dict[str, int]  # what is resident whatever the budget
     model_parallel_size: int = 1  # N > 1: every figure is one rank's, on its own GPU
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt positions per prefill pass the activations are sized for
+    quantization: Optional[str] = None  # the blocks' format when quantized, e.g. "int4 g64"
 
     @property
     def paged_layers(self) -> int:
@@ -84,6 +132,9 @@ class OffloadPlan:
 
     def describe(self) -> str:
         lines = [f"  {name:<22} {n / GiB:8.3f} GiB" for name, n in self.fixed_bytes.items()]
+        if self.quantization:
+            lines.append(f"  {'block weights':<22} {self.block_bytes / 2**20:8.1f} MiB  per block ({self.quantization},"
+                         " codes and scales: what is paged)")
         lines.append(f"  {'resident blocks':<22} {self.resident_layers * self.block_bytes / GiB:8.3f} GiB"
                      f"  ({self.resident_layers} of {self.n_layers} blocks)")
         lines.append(f"  {'slot buffers':<22} {self.slot_bytes / GiB:8.3f} GiB"
@@ -108,39 +159,45 @@ def plan_offload(
     model_parallel_size: int = 1,
     prefill_chunk: Optional[int] = None,
     all_resident: bool = False,
+    sizes: Optional[WeightBytes] = None,
 ) -> OffloadPlan:
     """With a budget: as many resident blocks as fit, the rest paged one block per slice.
     Without one: every block paged, in ``num_slices`` slices (default: one block per slice); with
-    ``all_resident``, every block on the GPU. ``prefill_chunk`` sizes the activation estimate.
+    ``all_resident``, every block on the GPU. ``prefill_chunk`` sizes the activation estimate. ``sizes``: the
+    weights' bytes (default: ``dtype`` for every weight; quantized models pass their own, see weight_bytes).
     With ``model_parallel_size`` N > 1: one rank's plan, for its 1/N of the model and its own GPU."""
     if args.vocab_size <= 0:
         raise ValueError("vocab_size is -1: set it from the tokenizer before planning.")
     b, mp = dtype.itemsize, model_parallel_size
+    sizes = sizes or weight_bytes(args, dtype, mp)
     fixed = {
-        "embedding": args.vocab_size * args.dim // mp * b,
-        "output head + norm": (args.vocab_size // mp + 1) * args.dim * b,
+        "embedding": sizes.embedding,
+        "output head + norm": sizes.head,
         "KV cache": 2 * args.n_layers * max_batch_size * cache_len(max_seq_len) * args.kv_heads // mp * args.head_dim * b,
         "RoPE table": cache_len(max_seq_len) * args.head_dim // 2 * 8,
         "activations (est.)": activation_bytes(args, dtype, max_batch_size, max_seq_len, mp, prefill_chunk),
     }
-    per_block = block_bytes(args, dtype, mp)
+    if sizes.scratch:
+        fixed["dequant scratch"] = sizes.scratch
+    per_block = sizes.block
     n = args.n_layers
     chunk = min(max_seq_len, prefill_chunk or DEFAULT_PREFILL_CHUNK)
+    q = sizes.quantization
     if all_resident:
-        return OffloadPlan(n, n, 0, per_block, fixed, mp, chunk)
+        return OffloadPlan(n, n, 0, per_block, fixed, mp, chunk, q)
     if gpu_memory_gb is None:
         slices = n if num_slices is None else num_slices
         if not 1 <= slices <= n:
             raise ValueError(f"num_slices must be between 1 and the number of blocks ({n}), found {slices}.")
-        return OffloadPlan(n, 0, slices, per_block, fixed, mp, chunk)
+        return OffloadPlan(n, 0, slices, per_block, fixed, mp, chunk, q)
     if num_slices is not None:
         raise ValueError("Give either gpu_memory_gb or num_slices, not both: the budget decides the slices.")
 
     budget = int(gpu_memory_gb * GiB)
     base = sum(fixed.values())
     if base + n * per_block <= budget:
-        return OffloadPlan(n, n, 0, per_block, fixed, mp, chunk)  # everything fits: nothing to page
-    minimum = OffloadPlan(n, 0, n, per_block, fixed, mp, chunk).gpu_bytes  # nothing resident, two one-block slots
+        return OffloadPlan(n, n, 0, per_block, fixed, mp, chunk, q)  # everything fits: nothing to page
+    minimum = OffloadPlan(n, 0, n, per_block, fixed, mp, chunk, q).gpu_bytes  # nothing resident, two one-block slots
     if budget < minimum:
         per_rank = "" if mp == 1 else f" (per rank: each of {mp} processes holds 1/{mp} of the model on its own GPU)"
         raise ValueError(
@@ -152,7 +209,7 @@ def plan_offload(
     # Two slots of one block stay reserved for the paged part, so the resident blocks get the rest.
     resident = min(n - 1, (budget - base - 2 * per_block) // per_block)
     paged = n - resident
-    return OffloadPlan(n, resident, paged, per_block, fixed, mp, chunk)
+    return OffloadPlan(n, resident, paged, per_block, fixed, mp, chunk, q)
 
 
 # --- host memory ------------------------------------------------------------------------------------------

@@ -18,13 +18,15 @@ import torch
 
 from .args import ModelArgs
 from .chat_format import default_chat_format_name, get_chat_format
-from .checkpoint import check_shard_sizes, checkpoint_context_length, find_shards
+from .checkpoint import already_quantized_message, check_shard_sizes, checkpoint_context_length, find_shards
 from .convert import read_checkpoint_meta
-from .plan import HostPlan, OffloadPlan, check_host_memory, plan_host, plan_offload
+from .plan import HostPlan, OffloadPlan, WeightBytes, linear_shapes, check_host_memory, plan_host, plan_offload, weight_bytes
+from .quant import LINEAR_NAMES, QuantSpec
+from .quant_load import quantized_prefixes, read_quantization
 from .run_options import RunOptions, check_device_name
 from .tokenizer import Tokenizer, check_vocab_size, load_tokenizer
 
-__all__ = ["Preflight", "check_before_load", "check_context_length", "resolve_device"]
+__all__ = ["Preflight", "check_before_load", "check_context_length", "resolve_device", "stored_weight_bytes"]
 
 
 @dataclass(frozen=True)
@@ -89,20 +91,20 @@ def check_before_load(ckpt_dir: str | Path, tokenizer_path: str | Path, options:
     get_chat_format(chat_format, tokenizer)  # the format's special tokens must be in this vocabulary
     context, source = checkpoint_context_length(ckpt_dir, args)
     check_context_length(opts.max_seq_len, context, source, opts.allow_long_context)
-    itemsize = check_shard_sizes(ckpt_dir, args)
-
-    stored = torch.float16 if itemsize == 2 else torch.float32  # a stand-in of the stored width
     on_cpu = device.type == "cpu"
+    itemsize, sizes = stored_weight_bytes(ckpt_dir, args, opts.quant_spec, opts.torch_dtype or
+                                          (torch.float32 if on_cpu else None), model_parallel_size)
+    stored = {2: torch.float16, 4: torch.float32}[itemsize]  # a stand-in of the stored width
     dtype = opts.torch_dtype or (torch.float32 if on_cpu else stored)
     # The plan offload() makes for these flags (it refuses slices and budgets the same way, after the load).
     plan = plan_offload(args, dtype, max_batch_size=opts.max_batch_size, max_seq_len=opts.max_seq_len,
                         gpu_memory_gb=opts.gpu_memory_gb, num_slices=opts.num_slices,
                         model_parallel_size=model_parallel_size, prefill_chunk=opts.prefill_chunk,
-                        all_resident=not opts.offload and not on_cpu)
+                        all_resident=not opts.offload and not on_cpu, sizes=sizes)
     if on_cpu:
         cpu_plan = plan_offload(args, dtype, max_batch_size=opts.max_batch_size, max_seq_len=opts.max_seq_len,
                                 model_parallel_size=model_parallel_size, prefill_chunk=opts.prefill_chunk,
-                                all_resident=True)
+                                all_resident=True, sizes=sizes)
         host = plan_host(cpu_plan, on_cpu=True, processes=_local_processes(model_parallel_size))
     else:
         load_copy = dtype.itemsize != itemsize or len(shards) > 1
@@ -110,6 +112,39 @@ def check_before_load(ckpt_dir: str | Path, tokenizer_path: str | Path, options:
     if check_memory:
         check_host_memory(host)
     return Preflight(args, tokenizer, chat_format, device, dtype, itemsize, len(shards), context, source, plan, host)
+
+
+def stored_weight_bytes(ckpt_dir: str | Path, args: ModelArgs, spec: Optional[QuantSpec], dtype: Optional[torch.dtype],
+                        model_parallel_size: int = 1) -> tuple[int, WeightBytes]:
+    """(bytes per element the 16/32-bit tensors are stored with, the weight bytes a run holds) without reading a
+    weight: shard sizes must fit params.json; a quantized checkpoint is measured from its tensors' headers; a
+    ``--quantize`` spec must fit the model's shapes (and is refused on an already quantized checkpoint).
+    ``dtype``: the run's (None: as stored)."""
+    if read_quantization(ckpt_dir) is not None:
+        if spec is not None:
+            raise ValueError(already_quantized_message(ckpt_dir, spec))
+        return _quantized_sizes(find_shards(ckpt_dir), args, dtype, model_parallel_size)
+    itemsize = check_shard_sizes(ckpt_dir, args)
+    if spec is not None:
+        shapes = {f"layers.N.{name}": shape for name, shape in zip(LINEAR_NAMES, linear_shapes(args, 1))}
+        spec.check_shapes(shapes)  # a group size that does not divide is refused before any weight is read
+    run_dtype = dtype or {2: torch.float16, 4: torch.float32}[itemsize]
+    return itemsize, weight_bytes(args, run_dtype, model_parallel_size, spec)
+
+
+def _quantized_sizes(shards: list[Path], args: ModelArgs, dtype: Optional[torch.dtype],
+                     model_parallel_size: int) -> tuple[int, WeightBytes]:
+    from .checkpoint import _load_shard, expected_shapes
+    from .quant_load import check_quantized_state_dict, quantized_weight_bytes
+
+    state_dict = _load_shard(shards[0])
+    check_quantized_state_dict(state_dict, expected_shapes(args), str(shards[0]))
+    stored = state_dict["norm.weight"].dtype
+    block, embedding, head, scratch = quantized_weight_bytes(state_dict, args, dtype or stored)
+    n = model_parallel_size
+    kinds = sorted({f"int{8 if state_dict[f'{p}.weight'].dtype == torch.int8 else 4}"
+                    for p in quantized_prefixes(state_dict)})
+    return stored.itemsize, WeightBytes(block // n, embedding // n, head // n, scratch, "/".join(kinds) + " (stored)")
 
 
 def _local_processes(model_parallel_size: int) -> int:

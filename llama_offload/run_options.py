@@ -17,6 +17,7 @@ import torch
 
 from .chat_format import CHAT_FORMATS
 from .plan import DEFAULT_PREFILL_CHUNK
+from .quant import QuantSpec
 
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -53,6 +54,13 @@ class RunOptions:
     prefill_chunk: Optional[int] = _flag(None, "prompt positions per prefill pass; longer prompts are prefilled "
                                                "in chunks, bounding activation memory (default: min(max_seq_len, "
                                                "2048)).")
+    quantize: Optional[str] = _flag(None, "int8 or int4: quantize the blocks' matrices while loading (fewer bytes "
+                                          "paged per token; a checkpoint written by llama-offload quantize needs "
+                                          "no flag). Default: the checkpoint as stored.")
+    group_size: Optional[int] = _flag(None, "weights per int4 group (32, 64 or 128; default 64); int8 is scaled per "
+                                            "output channel.")
+    quantize_embeddings: bool = _flag(False, "with --quantize, the embedding and output head in int8 too (default: "
+                                             "they keep 16 bits).")
     allow_long_context: bool = _flag(False, "accept a max_seq_len above the context length the model was trained "
                                             "for (its llama_offload.json, or known from its architecture): the "
                                             "model was not trained for it, and its output degrades past that "
@@ -93,7 +101,8 @@ class RunOptions:
                 raise ValueError("Give either --gpu_memory_gb or --num_slices, not both: the budget decides how "
                                  "many blocks stay resident and how the rest is paged.")
         switches = {name: _bool_flag(name, getattr(self, name))
-                    for name in ("offload", "cuda_graphs", "allow_long_context")}
+                    for name in ("offload", "cuda_graphs", "allow_long_context", "quantize_embeddings")}
+        spec = self._quant_spec(switches["quantize_embeddings"])
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"--seed must be an integer, found {self.seed!r}.")
         torch_dtype = parse_dtype(self.dtype)
@@ -106,8 +115,23 @@ class RunOptions:
         return dataclasses.replace(
             self, gpu_memory_gb=None if self.gpu_memory_gb is None else float(self.gpu_memory_gb),
             dtype=None if torch_dtype is None else str(torch_dtype).removeprefix("torch."), **switches,
+            quantize=None if spec is None else f"int{spec.bits}", group_size=None if spec is None else spec.group_size,
             **{n: None if v is None else str(v) for n, v in text.items()},
         )
+
+    def _quant_spec(self, embeddings: bool) -> Optional[QuantSpec]:
+        if self.quantize is None:
+            if self.group_size is not None or embeddings:
+                flag = "--group_size" if self.group_size is not None else "--quantize_embeddings"
+                raise ValueError(f"{flag} applies to --quantize int8|int4, which was not given. Add --quantize int4 "
+                                 f"(or int8), or drop {flag}.")
+            return None
+        return QuantSpec.parse(self.quantize, self.group_size, embeddings)
+
+    @property
+    def quant_spec(self) -> Optional[QuantSpec]:
+        """``--quantize`` as a QuantSpec; None: the checkpoint as stored."""
+        return self._quant_spec(self.quantize_embeddings)
 
     @property
     def torch_dtype(self) -> Optional[torch.dtype]:

@@ -53,7 +53,7 @@ FLAG_SETS: dict[str, dict[str, Any]] = {
                    seed=7, chat_format="llama2", cuda_graphs=False, prefill_chunk=16,
                    allow_long_context=True),
     "budget": dict(max_seq_len=200, max_batch_size=2, gpu_memory_gb=1.5, dtype="float16", seed=0,
-                   chat_format="llama2", prefill_chunk=64),
+                   chat_format="llama2", prefill_chunk=64, quantize="int4", group_size=32, quantize_embeddings=True),
 }
 
 
@@ -142,9 +142,12 @@ def options_of(monkeypatch: pytest.MonkeyPatch, entry: str, *argv: str) -> RunOp
 
 def check_plan(got: Planned, want: RunOptions, tiny_ckpt: Path) -> None:
     assert got.dtype == (want.torch_dtype or torch.float32)  # the tiny checkpoint is stored in float32
+    sizes = got.kwargs.pop("sizes")
     assert got.kwargs == dict(max_batch_size=want.max_batch_size, max_seq_len=want.max_seq_len,
                               gpu_memory_gb=want.gpu_memory_gb, num_slices=want.num_slices,
                               prefill_chunk=want.prefill_chunk)
+    spec = want.quant_spec  # the plan counts the quantized bytes --quantize would page
+    assert sizes.quantization == (None if spec is None else spec.name)
 
 
 # --- the flags round-trip ----------------------------------------------------------------------------
