@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -177,3 +177,26 @@ def quantized_weight_bytes(state_dict: dict[str, torch.Tensor], args: ModelArgs,
     shapes = [(state_dict[f"{p}.weight"].shape[0], in_features(state_dict[f"{p}.weight"]))
               for p in quantized_prefixes(state_dict) if p != "tok_embeddings"]
     return max(blocks), embedding, head, scratch_bytes(shapes, dtype)
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec, *,
+                   weight_of: Optional[Callable[[str, tuple[int, int]], torch.Tensor]] = None,
+                   device: Optional[torch.device | str] = None) -> nn.Module:
+    """Quantize a built ``Transformer`` in place: the blocks' matrices (and with ``spec.embeddings`` the embedding
+    and head) become QuantLinear / QuantEmbedding holding their codes on the CPU.
+
+    ``weight_of(name, (out, in))`` supplies each matrix instead of the module's own weight: a model too large for
+    host memory in 16 bits (a 70B) can be quantized from weights drawn one matrix at a time on the GPU.
+    ``device``: where to quantize (default: where the weight is)."""
+    dtype = model.dtype
+    for name in matrix_names(model.params, spec.embeddings):
+        old = model.get_submodule(name)
+        shape = tuple(old.weight.shape)
+        w = old.weight if weight_of is None else weight_of(name, shape)
+        w = w if device is None else w.to(device)
+        bits, group = (8, None) if name in EMBEDDING_NAMES else (spec.bits, spec.group_size)
+        q = {k: v.cpu() for k, v in quantize_tensor(w, bits, group).items()}
+        new = (QuantEmbedding(q["weight"], q["scales"], q.get("mins"), dtype=dtype) if isinstance(old, nn.Embedding)
+               else QuantLinear(q["weight"], q["scales"], q.get("mins")))
+        model.set_submodule(name, new)
+    return model

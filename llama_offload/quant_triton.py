@@ -2,8 +2,9 @@
 
 Without it, PyTorch runs the unpacking, the conversion, the scaling and the rounding as separate kernels
 through fp32 temporaries, several times the traffic: on a paged int4 block that would outlast the block's
-copy. The arithmetic is quant.dequantize's (fp32, one rounding to the output dtype), so both give the same
-bits; Triton is optional and, where it is missing, quant.py computes the same values with PyTorch.
+copy. The arithmetic is quant.dequantize's (fp32, the product and the sum each rounded, no fused multiply-add,
+then one rounding to the output dtype), so both give the same bits whatever the scales. Triton is optional:
+where it is missing, quant.py computes the same values with PyTorch.
 """
 
 from __future__ import annotations
@@ -79,5 +80,6 @@ def dequantize(weight: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.
     assert out.is_contiguous() and out.numel() == n_bytes * (2 if int4 else 1), (out.shape, weight.shape)
     grid = (triton.cdiv(n_bytes, BLOCK),)
     _kernels()[grid](weight, scales, scales if mins is None else mins, out, n_bytes, bytes_per_row, bytes_per_group,
-                     INT4=int4, HAS_MINS=mins is not None, BLOCK=BLOCK)
+                     INT4=int4, HAS_MINS=mins is not None, BLOCK=BLOCK,
+                     enable_fp_fusion=False)  # q * s + m rounded twice, as PyTorch computes it: the same bits
     return out
