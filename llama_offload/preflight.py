@@ -21,7 +21,7 @@ from .chat_format import default_chat_format_name, get_chat_format
 from .checkpoint import already_quantized_message, check_shard_sizes, checkpoint_context_length, find_shards
 from .convert import read_checkpoint_meta
 from .plan import HostPlan, OffloadPlan, WeightBytes, linear_shapes, check_host_memory, plan_host, plan_offload, weight_bytes
-from .quant import LINEAR_NAMES, QuantSpec
+from .quant import LINEAR_NAMES, QuantSpec, format_name
 from .quant_load import quantized_prefixes, read_quantization
 from .run_options import RunOptions, check_device_name
 from .tokenizer import Tokenizer, check_vocab_size, load_tokenizer
@@ -142,8 +142,8 @@ def _quantized_sizes(shards: list[Path], args: ModelArgs, dtype: Optional[torch.
     stored = state_dict["norm.weight"].dtype
     block, embedding, head, scratch = quantized_weight_bytes(state_dict, args, dtype or stored)
     n = model_parallel_size
-    kinds = sorted({f"int{8 if state_dict[f'{p}.weight'].dtype == torch.int8 else 4}"
-                    for p in quantized_prefixes(state_dict)})
+    kinds = sorted({format_name(state_dict[f"{p}.weight"], state_dict[f"{p}.scales"])
+                    for p in quantized_prefixes(state_dict) if p.startswith("layers.")})
     return stored.itemsize, WeightBytes(block // n, embedding // n, head // n, scratch, "/".join(kinds) + " (stored)")
 
 

@@ -185,6 +185,12 @@ def quantize_tensor(w: torch.Tensor, bits: int, group_size: Optional[int]) -> di
     return quantize_int8(w, group_size) if bits == 8 else quantize_int4(w, group_size or DEFAULT_GROUP_SIZE)
 
 
+def format_name(weight: torch.Tensor, scales: torch.Tensor) -> str:
+    """e.g. "int4 g64", "int8 g32" (GGUF's Q8_0) or "int8 per channel": what info and logs call a matrix's format."""
+    bits, groups = (4 if weight.dtype == torch.uint8 else 8), scales.shape[1]
+    return "int8 per channel" if bits == 8 and groups == 1 else f"int{bits} g{in_features(weight) // groups}"
+
+
 def quantized_nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -358,8 +364,7 @@ def describe_quantization(model: nn.Module) -> Optional[str]:
     found = quant_modules(model)
     if not found:
         return None
-    kinds = sorted({f"int{m.bits} g{m.group_size}" if m.bits == 4 or m.group_size != m.in_features
-                    else "int8 per channel" for _, m in found if isinstance(m, QuantLinear)})
+    kinds = sorted({format_name(m.weight, m.scales) for _, m in found if isinstance(m, QuantLinear)})
     emb = any(name.split(".")[-1] in EMBEDDING_NAMES for name, _ in found)
     return f"{', '.join(kinds)}; embedding and head {'int8' if emb else '16-bit'}"
 

@@ -114,7 +114,8 @@ def _model_order(out: dict[str, torch.Tensor], original: dict[str, torch.Tensor]
 def slice_for_rank(state_dict: dict[str, torch.Tensor], split_dims: dict[str, Optional[int]], rank: int,
                    world_size: int, source: str) -> dict[str, torch.Tensor]:
     """Rank ``rank``'s part of a quantized state dict: rows of all three tensors for a split along the output
-    features; for a split along the input features, whole groups of codes and their scales."""
+    features; for a split along the input features, whole groups of codes and their scales (a per-channel scale
+    is kept whole by every rank)."""
     out: dict[str, torch.Tensor] = {}
     quantized = set(quantized_prefixes(state_dict))
     for key, t in state_dict.items():
@@ -123,6 +124,9 @@ def slice_for_rank(state_dict: dict[str, torch.Tensor], split_dims: dict[str, Op
         d = split_dims.get(f"{prefix}.weight") if prefix in quantized else split_dims.get(key)
         if d is None:
             out[key] = t
+            continue
+        if prefix in quantized and part != "weight" and d == 1 and t.shape[1] == 1:
+            out[key] = t  # one scale per output channel: each rank's part of the row keeps it
             continue
         length = t.shape[d]
         if length % world_size:

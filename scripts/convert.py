@@ -29,13 +29,14 @@ except KeyboardInterrupt:
     sys.exit(128 + signal.SIGINT)
 
 
-def gguf(path: str, out: str, dtype: str = "bfloat16", force: bool = False) -> None:
+def gguf(path: str, out: str, dtype: Optional[str] = None, force: bool = False) -> None:
     """Convert a llama-architecture .gguf file (quantized or not).
 
     Args:
         path: the .gguf file.
         out: the checkpoint directory to create.
-        dtype: bfloat16 (default), float16 or float32: what the dequantized weights are stored as.
+        dtype: unset (default) keeps quantized tensors as they are (exactly) and the others at their width;
+            bfloat16, float16 or float32 dequantizes every weight to it.
         force: replace `out`, only a checkpoint a conversion wrote, once the new one is complete.
     """
     with exit_on_signal("convert"):  # SIGTERM / Ctrl-C: the partial output is removed, exit 143 / 130

@@ -252,13 +252,20 @@ def test_quantized_tensors_match_gguf_dequantize(source: tuple[ModelArgs, Transf
     assert meta["source"]["tensor_types"]["Q8_0"] == 3
 
 
-def test_default_dtype_is_bfloat16(source: tuple[ModelArgs, Transformer], tmp_path: Path) -> None:
+def test_default_keeps_the_stored_widths(source: tuple[ModelArgs, Transformer], tmp_path: Path) -> None:
+    # No dtype: every tensor as the GGUF stores it (F32 here), nothing rounded; --dtype bfloat16 still casts.
     args, model = source
-    out = convert_gguf(write_gguf(tmp_path / "m.gguf", args, gguf_tensors_from_meta(model, args)), tmp_path / "c")
+    path = write_gguf(tmp_path / "m.gguf", args, gguf_tensors_from_meta(model, args))
+    out = convert_gguf(path, tmp_path / "c")
     converted = load(out)
+    assert {p.dtype for p in converted.parameters()} == {torch.float32}
+    assert torch.equal(converted.tok_embeddings.weight, model.tok_embeddings.weight)
+    meta = read_checkpoint_meta(out)
+    assert meta["dtype"] == "float32" and "quantization" not in meta
+    converted = load(convert_gguf(path, tmp_path / "b", dtype="bfloat16"))
     assert {p.dtype for p in converted.parameters()} == {torch.bfloat16}
     assert torch.equal(converted.tok_embeddings.weight, model.tok_embeddings.weight.bfloat16())
-    assert read_checkpoint_meta(out)["dtype"] == "bfloat16"
+    assert read_checkpoint_meta(tmp_path / "b")["dtype"] == "bfloat16"
 
 
 def test_wrong_architecture(source: tuple[ModelArgs, Transformer], tmp_path: Path) -> None:
@@ -419,7 +426,7 @@ def test_script(small_gguf: Path, tmp_path: Path) -> None:
     assert r.returncode == 1 and "--force" in r.stderr and "Traceback" not in r.stderr
     r = run("gguf", str(small_gguf), "--out", str(tmp_path / "c"), "--force")
     assert r.returncode == 0, r.stderr
-    assert read_checkpoint_meta(tmp_path / "c")["dtype"] == "bfloat16"
+    assert read_checkpoint_meta(tmp_path / "c")["dtype"] == "float32"  # no --dtype: as the GGUF stores it
 
 
 def test_gguf_from_a_local_wheel(small_gguf: Path, tmp_path: Path) -> None:
@@ -485,6 +492,8 @@ def test_real_smollm2_knows_the_capital_of_france(request: pytest.FixtureRequest
     meta = read_checkpoint_meta(out)
     assert meta["chat_format"] == "chatml" and meta["add_bos"] is False
     assert meta["source"]["tensor_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
+    # Kept as stored: 210 Q4_1 matrices, the Q8_0 embedding and its copy as the (tied) head.
+    assert meta["quantization"]["tensor_types"]["output"] == "Q8_0" and len(meta["quantization"]["tensor_types"]) == 212
 
     llama = Llama.build(out, out / "tokenizer.json", max_seq_len=256, max_batch_size=1, chat_format="chatml",
                         device="cpu")

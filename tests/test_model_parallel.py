@@ -8,8 +8,10 @@ The GPU section at the end runs scripts/check_model_parallel.py on two GPUs; it 
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,6 +37,9 @@ from llama_offload.checkpoint import (
 from llama_offload.model import Transformer, check_model_parallel_sizes
 from llama_offload.offload import offload
 from llama_offload.plan import block_bytes, plan_offload
+from llama_offload.convert import write_checkpoint_meta
+from llama_offload.quant import QuantSpec
+from llama_offload.quant_load import quantize_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, rope_theta=1e6)
@@ -213,12 +218,13 @@ def _worker(rank: int, world_size: int, port: int, job: dict) -> None:
     assert parallel.init_model_parallel() == (rank, world_size)
     out = {}
     for case, spec in job["cases"].items():
+        quantize = QuantSpec(**spec["quantize"]) if spec.get("quantize") else None
         model = load_model(spec["ckpt"], max_seq_len=MAX_SEQ, max_batch_size=MAX_BATCH, show_progress=False,
-                           vocab_parallel_embedding=spec["flag"])
+                           vocab_parallel_embedding=spec["flag"], quantize=quantize)
         modules = dict(model.named_modules())
         result = {
             "state": {k: v.clone() for k, v in model.state_dict().items()},
-            "types": {name: type(modules[name]).__name__ for name in (
+            "types": {name: f"{type(modules[name]).__name__}{getattr(modules[name], 'parallel', '') or ''}" for name in (
                 "tok_embeddings", "layers.0.attention.wq", "layers.0.attention.wk", "layers.0.attention.wo",
                 "layers.0.feed_forward.w1", "layers.0.feed_forward.w2", "layers.0.feed_forward.w3", "output")},
             "vocab_parallel": model.vocab_parallel_embedding,
@@ -260,6 +266,31 @@ CASES = {
 }
 
 
+# Quantized models split over 2 ranks: each rank pages its part of the codes, in whole groups (reference: the same
+# quantized model in one process).
+QUANT_CASES = {
+    "int4 g32 checkpoint, split over 2 ranks": dict(ckpt="int4-g32", quantize=None),
+    "int8 checkpoint (a scale per output channel), split over 2 ranks": dict(ckpt="int8", quantize=None),
+    "--quantize int4 g32 while loading, split over 2 ranks": dict(ckpt="llama2-1", quantize=dict(bits=4, group_size=32),
+                                                                  reference="int4-g32"),
+}
+
+
+def save_quantized(sd: dict, args: ModelArgs, ckpt: Path, spec: QuantSpec, tokenizer: Path) -> None:
+    """A quantized checkpoint as llama-offload quantize writes it: one shard, the record in llama_offload.json."""
+    ckpt.mkdir(parents=True)
+    shutil.copy(tokenizer, ckpt / "tokenizer.model")
+    (ckpt / "params.json").write_text(json.dumps(args.to_params()))
+    torch.save(quantize_state_dict(sd, args, spec, show_progress=False), ckpt / "consolidated.00.pth")
+    write_checkpoint_meta(ckpt, chat_format=None, tokenizer="tokenizer.model", source={"format": "test"},
+                          quantization=spec.to_json())
+
+
+def one_process_logits(ckpt: Path, prompt: torch.Tensor, tokens: torch.Tensor, quantize=None) -> list[torch.Tensor]:
+    model = load_model(ckpt, max_seq_len=MAX_SEQ, max_batch_size=MAX_BATCH, show_progress=False, quantize=quantize)
+    return run_steps(offload(model, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ, device="cpu"), prompt, tokens)
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, sp_tokenizer_path) -> dict:
     root = tmp_path_factory.mktemp("model_parallel")
@@ -295,13 +326,36 @@ def two_ranks(tmp_path_factory, sp_tokenizer_path) -> dict:
     llama = Llama.build(root / "gen", sp_tokenizer_path, max_seq_len=64, max_batch_size=2, device="cpu")
     generated = llama.generate(prompts, max_gen_len=10, temperature=0.8, top_p=0.9)[0]
 
+    quant_refs = {}
+    for name, spec in (("int4-g32", QuantSpec(4, 32)), ("int8", QuantSpec(8))):
+        save_quantized(sd, args, root / name, spec, sp_tokenizer_path)
+    for case, spec in QUANT_CASES.items():
+        cases[case] = dict(ckpt=str(root / spec["ckpt"]), flag=None, quantize=spec["quantize"])
+        ref_ckpt = root / spec.get("reference", spec["ckpt"])
+        quant_refs[case] = one_process_logits(ref_ckpt, prompt, torch.stack(tokens, 1))
+
     job = dict(cases=cases, prompt=prompt, tokens=torch.stack(tokens, 1), out=str(root),
                gen=dict(ckpt=str(root / "gen"), tokenizer=str(sp_tokenizer_path), prompts=prompts))
     start = time.perf_counter()
     spawn_two_ranks(job)
     ranks = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return dict(args=args, sd=sd, logits=logits, tokens=job["tokens"], ranks=ranks, generated=generated,
-                seconds=time.perf_counter() - start)
+                seconds=time.perf_counter() - start, quant_refs=quant_refs)
+
+
+@pytest.mark.parametrize("case", list(QUANT_CASES))
+def test_quantized_models_split_over_two_ranks_give_the_one_process_logits(two_ranks, case):
+    r0, r1 = (r[case] for r in two_ranks["ranks"])
+    ref = two_ranks["quant_refs"][case]
+    for step, (a, b, want) in enumerate(zip(r0["logits"], r1["logits"], ref)):
+        assert torch.equal(a, b), step
+        assert torch.allclose(a, want, rtol=1e-5, atol=1e-5), (step, (a - want).abs().max().item())
+    assert r0["types"]["layers.0.attention.wq"] == "QuantLinearcolumn"
+    assert r0["types"]["layers.0.feed_forward.w2"] == "QuantLinearrow"
+    assert r0["types"]["output"] == "ColumnParallelLinear"  # the head keeps 16 bits here
+    # Each rank holds half of every split matrix's codes, in whole groups.
+    w2 = r0["state"]["layers.0.feed_forward.w2.weight"]
+    assert w2.shape[1] * (2 if w2.dtype == torch.uint8 else 1) == two_ranks["args"].ffn_hidden_dim // 2
 
 
 @pytest.mark.parametrize("case", list(CASES))
