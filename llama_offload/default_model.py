@@ -62,6 +62,14 @@ def _build_smollm2(tmp: Path) -> None:
     remove_tree(CHECKPOINTS_DIR / ".downloads")  # where earlier versions kept the download
 
 
+def _keeps_gguf_blocks(ckpt_dir: Path) -> bool:
+    # Earlier versions converted the GGUF to bfloat16, which changes some greedy answers; this one keeps its
+    # Q4_1 blocks (llama_offload.json then records a "quantization"). An old conversion is made again.
+    meta = read_checkpoint_meta(ckpt_dir)
+    types = set((meta.get("source") or {}).get("tensor_types") or {})
+    return "quantization" in meta or types <= {"F32", "F16", "BF16"}
+
+
 @dataclass(frozen=True)
 class DefaultModel:
     name: str
@@ -70,13 +78,15 @@ class DefaultModel:
     build: Callable[[Path], None]
     description: str
     warning: str = ""
+    current: Callable[[Path], bool] = lambda ckpt_dir: True  # False: made by an earlier version, made again
 
 
 MODELS = {
     m.name: m
     for m in [
         DefaultModel("smollm2-135m-instruct", ("params.json", _SHARD, "tokenizer.json", META_FILENAME),
-                     "tokenizer.json", _build_smollm2, "SmolLM2-135M-Instruct (a real chat model, Apache-2.0)"),
+                     "tokenizer.json", _build_smollm2, "SmolLM2-135M-Instruct (a real chat model, Apache-2.0)",
+                     current=_keeps_gguf_blocks),
         DefaultModel("tiny-random", ("params.json", _SHARD, DEFAULT_TOKENIZER_FILENAME), DEFAULT_TOKENIZER_FILENAME,
                      _build_tiny, "the tiny random-weight model (its output is gibberish)",
                      "NOTE: this is a TINY MODEL WITH RANDOM WEIGHTS. Its output is gibberish; it only shows "
@@ -105,7 +115,8 @@ def default_paths() -> tuple[Path, Path]:
 
 
 def _is_complete(ckpt_dir: Path) -> bool:
-    return all((ckpt_dir / name).is_file() for name in default_model().files)
+    model = default_model()
+    return all((ckpt_dir / name).is_file() for name in model.files) and model.current(ckpt_dir)
 
 
 def _new_sibling(kind: str) -> Path:
@@ -139,6 +150,9 @@ def prepare_default_model(force: bool = False) -> tuple[Path, Path]:
                 "will not be replaced. Move them elsewhere, or point LLAMA_OFFLOAD_CHECKPOINTS at another directory."
             )
 
+    if all((ckpt_dir / name).is_file() for name in model.files) and not model.current(ckpt_dir):
+        _say(f"{ckpt_dir} was made by an earlier version of llama_offload (weights dequantized to 16 bits); "
+             "making it again so that it runs from the GGUF's own quantized blocks.")
     _say(f"preparing the default model, {model.description}, in {ckpt_dir} (once; seconds to a minute) ...")
     CHECKPOINTS_DIR.mkdir(parents=True, exist_ok=True)
     with interruptible():  # SIGTERM, like Ctrl-C, removes what was begun

