@@ -400,6 +400,7 @@ def load_model(
     model_parallel_size: Optional[int] = None,
     vocab_parallel_embedding: Optional[bool] = None,
     quantize: Optional[QuantSpec] = None,
+    quantize_device: Optional[torch.device | str] = None,
 ) -> Transformer:
     """Build a CPU ``Transformer`` from a Meta checkpoint directory, in eval mode, caches not set up.
 
@@ -409,7 +410,7 @@ def load_model(
     of the model (FairScale's parallel layers), else the whole model; 1 loads the whole model regardless.
     ``vocab_parallel_embedding`` None: the embedding layout the checkpoint shows (see the module docstring).
     A quantized checkpoint (quant_load.py) loads its codes as they are; ``quantize`` quantizes a 16-bit one as
-    it loads. Under model parallelism an int8 embedding and head are dequantized (they are split as plain
+    it loads, on ``quantize_device`` (default the CPU; the codes are the same on a GPU, only faster). Under model parallelism an int8 embedding and head are dequantized (they are split as plain
     matrices); every rank keeps whole groups of the blocks' matrices.
     """
     ckpt_dir = Path(ckpt_dir)
@@ -440,7 +441,9 @@ def load_model(
         state_dict, vocab_parallel = _load_state_dict(ckpt_dir, args, show_progress, rank, n, vocab_parallel_embedding)
         if quantize is not None:
             state_dict = quantize_state_dict(state_dict, args, quantize if n == 1 else _plain_embeddings(quantize),
-                                             show_progress=show_progress)
+                                             show_progress=show_progress, device=quantize_device)
+            if torch.device(quantize_device or "cpu").type == "cuda":
+                torch.cuda.empty_cache()  # the quantizer's temporaries: back to the budget the plan hands out
     if dtype is not None:
         # Codes and their scales stay as stored: only the 16/32-bit weights change dtype.
         state_dict = {k: v if v.dtype == dtype or not v.is_floating_point() or k.endswith((".scales", ".mins"))

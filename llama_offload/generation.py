@@ -103,7 +103,8 @@ class Llama:
         tokenizer = preflight.tokenizer
         model = load_model(ckpt_dir, max_seq_len=opts.max_seq_len, max_batch_size=opts.max_batch_size, dtype=dtype,
                            vocab_size=tokenizer.n_words, show_progress=parallel.is_rank0(),
-                           vocab_parallel_embedding=vocab_parallel_embedding, quantize=opts.quant_spec)
+                           vocab_parallel_embedding=vocab_parallel_embedding, quantize=opts.quant_spec,
+                           quantize_device=target if target.type == "cuda" else None)
         check_vocab_size(tokenizer, model.vocab_size, source=str(Path(ckpt_dir) / "params.json"))
         if target.type == "cuda" and target.index is None and model.model_parallel_size > 1:
             target = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU: LOCAL_RANK

@@ -45,6 +45,9 @@ DEFAULT_GROUP_SIZE = 64
 # The quantization format this reader understands; llama_offload.json records the version a checkpoint needs.
 FORMAT_VERSION = 1
 
+# Rows of a matrix quantized at once: bounds the fp32 copy and the quantizer's temporaries (~16 bytes a weight)
+# for the largest matrices (a 128k-token head, a 70B feed-forward) to a few hundred MB, in host or GPU memory.
+QUANTIZE_CHUNK_ELEMENTS = 1 << 24
 # At most this many weights are dequantized at once: larger matrices (a big vocabulary's head, a 70B
 # feed-forward) are multiplied in row chunks, so the scratch buffer stays small beside the budget.
 SCRATCH_ELEMENTS = 1 << 27
@@ -150,6 +153,12 @@ def _scale_dtype(largest: torch.Tensor) -> torch.dtype:
     return torch.float16 if bool(torch.isfinite(largest.to(torch.float16)).all()) else torch.float32
 
 
+def _exact_div(x: torch.Tensor, n: int) -> torch.Tensor:
+    # A tensor divisor, not a Python number: CUDA divides by a scalar as a multiplication by its rounded
+    # reciprocal, which changes some scales' last bit. Tensor by tensor, every device divides exactly (IEEE).
+    return x / torch.full_like(x, n)
+
+
 def quantize_int8(w: torch.Tensor, group_size: Optional[int] = None) -> dict[str, torch.Tensor]:
     """Symmetric int8: per output channel (``group_size`` None), or per group of ``group_size`` inputs."""
     rows, n_in = w.shape
@@ -158,7 +167,8 @@ def quantize_int8(w: torch.Tensor, group_size: Optional[int] = None) -> dict[str
         raise ValueError(f"group size {g} does not divide the input features ({n_in}).")
     groups = w.detach().to(torch.float32).reshape(rows, n_in // g, g)  # (rows, groups, g)
     amax = groups.abs().amax(dim=-1)  # (rows, groups)
-    scales = (amax / 127).to(_scale_dtype(amax / 127))
+    step = _exact_div(amax, 127)
+    scales = step.to(_scale_dtype(step))
     # Round against the scale as stored, so the stored scale is the one the codes were chosen for.
     s = scales.to(torch.float32)
     q = torch.where(s[:, :, None] > 0, groups / s.clamp_min(torch.finfo(torch.float32).tiny)[:, :, None], 0.0)
@@ -173,8 +183,9 @@ def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> dict
         raise ValueError(f"group size {group_size} does not divide the input features ({n_in}).")
     groups = w.detach().to(torch.float32).reshape(rows, n_in // group_size, group_size)  # (rows, groups, g)
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)  # (rows, groups)
-    dtype = _scale_dtype(torch.stack([lo.abs(), hi.abs(), (hi - lo) / 15]))
-    scales, mins = ((hi - lo) / 15).to(dtype), lo.to(dtype)
+    step = _exact_div(hi - lo, 15)
+    dtype = _scale_dtype(torch.stack([lo.abs(), hi.abs(), step]))
+    scales, mins = step.to(dtype), lo.to(dtype)
     s, m = scales.to(torch.float32)[:, :, None], mins.to(torch.float32)[:, :, None]
     q = torch.where(s > 0, (groups - m) / s.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
     q = q.round().clamp_(0, 15).reshape(rows, n_in)
@@ -183,6 +194,29 @@ def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> dict
 
 def quantize_tensor(w: torch.Tensor, bits: int, group_size: Optional[int]) -> dict[str, torch.Tensor]:
     return quantize_int8(w, group_size) if bits == 8 else quantize_int4(w, group_size or DEFAULT_GROUP_SIZE)
+
+
+def quantize_matrix(w: torch.Tensor, bits: int, group_size: Optional[int], *,
+                    device: Optional[torch.device | str] = None) -> dict[str, torch.Tensor]:
+    """``quantize_tensor`` over row chunks, each computed on ``device`` (default: where ``w`` is), the codes, scales
+    and mins returned on the CPU. Every row is quantized on its own, so the codes are the whole matrix's, and the
+    same on any device (division, rounding and fp16 conversion are IEEE-exact on both)."""
+    rows, cols = w.shape
+    step = max(1, QUANTIZE_CHUNK_ELEMENTS // max(cols, 1))
+    chunks = []
+    for r in range(0, rows, step):
+        chunk = w[r : r + step] if device is None else w[r : r + step].to(device, non_blocking=True)
+        chunks.append({k: v.cpu() for k, v in quantize_tensor(chunk, bits, group_size).items()})
+    if len(chunks) == 1:
+        return chunks[0]
+    # A chunk whose scales overflow fp16 keeps them in fp32; the others' fp16 values are exact in fp32.
+    out: dict[str, torch.Tensor] = {}
+    for name in chunks[0]:
+        parts = [c[name] for c in chunks]
+        if len({p.dtype for p in parts}) > 1:
+            parts = [p.to(torch.float32) for p in parts]
+        out[name] = torch.cat(parts)
+    return out
 
 
 def format_name(weight: torch.Tensor, scales: torch.Tensor) -> str:

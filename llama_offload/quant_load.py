@@ -22,7 +22,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .quant import (EMBEDDING_NAMES, FORMAT_VERSION, LINEAR_NAMES, QuantEmbedding, QuantLinear, QuantSpec, dequantize,
-                    in_features, is_quantized, quantize_tensor, scratch_bytes)
+                    in_features, is_quantized, quantize_matrix, scratch_bytes)
 
 QUANT_PARTS = ("weight", "scales", "mins")
 
@@ -84,8 +84,11 @@ def check_quantized_state_dict(state_dict: dict[str, torch.Tensor], expected: di
 
 
 def quantize_state_dict(state_dict: dict[str, torch.Tensor], args: ModelArgs, spec: QuantSpec, *,
-                        show_progress: bool = True) -> dict[str, torch.Tensor]:
-    """``--quantize`` at load: each matrix quantized in turn (one in fp32 at a time), the rest kept as is."""
+                        show_progress: bool = True, device: Optional[torch.device | str] = None
+                        ) -> dict[str, torch.Tensor]:
+    """``--quantize`` at load: each matrix quantized in turn (a chunk of rows in fp32 at a time), the rest kept as
+    is. ``device``: where to compute (a GPU quantizes a 7B model in seconds, the CPU takes minutes); the codes are
+    the same on every device and always returned in host memory."""
     names = matrix_names(args, spec.embeddings)
     spec.check_shapes({n: tuple(state_dict[f"{n}.weight"].shape) for n in names})
     out = dict(state_dict)
@@ -93,12 +96,13 @@ def quantize_state_dict(state_dict: dict[str, torch.Tensor], args: ModelArgs, sp
     for i, name in enumerate(names):
         w = out.pop(f"{name}.weight")
         bits, group = (8, None) if name in EMBEDDING_NAMES else (spec.bits, spec.group_size)
-        out.update({f"{name}.{k}": v for k, v in quantize_tensor(w, bits, group).items()})
+        out.update({f"{name}.{k}": v for k, v in quantize_matrix(w, bits, group, device=device).items()})
         now = time.perf_counter()
         if show_progress and (now - last > 0.5 or i + 1 == len(names)):
             last = now
             bar = "#" * (30 * (i + 1) // len(names))
-            print(f"\rquantizing to {spec.name}: [{bar:<30}] {i + 1}/{len(names)} matrices, {now - start:.1f} s",
+            where = "" if device is None else f" on {device}"
+            print(f"\rquantizing to {spec.name}{where}: [{bar:<30}] {i + 1}/{len(names)} matrices, {now - start:.1f} s",
                   end="\n" if i + 1 == len(names) else "", file=sys.stderr, flush=True)
     return {k: out[k] for k in _model_order(out, state_dict)}
 
@@ -197,9 +201,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *,
         old = model.get_submodule(name)
         shape = tuple(old.weight.shape)
         w = old.weight if weight_of is None else weight_of(name, shape)
-        w = w if device is None else w.to(device)
         bits, group = (8, None) if name in EMBEDDING_NAMES else (spec.bits, spec.group_size)
-        q = {k: v.cpu() for k, v in quantize_tensor(w, bits, group).items()}
+        q = quantize_matrix(w, bits, group, device=device)
         new = (QuantEmbedding(q["weight"], q["scales"], q.get("mins"), dtype=dtype) if isinstance(old, nn.Embedding)
                else QuantLinear(q["weight"], q["scales"], q.get("mins")))
         model.set_submodule(name, new)

@@ -39,9 +39,6 @@ __all__ = ["estimated_bytes", "quantize_checkpoint", "quantized_keys", "spec_fro
 
 # Files a tokenizer.json is read with (tokenizer.HFTokenizer): copied along with it when present.
 _HF_SIDECARS = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-# Rows of a matrix quantized at once: bounds the fp32 copy and the quantizer's temporaries (~16 bytes a weight)
-# for the largest matrices (a 128k-token head, a 70B feed-forward) to a few hundred MB.
-CHUNK_ELEMENTS = 1 << 24
 
 
 def _say(msg: str) -> None:
@@ -106,25 +103,6 @@ def estimated_bytes(args: ModelArgs, spec: QuantSpec, itemsize: int) -> int:
         else:
             total += shape.numel() * itemsize
     return total
-
-
-def _quantize_matrix(w: torch.Tensor, bits: int, group_size: Optional[int]) -> dict[str, torch.Tensor]:
-    """``quant.quantize_tensor`` over row chunks (every row is quantized on its own, so the codes are the
-    whole matrix's); the fp32 copy exists for one chunk at a time."""
-    rows, cols = w.shape
-    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
-    chunks = [quant.quantize_tensor(w[r : r + step], bits, group_size) for r in range(0, rows, step)]
-    if len(chunks) == 1:
-        return chunks[0]
-    # A chunk whose scales overflow fp16 keeps them in fp32; the others' fp16 values are exact in fp32.
-    out: dict[str, torch.Tensor] = {}
-    for name in chunks[0]:
-        parts = [c[name] for c in chunks]
-        dtypes = {p.dtype for p in parts}
-        if len(dtypes) > 1:
-            parts = [p.to(torch.float32) for p in parts]
-        out[name] = torch.cat(parts)
-    return out
 
 
 class _Progress:
@@ -258,7 +236,7 @@ def quantize_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec: QuantSp
                 n = t.numel()
                 if key in shapes:
                     is_emb = key.split(".")[0] in EMBEDDING_NAMES
-                    q = _quantize_matrix(t, 8, None) if is_emb else _quantize_matrix(t, spec.bits, spec.group_size)
+                    q = quant.quantize_matrix(t, 8, None) if is_emb else quant.quantize_matrix(t, spec.bits, spec.group_size)
                     prefix = key.removesuffix(".weight")
                     nbytes = quant.quantized_nbytes(q)
                     for name, v in q.items():

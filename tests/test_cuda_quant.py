@@ -136,3 +136,34 @@ def test_7b_quantized_offloaded_equals_unoffloaded_and_is_repeatable(spec):
             assert peak <= how["gpu_memory_gb"] * 2**30
         del model, runs
         free_gpu()
+
+
+def test_quantizing_on_the_gpu_gives_the_cpu_codes(monkeypatch):
+    """--quantize on a GPU run quantizes there (seconds instead of minutes): the codes, scales and mins must be the
+    CPU's, bit for bit, including rows of zeros, scales that overflow fp16, and chunked rows."""
+    gen = torch.Generator().manual_seed(0)
+    mats = [torch.randn(512, 4096, generator=gen) * 0.02, torch.randn(96, 11008, generator=gen).half().float() * 0.05]
+    mats[0][3] = 0.0
+    mats[0][7] *= 1e7  # int8 scale beyond fp16's range: fp32 scales for that chunk
+    monkeypatch.setattr(quant, "QUANTIZE_CHUNK_ELEMENTS", 64 * 4096)  # several chunks per matrix
+    for w in mats:
+        for bits, g in ((8, None), (4, 32), (4, 64), (4, 128)):
+            cpu = quant.quantize_matrix(w, bits, g)
+            gpu = quant.quantize_matrix(w, bits, g, device="cuda")
+            assert cpu.keys() == gpu.keys()
+            for k in cpu:
+                assert gpu[k].device.type == "cpu" and gpu[k].dtype == cpu[k].dtype, (bits, g, k)
+                assert torch.equal(cpu[k], gpu[k]), (bits, g, k)
+
+
+def test_quantize_at_load_on_the_gpu_equals_the_cpu(tmp_path):
+    from llama_offload.checkpoint import load_model, random_state_dict, save_checkpoint
+
+    args = tiny_args(n_layers=2, multiple_of=64)
+    save_checkpoint(random_state_dict(args, seed=1), args, tmp_path / "m")
+    spec = QuantSpec(4, 32, embeddings=True)
+    on = {d: load_model(tmp_path / "m", max_seq_len=32, max_batch_size=1, show_progress=False, quantize=spec,
+                        quantize_device=d).state_dict() for d in (None, "cuda")}
+    assert on[None].keys() == on["cuda"].keys()
+    for k, v in on[None].items():
+        assert on["cuda"][k].device.type == "cpu" and torch.equal(v, on["cuda"][k]), k

@@ -20,7 +20,6 @@ import torch
 
 from llama_offload import convert as convert_module
 from llama_offload import quant
-from llama_offload import quantize_checkpoint as qc
 from llama_offload.args import ModelArgs
 from llama_offload.checkpoint import random_state_dict, save_checkpoint
 from llama_offload.convert import META_FILENAME
@@ -201,16 +200,16 @@ def test_sharded_and_unsharded_copies_give_the_same_tensors(tmp_path: Path, sp_t
 def test_row_chunks_give_the_whole_matrix_codes(wide, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ckpt, _ = wide
     whole = load(quantize_checkpoint(ckpt, tmp_path / "whole", QuantSpec(4, 64, True)))
-    monkeypatch.setattr(qc, "CHUNK_ELEMENTS", 3 * 128)  # 3 rows of the dim-wide matrices at a time
+    monkeypatch.setattr(quant, "QUANTIZE_CHUNK_ELEMENTS", 3 * 128)  # 3 rows of the dim-wide matrices at a time
     chunked = load(quantize_checkpoint(ckpt, tmp_path / "chunked", QuantSpec(4, 64, True)))
     assert list(whole) == list(chunked) and all(torch.equal(whole[k], chunked[k]) for k in whole)
 
 
 def test_chunks_whose_scales_overflow_fp16_are_joined_in_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(qc, "CHUNK_ELEMENTS", 64)  # one row at a time
+    monkeypatch.setattr(quant, "QUANTIZE_CHUNK_ELEMENTS", 64)  # one row at a time
     w = torch.randn(4, 64)
     w[0] *= 1e8  # its int8 scale (~2e6) does not fit fp16
-    q = qc._quantize_matrix(w, 8, None)
+    q = quant.quantize_matrix(w, 8, None)
     assert q["scales"].dtype == torch.float32
     deq = quant.dequantize(q["weight"], q["scales"])
     assert ((deq - w).abs() <= q["scales"] / 2 * (1 + 1e-3)).all()
