@@ -288,14 +288,15 @@ def _checkpoint_dtype(ckpt_dir: Path) -> tuple[torch.dtype, int]:
 
 
 # What info leaves out: it plans the offloaded run on a GPU, without loading anything.
-INFO_IGNORES = ("offload", "device", "seed", "chat_format", "cuda_graphs")
+INFO_IGNORES = ("offload", "device", "seed", "chat_format", "cuda_graphs", "draft", "num_draft_tokens")
 
 
 @run_options_command(exclude=INFO_IGNORES, leading=("ckpt_dir", "tokenizer_path"))
 def info(*, options: RunOptions) -> None:
     """Model shape, parameter count and the memory an offloaded run needs, without loading the weights.
 
-    Takes the run options that change the plan; not --offload, --device, --seed, --chat_format, --cuda_graphs.
+    Takes the run options that change the plan; not --offload, --device, --seed, --chat_format, --cuda_graphs,
+    --draft, --num_draft_tokens (a model draft's GPU memory is measured when it is loaded).
 
     Args:
         ckpt_dir: Meta checkpoint directory; unset: the default model.

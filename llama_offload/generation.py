@@ -15,10 +15,12 @@ from .chat_format import SPECIAL_TAGS_ERROR, ChatFormat, Dialog, Message, defaul
 from .checkpoint import load_model
 from .convert import read_checkpoint_meta
 from .decode import BatchDecoder, Decoding, sample_top_p  # noqa: F401  (sample_top_p: part of the API)
+from .drafts import build_draft, check_draft_tokenizer
 from .offload import offload as offload_model
 from .plan import DEFAULT_PREFILL_CHUNK
 from .preflight import check_before_load
 from .run_options import RunOptions
+from .speculative import Draft, SpeculativeDecoder
 from .tokenizer import Tokenizer, check_vocab_size
 
 
@@ -41,6 +43,7 @@ class GenerationStats:
     new_tokens: int = 0
     seconds: float = 0.0
     peak_gpu_bytes: Optional[int] = None
+    tokens_per_pass: Optional[float] = None  # with --draft: tokens per sequence and decode pass (kept drafts + 1)
 
     @property
     def tokens_per_s(self) -> float:
@@ -48,7 +51,9 @@ class GenerationStats:
 
     def summary(self) -> str:
         mem = "n/a (CPU)" if self.peak_gpu_bytes is None else f"{self.peak_gpu_bytes / 2**30:.2f} GiB"
-        return f"{self.new_tokens} tokens in {self.seconds:.2f} s, {self.tokens_per_s:.1f} tokens/s, peak GPU memory {mem}"
+        per_pass = "" if not self.tokens_per_pass else f", {self.tokens_per_pass:.2f} tokens per pass"
+        return (f"{self.new_tokens} tokens in {self.seconds:.2f} s, {self.tokens_per_s:.1f} tokens/s{per_pass}, "
+                f"peak GPU memory {mem}")
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Llama:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     options: RunOptions = field(default_factory=RunOptions)
     last_stats: GenerationStats = field(default_factory=GenerationStats)
+    draft: Optional[Draft] = None  # --draft: decode passes verify drafted tokens (speculative.py)
 
     @staticmethod
     def build(
@@ -101,6 +107,11 @@ class Llama:
         # On the CPU float32 is both faster and closer to the reference than bf16 (see the README's CPU notes).
         dtype = opts.torch_dtype or (torch.float32 if target.type == "cpu" else None)
         tokenizer = preflight.tokenizer
+        if opts.draft not in (None, "ngram") and parallel.model_parallel_world_size() > 1:
+            raise ValueError(f"--draft {opts.draft} is not supported with several processes yet; use --draft ngram, "
+                             "or run the model in one process.")
+        if opts.draft not in (None, "ngram", "int4", "int8"):
+            check_draft_tokenizer(Path(opts.draft).expanduser(), tokenizer)  # before any weight is read
         model = load_model(ckpt_dir, max_seq_len=opts.max_seq_len, max_batch_size=opts.max_batch_size, dtype=dtype,
                            vocab_size=tokenizer.n_words, show_progress=parallel.is_rank0(),
                            vocab_parallel_embedding=vocab_parallel_embedding, quantize=opts.quant_spec,
@@ -108,8 +119,18 @@ class Llama:
         check_vocab_size(tokenizer, model.vocab_size, source=str(Path(ckpt_dir) / "params.json"))
         if target.type == "cuda" and target.index is None and model.model_parallel_size > 1:
             target = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU: LOCAL_RANK
+        before = torch.cuda.memory_allocated(target) if target.type == "cuda" else 0
+        draft = build_draft(opts, ckpt_dir, tokenizer, target)
+        budget = opts.gpu_memory_gb
+        if budget is not None and target.type == "cuda":
+            # The draft stays on the GPU: the target's blocks get what is left of the budget.
+            draft_gib = (torch.cuda.memory_allocated(target) - before) / 2**30
+            budget -= draft_gib
+            if draft_gib and budget <= 0:
+                raise ValueError(f"--draft {opts.draft} takes {draft_gib:.2f} GiB of the GPU, all of --gpu_memory_gb "
+                                 f"{opts.gpu_memory_gb:g}. Raise --gpu_memory_gb, or use --draft ngram.")
         model = offload_model(model, max_batch_size=opts.max_batch_size, max_seq_len=opts.max_seq_len,
-                              num_slices=opts.num_slices, gpu_memory_gb=opts.gpu_memory_gb, device=target,
+                              num_slices=opts.num_slices, gpu_memory_gb=budget, device=target,
                               resident=not opts.offload and target.type == "cuda", cuda_graphs=opts.cuda_graphs,
                               prefill_chunk=opts.prefill_chunk)
         if parallel.is_rank0():
@@ -117,7 +138,7 @@ class Llama:
         chat_format = (opts.chat_format or read_checkpoint_meta(ckpt_dir).get("chat_format")
                        or default_chat_format_name(tokenizer))
         return Llama(model, tokenizer, get_chat_format(chat_format, tokenizer), opts.max_seq_len, opts.max_batch_size,
-                     target, opts.seed, opts.chunk(), opts)
+                     target, opts.seed, opts.chunk(), opts, draft=draft)
 
     def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int) -> None:
         if not prompt_tokens:
@@ -130,11 +151,14 @@ class Llama:
 
     def decoder(self, temperature: float = 0.6, top_p: float = 0.9, *, seed: Optional[int] = None,
                 logprobs: bool = False, echo_logprobs: bool = False) -> BatchDecoder:
-        """A BatchDecoder over this model's KV cache rows: sequences join it and decode at their own positions."""
-        return BatchDecoder(self.model, max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len,
-                            device=self.device, temperature=temperature, top_p=top_p,
-                            seed=self.seed if seed is None else seed, prefill_chunk=self.prefill_chunk,
-                            logprobs=logprobs, echo_logprobs=echo_logprobs)
+        """A BatchDecoder over this model's KV cache rows: sequences join it and decode at their own positions
+        (with ``--draft``, a SpeculativeDecoder: each pass verifies drafted tokens)."""
+        kw = dict(max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len, device=self.device,
+                  temperature=temperature, top_p=top_p, seed=self.seed if seed is None else seed,
+                  prefill_chunk=self.prefill_chunk, logprobs=logprobs, echo_logprobs=echo_logprobs)
+        if self.draft is not None:
+            return SpeculativeDecoder(self.model, self.draft, num_draft_tokens=self.options.draft_tokens, **kw)
+        return BatchDecoder(self.model, **kw)
 
     @torch.inference_mode()
     def stream(
@@ -152,7 +176,8 @@ class Llama:
         """Decode the prompts together, each at its own position; after each pass (the prefill, then every
         decode step) yield the sequences, one per prompt, with the tokens they have so far."""
         self._check_prompts(prompt_tokens, max_gen_len)
-        decoder = self.decoder(temperature, top_p, seed=seed, logprobs=logprobs, echo_logprobs=echo_logprobs)
+        decoder = self._decoder = self.decoder(temperature, top_p, seed=seed, logprobs=logprobs,
+                                               echo_logprobs=echo_logprobs)
         seqs = decoder.join(prompt_tokens, max_gen_len, stop_ids or self.tokenizer.stop_ids)
         yield seqs
         while decoder.active:
@@ -190,7 +215,8 @@ class Llama:
 
     def _end_stats(self, start: float, new_tokens: int) -> None:
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        self.last_stats = GenerationStats(new_tokens, time.perf_counter() - start, peak)
+        per_pass = getattr(getattr(self, "_decoder", None), "tokens_per_pass", None)
+        self.last_stats = GenerationStats(new_tokens, time.perf_counter() - start, peak, per_pass)
 
     def _default_gen_len(self, max_gen_len: Optional[int]) -> int:
         return self.max_seq_len - 1 if max_gen_len is None else max_gen_len

@@ -61,6 +61,11 @@ class RunOptions:
                                             "output channel.")
     quantize_embeddings: bool = _flag(False, "with --quantize, the embedding and output head in int8 too (default: "
                                              "they keep 16 bits).")
+    draft: Optional[str] = _flag(None, "speculative decoding: ngram (drafts copied from earlier text), int4 or int8 "
+                                       "(the model's own quantized copy, kept on the GPU), or a draft checkpoint "
+                                       "directory with the same tokenizer (kept on the GPU). Output is the model's "
+                                       "own; several tokens per pass when drafts are kept. Default: none.")
+    num_draft_tokens: Optional[int] = _flag(None, "with --draft, tokens drafted per sequence and pass (default 4).")
     allow_long_context: bool = _flag(False, "accept a max_seq_len above the context length the model was trained "
                                             "for (its llama_offload.json, or known from its architecture): the "
                                             "model was not trained for it, and its output degrades past that "
@@ -105,8 +110,15 @@ class RunOptions:
         spec = self._quant_spec(switches["quantize_embeddings"])
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"--seed must be an integer, found {self.seed!r}.")
+        if self.num_draft_tokens is not None:
+            _positive_int("num_draft_tokens", self.num_draft_tokens)
+            if self.draft is None:
+                raise ValueError("--num_draft_tokens applies to --draft, which was not given. Add --draft ngram (or "
+                                 "int4, int8, a draft checkpoint directory), or drop --num_draft_tokens.")
+        if self.draft is not None:
+            check_draft_name(str(self.draft))
         torch_dtype = parse_dtype(self.dtype)
-        text = {n: getattr(self, n) for n in ("ckpt_dir", "tokenizer_path", "device", "chat_format")}
+        text = {n: getattr(self, n) for n in ("ckpt_dir", "tokenizer_path", "device", "chat_format", "draft")}
         if self.device is not None:
             check_device_name(str(self.device))
         if self.chat_format is not None and str(self.chat_format) not in CHAT_FORMATS:
@@ -137,9 +149,30 @@ class RunOptions:
     def torch_dtype(self) -> Optional[torch.dtype]:
         return parse_dtype(self.dtype)
 
+    @property
+    def draft_tokens(self) -> int:
+        """Tokens drafted per sequence and pass under --draft."""
+        from .speculative import DEFAULT_DRAFT_TOKENS
+
+        return self.num_draft_tokens or DEFAULT_DRAFT_TOKENS
+
     def chunk(self) -> int:
         """Prompt positions per prefill pass."""
         return min(self.max_seq_len, self.prefill_chunk or DEFAULT_PREFILL_CHUNK)
+
+
+SELF_DRAFTS = ("ngram", "int4", "int8")
+
+
+def check_draft_name(draft: str) -> str:
+    """``--draft``: ngram, int4, int8, or a directory that exists (what it holds is checked when it is loaded)."""
+    from pathlib import Path
+
+    if draft in SELF_DRAFTS or Path(draft).expanduser().is_dir():
+        return draft
+    raise ValueError(f"--draft {draft!r} is neither {', '.join(SELF_DRAFTS)} nor an existing directory: expected "
+                     "ngram (prompt lookup), int4 or int8 (the model's own quantized copy), or the directory of a "
+                     "draft checkpoint that shares the model's tokenizer.")
 
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")

@@ -51,7 +51,7 @@ NOT_FLAGS: dict[str, tuple[str, ...]] = {
 FLAG_SETS: dict[str, dict[str, Any]] = {
     "slices": dict(max_seq_len=256, max_batch_size=3, offload=False, num_slices=2, device="cpu", dtype="bfloat16",
                    seed=7, chat_format="llama2", cuda_graphs=False, prefill_chunk=16,
-                   allow_long_context=True),
+                   allow_long_context=True, draft="ngram", num_draft_tokens=6),
     "budget": dict(max_seq_len=200, max_batch_size=2, gpu_memory_gb=1.5, dtype="float16", seed=0,
                    chat_format="llama2", prefill_chunk=64, quantize="int4", group_size=32, quantize_embeddings=True),
 }

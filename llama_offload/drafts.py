@@ -1,0 +1,87 @@
+"""Building the draft that ``--draft`` names: its weights, where they live, and the checks made before loading.
+
+- ``ngram``: prompt lookup (speculative.NgramDraft), no weights.
+- ``int4`` / ``int8``: the target checkpoint loaded again and quantized, kept whole on the run's device. It is the
+  same model in fewer bits, so most drafts are kept, and it costs a quarter / half of the 16-bit bytes.
+- a directory: a separate, smaller checkpoint (Llama 3.2 1B for Llama 3.1 8B, TinyLlama for Llama 2). Its tokenizer
+  must give the target's ids, checked before any weight is read.
+
+A model draft's cache holds ``num_draft_tokens + 1`` positions more than the target's: it writes its proposals
+past the target's last position. On a GPU its bytes come out of ``--gpu_memory_gb`` (``Llama.build`` measures
+them and gives the target what is left).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpoint import load_model
+from .quant import QuantSpec
+from .run_options import RunOptions
+from .speculative import Draft, ModelDraft, NgramDraft
+from .tokenizer import BUNDLED_CORPUS_PATH, Tokenizer, load_tokenizer
+
+SELF_DRAFT_SPECS = {"int4": QuantSpec(4, 64), "int8": QuantSpec(8)}
+
+
+def tokenizer_mismatch(target: Tokenizer, draft: Tokenizer) -> Optional[str]:
+    """Why ``draft`` does not give ``target``'s ids (None: it does): the vocabulary size, the special ids, and the
+    ids of a probe text (the corpus the package ships) and of every 97th token decoded back."""
+    for what in ("n_words", "bos_id", "eos_id"):
+        a, b = getattr(target, what), getattr(draft, what)
+        if a != b:
+            return f"{what} is {b} in the draft's tokenizer and {a} in the model's"
+    if set(target.stop_ids) != set(draft.stop_ids):
+        return f"the stop ids differ ({sorted(draft.stop_ids)} against {sorted(target.stop_ids)})"
+    probe = BUNDLED_CORPUS_PATH.read_text(encoding="utf-8")[:4000]
+    if target.encode(probe, bos=True, eos=False) != draft.encode(probe, bos=True, eos=False):
+        return "they encode the same text to different ids"
+    for i in range(0, target.n_words, 97):
+        if target.decode([i]) != draft.decode([i]):
+            return f"token {i} decodes to {draft.decode([i])!r} in the draft and {target.decode([i])!r} in the model"
+    return None
+
+
+def check_draft_tokenizer(draft_dir: Path, target: Tokenizer) -> Path:
+    """The draft checkpoint's tokenizer path, once it is known to give the target's ids; else a ValueError."""
+    from .default_model import resolve_paths
+
+    _, path = resolve_paths(draft_dir, None)
+    reason = tokenizer_mismatch(target, load_tokenizer(path))
+    if reason is not None:
+        raise ValueError(f"--draft {draft_dir}: its tokenizer ({path}) is not the model's: {reason}. A draft must "
+                         "share the model's tokenizer (e.g. Llama 3.2 1B for Llama 3.1 8B, TinyLlama for Llama 2); "
+                         "or use --draft ngram, int4 or int8, which need none.")
+    return path
+
+
+def build_draft(opts: RunOptions, ckpt_dir: str | Path, tokenizer: Tokenizer, device: torch.device,
+                draft_tokenizer: Optional[Path] = None) -> Optional[Draft]:
+    """The draft ``opts.draft`` names, its model loaded and placed on ``device`` (None without ``--draft``).
+    ``draft_tokenizer``: a draft directory's tokenizer, already checked (``check_draft_tokenizer``)."""
+    if opts.draft is None:
+        return None
+    if opts.draft == "ngram":
+        return NgramDraft()
+    from .offload import offload
+
+    max_seq_len = opts.max_seq_len + opts.draft_tokens + 1
+    if opts.draft in SELF_DRAFT_SPECS:
+        from .quant_load import read_quantization
+
+        if read_quantization(ckpt_dir) is not None:
+            raise ValueError(f"--draft {opts.draft}: {ckpt_dir} is already quantized, so its quantized copy would be "
+                             "the model itself. Use --draft ngram or a draft checkpoint directory.")
+        source, quantize = Path(ckpt_dir), SELF_DRAFT_SPECS[opts.draft]
+    else:
+        source, quantize = Path(opts.draft).expanduser(), None
+    dtype = opts.torch_dtype or (torch.float32 if device.type == "cpu" else None)
+    model = load_model(source, max_seq_len=max_seq_len, max_batch_size=opts.max_batch_size, dtype=dtype,
+                       vocab_size=tokenizer.n_words, show_progress=False, model_parallel_size=1,
+                       quantize=quantize, quantize_device=device if device.type == "cuda" else None)
+    packed = offload(model, max_batch_size=opts.max_batch_size, max_seq_len=max_seq_len, device=device,
+                     resident=device.type == "cuda", cuda_graphs=opts.cuda_graphs)
+    return ModelDraft(packed, prefill_chunk=opts.chunk())

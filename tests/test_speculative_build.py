@@ -1,0 +1,82 @@
+"""``--draft`` through Llama.build and the commands, on a tiny checkpoint on the CPU: greedy output equals the run
+without a draft for each draft source; a draft whose tokenizer differs is refused before its weights are read."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_offload.args import ModelArgs
+from llama_offload.checkpoint import random_state_dict, save_checkpoint
+from llama_offload.generation import Llama
+from llama_offload.speculative import SpeculativeDecoder
+from llama_offload.tokenizer import BUNDLED_CORPUS_PATH, train_sentencepiece
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["Once upon a time there was a planet. Once upon a time", "The Sun sits at the centre of the solar system"]
+
+
+def completions(ckpt: Path, **flags) -> tuple[list[str], Llama]:
+    llama = Llama.build(ckpt, ckpt.parent / "tokenizer.model", max_seq_len=96, max_batch_size=2, device="cpu", **flags)
+    out = llama.text_completion(PROMPTS, temperature=0, max_gen_len=24)
+    return [r["generation"] for r in out], llama
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_ckpt: Path) -> list[str]:
+    return completions(tiny_ckpt)[0]
+
+
+@pytest.mark.parametrize("draft", ["ngram", "int8", "int4", "itself"])
+def test_greedy_with_a_draft_equals_greedy_without(tiny_ckpt: Path, plain: list[str], draft: str) -> None:
+    got, llama = completions(tiny_ckpt, draft=str(tiny_ckpt) if draft == "itself" else draft, num_draft_tokens=3)
+    assert got == plain
+    assert isinstance(llama.decoder(temperature=0), SpeculativeDecoder)
+    stats = llama.last_stats
+    assert stats.tokens_per_pass is not None and stats.tokens_per_pass >= 1.0
+    assert "tokens per pass" in stats.summary()
+    if draft == "itself":
+        assert stats.tokens_per_pass > 3  # the same weights draft: every drafted token is kept
+
+
+def test_a_draft_with_another_tokenizer_is_refused_before_loading(tiny_ckpt: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    tok = train_sentencepiece(BUNDLED_CORPUS_PATH, tmp_path / "tok", 400)
+    other.mkdir()
+    shutil.copy(tok, other / "tokenizer.model")
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=400, multiple_of=32)
+    save_checkpoint(random_state_dict(args, seed=0), args, other)
+    (other / "consolidated.00.pth").write_bytes(b"not read: the tokenizer check comes first")
+    with pytest.raises(ValueError, match="its tokenizer .* is not the model's: n_words is 400"):
+        completions(tiny_ckpt, draft=str(other))
+
+
+def test_draft_flags_are_checked(tiny_ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="neither ngram, int4, int8 nor an existing directory"):
+        completions(tiny_ckpt, draft=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="--num_draft_tokens applies to --draft"):
+        completions(tiny_ckpt, num_draft_tokens=4)
+    with pytest.raises(ValueError, match="--num_draft_tokens must be a positive integer"):
+        completions(tiny_ckpt, draft="ngram", num_draft_tokens=0)
+
+
+def test_complete_command_with_a_draft(tiny_ckpt: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_OFFLOAD_TRACEBACK"}
+    base = [sys.executable, "-m", "llama_offload.cli", "complete", PROMPTS[0], "--ckpt_dir", str(tiny_ckpt),
+            "--tokenizer_path", str(tiny_ckpt.parent / "tokenizer.model"), "--max_gen_len", "12", "--temperature", "0",
+            "--device", "cpu"]
+    without = subprocess.run(base, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    with_draft = subprocess.run(base + ["--draft", "ngram"], capture_output=True, text=True, env=env, cwd=REPO,
+                                timeout=120)
+    assert without.returncode == 0 and with_draft.returncode == 0, with_draft.stderr
+    text = lambda p: [x for x in p.stdout.splitlines() if "tokens/s" not in x]  # noqa: E731  (timings differ)
+    assert text(with_draft) == text(without) and text(without)
+    assert "tokens per pass" in with_draft.stderr + with_draft.stdout
+    bad = subprocess.run(base + ["--draft", "int3"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "--draft 'int3'" in bad.stderr
