@@ -13,11 +13,13 @@ them and gives the target what is left).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .args import ModelArgs
 from .checkpoint import load_model
 from .quant import QuantSpec
 from .run_options import RunOptions
@@ -56,6 +58,32 @@ def check_draft_tokenizer(draft_dir: Path, target: Tokenizer) -> Path:
                          "share the model's tokenizer (e.g. Llama 3.2 1B for Llama 3.1 8B, TinyLlama for Llama 2); "
                          "or use --draft ngram, int4 or int8, which need none.")
     return path
+
+
+def draft_gpu_bytes(opts: RunOptions, ckpt_dir: str | Path, args: ModelArgs, dtype: torch.dtype) -> int:
+    """What a model draft will hold on the GPU (weights, dequantization scratch, KV caches), from params.json
+    alone: ``preflight`` takes it out of the budget before anything is loaded. 0 for no draft or ngram."""
+    from .plan import weight_bytes
+    from .step import cache_len
+
+    if opts.draft in (None, "ngram"):
+        return 0
+    spec = SELF_DRAFT_SPECS.get(opts.draft)
+    if spec is None:
+        draft_dir = Path(opts.draft).expanduser()
+        if not (draft_dir / "params.json").is_file():
+            raise FileNotFoundError(f"--draft {draft_dir} has no params.json: a draft directory is a checkpoint "
+                                    "(params.json, consolidated.NN.pth, its tokenizer), as --ckpt_dir is.")
+        draft_args = ModelArgs.from_json(draft_dir / "params.json", max_seq_len=args.max_seq_len,
+                                         max_batch_size=args.max_batch_size)
+        if draft_args.vocab_size == -1:
+            draft_args = dataclasses.replace(draft_args, vocab_size=args.vocab_size)
+    else:
+        draft_args = args
+    w = weight_bytes(draft_args, dtype, 1, spec)
+    kv = (2 * draft_args.n_layers * opts.max_batch_size * cache_len(opts.max_seq_len + opts.draft_tokens + 1)
+          * draft_args.kv_heads * draft_args.head_dim * dtype.itemsize)
+    return draft_args.n_layers * w.block + w.embedding + w.head + w.scratch + kv
 
 
 def build_draft(opts: RunOptions, ckpt_dir: str | Path, tokenizer: Tokenizer, device: torch.device,

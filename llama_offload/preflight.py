@@ -20,7 +20,8 @@ from .args import ModelArgs
 from .chat_format import default_chat_format_name, get_chat_format
 from .checkpoint import already_quantized_message, check_shard_sizes, checkpoint_context_length, find_shards
 from .convert import read_checkpoint_meta
-from .plan import HostPlan, OffloadPlan, WeightBytes, linear_shapes, check_host_memory, plan_host, plan_offload, weight_bytes
+from .drafts import draft_gpu_bytes
+from .plan import GiB, HostPlan, OffloadPlan, WeightBytes, linear_shapes, check_host_memory, plan_host, plan_offload, weight_bytes
 from .quant import LINEAR_NAMES, QuantSpec, format_name
 from .quant_load import quantized_prefixes, read_quantization
 from .run_options import RunOptions, check_device_name
@@ -96,9 +97,17 @@ def check_before_load(ckpt_dir: str | Path, tokenizer_path: str | Path, options:
                                           (torch.float32 if on_cpu else None), model_parallel_size)
     stored = {2: torch.float16, 4: torch.float32}[itemsize]  # a stand-in of the stored width
     dtype = opts.torch_dtype or (torch.float32 if on_cpu else stored)
+    # A model draft stays on the GPU: the model's blocks are planned in what it leaves of the budget.
+    budget = opts.gpu_memory_gb
+    draft = draft_gpu_bytes(opts, ckpt_dir, args, dtype) if not on_cpu else 0
+    if budget is not None and draft:
+        if budget <= draft / GiB:
+            raise ValueError(f"--draft {opts.draft} needs about {draft / GiB:.2f} GiB of the GPU, all of "
+                             f"--gpu_memory_gb {budget:g}. Raise --gpu_memory_gb, or use --draft ngram.")
+        budget -= draft / GiB
     # The plan offload() makes for these flags (it refuses slices and budgets the same way, after the load).
     plan = plan_offload(args, dtype, max_batch_size=opts.max_batch_size, max_seq_len=opts.max_seq_len,
-                        gpu_memory_gb=opts.gpu_memory_gb, num_slices=opts.num_slices,
+                        gpu_memory_gb=budget, num_slices=opts.num_slices,
                         model_parallel_size=model_parallel_size, prefill_chunk=opts.prefill_chunk,
                         all_resident=not opts.offload and not on_cpu, sizes=sizes)
     if on_cpu:

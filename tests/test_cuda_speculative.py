@@ -65,6 +65,7 @@ def test_offloaded_speculative_greedy_equals_offloaded_plain_greedy(seven_b):
         for k in (1, 4, 8, 16):
             draft = make(k)
             spec = SpeculativeDecoder(model, draft, num_draft_tokens=k, **kw)
+            assert len(spec.caches) == seven_b["args"].n_layers  # paged blocks' caches found too (for rollback)
             got, seconds = decode(spec, prompts(seven_b))
             print(f"{name}, K={k}: {spec.tokens_per_pass:.2f} tokens per pass, {spec.passes} passes, "
                   f"{1e3 * seconds / max(spec.passes, 1):.1f} ms/pass (draft included), {seconds:.2f} s "

@@ -80,3 +80,27 @@ def test_complete_command_with_a_draft(tiny_ckpt: Path) -> None:
     assert "tokens per pass" in with_draft.stderr + with_draft.stdout
     bad = subprocess.run(base + ["--draft", "int3"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "--draft 'int3'" in bad.stderr
+
+
+@pytest.mark.parametrize("draft", ["int8", "int4", "itself"])
+def test_the_draft_memory_estimate_matches_the_built_draft(tiny_ckpt: Path, draft: str) -> None:
+    """preflight takes a model draft's GPU bytes out of the budget before loading: the estimate from params.json
+    must be what the draft then holds (weights and KV caches; the dequantization scratch comes on top)."""
+    from llama_offload.checkpoint import load_model
+    from llama_offload.drafts import build_draft, draft_gpu_bytes
+    from llama_offload.run_options import RunOptions
+    from llama_offload.tokenizer import load_tokenizer
+
+    name = str(tiny_ckpt) if draft == "itself" else draft
+    opts = RunOptions(max_seq_len=96, max_batch_size=2, draft=name, num_draft_tokens=3).checked()
+    tokenizer = load_tokenizer(tiny_ckpt.parent / "tokenizer.model")
+    args = load_model(tiny_ckpt, max_seq_len=96, max_batch_size=2, show_progress=False).params
+    built = build_draft(opts, tiny_ckpt, tokenizer, torch.device("cpu"))
+    held = sum(t.numel() * t.element_size() for t in [*built.model.parameters(), *built.model.buffers()])
+    held += sum(c.k.nbytes + c.v.nbytes for c in built.caches)
+    from llama_offload.plan import weight_bytes
+    from llama_offload.drafts import SELF_DRAFT_SPECS
+
+    scratch = weight_bytes(args, torch.float32, 1, SELF_DRAFT_SPECS.get(draft)).scratch
+    estimate = draft_gpu_bytes(opts, tiny_ckpt, args, torch.float32)
+    assert abs(estimate - scratch - held) <= 0.02 * held, (estimate - scratch, held)
