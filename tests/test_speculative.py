@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from llama_offload.decode import BatchDecoder
+from llama_offload.decode import BatchDecoder, Decoding
 from llama_offload.offload import offload
 from llama_offload.quant import QuantSpec
 from llama_offload.quant_load import quantize_model
@@ -228,3 +228,15 @@ def test_num_draft_tokens_must_be_positive() -> None:
     with pytest.raises(ValueError, match="num_draft_tokens"):
         SpeculativeDecoder(target(), NgramDraft(), num_draft_tokens=0, max_batch_size=3, max_seq_len=64,
                            device=torch.device("cpu"))
+
+
+def test_the_indexed_ngram_lookup_equals_the_scan() -> None:
+    import random
+
+    rng = random.Random(0)
+    d = NgramDraft(max_n=3)
+    for trial in range(20):
+        tokens = [rng.randrange(6) for _ in range(rng.randrange(1, 60))]
+        d.join([Decoding(0, [], 0, frozenset())])  # a fresh index for row 0
+        for end in range(1, len(tokens) + 1):  # the sequence grows token by token, as it does while decoding
+            assert d._indexed_lookup(0, tokens[:end], 4) == d.lookup(tokens[:end], 4), (trial, end)
