@@ -190,19 +190,30 @@ class ModelDraft:
             self.written[s.row] = 0
 
     def _feed(self, seqs: Sequence[Decoding], chunks: Sequence[Sequence[int]], starts: Sequence[int]) -> torch.Tensor:
-        """One draft step over rows ``seqs`` (any rows), each fed its own tokens from its own start position;
-        logits (len(seqs), vocab) at each row's last fed token. Rows are padded to the longest (harmless: a pad
-        writes past the row's end, where nothing is attended before it is overwritten)."""
-        n = max(s.row for s in seqs) + 1
-        width = max(len(c) for c in chunks)
-        feed, start, last = [[0] * width for _ in range(n)], [0] * n, [0] * n
-        for s, c, p in zip(seqs, chunks, starts):
-            feed[s.row] = list(c) + [0] * (width - len(c))
-            start[s.row], last[s.row] = p, len(c) - 1
-            self.written[s.row] = max(self.written.get(s.row, 0), p + width)
-        tokens = to_device(feed, self.device)
-        logits = self.model.step(make_step(tokens, start, max_positions=self.model.max_positions, last=last))
-        return logits[to_device([s.row for s in seqs], logits.device)]  # (len(seqs), vocab)
+        """Draft steps over rows ``seqs`` only, each fed its own tokens from its own start position; logits
+        (len(seqs), vocab) at each row's last fed token. One step per run of consecutive rows (``row0``), so rows
+        outside ``seqs``, whose caches hold running sequences, are never written. Within a run rows are padded to
+        the longest (harmless: a pad writes past the row's end, where nothing is attended before it is
+        overwritten)."""
+        order = sorted(range(len(seqs)), key=lambda i: seqs[i].row)
+        runs: list[list[int]] = []
+        for i in order:
+            if runs and seqs[runs[-1][-1]].row + 1 == seqs[i].row:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        out: list[Optional[torch.Tensor]] = [None] * len(seqs)
+        for run in runs:
+            width = max(len(chunks[i]) for i in run)
+            feed = [list(chunks[i]) + [0] * (width - len(chunks[i])) for i in run]
+            for i in run:
+                self.written[seqs[i].row] = max(self.written.get(seqs[i].row, 0), starts[i] + width)
+            logits = self.model.step(make_step(to_device(feed, self.device), [starts[i] for i in run],
+                                               max_positions=self.model.max_positions, row0=seqs[run[0]].row,
+                                               last=[len(chunks[i]) - 1 for i in run]))  # (len(run), vocab)
+            for j, i in enumerate(run):
+                out[i] = logits[j]
+        return torch.stack(out)  # type: ignore[arg-type]
 
     @property
     def device(self) -> torch.device:
@@ -213,19 +224,20 @@ class ModelDraft:
         out = {s.row: Proposal([]) for s in seqs}
         if not drafting:
             return [out[s.row] for s in seqs]
-        # Catch up: every known token not yet in the draft's cache, in chunks; the last chunk's logits draft x1.
-        # Prompts of sequences that just joined go in one group, the few tokens of running ones in another, so
-        # that padding a short row to a long one never reaches past its cache.
+        # Catch up: every known token not yet in the draft's cache; the last one's logits draft x1. Running
+        # sequences have a few (the tokens kept last pass) and go together: padded to the longest, they stay within
+        # the K + 1 extra positions of the draft's cache. A prompt goes alone, in chunks, so no row is padded far
+        # past its own length.
         todo = {s.row: (s.prompt + s.tokens)[self.cached[s.row] :] for s, _ in drafting}
+        short = max(ki for _, ki in drafting) + 1
+        groups = [[s] for s, _ in drafting if len(todo[s.row]) > short]
+        groups.append([s for s, _ in drafting if 0 < len(todo[s.row]) <= short])
         logits: dict[int, torch.Tensor] = {}
-        while any(todo.values()):
-            for prompts in (True, False):
-                group = [s for s, _ in drafting if todo[s.row] and (self.cached[s.row] == 0) == prompts]
-                if not group:
-                    continue
-                chunks = [todo[s.row][: self.prefill_chunk] for s in group]
-                got = self._feed(group, chunks, [self.cached[s.row] for s in group])
-                for i, (s, c) in enumerate(zip(group, chunks)):
+        for group in groups:
+            while live := [s for s in group if todo[s.row]]:
+                chunks = [todo[s.row][: self.prefill_chunk] for s in live]
+                got = self._feed(live, chunks, [self.cached[s.row] for s in live])
+                for i, (s, c) in enumerate(zip(live, chunks)):
                     self.cached[s.row] += len(c)
                     todo[s.row] = todo[s.row][len(c) :]
                     logits[s.row] = got[i]

@@ -240,3 +240,20 @@ def test_the_indexed_ngram_lookup_equals_the_scan() -> None:
         d.join([Decoding(0, [], 0, frozenset())])  # a fresh index for row 0
         for end in range(1, len(tokens) + 1):  # the sequence grows token by token, as it does while decoding
             assert d._indexed_lookup(0, tokens[:end], 4) == d.lookup(tokens[:end], 4), (trial, end)
+
+
+def test_a_long_prompt_joins_while_another_sequence_drafts() -> None:
+    """The draft catches a long prompt up in chunks beside a running sequence's few tokens, near the end of the
+    cache: each sequence still gets what plain greedy decoding gives it alone."""
+    long_prompt = (PROMPTS[2] * 3)[:40]
+    alone = [plain_greedy([p], 20)[0][0] for p in (PROMPTS[0], long_prompt)]
+    spec = SpeculativeDecoder(target(), ModelDraft(draft_model(tiny_model(ARGS, seed=0)), prefill_chunk=3),
+                              num_draft_tokens=K, max_batch_size=3, max_seq_len=64, device=torch.device("cpu"),
+                              temperature=0, prefill_chunk=3)
+    (a,) = spec.join([PROMPTS[0]], 20, NO_STOP)
+    spec.step()
+    spec.step()
+    (b,) = spec.join([long_prompt], 20, NO_STOP)
+    while spec.active:
+        spec.step()
+    assert [a.tokens, b.tokens] == alone
