@@ -400,7 +400,8 @@ def convert(source: str, out: str, dtype: Optional[str] = None, force: bool = Fa
     Args:
         source: a .gguf file (Llama architecture), or a directory with config.json and *.safetensors.
         out: the checkpoint directory to write, e.g. checkpoints/NAME; an existing one needs --force.
-        dtype: float16, bfloat16 or float32 (default: bfloat16 for GGUF, the stored dtype for Hugging Face).
+        dtype: float16, bfloat16 or float32: every weight dequantized / cast to it. Default: a GGUF's quantized
+            matrices kept as they are (exactly) and its other tensors at their width; Hugging Face: the stored dtype.
         force: replace an existing output directory, only one holding a checkpoint written by a conversion
             (llama_offload.json), and only once the new one is complete.
     """
@@ -412,7 +413,7 @@ def convert(source: str, out: str, dtype: Optional[str] = None, force: bool = Fa
         if src.is_dir():
             done = convert_hf(src, out, dtype=dtype, force=bool(force))
         else:
-            done = convert_gguf(src, out, dtype=dtype or "bfloat16", force=bool(force))
+            done = convert_gguf(src, out, dtype=dtype, force=bool(force))
     print(f"converted {src} -> {done}")
     print(f"run it with: llama-offload chat --ckpt_dir {done}")
 

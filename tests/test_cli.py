@@ -351,6 +351,18 @@ def test_convert_command(tmp_path: Path, env: dict[str, str]) -> None:
     assert "chat format chatml" in ok(run(cli("info", "--ckpt_dir", str(out)), env))
     again = failed(run(cli("convert", str(gguf_file), "--out", str(out)), env))
     assert "--force" in again
+    # No --dtype: a quantized GGUF keeps its blocks (the default model's path); --dtype still dequantizes.
+    import gguf
+
+    from llama_offload.convert import read_checkpoint_meta
+
+    q_file = write_gguf(tmp_path / "q.gguf", args, gguf_tensors_from_meta(tiny_model(args), args),
+                        types={"blk.0.ffn_down.weight": gguf.GGMLQuantizationType.Q8_0})
+    ok(run(cli("convert", str(q_file), "--out", str(tmp_path / "kept")), env))
+    assert read_checkpoint_meta(tmp_path / "kept")["quantization"]["tensor_types"] == {"layers.0.feed_forward.w2": "Q8_0"}
+    ok(run(cli("convert", str(q_file), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"), env))
+    meta = read_checkpoint_meta(tmp_path / "bf16")
+    assert "quantization" not in meta and meta["dtype"] == "bfloat16"
     chat = ok(run(cli("chat", "--ckpt_dir", str(out), *GEN), env, "hello\n/exit\n"))
     assert STATS in chat
 
