@@ -400,8 +400,8 @@ def convert(source: str, out: str, dtype: Optional[str] = None, force: bool = Fa
     Args:
         source: a .gguf file (Llama architecture), or a directory with config.json and *.safetensors.
         out: the checkpoint directory to write, e.g. checkpoints/NAME; an existing one needs --force.
-        dtype: float16, bfloat16 or float32: every weight dequantized / cast to it. Default: a GGUF's quantized
-            matrices kept as they are (exactly) and its other tensors at their width; Hugging Face: the stored dtype.
+        dtype: float16, bfloat16 or float32, every weight dequantized or cast to it. Default: a GGUF's quantized
+            matrices kept as they are (exactly) and its other tensors at their width, a Hugging Face model's dtype.
         force: replace an existing output directory, only one holding a checkpoint written by a conversion
             (llama_offload.json), and only once the new one is complete.
     """
