@@ -410,8 +410,9 @@ def load_model(
     of the model (FairScale's parallel layers), else the whole model; 1 loads the whole model regardless.
     ``vocab_parallel_embedding`` None: the embedding layout the checkpoint shows (see the module docstring).
     A quantized checkpoint (quant_load.py) loads its codes as they are; ``quantize`` quantizes a 16-bit one as
-    it loads, on ``quantize_device`` (default the CPU; the codes are the same on a GPU, only faster). Under model parallelism an int8 embedding and head are dequantized (they are split as plain
-    matrices); every rank keeps whole groups of the blocks' matrices.
+    it loads, on ``quantize_device`` (default the CPU; the codes are the same on a GPU, only faster). Under model
+    parallelism an int8 embedding and head are dequantized (they are split as plain matrices); every rank keeps
+    whole groups of the blocks' matrices.
     """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():

@@ -86,14 +86,25 @@ def draft_gpu_bytes(opts: RunOptions, ckpt_dir: str | Path, args: ModelArgs, dty
     return draft_args.n_layers * w.block + w.embedding + w.head + w.scratch + kv
 
 
-def build_draft(opts: RunOptions, ckpt_dir: str | Path, tokenizer: Tokenizer, device: torch.device,
-                draft_tokenizer: Optional[Path] = None) -> Optional[Draft]:
-    """The draft ``opts.draft`` names, its model loaded and placed on ``device`` (None without ``--draft``).
-    ``draft_tokenizer``: a draft directory's tokenizer, already checked (``check_draft_tokenizer``)."""
+def budget_after_draft(opts: RunOptions, draft_bytes: int) -> Optional[float]:
+    """``--gpu_memory_gb`` less what the built draft holds on the GPU: what the model's blocks are planned in."""
+    if opts.gpu_memory_gb is None or not draft_bytes:
+        return opts.gpu_memory_gb
+    left = opts.gpu_memory_gb - draft_bytes / 2**30
+    if left <= 0:
+        raise ValueError(f"--draft {opts.draft} takes {draft_bytes / 2**30:.2f} GiB of the GPU, all of "
+                         f"--gpu_memory_gb {opts.gpu_memory_gb:g}. Raise --gpu_memory_gb, or use --draft ngram.")
+    return left
+
+
+def build_draft(opts: RunOptions, ckpt_dir: str | Path, tokenizer: Tokenizer,
+                device: torch.device) -> tuple[Optional[Draft], int]:
+    """The draft ``opts.draft`` names (None without ``--draft``), its model loaded and placed on ``device``, and
+    the GPU bytes it took (measured: ``draft_gpu_bytes`` is the estimate made before loading)."""
     if opts.draft is None:
-        return None
+        return None, 0
     if opts.draft == "ngram":
-        return NgramDraft()
+        return NgramDraft(), 0
     from .offload import offload
 
     max_seq_len = opts.max_seq_len + opts.draft_tokens + 1
@@ -107,9 +118,11 @@ def build_draft(opts: RunOptions, ckpt_dir: str | Path, tokenizer: Tokenizer, de
     else:
         source, quantize = Path(opts.draft).expanduser(), None
     dtype = opts.torch_dtype or (torch.float32 if device.type == "cpu" else None)
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     model = load_model(source, max_seq_len=max_seq_len, max_batch_size=opts.max_batch_size, dtype=dtype,
                        vocab_size=tokenizer.n_words, show_progress=False, model_parallel_size=1,
                        quantize=quantize, quantize_device=device if device.type == "cuda" else None)
     packed = offload(model, max_batch_size=opts.max_batch_size, max_seq_len=max_seq_len, device=device,
                      resident=device.type == "cuda", cuda_graphs=opts.cuda_graphs)
-    return ModelDraft(packed, prefill_chunk=opts.chunk())
+    held = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else 0
+    return ModelDraft(packed, prefill_chunk=opts.chunk()), held

@@ -15,7 +15,7 @@ from .chat_format import SPECIAL_TAGS_ERROR, ChatFormat, Dialog, Message, defaul
 from .checkpoint import load_model
 from .convert import read_checkpoint_meta
 from .decode import BatchDecoder, Decoding, sample_top_p  # noqa: F401  (sample_top_p: part of the API)
-from .drafts import build_draft, check_draft_tokenizer
+from .drafts import budget_after_draft, build_draft, check_draft_tokenizer
 from .offload import offload as offload_model
 from .plan import DEFAULT_PREFILL_CHUNK
 from .preflight import check_before_load
@@ -69,6 +69,7 @@ class Llama:
     options: RunOptions = field(default_factory=RunOptions)
     last_stats: GenerationStats = field(default_factory=GenerationStats)
     draft: Optional[Draft] = None  # --draft: decode passes verify drafted tokens (speculative.py)
+    _decoder: Optional[BatchDecoder] = field(default=None, repr=False)  # the last stream's, for its stats
 
     @staticmethod
     def build(
@@ -119,18 +120,10 @@ class Llama:
         check_vocab_size(tokenizer, model.vocab_size, source=str(Path(ckpt_dir) / "params.json"))
         if target.type == "cuda" and target.index is None and model.model_parallel_size > 1:
             target = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU: LOCAL_RANK
-        before = torch.cuda.memory_allocated(target) if target.type == "cuda" else 0
-        draft = build_draft(opts, ckpt_dir, tokenizer, target)
-        budget = opts.gpu_memory_gb
-        if budget is not None and target.type == "cuda":
-            # The draft stays on the GPU: the target's blocks get what is left of the budget.
-            draft_gib = (torch.cuda.memory_allocated(target) - before) / 2**30
-            budget -= draft_gib
-            if draft_gib and budget <= 0:
-                raise ValueError(f"--draft {opts.draft} takes {draft_gib:.2f} GiB of the GPU, all of --gpu_memory_gb "
-                                 f"{opts.gpu_memory_gb:g}. Raise --gpu_memory_gb, or use --draft ngram.")
+        draft, draft_bytes = build_draft(opts, ckpt_dir, tokenizer, target)
         model = offload_model(model, max_batch_size=opts.max_batch_size, max_seq_len=opts.max_seq_len,
-                              num_slices=opts.num_slices, gpu_memory_gb=budget, device=target,
+                              num_slices=opts.num_slices, gpu_memory_gb=budget_after_draft(opts, draft_bytes),
+                              device=target,
                               resident=not opts.offload and target.type == "cuda", cuda_graphs=opts.cuda_graphs,
                               prefill_chunk=opts.prefill_chunk)
         if parallel.is_rank0():
@@ -215,7 +208,7 @@ class Llama:
 
     def _end_stats(self, start: float, new_tokens: int) -> None:
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        per_pass = getattr(getattr(self, "_decoder", None), "tokens_per_pass", None)
+        per_pass = getattr(self._decoder, "tokens_per_pass", None)
         self.last_stats = GenerationStats(new_tokens, time.perf_counter() - start, peak, per_pass)
 
     def _default_gen_len(self, max_gen_len: Optional[int]) -> int:

@@ -118,6 +118,12 @@ def zero_positions(caches: list, spans: Sequence[tuple[int, int, int]]) -> None:
             t.view(-1, *t.shape[2:]).index_fill_(0, index, 0)
 
 
+def _tokens_from(seq: Decoding, start: int) -> list[int]:
+    """The sequence's tokens (prompt, then output) from index ``start`` on, without copying the rest."""
+    n = len(seq.prompt)
+    return seq.tokens[start - n :] if start >= n else seq.prompt[start:] + seq.tokens
+
+
 class NgramDraft:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's last n tokens
     (n from ``max_n`` down to ``min_n``), searched in its prompt and output.
@@ -130,10 +136,16 @@ class NgramDraft:
             raise ValueError(f"n-gram sizes must satisfy 1 <= min_n <= max_n, found min_n={min_n}, max_n={max_n}.")
         self.max_n, self.min_n = max_n, min_n
         self.index: dict[int, tuple[dict[int, dict[tuple[int, ...], int]], list[int]]] = {}
+        self.seen: dict[int, list[int]] = {}  # row -> its sequence's tokens so far, extended each pass
 
     def join(self, seqs: Sequence[Decoding]) -> None:
         for s in seqs:
-            self.index[s.row] = ({n: {} for n in range(self.min_n, self.max_n + 1)}, [0] * (self.max_n + 1))
+            self.index[s.row] = self._empty_index()
+            self.seen[s.row] = list(s.prompt)
+
+    def _empty_index(self) -> tuple[dict[int, dict[tuple[int, ...], int]], list[int]]:
+        # per n: n-gram -> where it last started; and per n, the first start not indexed yet
+        return {n: {} for n in range(self.min_n, self.max_n + 1)}, [0] * (self.max_n + 1)
 
     def accepted(self, seq: Decoding, kept: int) -> None:
         pass
@@ -153,9 +165,7 @@ class NgramDraft:
     def _indexed_lookup(self, row: int, tokens: list[int], k: int) -> list[int]:
         if k <= 0:
             return []
-        if row not in self.index:
-            self.join([Decoding(row, [], 0, frozenset())])
-        grams, done = self.index[row]
+        grams, done = self.index.setdefault(row, self._empty_index())
         n_tokens = len(tokens)
         for n in grams:  # index every n-gram that has a token after it: the suffix itself never is
             for start in range(done[n], n_tokens - n):
@@ -168,7 +178,12 @@ class NgramDraft:
         return []
 
     def propose(self, seqs: Sequence[Decoding], k: Sequence[int], decoder: "SpeculativeDecoder") -> list[Proposal]:
-        return [Proposal(self._indexed_lookup(s.row, s.prompt + s.tokens, ki)) for s, ki in zip(seqs, k)]
+        out = []
+        for s, ki in zip(seqs, k):
+            seen = self.seen.setdefault(s.row, list(s.prompt))
+            seen += s.tokens[len(seen) - len(s.prompt) :]  # only what the last pass added
+            out.append(Proposal(self._indexed_lookup(s.row, seen, ki)))
+        return out
 
 
 class ModelDraft:
@@ -228,7 +243,7 @@ class ModelDraft:
         # sequences have a few (the tokens kept last pass) and go together: padded to the longest, they stay within
         # the K + 1 extra positions of the draft's cache. A prompt goes alone, in chunks, so no row is padded far
         # past its own length.
-        todo = {s.row: (s.prompt + s.tokens)[self.cached[s.row] :] for s, _ in drafting}
+        todo = {s.row: _tokens_from(s, self.cached[s.row]) for s, _ in drafting}
         short = max(ki for _, ki in drafting) + 1
         groups = [[s] for s, _ in drafting if len(todo[s.row]) > short]
         groups.append([s for s, _ in drafting if 0 < len(todo[s.row]) <= short])

@@ -69,11 +69,9 @@ def gguf_tensors_from_meta(model: Transformer, args: ModelArgs) -> dict[str, np.
     return out
 
 
-def write_gguf(path: Path, args: ModelArgs, tensors: dict[str, np.ndarray], *, types: dict[str, Any] = {},
-               arch: str = "llama", tok_fields: dict[str, Any] = TOK_FIELDS, extra: dict[str, Any] = {}) -> Path:
-    """A GGUF file with the metadata keys llama.cpp writes for a llama model. ``types``: tensor -> GGML type."""
-    w = gguf.GGUFWriter(path, arch)
-    w.add_name("tiny test model")
+def add_model_fields(w: Any, args: ModelArgs, name: str, n_vocab: int, *, file_type: int) -> None:
+    """The model keys llama.cpp writes for a llama GGUF (shape, RoPE, norm), onto a GGUFWriter."""
+    w.add_name(name)
     w.add_context_length(args.max_seq_len)
     w.add_embedding_length(args.dim)
     w.add_block_count(args.n_layers)
@@ -83,8 +81,15 @@ def write_gguf(path: Path, args: ModelArgs, tensors: dict[str, np.ndarray], *, t
     w.add_rope_freq_base(args.rope_theta)
     w.add_layer_norm_rms_eps(args.norm_eps)
     w.add_rope_dimension_count(args.head_dim)
-    w.add_vocab_size(len(tok_fields["tokenizer.ggml.tokens"]))
-    w.add_file_type(1)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(file_type)
+
+
+def write_gguf(path: Path, args: ModelArgs, tensors: dict[str, np.ndarray], *, types: dict[str, Any] = {},
+               arch: str = "llama", tok_fields: dict[str, Any] = TOK_FIELDS, extra: dict[str, Any] = {}) -> Path:
+    """A GGUF file with the metadata keys llama.cpp writes for a llama model. ``types``: tensor -> GGML type."""
+    w = gguf.GGUFWriter(path, arch)
+    add_model_fields(w, args, "tiny test model", len(tok_fields["tokenizer.ggml.tokens"]), file_type=1)
     w.add_tokenizer_model(tok_fields["tokenizer.ggml.model"])
     w.add_tokenizer_pre(tok_fields["tokenizer.ggml.pre"])
     w.add_token_list(tok_fields["tokenizer.ggml.tokens"])

@@ -25,7 +25,7 @@ from llama_offload.convert_gguf import convert_gguf  # noqa: E402
 from llama_offload.convert_gguf_spm import sentencepiece_chat_format, sentencepiece_model_from_gguf  # noqa: E402
 from llama_offload.model import Transformer  # noqa: E402
 from llama_offload.tokenizer import BUNDLED_CORPUS_PATH, SentencePieceTokenizer, load_tokenizer  # noqa: E402
-from test_convert_gguf import gguf_tensors_from_meta, load, logits  # noqa: E402
+from test_convert_gguf import add_model_fields, gguf_tensors_from_meta, load, logits  # noqa: E402
 from tiny import tiny_args, tiny_model  # noqa: E402
 
 VOCAB_SIZE = 400
@@ -104,18 +104,7 @@ def gguf_vocab(sp: SentencePieceProcessor, *, chat_template: Optional[str] = LLA
 def write_spm_gguf(path: Path, args: ModelArgs, tensors: dict[str, np.ndarray], fields: dict[str, Any]) -> Path:
     """A llama GGUF with a SentencePiece vocabulary, keys as llama.cpp writes them; F32 tensors."""
     w = gguf.GGUFWriter(path, "llama")
-    w.add_name("tiny spm test model")
-    w.add_context_length(args.max_seq_len)
-    w.add_embedding_length(args.dim)
-    w.add_block_count(args.n_layers)
-    w.add_feed_forward_length(args.ffn_hidden_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.kv_heads)
-    w.add_rope_freq_base(args.rope_theta)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_rope_dimension_count(args.head_dim)
-    w.add_vocab_size(len(fields["tokenizer.ggml.tokens"]))
-    w.add_file_type(0)
+    add_model_fields(w, args, "tiny spm test model", len(fields["tokenizer.ggml.tokens"]), file_type=0)
     w.add_tokenizer_model(fields["tokenizer.ggml.model"])
     w.add_tokenizer_pre(fields["tokenizer.ggml.pre"])
     w.add_token_list(fields["tokenizer.ggml.tokens"])
@@ -234,7 +223,7 @@ def test_chat_formats_a_sentencepiece_tokenizer_cannot_build_are_not_recorded() 
 
 
 def test_wire_format_matches_sentencepiece_model_pb2(sp: SentencePieceProcessor) -> None:
-    # Needs protobuf, which this package does not depend on: the conversion writes the bytes itself.
+    # Needs protobuf (a test dependency only: the conversion writes the bytes itself).
     pytest.importorskip("google.protobuf")
     from sentencepiece import sentencepiece_model_pb2 as pb
 

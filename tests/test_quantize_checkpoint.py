@@ -126,16 +126,12 @@ def listing(path: Path) -> dict[str, bytes]:
 
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    from llama_offload.cli import main
+    """``llama-offload ARGV`` in this process (test_write_targets.run_cli): exit code, stdout, stderr; never a
+    traceback."""
+    from test_write_targets import run_cli as run
 
     monkeypatch.delenv("LLAMA_OFFLOAD_TRACEBACK", raising=False)
-    monkeypatch.setattr(sys, "argv", ["llama-offload", *argv])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
+    code, out, err = run(monkeypatch, capsys, *argv)
     assert "Traceback" not in err, err
     return code, out, err
 

@@ -95,7 +95,7 @@ def test_the_draft_memory_estimate_matches_the_built_draft(tiny_ckpt: Path, draf
     opts = RunOptions(max_seq_len=96, max_batch_size=2, draft=name, num_draft_tokens=3).checked()
     tokenizer = load_tokenizer(tiny_ckpt.parent / "tokenizer.model")
     args = load_model(tiny_ckpt, max_seq_len=96, max_batch_size=2, show_progress=False).params
-    built = build_draft(opts, tiny_ckpt, tokenizer, torch.device("cpu"))
+    built, _ = build_draft(opts, tiny_ckpt, tokenizer, torch.device("cpu"))
     held = sum(t.numel() * t.element_size() for t in [*built.model.parameters(), *built.model.buffers()])
     held += sum(c.k.nbytes + c.v.nbytes for c in built.caches)
     from llama_offload.plan import weight_bytes
