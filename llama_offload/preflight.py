@@ -153,7 +153,7 @@ def _quantized_sizes(shards: list[Path], args: ModelArgs, dtype: Optional[torch.
     n = model_parallel_size
     kinds = sorted({format_name(state_dict[f"{p}.weight"], state_dict[f"{p}.scales"])
                     for p in quantized_prefixes(state_dict) if p.startswith("layers.")})
-    return stored.itemsize, WeightBytes(block // n, embedding // n, head // n, scratch, "/".join(kinds) + " (stored)")
+    return stored.itemsize, WeightBytes(block // n, embedding // n, head // n, scratch, "/".join(kinds) + ", as stored")
 
 
 def _local_processes(model_parallel_size: int) -> int:

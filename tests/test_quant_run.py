@@ -110,7 +110,7 @@ def test_info_shows_the_quantized_block_bytes(tiny_ckpt: Path, int4_ckpt: Path) 
     line = lambda p: next(x for x in p.stdout.splitlines() if x.startswith("weights"))  # noqa: E731
     assert "per block (int4 g64" in line(stored), stored.stdout
     assert "per block (int4 g64)" in line(at_load), at_load.stdout
-    bytes_of = lambda p: line(p).replace(" (stored)", "")  # noqa: E731
+    bytes_of = lambda p: line(p).replace(", as stored", "")  # noqa: E731
     assert bytes_of(stored) == bytes_of(at_load)  # the plan counts what --quantize would page
     assert "int4" not in line(full)
 
