@@ -65,7 +65,7 @@ class RunOptions:
                                        "(the model's own quantized copy, kept on the GPU), or a draft checkpoint "
                                        "directory with the same tokenizer (kept on the GPU). Output is the model's "
                                        "own; several tokens per pass when drafts are kept. Default: none.")
-    num_draft_tokens: Optional[int] = _flag(None, "with --draft, tokens drafted per sequence and pass (default 4).")
+    num_draft_tokens: Optional[int] = _flag(None, "with --draft, tokens drafted per sequence and pass (default 8).")
     allow_long_context: bool = _flag(False, "accept a max_seq_len above the context length the model was trained "
                                             "for (its llama_offload.json, or known from its architecture): the "
                                             "model was not trained for it, and its output degrades past that "

@@ -31,7 +31,9 @@ import torch
 from .decode import BatchDecoder, Decoding, StepModel
 from .step import make_step, to_device
 
-DEFAULT_DRAFT_TOKENS = 4
+# Measured (BENCHMARKS.md, bench_speculative.py): best or near-best tokens/s for every draft on the default model,
+# and for the int4 self-draft projected onto a paged 7B.
+DEFAULT_DRAFT_TOKENS = 8
 
 
 @dataclass

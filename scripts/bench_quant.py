@@ -501,9 +501,9 @@ def _cell(text: Any) -> str:
     return str(text or "").replace("|", "\\|").replace("\n", " ")
 
 
-def command_line(params: dict[str, Any]) -> str:
-    """The command that reproduces a run: ``python scripts/bench_quant.py`` with every argument it used."""
-    parts = ["python", "scripts/bench_quant.py"]
+def command_line(params: dict[str, Any], script: str = "scripts/bench_quant.py") -> str:
+    """The command that reproduces a run: ``python SCRIPT`` with every argument it used."""
+    parts = ["python", script]
     for key, value in params.items():
         if value is None or value is False:
             continue  # None: not given; False: the flag's default
@@ -555,17 +555,18 @@ def section(info: dict[str, Any], rows: list[Row], rows70: list[Row], built70: O
     return "\n".join(lines)
 
 
-def replace_section(text: str, new_section: str) -> str:
-    """``text`` with its bench_quant section replaced by ``new_section`` (appended when it has none)."""
-    start = text.find(MARK_START)
+def replace_section(text: str, new_section: str, mark_start: str = MARK_START, mark_end: str = MARK_END) -> str:
+    """``text`` with its section between the two markers (bench_quant's by default) replaced by ``new_section``
+    (appended when it has none)."""
+    start = text.find(mark_start)
     if start < 0:
-        if MARK_END in text:
-            raise ValueError(f"found {MARK_END} without {MARK_START}: fix the markers by hand")
+        if mark_end in text:
+            raise ValueError(f"found {mark_end} without {mark_start}: fix the markers by hand")
         return (text.rstrip("\n") + "\n\n" if text.strip() else "") + new_section + "\n"
-    end = text.find(MARK_END, start)
+    end = text.find(mark_end, start)
     if end < 0:
-        raise ValueError(f"found {MARK_START} without {MARK_END} after it: fix the markers by hand")
-    return text[:start] + new_section + text[end + len(MARK_END):]
+        raise ValueError(f"found {mark_start} without {mark_end} after it: fix the markers by hand")
+    return text[:start] + new_section + text[end + len(mark_end):]
 
 
 def write_section(path: Path, new_section: str) -> None:

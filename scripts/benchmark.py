@@ -97,8 +97,9 @@ def measure(model, vocab_size: int, steps: int) -> dict:
 
 def free_gpu() -> None:
     gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():  # the benchmarks' CPU tests free their models too
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def run_variant(name: str, build: Callable[[], tuple[object, int, str]], vocab_size: int, steps: int,
