@@ -32,7 +32,8 @@ from .options import (
     _load_json, build_llama, check_generation_flags, fire_main, run_options_command, run_text_completion,
 )
 from .plan import available_host_bytes, plan_host, plan_offload
-from .preflight import check_context_length, stored_weight_bytes
+from .lanes import lanes_for_run
+from .preflight import check_context_length, stored_spec, stored_weight_bytes
 from .run_options import RunOptions
 from .text_input import TextInputError, a_type, check_dialog, check_text, decode_text, read_stdin_lines, \
     tolerate_undecodable_stdin
@@ -308,6 +309,9 @@ def info(*, options: RunOptions) -> None:
         dtype: float16, bfloat16 or float32 to plan for (default: the checkpoint's, read from shard 00).
         prefill_chunk: prompt positions per prefill pass, which size the activation estimate (default:
             min(max_seq_len, 2048)).
+        cpu_blocks: blocks the host's cores compute while the others stream (default: the calibrated split,
+            on a machine with a GPU).
+        cpu_threads: the CPU lane's threads (default: every core but one).
     """
     ckpt_dir, tokenizer_path, num_slices = options.ckpt_dir, options.tokenizer_path, options.num_slices
     max_seq_len, max_batch_size = options.max_seq_len, options.max_batch_size
@@ -346,9 +350,15 @@ def info(*, options: RunOptions) -> None:
     if num_slices is not None and num_slices > n_layers:
         raise ValueError(f"--num_slices {num_slices} is more than the {n_layers} blocks there are to page; "
                          f"choose 1..{n_layers}.")
-    # The same plan offload() follows when the model is loaded with these flags.
+    # The same plan offload() follows when the model is loaded with these flags; on a GPU machine the CPU lane's
+    # calibration (cached) gives the split and the expected time per token.
+    lanes = None
+    if torch.cuda.is_available():
+        lanes, _ = lanes_for_run(options.cpu_blocks, options.cpu_threads, args, model_dtype, torch.device("cuda"),
+                                 offload=True, spec=stored_spec(ckpt, options.quant_spec))
     plan = plan_offload(args, model_dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                         gpu_memory_gb=options.gpu_memory_gb, num_slices=num_slices, prefill_chunk=options.prefill_chunk,
+                        cpu_layers=options.cpu_blocks, lanes=lanes,
                         sizes=sizes if want_dtype is not None else stored_weight_bytes(ckpt, args, options.quant_spec,
                                                                                         model_dtype)[1])
     counts, size = param_counts(args, tied=bool(read_checkpoint_meta(ckpt).get("tied_embeddings"))), model_dtype.itemsize
@@ -371,6 +381,11 @@ def info(*, options: RunOptions) -> None:
     print(f"run size       max_batch_size {max_batch_size} x max_seq_len {max_seq_len} (sizes the KV cache)")
     print(f"paged          {plan.paged_layers} of {n_layers} blocks, in {plan.num_slices} slice(s), from "
           f"{_fmt_bytes(plan.streamed_bytes)} of pinned host memory; {plan.resident_layers} block(s) resident")
+    if plan.cpu_layers:
+        print(f"CPU lane       {plan.cpu_layers} of {n_layers} blocks computed by the host's cores while the paged "
+              f"ones stream (placement: {''.join(w[0].upper() for w in plan.placement())}; R resident, P paged, C CPU)")
+    elif lanes is None and options.cpu_blocks is None:
+        print("CPU lane       not planned: the split is calibrated on a machine with a GPU (or give --cpu_blocks N)")
     print("GPU memory plan (the CUDA context, a few hundred MiB, comes on top):")
     print(plan.describe())
     print(f"context        {f'{context} tokens, from {context_source}' if context else 'not known (nothing records it)'}")

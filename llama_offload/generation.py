@@ -125,7 +125,8 @@ class Llama:
                               num_slices=opts.num_slices, gpu_memory_gb=budget_after_draft(opts, draft_bytes),
                               device=target,
                               resident=not opts.offload and target.type == "cuda", cuda_graphs=opts.cuda_graphs,
-                              prefill_chunk=opts.prefill_chunk)
+                              prefill_chunk=opts.prefill_chunk, cpu_blocks=opts.cpu_blocks,
+                              lanes=preflight.plan.lanes, cpu_threads=preflight.cpu_threads)
         if parallel.is_rank0():
             print(f"llama_offload: loaded in {time.perf_counter() - start:.2f} s", file=sys.stderr)
         chat_format = (opts.chat_format or read_checkpoint_meta(ckpt_dir).get("chat_format")

@@ -11,7 +11,7 @@ the output head and the KV cache, against its own GPU's budget (``gpu_memory_gb`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -98,6 +98,54 @@ def activation_bytes(args: ModelArgs, dtype: torch.dtype, max_batch_size: int, m
     return max(attention, feed_forward, logits) + hidden + mask
 
 
+def spread(n: int, k: int) -> list[bool]:
+    """``k`` of ``n`` positions marked, as evenly as possible, the last one marked first: CPU blocks between
+    paged ones keep both lanes busy (the copy engine streams the next paged block while the cores compute), and
+    a CPU block last lets the copy engine fetch the next step's first blocks behind it and the head."""
+    return [(j + 1) * k // n > j * k // n for j in range(n)] if n else []
+
+
+@dataclass(frozen=True)
+class LaneTimes:
+    """What calibration measured on this machine (calibrate.py): the pinned host-to-device bandwidth, and the
+    time the host's cores take for one block at a few step sizes (tokens = batch x positions)."""
+
+    pcie_gbps: float
+    cpu_ms: tuple[tuple[int, float], ...]  # (tokens, ms for one block on the CPU), tokens ascending
+    threads: int
+    crossing_ms: float = 0.05  # the hidden state to the host and back, once per run of CPU blocks
+
+    def cpu_block_ms(self, tokens: int) -> float:
+        """Measured at the nearest step size at or above ``tokens``; linear beyond the largest."""
+        for t, ms in self.cpu_ms:
+            if tokens <= t:
+                return ms
+        t, ms = self.cpu_ms[-1]
+        return ms * tokens / t
+
+    def page_ms(self, block_bytes: int) -> float:
+        return block_bytes / (self.pcie_gbps * 1e9) * 1e3
+
+    def step_ms(self, paged: int, cpu: int, block_bytes: int, tokens: int = 1) -> float:
+        """The non-resident blocks of one step: copies and CPU compute overlap (resident work is not counted)."""
+        runs = sum(1 for a, b in zip([False] + spread(paged + cpu, cpu), spread(paged + cpu, cpu)) if b and not a)
+        return max(paged * self.page_ms(block_bytes), cpu * self.cpu_block_ms(tokens)) + runs * self.crossing_ms
+
+    def best_split(self, host_layers: int, block_bytes: int) -> int:
+        """The number of CPU blocks that makes a decode step at batch 1 fastest."""
+        return min(range(host_layers + 1), key=lambda c: (self.step_ms(host_layers - c, c, block_bytes), c))
+
+    def max_cpu_tokens(self, paged: int, cpu: int, block_bytes: int) -> int:
+        """The largest measured step size at which the split beats streaming every block (at least 1)."""
+        all_gpu = (paged + cpu) * self.page_ms(block_bytes)
+        fits = [t for t, _ in self.cpu_ms if self.step_ms(paged, cpu, block_bytes, t) < all_gpu]
+        return max(fits, default=1)
+
+    def describe(self, block_bytes: int) -> str:
+        return (f"PCIe {self.pcie_gbps:.1f} GB/s: {self.page_ms(block_bytes):.2f} ms a block; CPU "
+                f"{self.cpu_block_ms(1):.2f} ms a block on {self.threads} threads")
+
+
 @dataclass(frozen=True)
 class OffloadPlan:
     n_layers: int
@@ -108,17 +156,47 @@ class OffloadPlan:
     model_parallel_size: int = 1  # N > 1: every figure is one rank's, on its own GPU
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt positions per prefill pass the activations are sized for
     quantization: Optional[str] = None  # the blocks' format when quantized, e.g. "int4 g64"
+    cpu_layers: int = 0  # of the non-resident blocks, this many are computed by the host's cores (hybrid.py)
+    lanes: Optional[LaneTimes] = None  # what calibration measured: sizes the split and the expected step time
 
     @property
     def paged_layers(self) -> int:
+        """Blocks streamed to the GPU in a decode step (the CPU blocks stay on the host then)."""
+        return self.n_layers - self.resident_layers - self.cpu_layers
+
+    @property
+    def host_layers(self) -> int:
+        """Blocks whose only copy is in pinned host memory: the paged ones and the CPU ones."""
         return self.n_layers - self.resident_layers
+
+    def placement(self) -> list[str]:
+        """Where each block runs: "resident", "paged" or "cpu" (see ``spread``)."""
+        rest = ["cpu" if c else "paged" for c in spread(self.host_layers, self.cpu_layers)]
+        return ["resident"] * self.resident_layers + rest
+
+    @property
+    def max_cpu_tokens(self) -> int:
+        """Steps of more tokens than this (prefill, large batches) run every block on the GPU: the CPU blocks
+        are streamed too, since a block's CPU time grows with the tokens and its copy time does not."""
+        if self.cpu_layers == 0:
+            return 0
+        if self.lanes is None:
+            return 1
+        return self.lanes.max_cpu_tokens(self.paged_layers, self.cpu_layers, self.block_bytes)
+
+    def expected_decode_ms(self) -> Optional[float]:
+        """A decode step at batch 1 as the lanes would run it (None without calibration): the streamed blocks'
+        copies and the CPU blocks' compute overlap, the slower lane sets the pace."""
+        if self.lanes is None:
+            return None
+        return self.lanes.step_ms(self.paged_layers, self.cpu_layers, self.block_bytes, tokens=1)
 
     @property
     def slot_bytes(self) -> int:
         """GPU buffers that paged slices stream through: two, so one fills while the other computes."""
         if self.num_slices == 0:
             return 0
-        per_slice = -(-self.paged_layers // self.num_slices) * self.block_bytes
+        per_slice = -(-self.host_layers // self.num_slices) * self.block_bytes
         return min(2, self.num_slices) * per_slice
 
     @property
@@ -127,8 +205,14 @@ class OffloadPlan:
 
     @property
     def streamed_bytes(self) -> int:
-        """Bytes copied host-to-device per forward step."""
+        """Bytes copied host-to-device per decode step."""
         return self.paged_layers * self.block_bytes
+
+    @property
+    def cpu_cache_bytes(self) -> int:
+        """The CPU blocks' KV caches, kept in host memory (the GPU's KV cache is planned for every block: a CPU
+        block's rows are staged there when a large step runs it on the GPU)."""
+        return self.fixed_bytes["KV cache"] * self.cpu_layers // self.n_layers
 
     def describe(self) -> str:
         lines = [f"  {name:<22} {n / GiB:8.3f} GiB" for name, n in self.fixed_bytes.items()]
@@ -138,9 +222,15 @@ class OffloadPlan:
         lines.append(f"  {'resident blocks':<22} {self.resident_layers * self.block_bytes / GiB:8.3f} GiB"
                      f"  ({self.resident_layers} of {self.n_layers} blocks)")
         lines.append(f"  {'slot buffers':<22} {self.slot_bytes / GiB:8.3f} GiB"
-                     f"  ({self.paged_layers} blocks paged in {self.num_slices} slices)")
+                     f"  ({self.host_layers} blocks paged in {self.num_slices} slices)")
+        if self.cpu_layers:
+            lines.append(f"  {'CPU lane':<22} {self.cpu_layers:8d} blocks computed on the CPU in decode steps of up to "
+                         f"{self.max_cpu_tokens} tokens (larger steps stream them too)")
         lines.append(f"  {'expected GPU memory':<22} {self.gpu_bytes / GiB:8.3f} GiB")
         lines.append(f"  {'streamed per step':<22} {self.streamed_bytes / GiB:8.3f} GiB")
+        if self.lanes is not None:
+            lines.append(f"  {'expected decode':<22} {self.expected_decode_ms():8.1f} ms per token at batch 1 "
+                         f"({self.lanes.describe(self.block_bytes)})")
         lines.append(f"  {'prefill chunk':<22} {self.prefill_chunk:8d} positions per pass (longer prompts take several)")
         if self.model_parallel_size > 1:
             lines.append(f"  (per rank: each of {self.model_parallel_size} ranks holds 1/{self.model_parallel_size} "
@@ -160,12 +250,63 @@ def plan_offload(
     prefill_chunk: Optional[int] = None,
     all_resident: bool = False,
     sizes: Optional[WeightBytes] = None,
+    cpu_layers: Optional[int] = 0,
+    lanes: Optional[LaneTimes] = None,
 ) -> OffloadPlan:
     """With a budget: as many resident blocks as fit, the rest paged one block per slice.
     Without one: every block paged, in ``num_slices`` slices (default: one block per slice); with
     ``all_resident``, every block on the GPU. ``prefill_chunk`` sizes the activation estimate. ``sizes``: the
     weights' bytes (default: ``dtype`` for every weight; quantized models pass their own, see weight_bytes).
-    With ``model_parallel_size`` N > 1: one rank's plan, for its 1/N of the model and its own GPU."""
+    With ``model_parallel_size`` N > 1: one rank's plan, for its 1/N of the model and its own GPU.
+    ``cpu_layers``: how many of the blocks left off the GPU the host's cores compute in decode steps (hybrid.py);
+    None lets ``lanes`` (calibration) pick the fastest split, 0 if there are no lanes."""
+    plan = _gpu_plan(args, dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len, gpu_memory_gb=gpu_memory_gb,
+                     num_slices=num_slices, model_parallel_size=model_parallel_size, prefill_chunk=prefill_chunk,
+                     all_resident=all_resident, sizes=sizes)
+    return with_cpu_lane(plan, cpu_layers, lanes, explicit_slices=num_slices is not None)
+
+
+def with_cpu_lane(plan: OffloadPlan, cpu_layers: Optional[int], lanes: Optional[LaneTimes], *,
+                  explicit_slices: bool = False) -> OffloadPlan:
+    """``plan`` with ``cpu_layers`` of its non-resident blocks on the CPU lane (None: the fastest split by
+    ``lanes``), every non-resident block then paged in a slice of its own."""
+    host = plan.host_layers
+    if cpu_layers is None:
+        if lanes is None or explicit_slices or plan.model_parallel_size > 1 or host == 0:
+            return replace(plan, lanes=lanes)
+        cpu_layers = lanes.best_split(host, plan.block_bytes)
+    if cpu_layers == 0:
+        return replace(plan, lanes=lanes)
+    if plan.model_parallel_size > 1:
+        raise ValueError(
+            f"--cpu_blocks {cpu_layers} with {plan.model_parallel_size} processes: the CPU lane runs in one process "
+            "(each rank's blocks would all-reduce from the CPU, and the ranks would share the host's cores). Give "
+            "--cpu_blocks 0, or run in one process.")
+    if not 0 < cpu_layers <= host:
+        where = f"all {plan.n_layers} stay resident" if host == 0 else f"{plan.resident_layers} resident, {host} paged"
+        raise ValueError(
+            f"--cpu_blocks {cpu_layers} asks for more blocks on the CPU than are left off the GPU: at this budget "
+            f"{where}. Give --cpu_blocks between 0 and {host}, or a smaller --gpu_memory_gb.")
+    if explicit_slices and plan.num_slices != host:
+        raise ValueError(
+            f"--num_slices {plan.num_slices} with --cpu_blocks {cpu_layers}: with a CPU lane every paged block is a "
+            "slice of its own (CPU blocks sit between them). Drop --num_slices.")
+    return replace(plan, num_slices=host, cpu_layers=cpu_layers, lanes=lanes)
+
+
+def _gpu_plan(
+    args: ModelArgs,
+    dtype: torch.dtype,
+    *,
+    max_batch_size: int,
+    max_seq_len: int,
+    gpu_memory_gb: Optional[float],
+    num_slices: Optional[int],
+    model_parallel_size: int,
+    prefill_chunk: Optional[int],
+    all_resident: bool,
+    sizes: Optional[WeightBytes],
+) -> OffloadPlan:
     if args.vocab_size <= 0:
         raise ValueError("vocab_size is -1: set it from the tokenizer before planning.")
     b, mp = dtype.itemsize, model_parallel_size
@@ -252,7 +393,9 @@ def plan_host(plan: OffloadPlan, *, on_cpu: bool, load_copy: bool = False, proce
         parts = {"weights": weights, **{k: v for k, v in plan.fixed_bytes.items()
                                         if k not in ("embedding", "output head + norm")}}
         return HostPlan(parts, True, processes)
-    parts = {"pinned pages": plan.paged_layers * plan.block_bytes}
+    parts = {"pinned pages": plan.host_layers * plan.block_bytes}
+    if plan.cpu_layers:
+        parts["CPU-lane KV cache"] = plan.cpu_cache_bytes
     if load_copy:
         parts["weights while loading"] = weights
     return HostPlan(parts, False, processes)

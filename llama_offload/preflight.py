@@ -21,6 +21,7 @@ from .chat_format import default_chat_format_name, get_chat_format
 from .checkpoint import already_quantized_message, check_shard_sizes, checkpoint_context_length, find_shards
 from .convert import read_checkpoint_meta
 from .drafts import draft_gpu_bytes
+from .lanes import lanes_for_run
 from .plan import GiB, HostPlan, OffloadPlan, WeightBytes, linear_shapes, check_host_memory, plan_host, plan_offload, weight_bytes
 from .quant import LINEAR_NAMES, QuantSpec, format_name
 from .quant_load import quantized_prefixes, read_quantization
@@ -43,6 +44,7 @@ class Preflight:
     context_source: str
     plan: OffloadPlan
     host: HostPlan
+    cpu_threads: Optional[int] = None  # the CPU lane's threads, when the plan has one
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
@@ -105,11 +107,16 @@ def check_before_load(ckpt_dir: str | Path, tokenizer_path: str | Path, options:
             raise ValueError(f"--draft {opts.draft} needs about {draft / GiB:.2f} GiB of the GPU, all of "
                              f"--gpu_memory_gb {budget:g}. Raise --gpu_memory_gb, or use --draft ngram.")
         budget -= draft / GiB
+    # The CPU lane's calibration (cached per machine) sizes the split between streamed and CPU-computed blocks.
+    lanes, threads = lanes_for_run(opts.cpu_blocks, opts.cpu_threads, args, dtype, device, offload=opts.offload,
+                                   spec=stored_spec(ckpt_dir, opts.quant_spec), model_parallel_size=model_parallel_size,
+                                   processes=_local_processes(model_parallel_size))
     # The plan offload() makes for these flags (it refuses slices and budgets the same way, after the load).
     plan = plan_offload(args, dtype, max_batch_size=opts.max_batch_size, max_seq_len=opts.max_seq_len,
                         gpu_memory_gb=budget, num_slices=opts.num_slices,
                         model_parallel_size=model_parallel_size, prefill_chunk=opts.prefill_chunk,
-                        all_resident=not opts.offload and not on_cpu, sizes=sizes)
+                        all_resident=not opts.offload and not on_cpu, sizes=sizes,
+                        cpu_layers=0 if on_cpu else opts.cpu_blocks, lanes=lanes)
     if on_cpu:
         cpu_plan = plan_offload(args, dtype, max_batch_size=opts.max_batch_size, max_seq_len=opts.max_seq_len,
                                 model_parallel_size=model_parallel_size, prefill_chunk=opts.prefill_chunk,
@@ -120,7 +127,18 @@ def check_before_load(ckpt_dir: str | Path, tokenizer_path: str | Path, options:
         host = plan_host(plan, on_cpu=False, load_copy=load_copy, processes=_local_processes(model_parallel_size))
     if check_memory:
         check_host_memory(host)
-    return Preflight(args, tokenizer, chat_format, device, dtype, itemsize, len(shards), context, source, plan, host)
+    return Preflight(args, tokenizer, chat_format, device, dtype, itemsize, len(shards), context, source, plan, host,
+                     threads if plan.cpu_layers else None)
+
+
+def stored_spec(ckpt_dir: str | Path, spec: Optional[QuantSpec]) -> Optional[QuantSpec]:
+    """The blocks' format a run computes with: ``--quantize``'s, else a quantized checkpoint's own."""
+    if spec is not None:
+        return spec
+    stored = read_quantization(ckpt_dir)
+    if not stored or stored.get("bits") not in (4, 8):
+        return None
+    return QuantSpec(int(stored["bits"]), stored.get("group_size") if stored["bits"] == 4 else None)
 
 
 def stored_weight_bytes(ckpt_dir: str | Path, args: ModelArgs, spec: Optional[QuantSpec], dtype: Optional[torch.dtype],

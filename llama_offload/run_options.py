@@ -66,6 +66,10 @@ class RunOptions:
                                        "directory with the same tokenizer (kept on the GPU). Output is the model's "
                                        "own; several tokens per pass when drafts are kept. Default: none.")
     num_draft_tokens: Optional[int] = _flag(None, "with --draft, tokens drafted per sequence and pass (default 8).")
+    cpu_blocks: Optional[int] = _flag(None, "of the blocks not resident on the GPU, how many the host's cores compute "
+                                            "while the others stream over PCIe (0: stream them all). Default: the "
+                                            "split a short calibration of this machine finds fastest.")
+    cpu_threads: Optional[int] = _flag(None, "threads computing the CPU blocks (default: every core but one).")
     allow_long_context: bool = _flag(False, "accept a max_seq_len above the context length the model was trained "
                                             "for (its llama_offload.json, or known from its architecture): the "
                                             "model was not trained for it, and its output degrades past that "
@@ -117,6 +121,15 @@ class RunOptions:
                                  "int4, int8, a draft checkpoint directory), or drop --num_draft_tokens.")
         if self.draft is not None:
             check_draft_name(str(self.draft))
+        if self.cpu_blocks is not None and (isinstance(self.cpu_blocks, bool) or not isinstance(self.cpu_blocks, int)
+                                            or self.cpu_blocks < 0):
+            raise ValueError(f"--cpu_blocks must be a whole number of blocks, 0 or more, found {self.cpu_blocks!r} "
+                             "(leave it unset for the calibrated split).")
+        if self.cpu_threads is not None:
+            _positive_int("cpu_threads", self.cpu_threads)
+            if self.cpu_blocks == 0:
+                raise ValueError("--cpu_threads sets the CPU lane's threads, but --cpu_blocks 0 turns the lane off. "
+                                 "Drop one of them.")
         torch_dtype = parse_dtype(self.dtype)
         text = {n: getattr(self, n) for n in ("ckpt_dir", "tokenizer_path", "device", "chat_format", "draft")}
         if self.device is not None:

@@ -114,10 +114,13 @@ def zero_positions(caches: list, spans: Sequence[tuple[int, int, int]]) -> None:
     flat = [r * positions + p for r, a, b in spans for p in range(a, min(b, positions))]
     if not flat:
         return
-    index = to_device(flat, caches[0].k.device)
+    index = {}  # one per device: the CPU lane's blocks keep their caches in host memory (hybrid.py)
     for cache in caches:
+        device = cache.k.device
+        if device not in index:
+            index[device] = to_device(flat, device)
         for t in (cache.k, cache.v):
-            t.view(-1, *t.shape[2:]).index_fill_(0, index, 0)
+            t.view(-1, *t.shape[2:]).index_fill_(0, index[device], 0)
 
 
 def _tokens_from(seq: Decoding, start: int) -> list[int]:

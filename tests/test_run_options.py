@@ -51,9 +51,10 @@ NOT_FLAGS: dict[str, tuple[str, ...]] = {
 FLAG_SETS: dict[str, dict[str, Any]] = {
     "slices": dict(max_seq_len=256, max_batch_size=3, offload=False, num_slices=2, device="cpu", dtype="bfloat16",
                    seed=7, chat_format="llama2", cuda_graphs=False, prefill_chunk=16,
-                   allow_long_context=True, draft="ngram", num_draft_tokens=6),
+                   allow_long_context=True, draft="ngram", num_draft_tokens=6, cpu_blocks=0),
     "budget": dict(max_seq_len=200, max_batch_size=2, gpu_memory_gb=1.5, dtype="float16", seed=0,
-                   chat_format="llama2", prefill_chunk=64, quantize="int4", group_size=32, quantize_embeddings=True),
+                   chat_format="llama2", prefill_chunk=64, quantize="int4", group_size=32, quantize_embeddings=True,
+                   cpu_blocks=2, cpu_threads=1),
 }
 
 
@@ -145,7 +146,7 @@ def check_plan(got: Planned, want: RunOptions, tiny_ckpt: Path) -> None:
     sizes = got.kwargs.pop("sizes")
     assert got.kwargs == dict(max_batch_size=want.max_batch_size, max_seq_len=want.max_seq_len,
                               gpu_memory_gb=want.gpu_memory_gb, num_slices=want.num_slices,
-                              prefill_chunk=want.prefill_chunk)
+                              prefill_chunk=want.prefill_chunk, cpu_layers=want.cpu_blocks, lanes=None)
     spec = want.quant_spec  # the plan counts the quantized bytes --quantize would page
     assert sizes.quantization == (None if spec is None else spec.name)
 

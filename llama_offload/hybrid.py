@@ -1,0 +1,178 @@
+"""A CPU lane beside the PCIe lane: the host's cores compute some of the blocks that are not resident, from
+the same pinned pages the copy engine streams, while the copy engine streams the others to the GPU.
+
+At batch 1 a block's weights are read once per token wherever it runs, and the host reads its RAM faster
+than PCIe carries it (DESIGN.md: 97.7 against 53 GB/s, with no contention between the two), so the two
+lanes add up. ``plan.spread`` puts the CPU blocks between the paged ones, the last block on the CPU:
+
+    paged block   wait for its copy, compute on the GPU, free its slot, queue the copy of the page
+                  len(slots) further down the stream (the copies never wait for the host)
+    CPU run       the hidden state comes to the host (the whole packet the first time in a step: a few KB
+                  at decode), the cores run the blocks with their KV caches in host memory, and the hidden
+                  state goes back into the GPU packet, in place; the copies queued before the run go on
+                  meanwhile, so both lanes work at once
+    large step    more tokens than ``max_cpu_tokens`` (a prefill, a large batch, the verification of many
+                  drafts) are compute-bound: every block goes to the GPU, the CPU ones streamed like paged
+                  ones, each with its host cache rows staged on the GPU and its new keys and values copied back
+
+Without CUDA the same schedule runs with the CPU as the "GPU" (no pages, no streams): the tests check the
+crossings and the cache hand-over that way.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .model import KVCache
+from .pager import InferenceOffloadModel
+from .packing import PackedBlock, StepContext
+from .step import StepShape
+
+
+def host_cache(cache: KVCache, pin: bool) -> KVCache:
+    """A block's KV cache moved to host memory (pinned, so the staging copies run without a bounce)."""
+    moved = KVCache.__new__(KVCache)
+    moved.k, moved.v = (t.to("cpu", copy=True) for t in (cache.k, cache.v))
+    if pin:
+        moved.k, moved.v = moved.k.pin_memory(), moved.v.pin_memory()
+    moved.row_start = cache.row_start.to("cpu")
+    return moved
+
+
+class StagedKVCache(KVCache):
+    """One step's rows of a host cache on the GPU, for a CPU block that a large step runs there."""
+
+    def __init__(self, host: KVCache, shape: StepShape, device: torch.device):
+        self.host, self.rows, self.kv_len = host, slice(shape.row0, shape.row0 + shape.bsz), shape.kv_len
+        self.k = host.k[self.rows, : self.kv_len].to(device, copy=True)  # (bs, kv_len, n_kv_heads, head_dim)
+        self.v = host.v[self.rows, : self.kv_len].to(device, copy=True)
+        self.row_start = torch.arange(shape.bsz, device=device) * self.kv_len  # (bs,) flat index of each row
+
+    def update(self, shape: StepShape, input_pos: torch.Tensor, xk: torch.Tensor,
+               xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bsz, kv_len = self.k.shape[:2]
+        slot = (self.row_start[:, None] + input_pos).reshape(-1)  # (bs * seqlen,)
+        self.k.view(bsz * kv_len, *self.k.shape[2:]).index_copy_(0, slot, xk.reshape(-1, *xk.shape[2:]))
+        self.v.view(bsz * kv_len, *self.v.shape[2:]).index_copy_(0, slot, xv.reshape(-1, *xv.shape[2:]))
+        return self.k, self.v
+
+    def write_back(self) -> None:
+        # Blocking: the host cache must hold these keys before the CPU lane reads it again.
+        self.host.k[self.rows, : self.kv_len].copy_(self.k)
+        self.host.v[self.rows, : self.kv_len].copy_(self.v)
+
+
+class HybridOffloadModel(nn.Module):
+    """The non-resident blocks in model order, one page each; ``on_cpu[i]``: block i is computed by the host's
+    cores in steps of at most ``max_cpu_tokens`` tokens. One packet in, the same packet out."""
+
+    def __init__(self, blocks: Sequence[PackedBlock], on_cpu: Sequence[bool], device: torch.device,
+                 context: StepContext, max_cpu_tokens: int):
+        super().__init__()
+        if len(blocks) != len(on_cpu):
+            raise ValueError(f"internal: {len(blocks)} blocks but {len(on_cpu)} placements")
+        self.device = device
+        self.context = context
+        self.on_cpu = list(on_cpu)
+        self.max_cpu_tokens = max_cpu_tokens
+        self.blocks = list(blocks)  # the PackedBlocks, for their caches (the pager owns the modules)
+        cuda = device.type == "cuda"
+        for block, cpu in zip(blocks, on_cpu):
+            if cpu:
+                block.block.attention.cache = host_cache(block.block.attention.cache, pin=cuda)
+        # On a GPU the pager holds every page; its parameters point at the host pages unless a copy is queued.
+        self.pager = InferenceOffloadModel(nn.Sequential(*blocks), device, len(blocks)) if cuda else None
+        self.units = nn.ModuleList(list(self.pager.model_slices) if cuda else blocks)
+        self._ahead: list[int] = []  # pages whose copies the last step queued for this one, in stream order
+
+    def _stream_order(self, cpu_lane: bool) -> list[int]:
+        return [i for i, cpu in enumerate(self.on_cpu) if not (cpu and cpu_lane)]
+
+    def forward(self, packet: torch.Tensor) -> torch.Tensor:
+        layout = self.context.current()
+        cpu_lane = layout.shape.bsz * layout.shape.seqlen <= self.max_cpu_tokens
+        ring = _Ring(self.pager, self._stream_order(cpu_lane), self._ahead)
+        self._ahead = []  # a step that raises leaves nothing queued (the next one reloads)
+        h_bytes = layout.offsets[1]  # the hidden state is the packet's first field
+        host: Optional[torch.Tensor] = None
+        i, n = 0, len(self.units)
+        while i < n:
+            if cpu_lane and self.on_cpu[i]:
+                end = i
+                while end < n and self.on_cpu[end]:
+                    end += 1
+                if host is None:  # the first crossing of the step brings the whole packet: freqs, positions, mask
+                    host = _to_host(packet, None)
+                else:
+                    _to_host(packet[:h_bytes], host[:h_bytes])
+                for j in range(i, end):
+                    self.units[j](host)
+                packet[:h_bytes].copy_(host[:h_bytes], non_blocking=True)  # pinned: the next D2H orders after it  # pinned: the next D2H orders after it
+                i = end
+                continue
+            if self.on_cpu[i]:  # a large step: this CPU block runs on the GPU with its cache rows staged there
+                attention = self.blocks[i].block.attention
+                staged = StagedKVCache(attention.cache, layout.shape, self.device)
+                attention.cache = staged
+                try:
+                    packet = ring.compute(i, self.units[i], packet)
+                finally:
+                    attention.cache = staged.host
+                staged.write_back()
+            else:
+                packet = ring.compute(i, self.units[i], packet)
+            i += 1
+        self._ahead = ring.queue_next_step()
+        return packet
+
+
+def _to_host(src: torch.Tensor, dst: Optional[torch.Tensor]) -> torch.Tensor:
+    """A blocking device-to-host copy (it waits for the blocks before it), into pinned memory on a GPU."""
+    if dst is None:
+        dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
+    return dst.copy_(src)
+
+
+class _Ring:
+    """The copy schedule of one step: the k-th page streamed goes into slot k % len(slots), queued as soon as
+    that slot is free, so up to len(slots) copies run ahead of the GPU (and through the CPU runs)."""
+
+    def __init__(self, pager: Optional[InferenceOffloadModel], order: list[int], ahead: list[int]):
+        self.pager, self.order = pager, order
+        self.position = {page: k for k, page in enumerate(order)}
+        if pager is None:
+            return
+        width = min(len(pager.slots), len(order))
+        # Copies the last step queued for this one are kept if they are this step's first pages.
+        kept = len(ahead) if ahead == order[: len(ahead)] else 0
+        if not kept:  # queued for the other schedule (a step of another size): they are reloaded where needed
+            for page in ahead:
+                pager.pages[page].point_at(pager.pages[page].host)
+        for k in range(kept, width):
+            pager.load_page(order[k], k % len(pager.slots))
+
+    def compute(self, page: int, unit: nn.Module, packet: torch.Tensor) -> torch.Tensor:
+        if self.pager is None:
+            return unit(packet)
+        k = self.position[page]
+        slot = k % len(self.pager.slots)
+        self.pager.wait_loaded(slot)
+        packet = unit(packet)
+        self.pager.drop_page(page, slot)
+        if k + len(self.pager.slots) < len(self.order):
+            self.pager.load_page(self.order[k + len(self.pager.slots)], slot)
+        return packet
+
+    def queue_next_step(self) -> list[int]:
+        """Weights never change: the next step's first pages (as this step ordered them) can be copied now,
+        behind the head, the sampling and the next step's resident blocks."""
+        if self.pager is None or not self.order:
+            return []
+        slots = len(self.pager.slots)
+        first = self.order[: min(slots, len(self.order))]
+        for k, page in enumerate(first):
+            self.pager.load_page(page, k % slots)
+        return first

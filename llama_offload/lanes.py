@@ -1,0 +1,214 @@
+"""Calibration of the two lanes a decode step can use: the PCIe lane (pinned host-to-device copies) and the CPU
+lane (the host's cores computing a block), measured on this machine and cached there.
+
+The planner (plan.LaneTimes) needs two numbers to split the blocks that are not resident: how long a block's
+copy takes, and how long the cores take to compute one, at a few step sizes (a block's CPU time grows with
+the tokens in a step, its copy time does not). Both depend on shapes, dtype and weight format, not on the
+weights' values, so they are measured on one random block of the model's shape, before any weights load:
+about a second, once per machine and shape, then read from ``~/.cache/llama_offload/lanes.json``
+(``LLAMA_OFFLOAD_CACHE`` moves it; a cache that cannot be read or written is measured again, never an error).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .args import ModelArgs
+from .model import KVCache, TransformerBlock
+from .plan import LaneTimes
+from .quant import LINEAR_NAMES, QuantLinear, QuantSpec, quantize_matrix
+from .step import StepShape, attention_mask
+
+TOKEN_COUNTS = (1, 2, 4, 8, 16, 32)  # step sizes the CPU block time is measured at
+CALIBRATION_VERSION = 1
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity, as taskset or a container limits it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_threads_for(requested: Optional[int], processes: int = 1, cores: Optional[int] = None) -> int:
+    """Threads for the CPU lane: ``requested``, or every core but one (the one that drives the GPU), shared
+    evenly by the ``processes`` on this host. Refuses a count the cores cannot give."""
+    cores = cpu_cores() if cores is None else cores
+    share = cores // max(processes, 1)
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested <= 0:
+            raise ValueError(f"--cpu_threads must be a positive integer, found {requested!r}.")
+        if requested > share:
+            who = "" if processes == 1 else f" shared by {processes} processes ({share} each)"
+            raise ValueError(f"--cpu_threads {requested} is more than the {cores} cores this process may use{who}: "
+                             f"the threads would oversubscribe them. Give --cpu_threads {max(share - 1, 1)} or fewer.")
+        return requested
+    return max(share - 1, 1)
+
+
+def check_cpu_lane_cores(cpu_blocks: Optional[int], processes: int = 1, cores: Optional[int] = None) -> None:
+    """An explicit CPU lane needs a core to compute on beside the one that drives the GPU."""
+    cores = cpu_cores() if cores is None else cores
+    if cpu_blocks and cores // max(processes, 1) < 2:
+        raise ValueError(f"--cpu_blocks {cpu_blocks} needs at least 2 CPU cores per process (one drives the GPU, the "
+                         f"others compute the CPU blocks), but this process may use {cores} core(s). Give "
+                         "--cpu_blocks 0 to page every block instead.")
+
+
+def measure_pcie(device: torch.device, nbytes: int = 256 * 2**20, repeats: int = 4) -> float:
+    """Pinned host-to-device bandwidth in GB/s."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    gpu.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        gpu.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    return nbytes * repeats / (time.perf_counter() - start) / 1e9
+
+
+def random_block(args: ModelArgs, dtype: torch.dtype, spec: Optional[QuantSpec] = None,
+                 quantize_device: Optional[torch.device] = None) -> TransformerBlock:
+    """One block of ``args``' shape on the CPU, weights N(0, 0.02), quantized as ``spec`` says."""
+    block = TransformerBlock(0, args).to(dtype)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.02) if p.ndim > 1 else p.fill_(1.0)
+    if spec is not None:
+        for name in LINEAR_NAMES:
+            w = block.get_submodule(name).weight.data
+            q = quantize_matrix(w, spec.bits, spec.group_size, device=quantize_device)
+            block.set_submodule(name, QuantLinear(q["weight"], q["scales"], q.get("mins")))
+    return block.eval()
+
+
+@torch.inference_mode()
+def measure_cpu_block(block: TransformerBlock, threads: int, token_counts: tuple[int, ...] = TOKEN_COUNTS,
+                      kv_len: int = 256, budget_s: float = 0.25) -> tuple[tuple[int, float], ...]:
+    """(tokens, ms) for one decode-like step of ``block`` on the CPU at each step size: one sequence of that
+    many positions after ``kv_len`` cached ones, as speculative verification and chunked prefill run."""
+    args_dim = block.attention_norm.weight.shape[0]
+    dtype = block.attention_norm.weight.dtype
+    attention = block.attention
+    kept = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = []
+        for tokens in token_counts:
+            span = kv_len + tokens
+            attention.cache = KVCache(1, span, attention.n_local_kv_heads, attention.head_dim, "cpu", dtype)
+            shape = StepShape(1, tokens, attention.cache.k.shape[1])
+            input_pos = torch.arange(kv_len, kv_len + tokens)[None]  # (1, tokens)
+            freqs = torch.polar(torch.ones(1, tokens, attention.head_dim // 2), torch.zeros(1, tokens, attention.head_dim // 2))
+            mask = attention_mask(input_pos, shape.kv_len, dtype)  # (1, 1, tokens, kv_len)
+            x = torch.randn(1, tokens, args_dim).to(dtype)  # (1, tokens, dim)
+            run = lambda: block(x, shape, input_pos, freqs, mask)  # noqa: E731
+            run()  # warm-up: first-touch of the weights, kernel selection
+            times, start = [], time.perf_counter()
+            while len(times) < 3 or (time.perf_counter() - start < budget_s and len(times) < 20):
+                t = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t)
+            out.append((tokens, sorted(times)[len(times) // 2] * 1e3))  # the median
+        return tuple(out)
+    finally:
+        attention.cache = None
+        torch.set_num_threads(kept)
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("LLAMA_OFFLOAD_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "llama_offload") / "lanes.json"
+
+
+def _machine_key(args: ModelArgs, dtype: torch.dtype, spec: Optional[QuantSpec], threads: int,
+                 device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    shape = (args.dim, args.ffn_hidden_dim, args.n_heads, args.kv_heads)
+    text = json.dumps([CALIBRATION_VERSION, cpu, cpu_cores(), threads, gpu, torch.__version__, shape, str(dtype),
+                       None if spec is None else spec.name])
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, key: str, lanes: LaneTimes) -> None:
+    data = _read_cache(path)
+    data[key] = {"pcie_gbps": lanes.pcie_gbps, "cpu_ms": [list(p) for p in lanes.cpu_ms], "threads": lanes.threads}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+    except OSError:
+        pass  # a read-only home: measure again next time
+
+
+def calibrate(args: ModelArgs, dtype: torch.dtype, device: torch.device, *, threads: int,
+              spec: Optional[QuantSpec] = None, use_cache: bool = True, verbose: bool = True) -> LaneTimes:
+    """The lanes of this machine for ``args``' blocks in ``dtype`` (quantized as ``spec`` says), on ``threads``
+    CPU threads: from the cache when this machine measured them before, else measured now and cached."""
+    path, key = _cache_path(), _machine_key(args, dtype, spec, threads, device)
+    entry = _read_cache(path).get(key) if use_cache else None
+    if entry is not None:
+        try:
+            return LaneTimes(float(entry["pcie_gbps"]), tuple((int(t), float(ms)) for t, ms in entry["cpu_ms"]),
+                             int(entry["threads"]))
+        except (KeyError, TypeError, ValueError):
+            pass  # an entry from another version: measure again
+    start = time.perf_counter()
+    block = random_block(args, dtype, spec, quantize_device=device if device.type == "cuda" else None)
+    cpu_ms = measure_cpu_block(block, threads)
+    del block
+    lanes = LaneTimes(measure_pcie(device), cpu_ms, threads)
+    if verbose:
+        print(f"llama_offload: calibrated the lanes in {time.perf_counter() - start:.1f} s: PCIe {lanes.pcie_gbps:.1f} "
+              f"GB/s, a block on {threads} CPU threads {lanes.cpu_block_ms(1):.2f} ms (cached in {path})",
+              file=sys.stderr)
+    _write_cache(path, key, lanes)
+    return lanes
+
+
+def lanes_for_run(cpu_blocks: Optional[int], cpu_threads: Optional[int], args: ModelArgs, dtype: torch.dtype,
+                  device: torch.device, *, offload: bool, spec: Optional[QuantSpec] = None,
+                  model_parallel_size: int = 1, processes: int = 1) -> tuple[Optional[LaneTimes], Optional[int]]:
+    """(the lanes to plan with, the CPU threads) for a run's flags: (None, None) where no CPU lane applies (no
+    GPU, nothing offloaded, ``cpu_blocks`` 0, or an automatic split under model parallelism). Bad flags are
+    refused here, before any weight is read."""
+    if device.type != "cuda" or not offload:
+        if cpu_blocks:
+            where = "no GPU is used, so every block already runs on the CPU" if device.type != "cuda" else \
+                "--offload False keeps every block on the GPU"
+            raise ValueError(f"--cpu_blocks {cpu_blocks} splits the blocks that are paged through a GPU, but {where}. "
+                             "Drop --cpu_blocks.")
+        return None, None
+    if cpu_blocks == 0 or model_parallel_size > 1:  # several processes: the plan refuses an explicit split
+        return None, None
+    check_cpu_lane_cores(cpu_blocks, processes)
+    if cpu_blocks is None and cpu_cores() // max(processes, 1) < 2:
+        return None, None  # one core drives the GPU: no core left for a lane
+    threads = cpu_threads_for(cpu_threads, processes)
+    return calibrate(args, dtype, device, threads=threads, spec=spec), threads

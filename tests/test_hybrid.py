@@ -1,0 +1,243 @@
+"""The CPU lane (hybrid.py, lanes.py, the plan's split), on the CPU: the planner, the split schedule with both
+lanes on the CPU against the plain model, and the KV-cache hand-over from a GPU-style prefill to CPU decode."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from llama_offload import lanes as lanes_mod
+from llama_offload.hybrid import HybridOffloadModel
+from llama_offload.lanes import calibrate, check_cpu_lane_cores, cpu_threads_for, lanes_for_run, measure_cpu_block, random_block
+from llama_offload.offload import OffloadedTransformer
+from llama_offload.packing import PackedBlock, StepContext
+from llama_offload.plan import HostPlan, LaneTimes, OffloadPlan, plan_host, plan_offload, spread
+from llama_offload.run_options import RunOptions
+from llama_offload.speculative import kv_caches, zero_positions
+from llama_offload.step import make_step
+
+from tiny import tiny_args, tiny_model
+
+SEVEN_B = dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000)
+
+
+def lanes(page_ms: float, cpu_ms: dict[int, float], block_bytes: int) -> LaneTimes:
+    """Lanes whose copy of a ``block_bytes`` block takes ``page_ms``."""
+    return LaneTimes(block_bytes / page_ms / 1e6, tuple(sorted(cpu_ms.items())), threads=4, crossing_ms=0.0)
+
+
+# --- the planner ------------------------------------------------------------------------------------------
+
+
+def test_spread_is_even_and_ends_on_the_cpu() -> None:
+    assert spread(4, 2) == [False, True, False, True]
+    assert spread(5, 0) == [False] * 5 and spread(3, 3) == [True] * 3
+    for n in range(1, 12):
+        for k in range(1, n + 1):
+            marks = spread(n, k)
+            assert sum(marks) == k and marks[-1]
+            runs = [i for i, m in enumerate(marks) if not m]
+            assert all(b - a <= -(-n // max(n - k, 1)) + 1 for a, b in zip(runs, runs[1:]))  # no long CPU stretches
+
+
+def test_the_split_balances_the_lanes() -> None:
+    args = tiny_args(**SEVEN_B)
+    paged = plan_offload(args, torch.float16, max_batch_size=1, max_seq_len=256)
+    b = paged.block_bytes
+    # CPU as fast as PCIe: half the blocks each, and the step takes half the all-paged time.
+    even = lanes(7.0, {1: 7.0, 4: 7.5, 16: 20.0}, b)
+    plan = plan_offload(args, torch.float16, max_batch_size=1, max_seq_len=256, cpu_layers=None, lanes=even)
+    assert plan.cpu_layers == 16 and plan.paged_layers == 16 and plan.num_slices == 32
+    assert plan.expected_decode_ms() == pytest.approx(16 * 7.0)
+    assert plan.streamed_bytes == 16 * b
+    assert plan.placement()[-1] == "cpu" and plan.placement().count("cpu") == 16
+    # 16 tokens take 16 x 20 ms on the CPU > 32 x 7 ms streamed: such steps go all-GPU; 4 tokens do not.
+    assert plan.max_cpu_tokens == 4
+    # A CPU three times slower gets a quarter of the blocks; one far slower gets none.
+    slow = plan_offload(args, torch.float16, max_batch_size=1, max_seq_len=256, cpu_layers=None,
+                        lanes=lanes(7.0, {1: 21.0}, b))
+    assert slow.cpu_layers == 8
+    none = plan_offload(args, torch.float16, max_batch_size=1, max_seq_len=256, cpu_layers=None,
+                        lanes=lanes(7.0, {1: 1000.0}, b))
+    assert none.cpu_layers == 0 and none.num_slices == 32
+    # The budget's resident blocks come first; the split is of the rest.
+    budget = plan_offload(args, torch.float16, max_batch_size=1, max_seq_len=256, gpu_memory_gb=8, cpu_layers=None,
+                          lanes=even)
+    assert budget.resident_layers > 0
+    assert budget.cpu_layers + budget.paged_layers == 32 - budget.resident_layers
+    assert abs(budget.cpu_layers - budget.paged_layers) <= 1
+    assert "expected decode" in budget.describe() and "CPU lane" in budget.describe()
+
+
+def test_an_explicit_split_and_its_errors() -> None:
+    args = tiny_args(**SEVEN_B)
+    plan = plan_offload(args, torch.float16, max_batch_size=1, max_seq_len=256, cpu_layers=5)
+    assert plan.cpu_layers == 5 and plan.expected_decode_ms() is None and plan.max_cpu_tokens == 1
+    with pytest.raises(ValueError, match=r"--cpu_blocks 33 .* between 0 and 32"):
+        plan_offload(args, torch.float16, max_batch_size=1, max_seq_len=256, cpu_layers=33)
+    with pytest.raises(ValueError, match=r"all 32 stay resident"):
+        plan_offload(args, torch.float16, max_batch_size=1, max_seq_len=256, gpu_memory_gb=100, cpu_layers=1)
+    with pytest.raises(ValueError, match=r"--num_slices 4 with --cpu_blocks 2"):
+        plan_offload(args, torch.float16, max_batch_size=1, max_seq_len=256, num_slices=4, cpu_layers=2)
+    with pytest.raises(ValueError, match=r"with 2 processes: the CPU lane runs in one process"):
+        plan_offload(args, torch.float16, max_batch_size=1, max_seq_len=256, cpu_layers=2, model_parallel_size=2)
+
+
+def test_host_plan_counts_the_cpu_caches() -> None:
+    args = tiny_args(**SEVEN_B)
+    plan = plan_offload(args, torch.float16, max_batch_size=4, max_seq_len=1024, gpu_memory_gb=8, cpu_layers=6)
+    host = plan_host(plan, on_cpu=False)
+    assert host.parts["pinned pages"] == plan.host_layers * plan.block_bytes
+    assert host.parts["CPU-lane KV cache"] == plan.fixed_bytes["KV cache"] * 6 // 32
+    with pytest.raises(ValueError, match="host memory"):
+        from llama_offload.plan import check_host_memory
+
+        check_host_memory(host, available=host.total_bytes - 1)
+
+
+# --- the split path, both lanes on the CPU ------------------------------------------------------------------
+
+
+def hybrid_model(args, plain, *, resident: int, on_cpu: list[bool], max_cpu_tokens: int) -> OffloadedTransformer:
+    """The offloaded model as offload() builds it on a GPU, with the CPU standing in for the GPU."""
+    model = copy.deepcopy(plain)
+    model.setup_caches(args.max_batch_size, args.max_seq_len, "cpu", model.dtype)
+    context = StepContext()
+    packed = [PackedBlock(layer, context) for layer in model.layers]
+    rest = HybridOffloadModel(packed[resident:], on_cpu, torch.device("cpu"), context, max_cpu_tokens)
+    n_cpu = sum(on_cpu)
+    plan = OffloadPlan(args.n_layers, resident, len(on_cpu), 0, {"KV cache": 0}, cpu_layers=n_cpu)
+    return OffloadedTransformer(model, packed[:resident], rest, context, torch.device("cpu"), plan, cuda_graphs=False)
+
+
+def run_steps(model, prompts: list[list[int]], steps: int) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """Prefill every prompt in its own row (rows of unequal length), then greedy decode all rows together."""
+    logits, out = [], [[] for _ in prompts]
+    for row, prompt in enumerate(prompts):
+        step = make_step(torch.tensor([prompt]), 0, max_positions=model.max_positions, row0=row, last=[len(prompt) - 1])
+        lg = model.step(step)
+        logits.append(lg)
+        out[row].append(int(lg.argmax(-1)))
+    for _ in range(steps):
+        tokens = torch.tensor([[o[-1]] for o in out])
+        starts = [len(p) + len(o) - 1 for p, o in zip(prompts, out)]
+        lg = model.step(make_step(tokens, starts, max_positions=model.max_positions, last=[0] * len(prompts)))
+        logits.append(lg)
+        for row, t in enumerate(lg.argmax(-1).tolist()):
+            out[row].append(t)
+    return logits, out
+
+
+PROMPTS = [[1, 5, 9, 13, 2, 7, 11], [1, 40, 41], [1, 3, 3, 3, 3, 60, 61, 62, 63, 70]]
+
+
+@pytest.fixture(scope="module")
+def plain_and_args():
+    args = tiny_args(n_layers=6, max_seq_len=64)
+    return tiny_model(args), args
+
+
+@pytest.mark.parametrize("resident,on_cpu", [(0, [False, True, False, True, False, True]),
+                                             (2, [True, False, False, True]),
+                                             (1, [True] * 5)])
+def test_split_path_equals_plain(plain_and_args, resident: int, on_cpu: list[bool]) -> None:
+    plain, args = plain_and_args
+    reference = copy.deepcopy(plain)
+    reference.setup_caches(args.max_batch_size, args.max_seq_len, "cpu", reference.dtype)
+    want_logits, want = run_steps(reference, PROMPTS, 8)
+    # Every step on the CPU lane (crossings in both directions, host caches), and every step above one token
+    # on the "GPU" lane (prefill and the batch of 3 staged, its CPU blocks' caches copied there and back).
+    for max_cpu_tokens in (10**6, 1):
+        model = hybrid_model(args, plain, resident=resident, on_cpu=on_cpu, max_cpu_tokens=max_cpu_tokens)
+        got_logits, got = run_steps(model, PROMPTS, 8)
+        assert got == want
+        for a, b in zip(got_logits, want_logits):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_kv_hand_over_from_gpu_prefill_to_cpu_decode(plain_and_args) -> None:
+    """Prefill runs the CPU blocks on the "GPU" lane (staged caches written back), decode on the CPU lane:
+    equal to a run whose every step is on the CPU lane, caches included."""
+    plain, args = plain_and_args
+    on_cpu = [True, False, True, False, True, True]
+    prompt = [1, 8, 16, 24, 32, 40, 48, 56, 64]
+    runs = {}
+    for name, max_cpu_tokens in (("handed over", 1), ("all CPU", 10**6)):
+        model = hybrid_model(args, plain, resident=0, on_cpu=on_cpu, max_cpu_tokens=max_cpu_tokens)
+        logits, out = run_steps(model, [prompt], 10)
+        runs[name] = (logits, out, [c.k.clone() for c in kv_caches(model)])
+        if name == "handed over":
+            host = [b.block.attention.cache for b in model.paged.blocks if b is not None]
+            assert all(c.k.device.type == "cpu" for c in host)
+    (la, oa, ka), (lb, ob, kb) = runs["handed over"], runs["all CPU"]
+    assert oa == ob
+    for a, b in zip(la, lb):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(ka, kb):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_rollback_reaches_the_host_caches(plain_and_args) -> None:
+    plain, args = plain_and_args
+    model = hybrid_model(args, plain, resident=1, on_cpu=[False, True, False, True, True], max_cpu_tokens=1)
+    run_steps(model, [[1, 2, 3, 4, 5, 6]], 3)
+    caches = kv_caches(model)
+    zero_positions(caches, [(0, 4, 9)])
+    for c in caches:
+        assert c.k[0, 4:9].abs().sum() == 0 and c.k[0, :4].abs().sum() > 0
+
+
+# --- lanes: threads, cores, calibration ---------------------------------------------------------------------
+
+
+def test_threads_and_cores() -> None:
+    assert cpu_threads_for(None, cores=16) == 15
+    assert cpu_threads_for(None, processes=2, cores=16) == 7
+    assert cpu_threads_for(4, cores=16) == 4
+    with pytest.raises(ValueError, match=r"--cpu_threads 20 is more than the 16 cores"):
+        cpu_threads_for(20, cores=16)
+    with pytest.raises(ValueError, match=r"shared by 4 processes \(4 each\)"):
+        cpu_threads_for(6, processes=4, cores=16)
+    with pytest.raises(ValueError, match=r"needs at least 2 CPU cores per process"):
+        check_cpu_lane_cores(4, cores=1)
+    check_cpu_lane_cores(0, cores=1)
+
+
+def test_flags_that_cannot_run_are_refused() -> None:
+    args = tiny_args()
+    with pytest.raises(ValueError, match=r"--cpu_blocks 2 splits the blocks that are paged through a GPU, but no GPU"):
+        lanes_for_run(2, None, args, torch.float32, torch.device("cpu"), offload=True)
+    assert lanes_for_run(None, None, args, torch.float32, torch.device("cpu"), offload=True) == (None, None)
+    with pytest.raises(ValueError, match=r"--cpu_blocks must be a whole number"):
+        RunOptions(cpu_blocks=-1).checked()
+    with pytest.raises(ValueError, match=r"--cpu_blocks 0 turns the lane off"):
+        RunOptions(cpu_blocks=0, cpu_threads=2).checked()
+
+
+def test_calibration_measures_once_and_caches(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("LLAMA_OFFLOAD_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(lanes_mod, "measure_pcie", lambda device: calls.append(device) or 50.0)
+    args = tiny_args(dim=128, n_heads=4, n_kv_heads=2)
+    first = calibrate(args, torch.float32, torch.device("cpu"), threads=1, verbose=False)
+    assert first.pcie_gbps == 50.0 and [t for t, _ in first.cpu_ms] == list(lanes_mod.TOKEN_COUNTS)
+    assert all(ms > 0 for _, ms in first.cpu_ms)
+    again = calibrate(args, torch.float32, torch.device("cpu"), threads=1, verbose=False)
+    assert again == first and len(calls) == 1  # the second came from the cache
+    assert len(json.loads((tmp_path / "lanes.json").read_text())) == 1
+    calibrate(args, torch.bfloat16, torch.device("cpu"), threads=1, verbose=False)  # another dtype: measured
+    assert len(calls) == 2
+    (tmp_path / "lanes.json").write_text("not json")  # a broken cache is measured again, not an error
+    calibrate(args, torch.float32, torch.device("cpu"), threads=1, verbose=False)
+    assert len(calls) == 3
+
+
+def test_a_quantized_block_is_measured_as_quantized() -> None:
+    from llama_offload.quant import QuantLinear, QuantSpec
+
+    block = random_block(tiny_args(dim=128), torch.float32, QuantSpec(8))
+    assert isinstance(block.attention.wq, QuantLinear)
+    assert [t for t, _ in measure_cpu_block(block, threads=1, token_counts=(1, 2), budget_s=0.01)] == [1, 2]
