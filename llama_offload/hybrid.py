@@ -110,7 +110,7 @@ class HybridOffloadModel(nn.Module):
                     _to_host(packet[:h_bytes], host[:h_bytes])
                 for j in range(i, end):
                     self.units[j](host)
-                packet[:h_bytes].copy_(host[:h_bytes], non_blocking=True)  # pinned: the next D2H orders after it  # pinned: the next D2H orders after it
+                packet[:h_bytes].copy_(host[:h_bytes], non_blocking=True)  # pinned: the next D2H orders after it
                 i = end
                 continue
             if self.on_cpu[i]:  # a large step: this CPU block runs on the GPU with its cache rows staged there

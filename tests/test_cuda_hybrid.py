@@ -1,0 +1,69 @@
+"""The CPU lane on a real GPU, 7B-shaped fp16 model: the hybrid (some blocks computed by the host's cores, the
+others paged or resident) against the unoffloaded model, prefill + 16 decode steps: max logit difference and
+greedy agreement. CI has no GPU: run on the GPU machine with ``python -m pytest -m cuda -s tests/test_cuda_hybrid.py``.
+Timings are printed, never asserted."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from llama_offload.lanes import calibrate, cpu_threads_for
+from llama_offload.offload import offload
+from test_cuda_offload import cpu_model_from, free_gpu, greedy, max_abs_diff, run_steps, seven_b  # noqa: F401
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def reference(seven_b):
+    """The unoffloaded model's greedy run of 16 steps, and the lanes this machine measures."""
+    args = seven_b["args"]
+    model = cpu_model_from(seven_b["state_dict"], args).cuda()
+    model.setup_caches(args.max_batch_size, args.max_seq_len, "cuda", torch.float16)
+    prompt = torch.cat([seven_b["prompt"], seven_b["prompt"].flip(1)])  # (2, 16): two rows
+    tokens, logits = greedy(model, prompt, STEPS)
+    del model
+    free_gpu()
+    threads = cpu_threads_for(None)
+    lanes = calibrate(args, torch.float16, torch.device("cuda"), threads=threads, use_cache=False)
+    print(f"\ncalibration: PCIe {lanes.pcie_gbps:.1f} GB/s, CPU block ms by tokens {lanes.cpu_ms} on {threads} threads")
+    return dict(prompt=prompt, tokens=tokens, logits=logits, lanes=lanes)
+
+
+@pytest.mark.parametrize("how", ["nothing resident, 16 CPU", "8 GiB, auto split", "every CPU step staged"])
+def test_hybrid_equals_unoffloaded_on_7b(seven_b, reference, how: str) -> None:
+    args = seven_b["args"]
+    kw = {"nothing resident, 16 CPU": dict(cpu_blocks=16, lanes=reference["lanes"]),
+          "8 GiB, auto split": dict(gpu_memory_gb=8, cpu_blocks=None, lanes=reference["lanes"]),
+          # no lanes: steps of more than one token (the prefill, and the two rows) stream the CPU blocks
+          "every CPU step staged": dict(cpu_blocks=12)}[how]
+    model = offload(cpu_model_from(seven_b["state_dict"], args), max_batch_size=args.max_batch_size,
+                    max_seq_len=args.max_seq_len, **kw)
+    plan = model.plan
+    assert plan.cpu_layers > 0, plan
+    for rows in (1, 2):  # one row decodes on the CPU lane; two rows too, unless max_cpu_tokens < 2 (staged)
+        prompt, want = reference["prompt"][:rows], reference["tokens"][:rows].cuda()
+        logits = run_steps(model, prompt, want)
+        diff = max_abs_diff([lg[:rows] for lg in reference["logits"]], logits)
+        got, _ = greedy(model, prompt, STEPS)
+        agree = int((got == want.cpu()).all(0).sum())
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        greedy(model, prompt[:, :1], 8)
+        ms = (time.perf_counter() - start) / 9 * 1e3
+        print(f"7B fp16 hybrid ({how}: {plan.resident_layers} resident, {plan.paged_layers} paged, {plan.cpu_layers} "
+              f"CPU, CPU steps up to {plan.max_cpu_tokens} tokens), {rows} row(s): max |hybrid - unoffloaded| = "
+              f"{diff:.4g}, greedy agreement {agree}/{STEPS}, ~{ms:.1f} ms/step (expected "
+              f"{plan.expected_decode_ms() or float('nan'):.1f} at batch 1)")
+        assert diff < 0.05, diff  # fp16 logits of magnitude ~1: CPU and GPU kernels round differently
+        assert agree == STEPS
+    del model
+    free_gpu()
