@@ -29,7 +29,7 @@ from .quant import LINEAR_NAMES, QuantLinear, QuantSpec, quantize_matrix
 from .step import StepShape, attention_mask
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32)  # step sizes the CPU block time is measured at
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 
 
 def cpu_cores() -> int:
@@ -76,6 +76,13 @@ def measure_pcie(device: torch.device, nbytes: int = 256 * 2**20, repeats: int =
         gpu.copy_(host, non_blocking=True)
     torch.cuda.synchronize(device)
     return nbytes * repeats / (time.perf_counter() - start) / 1e9
+
+
+def set_cpu_kernel(module: torch.nn.Module, kernel: str) -> None:
+    """How the quantized matrices under ``module`` multiply when they run on the CPU (quant.QuantLinear)."""
+    for m in module.modules():
+        if isinstance(m, QuantLinear):
+            m.cpu_kernel = kernel
 
 
 def random_block(args: ModelArgs, dtype: torch.dtype, spec: Optional[QuantSpec] = None,
@@ -157,7 +164,8 @@ def _read_cache(path: Path) -> dict:
 
 def _write_cache(path: Path, key: str, lanes: LaneTimes) -> None:
     data = _read_cache(path)
-    data[key] = {"pcie_gbps": lanes.pcie_gbps, "cpu_ms": [list(p) for p in lanes.cpu_ms], "threads": lanes.threads}
+    data[key] = {"pcie_gbps": lanes.pcie_gbps, "cpu_ms": [list(p) for p in lanes.cpu_ms], "threads": lanes.threads,
+                 "cpu_kernel": lanes.cpu_kernel, "kernel_ms": [list(p) for p in lanes.kernel_ms]}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -176,14 +184,23 @@ def calibrate(args: ModelArgs, dtype: torch.dtype, device: torch.device, *, thre
     if entry is not None:
         try:
             return LaneTimes(float(entry["pcie_gbps"]), tuple((int(t), float(ms)) for t, ms in entry["cpu_ms"]),
-                             int(entry["threads"]))
+                             int(entry["threads"]), cpu_kernel=str(entry["cpu_kernel"]),
+                             kernel_ms=tuple((str(k), float(ms)) for k, ms in entry["kernel_ms"]))
         except (KeyError, TypeError, ValueError):
             pass  # an entry from another version: measure again
     start = time.perf_counter()
     block = random_block(args, dtype, spec, quantize_device=device if device.type == "cuda" else None)
+    kernel, kernel_ms = "native", ()
+    if spec is not None:  # torch's weight-only CPU kernels against dequantize-then-matmul: the faster one runs
+        timed = []
+        for name in ("dequantize", "native"):
+            set_cpu_kernel(block, name)
+            timed.append((name, measure_cpu_block(block, threads, token_counts=(1,))[0][1]))
+        kernel, kernel_ms = min(timed, key=lambda t: t[1])[0], tuple(timed)
+        set_cpu_kernel(block, kernel)
     cpu_ms = measure_cpu_block(block, threads)
     del block
-    lanes = LaneTimes(measure_pcie(device), cpu_ms, threads)
+    lanes = LaneTimes(measure_pcie(device), cpu_ms, threads, cpu_kernel=kernel, kernel_ms=kernel_ms)
     if verbose:
         print(f"llama_offload: calibrated the lanes in {time.perf_counter() - start:.1f} s: PCIe {lanes.pcie_gbps:.1f} "
               f"GB/s, a block on {threads} CPU threads {lanes.cpu_block_ms(1):.2f} ms (cached in {path})",

@@ -160,7 +160,8 @@ def offload(
     rest = packed[plan.resident_layers :]
     if plan.cpu_layers:
         on_cpu = [where == "cpu" for where in plan.placement()[plan.resident_layers :]]
-        paged = HybridOffloadModel(rest, on_cpu, device, context, plan.max_cpu_tokens)
+        kernel = plan.lanes.cpu_kernel if plan.lanes is not None else "native"
+        paged = HybridOffloadModel(rest, on_cpu, device, context, plan.max_cpu_tokens, kernel)
     else:
         paged = InferenceOffloadModel(nn.Sequential(*rest), device, plan.num_slices) if rest else None
     return OffloadedTransformer(model, on_gpu, paged, context, device, plan, cuda_graphs).eval()

@@ -114,6 +114,8 @@ class LaneTimes:
     cpu_ms: tuple[tuple[int, float], ...]  # (tokens, ms for one block on the CPU), tokens ascending
     threads: int
     crossing_ms: float = 0.05  # the hidden state to the host and back, once per run of CPU blocks
+    cpu_kernel: str = "native"  # quantized blocks on the CPU: "native" (torch's weight-only kernels) or "dequantize"
+    kernel_ms: tuple[tuple[str, float], ...] = ()  # each kernel measured at 1 token (quantized blocks only)
 
     def cpu_block_ms(self, tokens: int) -> float:
         """Measured at the nearest step size at or above ``tokens``; linear beyond the largest."""
@@ -142,8 +144,9 @@ class LaneTimes:
         return max(fits, default=1)
 
     def describe(self, block_bytes: int) -> str:
+        kernels = "" if not self.kernel_ms else " (" + ", ".join(f"{k} {ms:.1f} ms" for k, ms in self.kernel_ms) + ")"
         return (f"PCIe {self.pcie_gbps:.1f} GB/s: {self.page_ms(block_bytes):.2f} ms a block; CPU "
-                f"{self.cpu_block_ms(1):.2f} ms a block on {self.threads} threads")
+                f"{self.cpu_block_ms(1):.2f} ms a block on {self.threads} threads{kernels}")
 
 
 @dataclass(frozen=True)

@@ -322,10 +322,42 @@ class QuantLinear(_QuantTensors):
         make = lambda name: torch.empty(shapes[name][0], dtype=shapes[name][1], device="meta") if name in shapes else None
         return cls(make("weight"), make("scales"), make("mins"), **kw)
 
+    # How a CPU lane block (hybrid.py) multiplies on the host: "dequantize" (then a dense matmul, the default) or
+    # "native" (torch's CPU weight-only kernels, on the codes); calibration (lanes.py) measures both and picks.
+    cpu_kernel = "dequantize"
+
     def chunk_rows(self) -> int:
         return max(1, min(self.out_features, SCRATCH_ELEMENTS // self.in_features))
 
+    def native_cpu(self) -> bool:
+        """Whether torch has a CPU weight-only kernel for this format: int8 per output channel, or int4 groups."""
+        return self.parallel is None and (self.bits == 4 or (self.scales.shape[1] == 1 and self.mins is None))
+
+    def _cpu_int4_layout(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes in the layout of torch's CPU int4 kernel, made once (a host copy beside the pinned page,
+        which large steps still stream): w = (q - 8) * scale + zero, so zero = min + 8 * scale."""
+        cached = getattr(self, "_int4_cpu", None)
+        if cached is None or cached[1].dtype != dtype:
+            packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).to(torch.int32), 1)
+            s = self.scales.to(torch.float32)  # (out, in / g)
+            # Without mins the nibbles are read as n - 8 already: w = (q - 8) * scale, zero 0.
+            zeros = torch.zeros_like(s) if self.mins is None else self.mins.to(torch.float32) + 8 * s
+            scales_and_zeros = torch.stack([s, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)  # (in / g, out, 2)
+            cached = self._int4_cpu = (packed, scales_and_zeros)
+        return cached
+
+    def _native_cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (tokens, in)
+        if self.bits == 8:
+            y = torch._weight_int8pack_mm(x2, self.weight, self.scales.reshape(-1).to(x.dtype))
+        else:
+            packed, scales_and_zeros = self._cpu_int4_layout(x.dtype)
+            y = torch._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, scales_and_zeros)
+        return y.view(*x.shape[:-1], self.out_features)  # (..., out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernel == "native" and x.device.type == "cpu" and self.native_cpu():
+            return self._native_cpu_forward(x)
         rows = self.chunk_rows()
         if rows >= self.out_features:
             w = self.dequantized(x.dtype, out=SCRATCH.get(self.out_features, self.in_features, x.dtype, x.device))

@@ -241,3 +241,54 @@ def test_a_quantized_block_is_measured_as_quantized() -> None:
     block = random_block(tiny_args(dim=128), torch.float32, QuantSpec(8))
     assert isinstance(block.attention.wq, QuantLinear)
     assert [t for t, _ in measure_cpu_block(block, threads=1, token_counts=(1, 2), budget_s=0.01)] == [1, 2]
+
+
+# --- quantized blocks on the CPU lane -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits,mins", [(8, False), (4, True), (4, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_cpu_kernels_equal_dequantize_then_matmul(bits: int, mins: bool, dtype: torch.dtype) -> None:
+    from llama_offload.quant import QuantLinear, quantize_int4, quantize_int8
+
+    torch.manual_seed(0)
+    q = quantize_int8(torch.randn(96, 256) * 0.02) if bits == 8 else quantize_int4(torch.randn(96, 256) * 0.02, 64)
+    layer = QuantLinear(q["weight"], q["scales"], q.get("mins") if mins else None)
+    x = torch.randn(2, 5, 256).to(dtype)
+    with torch.inference_mode():  # as models run (the dequantization scratch is an inference tensor)
+        want = layer(x)
+        layer.cpu_kernel = "native"
+        assert layer.native_cpu()
+        got = layer(x)
+    assert got.shape == want.shape == (2, 5, 96) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the two round at different points
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_quantized_split_path_equals_the_quantized_model() -> None:
+    from llama_offload.quant import QuantSpec
+    from llama_offload.quant_load import quantize_model
+
+    args = tiny_args(dim=128, n_layers=4, max_seq_len=64)
+    plain = quantize_model(tiny_model(args), QuantSpec(4, 32))
+    reference = copy.deepcopy(plain)
+    reference.setup_caches(args.max_batch_size, args.max_seq_len, "cpu", reference.dtype)
+    want_logits, want = run_steps(reference, PROMPTS, 6)
+    model = hybrid_model(args, plain, resident=1, on_cpu=[True, False, True], max_cpu_tokens=1)
+    got_logits, got = run_steps(model, PROMPTS, 6)
+    assert got == want
+    for a, b in zip(got_logits, want_logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_picks_the_faster_quantized_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from llama_offload.quant import QuantSpec
+
+    monkeypatch.setenv("LLAMA_OFFLOAD_CACHE", str(tmp_path))
+    monkeypatch.setattr(lanes_mod, "measure_pcie", lambda device: 50.0)
+    got = calibrate(tiny_args(dim=256, n_heads=4, n_kv_heads=2), torch.float32, torch.device("cpu"), threads=1,
+                    spec=QuantSpec(8), verbose=False)
+    kernels = dict(got.kernel_ms)
+    assert set(kernels) == {"dequantize", "native"} and got.cpu_kernel == min(kernels, key=kernels.get)
+    assert calibrate(tiny_args(dim=256, n_heads=4, n_kv_heads=2), torch.float32, torch.device("cpu"), threads=1,
+                     spec=QuantSpec(8), verbose=False) == got  # the kernel comes back from the cache too
