@@ -89,6 +89,7 @@ class HybridOffloadModel(nn.Module):
         self.pager = InferenceOffloadModel(nn.Sequential(*blocks), device, len(blocks)) if cuda else None
         self.units = nn.ModuleList(list(self.pager.model_slices) if cuda else blocks)
         self._ahead: list[int] = []  # pages whose copies the last step queued for this one, in stream order
+        self._base = 0  # the copy ring's position (_Ring) at the start of the next step
 
     def _stream_order(self, cpu_lane: bool) -> list[int]:
         return [i for i, cpu in enumerate(self.on_cpu) if not (cpu and cpu_lane)]
@@ -96,8 +97,18 @@ class HybridOffloadModel(nn.Module):
     def forward(self, packet: torch.Tensor) -> torch.Tensor:
         layout = self.context.current()
         cpu_lane = layout.shape.bsz * layout.shape.seqlen <= self.max_cpu_tokens
-        ring = _Ring(self.pager, self._stream_order(cpu_lane), self._ahead)
-        self._ahead = []  # a step that raises leaves nothing queued (the next one reloads)
+        ring = _Ring(self.pager, self._stream_order(cpu_lane), self._ahead, self._base)
+        self._ahead = []
+        try:
+            packet = self._run(packet, ring, cpu_lane)
+        except BaseException:
+            ring.abandon()
+            raise
+        self._ahead, self._base = ring.finish()
+        return packet
+
+    def _run(self, packet: torch.Tensor, ring: "_Ring", cpu_lane: bool) -> torch.Tensor:
+        layout = self.context.current()
         h_bytes = layout.offsets[1]  # the hidden state is the packet's first field
         host: Optional[torch.Tensor] = None
         i, n = 0, len(self.units)
@@ -127,7 +138,6 @@ class HybridOffloadModel(nn.Module):
             else:
                 packet = ring.compute(i, self.units[i], packet)
             i += 1
-        self._ahead = ring.queue_next_step()
         return packet
 
 
@@ -139,12 +149,14 @@ def _to_host(src: torch.Tensor, dst: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 class _Ring:
-    """The copy schedule of one step: the k-th page streamed goes into slot k % len(slots), queued as soon as
-    that slot is free, so up to len(slots) copies run ahead of the GPU (and through the CPU runs)."""
+    """The copy schedule: the pages streamed, step after step, go round the slots in order (the g-th page since
+    the start into slot g % len(slots)), each queued as soon as its slot is free, so up to len(slots) copies run
+    ahead of the GPU, through the CPU runs, and across the end of a step into the next one."""
 
-    def __init__(self, pager: Optional[InferenceOffloadModel], order: list[int], ahead: list[int]):
-        self.pager, self.order = pager, order
+    def __init__(self, pager: Optional[InferenceOffloadModel], order: list[int], ahead: list[int], base: int):
+        self.pager, self.order, self.base = pager, order, base
         self.position = {page: k for k, page in enumerate(order)}
+        self.next_ahead: list[int] = []
         if pager is None:
             return
         width = min(len(pager.slots), len(order))
@@ -154,27 +166,38 @@ class _Ring:
             for page in ahead:
                 pager.pages[page].point_at(pager.pages[page].host)
         for k in range(kept, width):
-            pager.load_page(order[k], k % len(pager.slots))
+            pager.load_page(order[k], self.slot(k))
+
+    def slot(self, k: int) -> int:
+        assert self.pager is not None
+        return (self.base + k) % len(self.pager.slots)
 
     def compute(self, page: int, unit: nn.Module, packet: torch.Tensor) -> torch.Tensor:
         if self.pager is None:
             return unit(packet)
-        k = self.position[page]
-        slot = k % len(self.pager.slots)
+        k, width, n = self.position[page], len(self.pager.slots), len(self.order)
+        slot = self.slot(k)
         self.pager.wait_loaded(slot)
         packet = unit(packet)
         self.pager.drop_page(page, slot)
-        if k + len(self.pager.slots) < len(self.order):
-            self.pager.load_page(self.order[k + len(self.pager.slots)], slot)
+        ahead = k + width  # the page that goes into this slot next
+        if ahead < n:
+            self.pager.load_page(self.order[ahead], slot)
+        elif n >= width:
+            # Weights never change: the next step's first pages (in this step's order) are copied now, behind
+            # this step's last blocks, the head and the sampling.
+            self.pager.load_page(self.order[ahead - n], slot)
+            self.next_ahead.append(self.order[ahead - n])
         return packet
 
-    def queue_next_step(self) -> list[int]:
-        """Weights never change: the next step's first pages (as this step ordered them) can be copied now,
-        behind the head, the sampling and the next step's resident blocks."""
-        if self.pager is None or not self.order:
-            return []
-        slots = len(self.pager.slots)
-        first = self.order[: min(slots, len(self.order))]
-        for k, page in enumerate(first):
-            self.pager.load_page(page, k % slots)
-        return first
+    def finish(self) -> tuple[list[int], int]:
+        """(the pages queued for the next step, the ring position it starts at)."""
+        if self.pager is None:
+            return [], 0
+        return self.next_ahead, (self.base + len(self.order)) % len(self.pager.slots)
+
+    def abandon(self) -> None:
+        """After a failed step: every page points home, so no later step computes from a slot it did not load."""
+        if self.pager is not None:
+            for pages in self.pager.pages:
+                pages.point_at(pages.host)
