@@ -224,11 +224,13 @@ class OffloadPlan:
                          " codes and scales: what is paged)")
         lines.append(f"  {'resident blocks':<22} {self.resident_layers * self.block_bytes / GiB:8.3f} GiB"
                      f"  ({self.resident_layers} of {self.n_layers} blocks)")
-        lines.append(f"  {'slot buffers':<22} {self.slot_bytes / GiB:8.3f} GiB"
-                     f"  ({self.host_layers} blocks paged in {self.num_slices} slices)")
+        what = (f"{self.paged_layers} blocks paged in {self.num_slices} slices" if not self.cpu_layers else
+                f"{self.paged_layers} paged and {self.cpu_layers} CPU blocks, a slice each")
+        lines.append(f"  {'slot buffers':<22} {self.slot_bytes / GiB:8.3f} GiB  ({what})")
         if self.cpu_layers:
-            lines.append(f"  {'CPU lane':<22} {self.cpu_layers:8d} blocks computed on the CPU in decode steps of up to "
-                         f"{self.max_cpu_tokens} tokens (larger steps stream them too)")
+            tokens = self.max_cpu_tokens
+            lines.append(f"  {'CPU lane':<22} {self.cpu_layers:8d} blocks computed on the CPU in steps of up to {tokens} "
+                         f"token{'s' if tokens > 1 else ''} (larger steps stream them to the GPU too)")
         lines.append(f"  {'expected GPU memory':<22} {self.gpu_bytes / GiB:8.3f} GiB")
         lines.append(f"  {'streamed per step':<22} {self.streamed_bytes / GiB:8.3f} GiB")
         if self.lanes is not None:
@@ -289,7 +291,8 @@ def with_cpu_lane(plan: OffloadPlan, cpu_layers: Optional[int], lanes: Optional[
         where = f"all {plan.n_layers} stay resident" if host == 0 else f"{plan.resident_layers} resident, {host} paged"
         raise ValueError(
             f"--cpu_blocks {cpu_layers} asks for more blocks on the CPU than are left off the GPU: at this budget "
-            f"{where}. Give --cpu_blocks between 0 and {host}, or a smaller --gpu_memory_gb.")
+            f"{where}. " + (f"Give --cpu_blocks between 0 and {host}, or a smaller --gpu_memory_gb." if host else
+                            "Leave --cpu_blocks unset (or 0), or give a smaller --gpu_memory_gb."))
     if explicit_slices and plan.num_slices != host:
         raise ValueError(
             f"--num_slices {plan.num_slices} with --cpu_blocks {cpu_layers}: with a CPU lane every paged block is a "

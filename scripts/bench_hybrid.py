@@ -15,7 +15,7 @@ Usage, on the GPU machine::
 
     python scripts/bench_hybrid.py --budgets 0,4,8 --out /tmp/hybrid.md --json_out /tmp/hybrid.json
 
-Timings are medians of whole decode runs after a warm-up; a row that fails says why in its note.
+Timings are the best of two whole decode runs after a warm-up run; a row that fails says why in its note.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ INT4 = QuantSpec(4, 64)
 
 
 def log(msg: str) -> None:
-    print(f"[bench_hybrid] {msg}", file=sys.stderr, flush=True)
+    print(f"[bench_hybrid] {time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 
 
 def seven_b_state_dict(args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -76,13 +76,13 @@ def cpu_model(sd: dict[str, torch.Tensor], args: ModelArgs):
     return model.eval()
 
 
-def decode_ms(model: Any, vocab_size: int, batch: int, steps: int) -> float:
-    """ms per decode step of ``batch`` sequences after a 16-token prompt, greedy tokens fed back; the median of
-    three timed runs after a warm-up."""
+def decode_ms(model: Any, vocab_size: int, batch: int, steps: int, repeats: int = 2) -> float:
+    """ms per decode step of ``batch`` sequences after a 16-token prompt, greedy tokens fed back; the best of
+    ``repeats`` timed runs after a warm-up run."""
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab_size, (batch, PROMPT_LEN), generator=g).cuda()
     runs = []
-    for _ in range(4):
+    for _ in range(repeats + 1):
         tok = model(prompt, 0)[:, -1].argmax(-1, keepdim=True)  # (batch, 1)
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -90,7 +90,7 @@ def decode_ms(model: Any, vocab_size: int, batch: int, steps: int) -> float:
             tok = model(tok, PROMPT_LEN + i)[:, -1].argmax(-1, keepdim=True)  # (batch, 1)
         torch.cuda.synchronize()
         runs.append((time.perf_counter() - start) / steps * 1e3)
-    return sorted(runs[1:])[1]
+    return min(runs[1:])
 
 
 def ours(name: str, sd: dict[str, torch.Tensor], args: ModelArgs, budget: float, steps: int, floor_ms: float,
