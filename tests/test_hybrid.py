@@ -292,3 +292,29 @@ def test_calibration_picks_the_faster_quantized_kernel(monkeypatch: pytest.Monke
     assert set(kernels) == {"dequantize", "native"} and got.cpu_kernel == min(kernels, key=kernels.get)
     assert calibrate(tiny_args(dim=256, n_heads=4, n_kv_heads=2), torch.float32, torch.device("cpu"), threads=1,
                      spec=QuantSpec(8), verbose=False) == got  # the kernel comes back from the cache too
+
+
+@pytest.mark.parametrize("max_cpu_tokens", [1, 3, 10**6])
+def test_speculative_decoding_through_the_split_equals_plain_greedy(plain_and_args, max_cpu_tokens: int) -> None:
+    """Verification passes of K + 1 positions per sequence count as K + 1 tokens: with a threshold below that they
+    stream the CPU blocks (staged caches), above it they stay on the CPU lane; rollback reaches the host caches."""
+    from llama_offload.decode import BatchDecoder
+    from llama_offload.speculative import NgramDraft, SpeculativeDecoder
+
+    plain, args = plain_and_args
+    prompts = [[5, 6, 7, 8, 5, 6, 7], [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2]]
+    reference = copy.deepcopy(plain)
+    reference.setup_caches(args.max_batch_size, args.max_seq_len, "cpu", reference.dtype)
+    kw = dict(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, device=torch.device("cpu"), temperature=0)
+
+    def run(decoder):
+        seqs = decoder.join(prompts, 20, set())
+        while decoder.active:
+            decoder.step()
+        return [s.tokens for s in seqs]
+
+    want = run(BatchDecoder(reference, **kw))
+    model = hybrid_model(args, plain, resident=1, on_cpu=[True, False, True, False, True], max_cpu_tokens=max_cpu_tokens)
+    spec = SpeculativeDecoder(model, NgramDraft(), num_draft_tokens=4, **kw)
+    assert run(spec) == want
+    assert spec.tokens_per_pass > 1  # the repetitive prompts keep some drafts
