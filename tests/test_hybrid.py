@@ -318,3 +318,84 @@ def test_speculative_decoding_through_the_split_equals_plain_greedy(plain_and_ar
     spec = SpeculativeDecoder(model, NgramDraft(), num_draft_tokens=4, **kw)
     assert run(spec) == want
     assert spec.tokens_per_pass > 1  # the repetitive prompts keep some drafts
+
+
+# --- the copy schedule, against a pager that checks it ------------------------------------------------------
+
+
+class CheckingPager:
+    """Stands in for InferenceOffloadModel: records where each page's parameters point and what each slot holds,
+    in program order (a GPU orders the same operations by streams and events)."""
+
+    class Page:
+        def __init__(self) -> None:
+            self.host = "host"
+            self.where = "host"
+
+        def point_at(self, target) -> None:
+            self.where = target
+
+    def __init__(self, n_pages: int, n_slots: int = 2):
+        self.pages = [self.Page() for _ in range(n_pages)]
+        self.slots = list(range(n_slots))
+        self.holds: dict[int, int] = {}  # slot -> the page last copied into it
+        self.loads = 0
+
+    def load_page(self, page: int, slot: int) -> None:
+        self.holds[slot] = page
+        self.pages[page].point_at(("slot", slot))
+        self.loads += 1
+
+    def wait_loaded(self, slot: int) -> None:
+        self.waited = slot
+
+    def drop_page(self, page: int, slot: int) -> None:
+        self.pages[page].point_at("host")
+
+
+class Checked(torch.nn.Module):
+    """A block that checks, when it runs, that its weights are where the lane it runs on reads them."""
+
+    def __init__(self, i: int, block: torch.nn.Module, pager: CheckingPager, host_packets: list):
+        super().__init__()
+        self.i, self.block, self.pager, self.host_packets = i, block, pager, host_packets
+
+    def forward(self, packet: torch.Tensor) -> torch.Tensor:
+        where = self.pager.pages[self.i].where
+        if any(packet is p for p in self.host_packets) or where == "host":  # the CPU lane
+            assert where == "host", f"page {self.i} runs on the CPU but points at {where}"
+        else:
+            slot = self.pager.waited
+            assert where == ("slot", slot) and self.pager.holds[slot] == self.i, (self.i, where, self.pager.holds)
+        return self.block(packet)
+
+
+def test_the_copy_ring_loads_each_page_once_a_step_and_never_reads_a_stale_slot(plain_and_args,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from llama_offload import hybrid
+
+    plain, args = plain_and_args
+    on_cpu = [False, True, False, False, True]
+    model = hybrid_model(args, plain, resident=1, on_cpu=on_cpu, max_cpu_tokens=1)
+    rest = model.paged
+    pager = CheckingPager(len(on_cpu))
+    host_packets: list = []
+    real_to_host = hybrid._to_host
+    monkeypatch.setattr(hybrid, "_to_host", lambda src, dst: host_packets.append(real_to_host(src, dst)) or host_packets[-1])
+    rest.pager = pager
+    rest.units = torch.nn.ModuleList(Checked(i, u, pager, host_packets) for i, u in enumerate(rest.units))
+    _, want = run_steps(hybrid_model(args, plain, resident=1, on_cpu=on_cpu, max_cpu_tokens=1), PROMPTS[:1], 6)
+    # A prefill (every page streamed), decode steps (the 3 paged ones), then another prefill and decode again:
+    # the pages queued across a change of schedule are put back and reloaded, never read from a stale slot.
+    _, got = run_steps(model, PROMPTS[:1], 6)
+    assert got == want
+    # The prefill streams all 5 pages and queues 2 for the next step (2 initial loads, 3 as slots free up, 2 ahead).
+    # That guess is wrong for decode, which streams the 3 paged pages only: the first decode step reloads its first
+    # 2, then every decode step loads each of its 3 pages exactly once (the last ones queued for the step after).
+    prefill, first_decode_reload = 2 + 3 + 2, 2
+    assert pager.loads == prefill + first_decode_reload + 6 * 3
+    # A second prompt changes the schedule back (decode -> prefill -> decode): the same count again, same tokens.
+    before = pager.loads
+    _, again = run_steps(model, PROMPTS[:1], 3)
+    assert again[0] == want[0][: len(again[0])]
+    assert pager.loads - before == prefill + first_decode_reload + 3 * 3
