@@ -44,12 +44,20 @@ def host_cache(cache: KVCache, pin: bool) -> KVCache:
 
 
 class StagedKVCache(KVCache):
-    """One step's rows of a host cache on the GPU, for a CPU block that a large step runs there."""
+    """One step's rows of a host cache on the GPU, for a CPU block that a large step runs there.
+
+    Each row's first kv_len positions are contiguous in the host cache, so every copy, in and out, is one
+    asynchronous copy per row from or into pinned memory, on the compute stream: it neither bounces through
+    pageable memory nor stops the host."""
 
     def __init__(self, host: KVCache, shape: StepShape, device: torch.device):
-        self.host, self.rows, self.kv_len = host, slice(shape.row0, shape.row0 + shape.bsz), shape.kv_len
-        self.k = host.k[self.rows, : self.kv_len].to(device, copy=True)  # (bs, kv_len, n_kv_heads, head_dim)
-        self.v = host.v[self.rows, : self.kv_len].to(device, copy=True)
+        self.host, self.row0, self.kv_len = host, shape.row0, shape.kv_len
+        rows = (shape.bsz, shape.kv_len, *host.k.shape[2:])  # (bs, kv_len, n_kv_heads, head_dim)
+        self.k = torch.empty(rows, dtype=host.k.dtype, device=device)
+        self.v = torch.empty(rows, dtype=host.v.dtype, device=device)
+        for r in range(shape.bsz):
+            self.k[r].copy_(host.k[self.row0 + r, : self.kv_len], non_blocking=True)
+            self.v[r].copy_(host.v[self.row0 + r, : self.kv_len], non_blocking=True)
         self.row_start = torch.arange(shape.bsz, device=device) * self.kv_len  # (bs,) flat index of each row
 
     def update(self, shape: StepShape, input_pos: torch.Tensor, xk: torch.Tensor,
@@ -61,9 +69,11 @@ class StagedKVCache(KVCache):
         return self.k, self.v
 
     def write_back(self) -> None:
-        # Blocking: the host cache must hold these keys before the CPU lane reads it again.
-        self.host.k[self.rows, : self.kv_len].copy_(self.k)
-        self.host.v[self.rows, : self.kv_len].copy_(self.v)
+        # Asynchronous, on the compute stream: HybridOffloadModel waits for it at the end of the step, before
+        # anything on the host (the CPU lane, a rollback of rejected drafts) reads the host cache again.
+        for r in range(self.k.shape[0]):
+            self.host.k[self.row0 + r, : self.kv_len].copy_(self.k[r], non_blocking=True)
+            self.host.v[self.row0 + r, : self.kv_len].copy_(self.v[r], non_blocking=True)
 
 
 class HybridOffloadModel(nn.Module):
@@ -104,6 +114,10 @@ class HybridOffloadModel(nn.Module):
         except BaseException:
             ring.abandon()
             raise
+        finally:
+            if not cpu_lane and any(self.on_cpu) and self.device.type == "cuda":
+                # The staged caches' write-backs: the host caches are whole again before the host reads them.
+                torch.cuda.current_stream(self.device).synchronize()
         self._ahead, self._base = ring.finish()
         return packet
 

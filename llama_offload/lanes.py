@@ -1,16 +1,19 @@
 """Calibration of the two lanes a decode step can use: the PCIe lane (pinned host-to-device copies) and the CPU
 lane (the host's cores computing a block), measured on this machine and cached there.
 
-The planner (plan.LaneTimes) needs two numbers to split the blocks that are not resident: how long a block's
-copy takes, and how long the cores take to compute one, at a few step sizes (a block's CPU time grows with
-the tokens in a step, its copy time does not). Both depend on shapes, dtype and weight format, not on the
-weights' values, so they are measured on one random block of the model's shape, before any weights load:
-about a second, once per machine and shape, then read from ``~/.cache/llama_offload/lanes.json``
+The planner (plan.LaneTimes) needs three numbers to split the blocks that are not resident: how long a block's
+copy takes; how long the cores take to compute one at a few step sizes (a block's CPU time grows with the tokens
+in a step, its copy time does not), timed while copies stream, since both read host memory; and the host time
+of one paged block's launch on the GPU, which the same host thread spends between CPU blocks. All depend on
+shapes, dtype and weight format, not on the weights' values, so they are measured on one random block of the
+model's shape, before any weights load: a few seconds, once per machine and shape, then read from
+``~/.cache/llama_offload/lanes.json``
 (``LLAMA_OFFLOAD_CACHE`` moves it; a cache that cannot be read or written is measured again, never an error).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -29,7 +32,7 @@ from .quant import LINEAR_NAMES, QuantLinear, QuantSpec, quantize_matrix
 from .step import StepShape, attention_mask
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32)  # step sizes the CPU block time is measured at
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 
 
 def cpu_cores() -> int:
@@ -78,6 +81,27 @@ def measure_pcie(device: torch.device, nbytes: int = 256 * 2**20, repeats: int =
     return nbytes * repeats / (time.perf_counter() - start) / 1e9
 
 
+class CopyLoad:
+    """Pinned host-to-device copies kept running on a side stream, as the paged blocks' copies run while the
+    CPU lane computes: both read host memory, so the CPU blocks are timed under that load."""
+
+    def __init__(self, device: torch.device, nbytes: int = 256 * 2**20):
+        self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        self.gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.stream = torch.cuda.Stream(device=device)
+        self.gbps = measure_pcie(device, nbytes, repeats=2)
+
+    def keep_busy(self, seconds: float) -> None:
+        """Queue copies for about ``seconds`` (launching them takes microseconds; they run on their own)."""
+        copies = max(1, int(seconds * self.gbps * 1e9 / self.host.numel()) + 1)
+        with torch.cuda.stream(self.stream):
+            for _ in range(copies):
+                self.gpu.copy_(self.host, non_blocking=True)
+
+    def drain(self) -> None:
+        self.stream.synchronize()
+
+
 def set_cpu_kernel(module: torch.nn.Module, kernel: str) -> None:
     """How the quantized matrices under ``module`` multiply when they run on the CPU (quant.QuantLinear)."""
     for m in module.modules():
@@ -102,9 +126,11 @@ def random_block(args: ModelArgs, dtype: torch.dtype, spec: Optional[QuantSpec] 
 
 @torch.inference_mode()
 def measure_cpu_block(block: TransformerBlock, threads: int, token_counts: tuple[int, ...] = TOKEN_COUNTS,
-                      kv_len: int = 256, budget_s: float = 0.25) -> tuple[tuple[int, float], ...]:
+                      kv_len: int = 256, budget_s: float = 0.25,
+                      load: Optional[CopyLoad] = None, min_runs: int = 3) -> tuple[tuple[int, float], ...]:
     """(tokens, ms) for one decode-like step of ``block`` on the CPU at each step size: one sequence of that
-    many positions after ``kv_len`` cached ones, as speculative verification and chunked prefill run."""
+    many positions after ``kv_len`` cached ones, as speculative verification and chunked prefill run; with
+    ``load``, while host-to-device copies run."""
     args_dim = block.attention_norm.weight.shape[0]
     dtype = block.attention_norm.weight.dtype
     attention = block.attention
@@ -121,9 +147,11 @@ def measure_cpu_block(block: TransformerBlock, threads: int, token_counts: tuple
             mask = attention_mask(input_pos, shape.kv_len, dtype)  # (1, 1, tokens, kv_len)
             x = torch.randn(1, tokens, args_dim).to(dtype)  # (1, tokens, dim)
             run = lambda: block(x, shape, input_pos, freqs, mask)  # noqa: E731
+            if load is not None:
+                load.keep_busy(budget_s + 0.15)
             run()  # warm-up: first-touch of the weights, kernel selection
             times, start = [], time.perf_counter()
-            while len(times) < 3 or (time.perf_counter() - start < budget_s and len(times) < 20):
+            while len(times) < min_runs or (time.perf_counter() - start < budget_s and len(times) < 20):
                 t = time.perf_counter()
                 run()
                 times.append(time.perf_counter() - t)
@@ -132,6 +160,37 @@ def measure_cpu_block(block: TransformerBlock, threads: int, token_counts: tuple
     finally:
         attention.cache = None
         torch.set_num_threads(kept)
+        if load is not None:
+            load.drain()
+
+
+@torch.inference_mode()
+def measure_gpu_block(block: TransformerBlock, device: torch.device, threads: int, repeats: int = 8) -> float:
+    """Host ms to launch one block's decode step on the GPU (eager, 1 token) and see it finish, each right after
+    a CPU step of the same block, as the hybrid schedule alternates them (the CPU threads just ran)."""
+    gpu_block = copy.deepcopy(block).to(device)
+    attention, dtype = gpu_block.attention, gpu_block.attention_norm.weight.dtype
+    attention.cache = KVCache(1, 257, attention.n_local_kv_heads, attention.head_dim, device, dtype)
+    shape = StepShape(1, 1, attention.cache.k.shape[1])
+    input_pos = torch.full((1, 1), 256, device=device)  # (1, 1)
+    freqs = torch.polar(torch.ones(1, 1, attention.head_dim // 2, device=device),
+                        torch.zeros(1, 1, attention.head_dim // 2, device=device))  # (1, 1, head_dim/2)
+    mask = attention_mask(input_pos, shape.kv_len, dtype)  # (1, 1, 1, kv_len)
+    x = torch.randn(1, 1, gpu_block.attention_norm.weight.shape[0], device=device).to(dtype)  # (1, 1, dim)
+    times = []
+    try:
+        for r in range(repeats + 1):
+            measure_cpu_block(block, threads, token_counts=(1,), budget_s=0.0, min_runs=1)
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            gpu_block(x, shape, input_pos, freqs, mask)
+            torch.cuda.synchronize(device)
+            if r:  # the first run settles cuBLAS and the allocator
+                times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[len(times) // 2]
+    finally:
+        del gpu_block
+        torch.cuda.empty_cache()
 
 
 def _cache_path() -> Path:
@@ -165,7 +224,8 @@ def _read_cache(path: Path) -> dict:
 def _write_cache(path: Path, key: str, lanes: LaneTimes) -> None:
     data = _read_cache(path)
     data[key] = {"pcie_gbps": lanes.pcie_gbps, "cpu_ms": [list(p) for p in lanes.cpu_ms], "threads": lanes.threads,
-                 "cpu_kernel": lanes.cpu_kernel, "kernel_ms": [list(p) for p in lanes.kernel_ms]}
+                 "cpu_kernel": lanes.cpu_kernel, "kernel_ms": [list(p) for p in lanes.kernel_ms],
+                 "gpu_block_ms": lanes.gpu_block_ms}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -185,7 +245,8 @@ def calibrate(args: ModelArgs, dtype: torch.dtype, device: torch.device, *, thre
         try:
             return LaneTimes(float(entry["pcie_gbps"]), tuple((int(t), float(ms)) for t, ms in entry["cpu_ms"]),
                              int(entry["threads"]), cpu_kernel=str(entry["cpu_kernel"]),
-                             kernel_ms=tuple((str(k), float(ms)) for k, ms in entry["kernel_ms"]))
+                             kernel_ms=tuple((str(k), float(ms)) for k, ms in entry["kernel_ms"]),
+                             gpu_block_ms=float(entry["gpu_block_ms"]))
         except (KeyError, TypeError, ValueError):
             pass  # an entry from another version: measure again
     start = time.perf_counter()
@@ -198,12 +259,17 @@ def calibrate(args: ModelArgs, dtype: torch.dtype, device: torch.device, *, thre
             timed.append((name, measure_cpu_block(block, threads, token_counts=(1,))[0][1]))
         kernel, kernel_ms = min(timed, key=lambda t: t[1])[0], tuple(timed)
         set_cpu_kernel(block, kernel)
-    cpu_ms = measure_cpu_block(block, threads)
+    cuda = device.type == "cuda"
+    cpu_ms = measure_cpu_block(block, threads, load=CopyLoad(device) if cuda else None)
+    # Quantized blocks are slow on the CPU with some kernels: fewer alternations for them.
+    gpu_block_ms = measure_gpu_block(block, device, threads, repeats=8 if spec is None else 3) if cuda else 0.0
     del block
-    lanes = LaneTimes(measure_pcie(device), cpu_ms, threads, cpu_kernel=kernel, kernel_ms=kernel_ms)
+    lanes = LaneTimes(measure_pcie(device), cpu_ms, threads, cpu_kernel=kernel, kernel_ms=kernel_ms,
+                      gpu_block_ms=gpu_block_ms)
     if verbose:
         print(f"llama_offload: calibrated the lanes in {time.perf_counter() - start:.1f} s: PCIe {lanes.pcie_gbps:.1f} "
-              f"GB/s, a block on {threads} CPU threads {lanes.cpu_block_ms(1):.2f} ms (cached in {path})",
+              f"GB/s, a block on {threads} CPU threads {lanes.cpu_block_ms(1):.2f} ms, a paged block's launch "
+              f"{lanes.gpu_block_ms:.2f} ms (cached in {path})",
               file=sys.stderr)
     _write_cache(path, key, lanes)
     return lanes

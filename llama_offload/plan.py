@@ -107,8 +107,13 @@ def spread(n: int, k: int) -> list[bool]:
 
 @dataclass(frozen=True)
 class LaneTimes:
-    """What calibration measured on this machine (calibrate.py): the pinned host-to-device bandwidth, and the
-    time the host's cores take for one block at a few step sizes (tokens = batch x positions)."""
+    """What calibration measured on this machine (lanes.py): the pinned host-to-device bandwidth, the time the
+    host's cores take for one block at a few step sizes (tokens = batch x positions) while the copy engine
+    streams, and the host time one paged block costs on the GPU.
+
+    One host thread drives both lanes: it computes the CPU blocks and, between them, launches the paged ones
+    (their copies run on their own, queued ahead). So a step takes the longer of the copy lane (the paged
+    blocks' bytes over PCIe) and the host lane (CPU blocks + paged blocks' launches + crossings)."""
 
     pcie_gbps: float
     cpu_ms: tuple[tuple[int, float], ...]  # (tokens, ms for one block on the CPU), tokens ascending
@@ -116,6 +121,7 @@ class LaneTimes:
     crossing_ms: float = 0.05  # the hidden state to the host and back, once per run of CPU blocks
     cpu_kernel: str = "native"  # quantized blocks on the CPU: "native" (torch's weight-only kernels) or "dequantize"
     kernel_ms: tuple[tuple[str, float], ...] = ()  # each kernel measured at 1 token (quantized blocks only)
+    gpu_block_ms: float = 0.0  # host time to launch and finish one paged block's compute (eager, batch 1)
 
     def cpu_block_ms(self, tokens: int) -> float:
         """Measured at the nearest step size at or above ``tokens``; linear beyond the largest."""
@@ -129,9 +135,11 @@ class LaneTimes:
         return block_bytes / (self.pcie_gbps * 1e9) * 1e3
 
     def step_ms(self, paged: int, cpu: int, block_bytes: int, tokens: int = 1) -> float:
-        """The non-resident blocks of one step: copies and CPU compute overlap (resident work is not counted)."""
+        """The non-resident blocks of one step (resident work is not counted): the copy lane against the host
+        lane, which overlap."""
         runs = sum(1 for a, b in zip([False] + spread(paged + cpu, cpu), spread(paged + cpu, cpu)) if b and not a)
-        return max(paged * self.page_ms(block_bytes), cpu * self.cpu_block_ms(tokens)) + runs * self.crossing_ms
+        host = cpu * self.cpu_block_ms(tokens) + paged * self.gpu_block_ms + runs * self.crossing_ms
+        return max(paged * self.page_ms(block_bytes), host)
 
     def best_split(self, host_layers: int, block_bytes: int) -> int:
         """The number of CPU blocks that makes a decode step at batch 1 fastest."""
@@ -139,14 +147,15 @@ class LaneTimes:
 
     def max_cpu_tokens(self, paged: int, cpu: int, block_bytes: int) -> int:
         """The largest measured step size at which the split beats streaming every block (at least 1)."""
-        all_gpu = (paged + cpu) * self.page_ms(block_bytes)
+        all_gpu = self.step_ms(paged + cpu, 0, block_bytes)
         fits = [t for t, _ in self.cpu_ms if self.step_ms(paged, cpu, block_bytes, t) < all_gpu]
         return max(fits, default=1)
 
     def describe(self, block_bytes: int) -> str:
         kernels = "" if not self.kernel_ms else " (" + ", ".join(f"{k} {ms:.1f} ms" for k, ms in self.kernel_ms) + ")"
         return (f"PCIe {self.pcie_gbps:.1f} GB/s: {self.page_ms(block_bytes):.2f} ms a block; CPU "
-                f"{self.cpu_block_ms(1):.2f} ms a block on {self.threads} threads{kernels}")
+                f"{self.cpu_block_ms(1):.2f} ms a block on {self.threads} threads{kernels}; "
+                f"{self.gpu_block_ms:.2f} ms of host time a paged block")
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,24 @@ def test_the_split_balances_the_lanes() -> None:
     assert "expected decode" in budget.describe() and "CPU lane" in budget.describe()
 
 
+def test_the_host_thread_drives_both_lanes() -> None:
+    """The paged blocks' launches are host time spent between CPU blocks: they take CPU blocks off the split."""
+    from dataclasses import replace
+
+    args = tiny_args(**SEVEN_B)
+    b = plan_offload(args, torch.float16, max_batch_size=1, max_seq_len=256).block_bytes
+    even = replace(lanes(7.0, {1: 7.0, 8: 12.0}, b), gpu_block_ms=1.0)
+    # c CPU blocks: host 7c + (32 - c) x 1 ms, copies 7 x (32 - c) ms; c = 15 gives max(122, 119).
+    assert even.step_ms(17, 15, b) == pytest.approx(7 * 15 + 17 * 1.0)
+    assert even.step_ms(18, 14, b) == pytest.approx(7 * 18)
+    plan = plan_offload(args, torch.float16, max_batch_size=1, max_seq_len=256, cpu_layers=None, lanes=even)
+    assert plan.cpu_layers == 15 and plan.expected_decode_ms() == pytest.approx(122.0)
+    # 8 tokens: 15 x 12 + 17 = 197 ms against 224 ms with every block streamed: batch 8 stays on the CPU lane.
+    assert plan.max_cpu_tokens == 8
+    # Launches as slow as the copies leave nothing for the CPU lane to win.
+    assert replace(even, gpu_block_ms=7.0).best_split(32, b) == 0
+
+
 def test_an_explicit_split_and_its_errors() -> None:
     args = tiny_args(**SEVEN_B)
     plan = plan_offload(args, torch.float16, max_batch_size=1, max_seq_len=256, cpu_layers=5)
