@@ -6,7 +6,7 @@ are measured first, and the floor is the all-paged PCIe floor (every block's byt
 Rows, for each ``--budgets`` entry (0: nothing resident):
 
 - ``ours all paged``: every non-resident block streamed (``cpu_blocks=0``);
-- ``ours hybrid``: the calibrated split (``cpu_blocks=None``), or ``--cpu_blocks`` if given;
+- ``ours hybrid``: the calibrated split (``cpu_blocks=None``); with ``--cpu_blocks N,M``, rows at those splits too;
 - ``ours int4 hybrid``: the same with the blocks in int4 g64;
 - ``llama.cpp F16 / Q4_0, -ngl R``: R = the resident count of our row at that budget, the other layers and the
   head on the CPU (``--llamacpp_bin``; built by ``../shared/tools/llamacpp-peer.sh build``).
@@ -165,6 +165,8 @@ def main() -> None:
     ap.add_argument("--llamacpp_bin", default="/tmp/llamacpp/llama.cpp/build/bin")
     ap.add_argument("--no_llamacpp", action="store_true")
     ap.add_argument("--no_int4", action="store_true")
+    ap.add_argument("--cpu_blocks", default="", help="extra fp16 rows with these explicit splits, comma-separated "
+                    "(beside the calibrated one: shows how close the planner's choice is to the best)")
     ap.add_argument("--workdir", default="/tmp/llama_offload_bench")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--json_out", default=None)
@@ -190,6 +192,9 @@ def main() -> None:
         rows.append(ours("ours all paged", sd, args, budget, a.steps, floor_ms, None, cpu_blocks=0))
         rows.append(ours("ours hybrid", sd, args, budget, a.steps, floor_ms, None, cpu_blocks=None, lanes=lanes,
                          cpu_threads=threads))
+        for n in [int(c) for c in a.cpu_blocks.split(",") if c.strip()]:
+            rows.append(ours(f"ours hybrid, --cpu_blocks {n}", sd, args, budget, a.steps, floor_ms, None, cpu_blocks=n,
+                             lanes=lanes, cpu_threads=threads))
         if lanes4 is not None:
             rows.append(ours("ours int4 hybrid", sd, args, budget, a.steps, floor_ms, INT4, cpu_blocks=None,
                              lanes=lanes4, cpu_threads=threads))
