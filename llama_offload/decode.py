@@ -34,6 +34,16 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     return torch.gather(probs_idx, -1, next_token)  # (bs, 1)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """One sequence's own sampling, where it differs from its decoder's (a server's requests each bring theirs).
+    ``temperature`` 0 is greedy; ``seed`` None draws from the decoder's generator."""
+
+    temperature: float
+    top_p: float = 1.0
+    seed: Optional[int] = None
+
+
 @dataclass
 class Decoding:
     """One sequence's state. ``tokens`` excludes the stop token that ended it, as Meta's output does."""
@@ -46,6 +56,8 @@ class Decoding:
     logprobs: list[float] = field(default_factory=list)
     prompt_logprobs: list[float] = field(default_factory=list)  # of prompt tokens 1.., when echoing
     done: bool = False
+    sampling: Optional[Sampling] = None  # None: the decoder's temperature, top_p and generator
+    generator: Optional[torch.Generator] = None  # this sequence's own, when its sampling has a seed
 
     @property
     def position(self) -> int:
@@ -76,8 +88,16 @@ class BatchDecoder:
     def free_rows(self) -> list[int]:
         return [i for i, s in enumerate(self.rows) if s is None or s.done]
 
-    def join(self, prompts: Sequence[Sequence[int]], max_gen_len: int, stop_ids: set[int]) -> list[Decoding]:
-        """Prefill ``prompts`` into free rows and sample each one's first token (see ``Decoding.tokens``)."""
+    def sampling_of(self, seq: Decoding) -> tuple[float, float, torch.Generator]:
+        """(temperature, top_p, generator) for ``seq``: its own where it has them, else the decoder's."""
+        if seq.sampling is None:
+            return self.temperature, self.top_p, self.generator
+        return seq.sampling.temperature, seq.sampling.top_p, seq.generator or self.generator
+
+    def join(self, prompts: Sequence[Sequence[int]], max_gen_len: int, stop_ids: set[int],
+             sampling: Optional[Sequence[Optional[Sampling]]] = None) -> list[Decoding]:
+        """Prefill ``prompts`` into free rows and sample each one's first token (see ``Decoding.tokens``);
+        ``sampling``: per prompt, its own sampling (None: the decoder's)."""
         free = self.free_rows()
         if len(prompts) > len(free):
             raise ValueError(f"{len(prompts)} sequences cannot join: {len(free)} of {self.max_batch_size} rows are "
@@ -89,8 +109,12 @@ class BatchDecoder:
                 raise ValueError(f"Prompt {i} is {len(p)} tokens long, but max_seq_len is {self.max_seq_len} and at "
                                  "least one position must be left to generate into. Shorten the prompt or build "
                                  "with a larger max_seq_len.")
-        joined = [Decoding(row, list(p), min(max_gen_len, self.max_seq_len - len(p)), frozenset(stop_ids))
-                  for row, p in zip(free, prompts)]
+        sampling = list(sampling) if sampling is not None else [None] * len(prompts)
+        if len(sampling) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(sampling)} sampling settings: give one per prompt.")
+        joined = [Decoding(row, list(p), min(max_gen_len, self.max_seq_len - len(p)), frozenset(stop_ids),
+                           sampling=sm, generator=_own_generator(sm, self.device))
+                  for row, p, sm in zip(free, prompts, sampling)]
         for seq in joined:
             self.rows[seq.row] = seq
         for run in _contiguous(joined):
@@ -147,11 +171,11 @@ class BatchDecoder:
 
     def _accept(self, seqs: list[Decoding], logits: torch.Tensor) -> list[tuple[Decoding, int]]:
         """Sample one token per sequence from its logits (len(seqs), vocab) and record it."""
-        if self.temperature > 0:
-            probs = torch.softmax(logits / self.temperature, dim=-1)
-            next_token = sample_top_p(probs, self.top_p, self.generator).reshape(-1)  # (n,)
+        if any(s.sampling is not None for s in seqs):
+            next_token = torch.cat([self._sample(logits[i : i + 1], *self.sampling_of(s))
+                                    for i, s in enumerate(seqs)])  # (n,)
         else:
-            next_token = torch.argmax(logits, dim=-1)  # (n,)
+            next_token = self._sample(logits, self.temperature, self.top_p, self.generator)  # (n,)
         lps = None
         if self.logprobs:
             lps = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None])[:, 0].tolist()
@@ -166,6 +190,22 @@ class BatchDecoder:
             seq.done = len(seq.tokens) >= seq.limit
             out.append((seq, token))
         return out
+
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator) -> torch.Tensor:
+        """(n,) tokens from (n, vocab) logits: nucleus sampling at ``temperature``, or argmax at 0."""
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            return sample_top_p(probs, top_p, generator).reshape(-1)
+        return torch.argmax(logits, dim=-1)
+
+
+def _own_generator(sampling: Optional[Sampling], device: torch.device) -> Optional[torch.Generator]:
+    if sampling is None or sampling.seed is None:
+        return None
+    return torch.Generator(device).manual_seed(sampling.seed)
 
 
 def _contiguous(seqs: list[Decoding]) -> list[list[Decoding]]:

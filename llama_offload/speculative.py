@@ -268,7 +268,17 @@ class ModelDraft:
         for j in range(max(ki for _, ki in drafting)):
             live = [s for s, ki in drafting if j < ki]
             step_logits = torch.stack([logits[s.row] for s in live])  # (len(live), vocab)
-            if decoder.temperature > 0:
+            if any(s.sampling is not None for s in live):  # requests with their own sampling: row by row
+                tokens = []
+                for i, s in enumerate(live):
+                    temperature, top_p, _ = decoder.sampling_of(s)
+                    if temperature > 0:
+                        qi = filtered_probs(step_logits[i : i + 1], temperature, top_p)[0]  # (vocab,)
+                        tokens.append(int(torch.multinomial(qi, 1, generator=decoder.draft_generator)))
+                        probs[s.row].append(qi)
+                    else:
+                        tokens.append(int(step_logits[i].argmax()))
+            elif decoder.temperature > 0:
                 q = filtered_probs(step_logits, decoder.temperature, decoder.top_p)
                 tokens = torch.multinomial(q, 1, generator=decoder.draft_generator)[:, 0].tolist()
                 for s, qi in zip(live, q):
@@ -346,10 +356,15 @@ class SpeculativeDecoder(BatchDecoder):
         logits = self.model.step(make_step(tokens, starts, max_positions=positions))  # (n, width, vocab)
         rows = to_device([s.row for s in active], logits.device)
         logits = logits[rows]  # (len(active), width, vocab)
-        if self.temperature > 0:
-            p = filtered_probs(logits, self.temperature, self.top_p)  # (len(active), width, vocab)
-        else:
-            argmax = logits.argmax(-1).tolist()  # (len(active), width)
+        how = [self.sampling_of(s) for s in active]  # (temperature, top_p, generator) per sequence
+        sampled = [i for i, (temperature, _, _) in enumerate(how) if temperature > 0]
+        p: dict[int, torch.Tensor] = {}
+        if sampled and all(s.sampling is None for s in active):  # one setting for all: one call
+            p = dict(enumerate(filtered_probs(logits, self.temperature, self.top_p)))  # (width, vocab) each
+        for i in sampled:
+            if i not in p:
+                p[i] = filtered_probs(logits[i : i + 1], how[i][0], how[i][1])[0]  # (width, vocab)
+        argmax = logits.argmax(-1).tolist() if len(sampled) < len(active) else None  # (len(active), width)
         lps = torch.log_softmax(logits.float(), dim=-1) if self.logprobs else None
         self.passes += 1
         self.scored += len(active)
@@ -357,14 +372,15 @@ class SpeculativeDecoder(BatchDecoder):
         spans = []
         for i, (s, prop) in enumerate(zip(active, proposals)):
             k_i = len(prop.tokens)
-            if self.temperature > 0:
+            if i in p:
                 q = prop.probs
                 if q is None:  # a point mass on each drafted token
-                    q = torch.zeros(k_i, p.shape[-1], device=p.device)
+                    q = torch.zeros(k_i, p[i].shape[-1], device=p[i].device)
                     if k_i:
-                        q.scatter_(-1, torch.tensor(prop.tokens, device=p.device)[:, None], 1.0)
-                new = accept_sampled(p[i, : k_i + 1], q.to(p.device), prop.tokens, self.generator)
+                        q.scatter_(-1, torch.tensor(prop.tokens, device=p[i].device)[:, None], 1.0)
+                new = accept_sampled(p[i][: k_i + 1], q.to(p[i].device), prop.tokens, how[i][2])
             else:
+                assert argmax is not None
                 new = accept_greedy(argmax[i][: k_i + 1], prop.tokens)
             start = s.position  # position of the token fed first; new[j] is scored at start + j
             kept_drafts = len(new) - 1

@@ -217,3 +217,28 @@ def test_fused_projections_need_one_storage(monkeypatch):
     view = fused.adjacent_weight(group)
     assert view is not None and torch.equal(view, torch.cat(before))
     assert all(torch.equal(m.weight, b) for m, b in zip(group, before))
+
+
+def test_each_sequence_samples_with_its_own_settings(plain) -> None:
+    """A server's requests share a pass but not their sampling: a greedy one and two seeded ones decoded together
+    give what each gives alone."""
+    from llama_offload.decode import Sampling
+
+    ps = prompts(3, [5, 9, 3], seed=4)
+    own = [Sampling(0.0), Sampling(0.9, 0.95, seed=7), Sampling(1.3, 1.0, seed=8)]
+
+    def run(indices: list[int]) -> list[list[int]]:
+        decoder = BatchDecoder(fresh(plain), max_batch_size=4, max_seq_len=MAX_SEQ, device=torch.device("cpu"),
+                               temperature=0.6, top_p=0.9, seed=123)
+        seqs = decoder.join([ps[i] for i in indices], 12, {-1}, sampling=[own[i] for i in indices])
+        while decoder.active:
+            decoder.step()
+        return [s.tokens for s in seqs]
+
+    together = run([0, 1, 2])
+    assert together == [run([i])[0] for i in range(3)]
+    assert together[0] == decode_alone(plain, ps[0], 12)  # temperature 0: greedy, whatever the decoder's own
+    assert together[1] != together[2]
+    with pytest.raises(ValueError, match="one per prompt"):
+        BatchDecoder(fresh(plain), max_batch_size=4, max_seq_len=MAX_SEQ, device=torch.device("cpu")).join(
+            ps[:2], 4, {-1}, sampling=[own[0]])
