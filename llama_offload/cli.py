@@ -1,7 +1,8 @@
-"""The ``llama-offload`` command: ``complete``, ``chat``, ``info``, ``convert``, ``quantize`` and ``tokenize``.
+"""The ``llama-offload`` command: ``complete``, ``chat``, ``serve``, ``info``, ``convert``, ``quantize`` and ``tokenize``.
 
     llama-offload complete "Once upon a time" "The capital of France is" --ckpt_dir DIR
     llama-offload chat --ckpt_dir DIR --system "Answer briefly."
+    llama-offload serve --ckpt_dir DIR --port 8000          (OpenAI-compatible HTTP API)
     llama-offload info --ckpt_dir DIR --max_seq_len 4096 --max_batch_size 1
     llama-offload convert model.gguf --out checkpoints/NAME      (or a Hugging Face Llama directory)
     llama-offload quantize --ckpt_dir checkpoints/NAME --out checkpoints/NAME-int4 --bits 4
@@ -40,7 +41,7 @@ from .text_input import TextInputError, a_type, check_dialog, check_text, decode
 from .tokenizer import check_vocab_size, load_tokenizer
 
 __all__ = ["chat", "chat_repl", "complete", "convert", "empty_completion_hint", "info", "main", "param_counts",
-           "quantize", "token_ids", "tokenize", "version"]
+           "quantize", "serve", "token_ids", "tokenize", "version"]
 
 
 @run_options_command(defaults=dict(max_seq_len=128, max_batch_size=4))
@@ -229,6 +230,79 @@ def chat(
     system = None if system is None else check_text(str(system), "--system")
     llama = build_llama(options, system=system)  # the system prompt is checked before any weight is read
     chat_repl(llama, system=system, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+
+
+@run_options_command(defaults=dict(max_seq_len=1024, max_batch_size=4), leading=("ckpt_dir", "tokenizer_path"))
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_queue: int = 64,
+    api_key: Optional[str] = None,
+    model_name: Optional[str] = None,
+    shutdown_timeout: float = 30.0,
+    *,
+    options: RunOptions,
+) -> None:
+    """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health) whose
+    concurrent requests share each decode pass. Loads the model once and prints the URL; SIGINT/SIGTERM stop it.
+
+    Args:
+        ckpt_dir: Meta checkpoint directory; unset: the default model.
+        host: the address to listen on; the default answers this machine only (put a reverse proxy in front, or
+            give 0.0.0.0 together with --api_key, to serve others).
+        port: the TCP port.
+        max_batch_size: requests decoded together in one pass; more wait in the queue.
+        max_queue: requests that may wait for a free batch row; beyond that the server answers 429.
+        api_key: require 'Authorization: Bearer KEY' (else 401); the LLAMA_OFFLOAD_API_KEY environment variable
+            sets it too, without showing it in the process list.
+        model_name: the name clients send as "model" (default: the checkpoint directory's name).
+        shutdown_timeout: seconds that in-flight requests get to finish after SIGINT/SIGTERM.
+    """
+    import os
+
+    host, model_name = str(host).strip(), None if model_name is None else str(model_name).strip()
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"--port must be a TCP port between 1 and 65535, found {port!r}.")
+    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+        raise ValueError(f"--max_queue must be a whole number of requests, 0 or more, found {max_queue!r}.")
+    if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)) or shutdown_timeout < 0:
+        raise ValueError(f"--shutdown_timeout must be a number of seconds, 0 or more, found {shutdown_timeout!r}.")
+    if not host:
+        raise ValueError("--host is empty: give an address to listen on, e.g. 127.0.0.1.")
+    api_key = os.environ.get("LLAMA_OFFLOAD_API_KEY") if api_key is None else str(api_key)
+    if api_key is not None and not api_key.strip():
+        raise ValueError("--api_key is empty: give a key, or leave the flag out to serve without one.")
+    if model_name == "":
+        raise ValueError("--model_name is empty: give the name clients will send, or leave the flag out.")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"llama-offload serve needs FastAPI and uvicorn ({e.name} is missing): "
+                           "pip install fastapi uvicorn.") from None
+    _check_port_free(host, port)  # before the model loads: a port in use fails now, not after a minute
+    llama = build_llama(options)
+    from .serve.server import run
+
+    run(llama, model_name=model_name or Path(llama.options.ckpt_dir or "model").name, host=host, port=port,
+        max_queue=max_queue, api_key=api_key, shutdown_timeout=float(shutdown_timeout))
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r} is not an address this machine can listen on ({e}).") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise ValueError(f"Cannot listen on {host}:{port}: {e.strerror}. Another server may be using the port; "
+                             "stop it or give another --port.") from None
 
 
 def param_counts(args: ModelArgs, *, tied: bool = False) -> dict[str, int]:
@@ -601,8 +675,8 @@ def main() -> None:
         return
     if sys.argv[1:2] == ["tokenize"]:  # its flags must reach it exactly as typed
         sys.argv[2:] = _keep_as_text(sys.argv[2:], ("text", "dialog"))
-    fire_main({"complete": complete, "chat": chat, "info": info, "convert": convert, "quantize": quantize,
-               "tokenize": tokenize},
+    fire_main({"complete": complete, "chat": chat, "serve": serve, "info": info, "convert": convert,
+               "quantize": quantize, "tokenize": tokenize},
               name="llama-offload")
 
 

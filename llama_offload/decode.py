@@ -117,8 +117,13 @@ class BatchDecoder:
                   for row, p, sm in zip(free, prompts, sampling)]
         for seq in joined:
             self.rows[seq.row] = seq
-        for run in _contiguous(joined):
-            self._prefill(run)
+        try:
+            for run in _contiguous(joined):
+                self._prefill(run)
+        except BaseException:  # a failed prefill gives its rows back: the running sequences go on without them
+            for seq in joined:
+                self.rows[seq.row] = None
+            raise
         return joined
 
     def _prefill(self, run: list[Decoding]) -> None:

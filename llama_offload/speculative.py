@@ -28,7 +28,7 @@ from typing import Optional, Protocol, Sequence
 
 import torch
 
-from .decode import BatchDecoder, Decoding, StepModel
+from .decode import BatchDecoder, Decoding, Sampling, StepModel
 from .step import make_step, to_device
 
 # Measured (BENCHMARKS.md, bench_speculative.py): best or near-best tokens/s for every draft on the default model,
@@ -330,8 +330,9 @@ class SpeculativeDecoder(BatchDecoder):
     def tokens_per_pass(self) -> float:
         return self.produced / self.scored if self.scored else 0.0
 
-    def join(self, prompts: Sequence[Sequence[int]], max_gen_len: int, stop_ids: set[int]) -> list[Decoding]:
-        joined = super().join(prompts, max_gen_len, stop_ids)
+    def join(self, prompts: Sequence[Sequence[int]], max_gen_len: int, stop_ids: set[int],
+             sampling: Optional[Sequence[Optional[Sampling]]] = None) -> list[Decoding]:
+        joined = super().join(prompts, max_gen_len, stop_ids, sampling)
         self.draft.join(joined)
         return joined
 

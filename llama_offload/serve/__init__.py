@@ -1,0 +1,7 @@
+"""``llama-offload serve``: an OpenAI-compatible HTTP server whose concurrent requests share each decode pass.
+
+    engine.py    one thread owns the model; requests join the running batch at step boundaries
+    protocol.py  OpenAI's request fields and response / stream chunk shapes
+    app.py       the FastAPI routes, errors and API key, over the engine
+    server.py    building it from a loaded Llama and running it under uvicorn
+"""

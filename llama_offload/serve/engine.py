@@ -1,0 +1,255 @@
+"""The batching engine: one thread owns the model and decodes every running request in the same pass.
+
+Offloaded decoding streams every paged block once per pass whatever the batch, so N requests decoded together
+cost about what one costs. Requests wait in a bounded queue; at each step boundary the waiting ones join the
+running batch in free KV-cache rows (their prompts are prefilled then), every running sequence advances by one
+pass, and each request's new text goes to its own event queue on the server's event loop. A request ends on
+its own stop token, stop string or token limit; a cancelled one (its client went away) is dropped at the next
+step boundary and its row is reused.
+
+The engine thread is the only one that touches the model. The web side talks to it through ``submit`` and
+``cancel`` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..decode import BatchDecoder, Decoding, Sampling
+
+log = logging.getLogger("llama_offload.serve")
+
+
+class QueueFull(Exception):
+    """Every batch row is busy and the waiting queue is full."""
+
+
+class EngineStopped(Exception):
+    """The server is shutting down."""
+
+
+@dataclass
+class Request:
+    """One completion request as the engine sees it: token ids in, text events out."""
+
+    id: str
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+    stop_ids: frozenset[int]
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
+    loop: Optional[asyncio.AbstractEventLoop] = None
+    events: Optional[asyncio.Queue] = None
+    # Filled in by the engine.
+    queued_at: float = field(default_factory=time.perf_counter)
+    started_at: Optional[float] = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # the text sent so far
+    finish_reason: Optional[str] = None
+    max_batch: int = 0  # the most sequences decoding together in a pass this request took part in
+    cancelled: bool = False
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.events = loop, asyncio.Queue()
+
+    def emit(self, kind: str, payload: Any = None) -> None:
+        """Hand an event to the request's event loop (called on the engine thread)."""
+        if self.loop is not None and self.events is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens),
+                "total_tokens": len(self.prompt) + len(self.tokens)}
+
+
+class TextStream:
+    """A request's text as its tokens come: the whole answer is decoded each time (SentencePiece spacing and
+    multi-byte characters only come out right in context), a character cut in half is held back, and so is
+    any tail that may be the start of a stop string."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...]):
+        self.decode, self.stop = decode, tuple(s for s in stop if s)
+
+    def advance(self, tokens: list[int], shown: str) -> tuple[str, bool]:
+        """(new text to send, whether a stop string ended the answer)."""
+        text = self.decode(tokens)
+        for s in self.stop:
+            at = text.find(s, max(0, len(shown) - len(s)))
+            if at != -1:
+                text = text[:at]
+                return text[len(shown) :] if text.startswith(shown) else "", True
+        if text.endswith("\ufffd") or not text.startswith(shown):
+            return "", False
+        hold = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+        return text[len(shown) : len(text) - hold], False
+
+    def flush(self, tokens: list[int], shown: str) -> str:
+        """What is left to send when the answer ends without a stop string (held-back text included)."""
+        text = self.decode(tokens)
+        return text[len(shown) :] if text.startswith(shown) else ""
+
+
+class Engine:
+    def __init__(self, make_decoder: Callable[[], BatchDecoder], decode_text: Callable[[list[int]], str], *,
+                 max_batch_size: int, max_queue: int):
+        self.make_decoder = make_decoder
+        self.decode_text = decode_text
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.decoder = make_decoder()
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: dict[int, tuple[Request, Decoding, TextStream]] = {}  # cache row -> request
+        self.admitting: list[Request] = []  # taken from the queue, being prefilled into rows
+        self.passes = 0  # decode passes run
+        self.lock = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="llama_offload-engine", daemon=True)
+
+    # --- the web side -----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, request: Request) -> None:
+        with self.lock:
+            if self.stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self.running) + len(self.admitting) + len(self.waiting) >= self.max_batch_size + self.max_queue:
+                raise QueueFull(f"{len(self.running)} requests are decoding and {len(self.waiting)} are waiting "
+                                f"(--max_batch_size {self.max_batch_size}, --max_queue {self.max_queue})")
+            self.waiting.append(request)
+            self.lock.notify()
+
+    def cancel(self, request: Request) -> None:
+        """The client went away: drop the request at the next step boundary (its row is then free)."""
+        with self.lock:
+            request.cancelled = True
+            if request in self.waiting:
+                self.waiting.remove(request)
+            self.lock.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Refuse new requests, end the ones still waiting or running with an error, stop the thread."""
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+        self.thread.join(timeout)
+
+    def load(self) -> dict[str, int]:
+        with self.lock:
+            return {"running": len(self.running) + len(self.admitting), "waiting": len(self.waiting),
+                    "passes": self.passes}
+
+    # --- the engine thread ------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.lock:
+                    while not self.stopping and not self.waiting and not self.running:
+                        self.lock.wait()
+                    if self.stopping:
+                        break
+                    self._drop_cancelled()
+                    while self.waiting and len(self.running) + len(self.admitting) < self.max_batch_size:
+                        self.admitting.append(self.waiting.popleft())
+                for request in self.admitting:
+                    self._join(request)
+                with self.lock:
+                    self.admitting = []
+                if self.running:
+                    self._step()
+        for request, _, _ in list(self.running.values()):
+            request.emit("error", "the server shut down before this request finished")
+        for request in list(self.waiting):
+            request.emit("error", "the server shut down before this request started")
+        self.running.clear()
+        self.waiting.clear()
+
+    def _drop_cancelled(self) -> None:
+        for row, (request, seq, _) in list(self.running.items()):
+            if request.cancelled:
+                seq.done = True  # the decoder reuses a done sequence's row
+                request.finish_reason = "cancelled"
+                del self.running[row]
+                self._log(request)
+
+    def _join(self, request: Request) -> None:
+        request.started_at = time.perf_counter()
+        try:
+            (seq,) = self.decoder.join([request.prompt], request.max_tokens, set(request.stop_ids),
+                                       sampling=[request.sampling])
+        except Exception as e:  # noqa: BLE001 - this request fails alone; the others go on
+            self._fail_one(request, e)
+            return
+        stream = TextStream(self.decode_text, request.stop)
+        self.running[seq.row] = (request, seq, stream)
+        self._advance(request, seq, stream, batch=1)
+
+    def _step(self) -> None:
+        batch = len(self.running)
+        try:
+            self.decoder.step()
+        except Exception as e:  # noqa: BLE001 - a shared pass failed: its requests fail, the server goes on
+            log.error("a decode pass failed; its %d requests end with an error\n%s", batch, traceback.format_exc())
+            for request, _, _ in list(self.running.values()):
+                request.finish_reason = "error"
+                request.emit("error", f"internal error in a decode pass: {type(e).__name__}: {e}")
+                self._log(request)
+            self.running.clear()
+            self.decoder = self.make_decoder()  # the cache rows' state is unknown: start from empty ones
+            return
+        self.passes += 1
+        for request, seq, stream in list(self.running.values()):
+            self._advance(request, seq, stream, batch)
+
+    def _advance(self, request: Request, seq: Decoding, stream: TextStream, batch: int) -> None:
+        """Send what ``seq`` produced since the last call; finish the request if it is done."""
+        request.max_batch = max(request.max_batch, batch)
+        new_tokens = len(seq.tokens) > len(request.tokens)
+        request.tokens = list(seq.tokens)
+        stopped = False
+        if new_tokens:
+            delta, stopped = stream.advance(request.tokens, request.text)
+            if delta:
+                request.text += delta
+                request.emit("delta", delta)
+        if not (seq.done or stopped):
+            return
+        if stopped:
+            seq.done = True
+            request.finish_reason = "stop"
+        else:
+            rest = stream.flush(request.tokens, request.text)
+            if rest:
+                request.text += rest
+                request.emit("delta", rest)
+            request.finish_reason = "length" if len(seq.tokens) >= seq.limit else "stop"
+        del self.running[seq.row]
+        request.emit("done", request.finish_reason)
+        self._log(request)
+
+    def _fail_one(self, request: Request, e: Exception) -> None:
+        log.error("request %s failed\n%s", request.id, traceback.format_exc())
+        request.finish_reason = "error"
+        request.emit("error", f"internal error: {type(e).__name__}: {e}")
+        self._log(request)
+
+    def _log(self, request: Request) -> None:
+        now = time.perf_counter()
+        started = request.started_at or now
+        seconds = now - started
+        rate = len(request.tokens) / seconds if seconds > 0 else 0.0
+        log.info("%s: %d tokens in, %d out, queued %.3f s, %.1f tokens/s, batch up to %d, %s", request.id,
+                 len(request.prompt), len(request.tokens), started - request.queued_at, rate, request.max_batch,
+                 request.finish_reason)
