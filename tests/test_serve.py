@@ -67,8 +67,11 @@ class Server:
     def __init__(self, llama: Llama, *, max_queue: int = 8, api_key: Optional[str] = None, slow: float = 0.0,
                  fail_on: Optional[int] = None):
         model = Slow(llama.model, slow, fail_on)
-        self.engine = Engine(lambda: BatchDecoderFor(llama, model), llama.tokenizer.decode,
-                             max_batch_size=llama.max_batch_size, max_queue=max_queue)
+        if llama.draft is not None:  # the command's own engine: speculative decoding with the Llama's draft
+            self.engine = engine_for(llama, max_queue)
+        else:
+            self.engine = Engine(lambda: BatchDecoderFor(llama, model), llama.tokenizer.decode,
+                                 max_batch_size=llama.max_batch_size, max_queue=max_queue)
         app = create_app(self.engine, served_from(llama, MODEL), api_key=api_key)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -203,6 +206,18 @@ def test_a_client_that_disconnects_frees_its_row(llama: Llama) -> None:
         assert passes < 80  # dropped long before its 80 tokens
         r = s.client().completions.create(model=MODEL, prompt="Hi", max_tokens=4, temperature=0)
         assert r.usage.completion_tokens >= 1
+
+
+def test_draft_flags_serve_the_same_greedy_answers(tiny_ckpt: Path, llama: Llama) -> None:
+    drafted = Llama.build(tiny_ckpt, tiny_ckpt.parent / "tokenizer.model", max_seq_len=96, max_batch_size=4,
+                          device="cpu", dtype="float32", draft="ngram", num_draft_tokens=4)
+    with Server(drafted) as s:
+        client = s.client()
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda q: client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=24, temperature=0)
+                .choices[0].message.content, QUESTIONS[:3]))
+    assert got == [chat_want(llama, q, 24) for q in QUESTIONS[:3]]
 
 
 # --- errors -------------------------------------------------------------------------------------------------
