@@ -167,7 +167,8 @@ def measure_cpu_block(block: TransformerBlock, threads: int, token_counts: tuple
 @torch.inference_mode()
 def measure_gpu_block(block: TransformerBlock, device: torch.device, threads: int, repeats: int = 8) -> float:
     """Host ms to launch one block's decode step on the GPU (eager, 1 token) and see it finish, each right after
-    a CPU step of the same block, as the hybrid schedule alternates them (the CPU threads just ran)."""
+    a CPU step of the same block, as the hybrid schedule alternates them (the CPU threads just ran). On a CPU
+    ``device`` the same steps run there (how the tests exercise it)."""
     gpu_block = copy.deepcopy(block).to(device)
     attention, dtype = gpu_block.attention, gpu_block.attention_norm.weight.dtype
     attention.cache = KVCache(1, 257, attention.n_local_kv_heads, attention.head_dim, device, dtype)
@@ -177,20 +178,24 @@ def measure_gpu_block(block: TransformerBlock, device: torch.device, threads: in
                         torch.zeros(1, 1, attention.head_dim // 2, device=device))  # (1, 1, head_dim/2)
     mask = attention_mask(input_pos, shape.kv_len, dtype)  # (1, 1, 1, kv_len)
     x = torch.randn(1, 1, gpu_block.attention_norm.weight.shape[0], device=device).to(dtype)  # (1, 1, dim)
+    cuda = device.type == "cuda"
     times = []
     try:
         for r in range(repeats + 1):
             measure_cpu_block(block, threads, token_counts=(1,), budget_s=0.0, min_runs=1)
-            torch.cuda.synchronize(device)
+            if cuda:
+                torch.cuda.synchronize(device)
             start = time.perf_counter()
             gpu_block(x, shape, input_pos, freqs, mask)
-            torch.cuda.synchronize(device)
+            if cuda:
+                torch.cuda.synchronize(device)
             if r:  # the first run settles cuBLAS and the allocator
                 times.append((time.perf_counter() - start) * 1e3)
         return sorted(times)[len(times) // 2]
     finally:
         del gpu_block
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 def _cache_path() -> Path:

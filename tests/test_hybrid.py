@@ -253,6 +253,15 @@ def test_calibration_measures_once_and_caches(monkeypatch: pytest.MonkeyPatch, t
     assert len(calls) == 3
 
 
+def test_the_paged_block_launch_is_measured_beside_cpu_steps() -> None:
+    from llama_offload.lanes import measure_gpu_block
+
+    block = random_block(tiny_args(dim=128, n_heads=4, n_kv_heads=2), torch.float32)
+    ms = measure_gpu_block(block, torch.device("cpu"), threads=1, repeats=2)
+    assert 0 < ms < 1000
+    assert block.attention.cache is None  # the measured block is left as it was: no cache set up on it
+
+
 def test_a_quantized_block_is_measured_as_quantized() -> None:
     from llama_offload.quant import QuantLinear, QuantSpec
 
