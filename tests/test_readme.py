@@ -70,6 +70,39 @@ def test_readme_has_python_examples() -> None:
     assert len(blocks) >= 2 and "Llama.build" in blocks[0]
 
 
+SERVER_URL = "http://127.0.0.1:8000/v1"  # what the README's client examples connect to
+
+
+@contextlib.contextmanager
+def serving(llama, model_name: str):
+    """``llama-offload serve``'s app for ``llama`` on a free local port; yields its /v1 URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from llama_offload.serve.app import create_app
+    from llama_offload.serve.server import engine_for, served_from
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(engine_for(llama, max_queue=4), served_from(llama, model_name))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+
+
 def test_python_examples_run(tiny_ckpt: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     ckpt, tokenizer = tiny_ckpt
     namespace: dict[str, object] = {"__name__": "readme"}
@@ -77,7 +110,13 @@ def test_python_examples_run(tiny_ckpt: tuple[Path, Path], capsys: pytest.Captur
         code = with_tiny_paths(block, ckpt, tokenizer)
         assert "checkpoints/" not in code, code
         try:
-            exec(compile(code, f"README.md python block {i}", "exec"), namespace)
+            if SERVER_URL in code:  # a client of `llama-offload serve`: served by the first block's model
+                model = re.search(r'model="([^"]+)"', code)
+                assert model is not None, block
+                with serving(namespace["llama"], model.group(1)) as url:
+                    exec(compile(code.replace(SERVER_URL, url), f"README.md python block {i}", "exec"), namespace)
+            else:
+                exec(compile(code, f"README.md python block {i}", "exec"), namespace)
         except Exception as e:
             pytest.fail(f"README.md python block {i} failed on the tiny model: {type(e).__name__}: {e}\n{block}")
     out = capsys.readouterr().out
