@@ -284,6 +284,61 @@ def test_the_api_key_is_enforced(llama: Llama) -> None:
         assert httpx.get(s.url + "/health").status_code == 200  # a load balancer's probe needs no key
 
 
+def test_shutdown_lets_an_in_flight_stream_finish(llama: Llama) -> None:
+    """What SIGTERM does in uvicorn (should_exit): no new connections, the running stream completes, then the
+    engine's thread ends."""
+    s = Server(llama, slow=0.03).__enter__()
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 30, "temperature": 0, "stream": True}
+    events = []
+    with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                events.append(line[5:].strip())
+                if len(events) == 2:
+                    s.server.should_exit = True  # mid-stream
+    s.thread.join(30)
+    assert not s.thread.is_alive() and not s.engine.thread.is_alive()
+    assert events[-1] == "[DONE]"
+    finish = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1] if json.loads(e)["choices"]]
+    assert finish[-1] in ("length", "stop")
+    text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1] if json.loads(e)["choices"])
+    assert text == text_want(llama, "Once upon a time", 30)
+
+
+def test_stopping_the_engine_ends_unfinished_requests_with_an_error(llama: Llama) -> None:
+    """After the graceful-shutdown timeout, what is still running or waiting gets an error, not silence."""
+    import asyncio
+
+    from llama_offload.decode import Sampling
+    from llama_offload.serve.engine import EngineStopped, Request
+
+    model = Slow(llama.model, 0.05)
+    engine = Engine(lambda: BatchDecoderFor(llama, model), llama.tokenizer.decode, max_batch_size=1, max_queue=2)
+
+    async def scenario() -> list[list[str]]:
+        requests = [Request(f"r{i}", llama.tokenizer.encode("Hello", bos=True, eos=False), 50, Sampling(0.0),
+                            frozenset(llama.tokenizer.stop_ids)) for i in range(2)]
+        for r in requests:
+            r.attach(asyncio.get_running_loop())
+            engine.submit(r)
+        engine.start()
+        first = await requests[0].events.get()
+        await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+        kinds = [[first[0]], []]
+        for i, r in enumerate(requests):
+            while True:
+                kind, _ = await asyncio.wait_for(r.events.get(), 5)
+                kinds[i].append(kind)
+                if kind in ("done", "error"):
+                    break
+        return kinds
+
+    running, waiting = asyncio.run(scenario())
+    assert running[-1] == "error" and waiting == ["error"]
+    with pytest.raises(EngineStopped):
+        engine.submit(Request("late", [1], 4, Sampling(0.0), frozenset()))
+
+
 # --- the command ----------------------------------------------------------------------------------------------
 
 
