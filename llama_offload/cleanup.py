@@ -179,14 +179,22 @@ def new_temp_dir(parent: str | Path, name: str, kind: str = "partial") -> Path:
         raise ValueError(f"kind must be one of {TEMP_KINDS}, found {kind!r}.")
     parent = Path(parent)
     remove_stale(parent)
-    with deferred_signals():  # created and returned, or neither
-        while True:
-            path = parent / f".{name}.{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            try:
-                path.mkdir(mode=0o777 & ~_umask())
-                return path
-            except FileExistsError:
-                continue
+    made: Optional[Path] = None
+    try:
+        with deferred_signals():  # created and returned, or neither
+            while made is None:
+                path = parent / f".{name}.{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                try:
+                    path.mkdir(mode=0o777 & ~_umask())
+                    made = path
+                except FileExistsError:
+                    continue
+    except BaseException:
+        # A signal that arrived while the directory was made is raised as the block ends: nobody would own it.
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+    return made
 
 
 def remove_tree(path: str | Path) -> None:
@@ -198,11 +206,13 @@ def remove_tree(path: str | Path) -> None:
 @contextlib.contextmanager
 def temp_dir(parent: str | Path, name: str, kind: str = "partial") -> Iterator[Path]:
     """:func:`new_temp_dir`, removed when the block ends however it ends (unless it was renamed away)."""
-    path = new_temp_dir(parent, name, kind)
+    path: Optional[Path] = None
     try:
+        path = new_temp_dir(parent, name, kind)
         yield path
     finally:
-        remove_tree(path)
+        if path is not None:
+            remove_tree(path)
 
 
 def _process_start(pid: int) -> Optional[float]:
