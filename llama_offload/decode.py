@@ -196,7 +196,6 @@ class BatchDecoder:
             out.append((seq, token))
         return out
 
-
     @staticmethod
     def _sample(logits: torch.Tensor, temperature: float, top_p: float,
                 generator: torch.Generator) -> torch.Tensor:

@@ -85,11 +85,11 @@ class CopyLoad:
     """Pinned host-to-device copies kept running on a side stream, as the paged blocks' copies run while the
     CPU lane computes: both read host memory, so the CPU blocks are timed under that load."""
 
-    def __init__(self, device: torch.device, nbytes: int = 256 * 2**20):
+    def __init__(self, device: torch.device, gbps: float, nbytes: int = 256 * 2**20):
         self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         self.gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
         self.stream = torch.cuda.Stream(device=device)
-        self.gbps = measure_pcie(device, nbytes, repeats=2)
+        self.gbps = gbps  # the measured bandwidth: how many copies fill a given time
 
     def keep_busy(self, seconds: float) -> None:
         """Queue copies for about ``seconds`` (launching them takes microseconds; they run on their own)."""
@@ -265,12 +265,12 @@ def calibrate(args: ModelArgs, dtype: torch.dtype, device: torch.device, *, thre
         kernel, kernel_ms = min(timed, key=lambda t: t[1])[0], tuple(timed)
         set_cpu_kernel(block, kernel)
     cuda = device.type == "cuda"
-    cpu_ms = measure_cpu_block(block, threads, load=CopyLoad(device) if cuda else None)
+    pcie_gbps = measure_pcie(device)
+    cpu_ms = measure_cpu_block(block, threads, load=CopyLoad(device, pcie_gbps) if cuda else None)
     # Quantized blocks are slow on the CPU with some kernels: fewer alternations for them.
     gpu_block_ms = measure_gpu_block(block, device, threads, repeats=8 if spec is None else 3) if cuda else 0.0
     del block
-    lanes = LaneTimes(measure_pcie(device), cpu_ms, threads, cpu_kernel=kernel, kernel_ms=kernel_ms,
-                      gpu_block_ms=gpu_block_ms)
+    lanes = LaneTimes(pcie_gbps, cpu_ms, threads, cpu_kernel=kernel, kernel_ms=kernel_ms, gpu_block_ms=gpu_block_ms)
     if verbose:
         print(f"llama_offload: calibrated the lanes in {time.perf_counter() - start:.1f} s: PCIe {lanes.pcie_gbps:.1f} "
               f"GB/s, a block on {threads} CPU threads {lanes.cpu_block_ms(1):.2f} ms, a paged block's launch "
