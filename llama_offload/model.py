@@ -230,6 +230,21 @@ class Attention(FusedProjections):
         return self.wo(output)  # (bs, seqlen, dim): with N ranks, the sum of every rank's heads
 
 
+    def forward_causal(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        """Training: every row attends over its own tokens at positions 0..seqlen-1, causally; no KV cache.
+        ``freqs_cis``: (seqlen, head_dim/2)."""
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (bs, seqlen, n_local_heads, head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        keys = repeat_kv(xk, self.n_rep).transpose(1, 2)  # (bs, n_local_heads, seqlen, head_dim)
+        values = repeat_kv(xv, self.n_rep).transpose(1, 2)  # (bs, n_local_heads, seqlen, head_dim)
+        # is_causal lets the fused kernels skip the masked half and keep no (seqlen x seqlen) scores for backward.
+        out = F.scaled_dot_product_attention(xq.transpose(1, 2), keys, values, is_causal=True)  # (bs, n_local_heads, seqlen, head_dim)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))  # (bs, seqlen, dim)
+
+
 class FeedForward(FusedProjections):
     def __init__(self, dim: int, hidden_dim: int, model_parallel_size: int = 1):
         super().__init__()
@@ -262,6 +277,12 @@ class TransformerBlock(nn.Module):
             result = h + self.feed_forward(self.ffn_norm(h))
             return result if out is None else out.copy_(result)
         return torch.add(h, self.feed_forward(self.ffn_norm(h)), out=out)
+
+
+    def forward_causal(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        """Training (train/): the same block over whole sequences from position 0, without a KV cache."""
+        h = x + self.attention.forward_causal(self.attention_norm(x), freqs_cis)
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):

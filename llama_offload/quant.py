@@ -358,6 +358,10 @@ class QuantLinear(_QuantTensors):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_kernel == "native" and x.device.type == "cpu" and self.native_cpu():
             return self._native_cpu_forward(x)
+        if torch.is_grad_enabled():
+            # Training (a LoRA base): autograd keeps the weight for the backward pass, so it may not live in the
+            # shared scratch, which the next matrix overwrites.
+            return _parallel_output(F.linear(x, self.dequantized(x.dtype)), self.parallel, self.gather_output)
         rows = self.chunk_rows()
         if rows >= self.out_features:
             w = self.dequantized(x.dtype, out=SCRATCH.get(self.out_features, self.in_features, x.dtype, x.device))
@@ -413,7 +417,8 @@ def group_weight(linears: list[nn.Module], dtype: torch.dtype, device: torch.dev
     rows = sum(m.out_features for m in linears)
     if any(m.in_features != n_in for m in linears) or rows * n_in > SCRATCH_ELEMENTS:
         return None
-    buf = SCRATCH.get(rows, n_in, dtype, device)
+    # Under autograd the GEMM keeps its weight for the backward pass: a buffer of its own, not the shared scratch.
+    buf = torch.empty(rows, n_in, dtype=dtype, device=device) if torch.is_grad_enabled() else SCRATCH.get(rows, n_in, dtype, device)
     r0 = 0
     for m in linears:
         m.dequantized(dtype, out=buf[r0 : r0 + m.out_features])
