@@ -358,7 +358,7 @@ def finetune(opts: FinetuneOptions, *, show_progress: bool = True) -> Path:
     rank, world = _world()
     trainer = Trainer(prep, show_progress=show_progress)
     if rank == 0:
-        print(f"llama_offload finetune: {prep.inputs.shape[0]} rows of {opts.seq_len} tokens; {world} process(es); "
+        print(f"llama_offload finetune: {prep.inputs.shape[0]} rows of {opts.seq_len} tokens; {world} process{'es' if world > 1 else ''}; "
               f"LoRA rank {prep.config.rank} on {','.join(prep.config.targets)}; {prep.total_steps} steps"
               + (f" (resuming after step {prep.start_step})" if prep.start_step else "")
               + (f"; {trainer.plan.describe()}" if device.type == "cuda" else f"; on {device}"), file=sys.stderr)

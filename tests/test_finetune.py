@@ -1,0 +1,268 @@
+"""Fine-tuning on the CPU: the paged schedule equals plain autograd, resume equals an uninterrupted run, data
+parallel equals one process with the doubled batch, a tiny model learns a text, and every bad input is refused
+before the weights are read."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama_offload.args import ModelArgs
+from llama_offload.train import budget, lora, paged
+from llama_offload.train.finetune import FinetuneOptions, finetune, step_rows
+from llama_offload.train.loss import chunked_cross_entropy
+from tiny import tiny_args, tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+TEXT = "The lighthouse keeper counts the ships every night and writes their names in a blue book."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _adapted(dtype: torch.dtype, targets=lora.TARGETS, seed: int = 1):
+    model = tiny_model(tiny_args(), dtype=dtype)
+    torch.manual_seed(seed)
+    adapter = lora.LoRAAdapter(lora.LoRAConfig(4, 8.0, tuple(targets), lora.ModelShape.of(model.params))).to(dtype)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.1)  # B starts at zero: nonzero B makes every pair's gradient reach the loss
+    lora.attach(model, adapter)
+    return model, adapter
+
+
+def _plain_loss_fn(h, weight, targets, reduction):
+    logits = F.linear(h, weight).float()
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction=reduction)
+
+
+def _batch(seqlen: int = 12):
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 96, (2, seqlen), generator=g)
+    targets = torch.randint(0, 96, (2, seqlen), generator=g)
+    targets[0, :4] = -100  # a prompt part that is not learned
+    return tokens, targets
+
+
+def _one_step(dtype, loss_fn, *, reference: bool):
+    model, adapter = _adapted(dtype)
+    tokens, targets = _batch()
+    freqs = paged.rope_table(model, tokens.shape[1], torch.device("cpu"))
+    count = int((targets != -100).sum())
+    if reference:
+        loss = paged.plain_loss(model, tokens, targets, freqs)
+        (loss / count).backward()
+    else:
+        runner = paged.BlockRunner(model.layers, torch.device("cpu"))
+        loss = paged.paged_loss_and_backward(model, runner, tokens, targets, freqs, count, loss_fn)
+    return loss.detach(), [p.grad.clone() for p in adapter.parameters()]
+
+
+def test_block_by_block_step_equals_plain_autograd_bit_for_bit():
+    # Same loss function on both sides: the recomputed blocks and the hand-driven backward give the same bits.
+    loss_ref, grads_ref = _one_step(torch.float32, None, reference=True)
+    loss, grads = _one_step(torch.float32, _plain_loss_fn, reference=False)
+    assert torch.equal(loss, loss_ref)
+    assert len(grads) == 3 * 7 * 2 and all(g.abs().sum() > 0 for g in grads)
+    for g, r in zip(grads, grads_ref):
+        assert torch.equal(g, r)
+
+
+def test_block_by_block_step_with_chunked_loss_equals_plain_autograd():
+    chunked = lambda h, w, t, reduction: chunked_cross_entropy(h, w, t, chunk_tokens=5, reduction=reduction)
+    loss_ref, grads_ref = _one_step(torch.float64, None, reference=True)
+    loss, grads = _one_step(torch.float64, chunked, reference=False)
+    # The reference rounds its logits to fp32 (as the model's head does); the chunked loss keeps fp64.
+    torch.testing.assert_close(loss.double(), loss_ref.double(), rtol=1e-6, atol=0)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
+def test_causal_training_forward_equals_inference_logits():
+    model = tiny_model(tiny_args(), dtype=torch.float32)
+    tokens, _ = _batch()
+    model.setup_caches(2, 64, "cpu", torch.float32)
+    expected = model(tokens)
+    freqs = paged.rope_table(model, tokens.shape[1], torch.device("cpu"))
+    with torch.no_grad():
+        h = model.tok_embeddings(tokens)
+        for layer in model.layers:
+            h = layer.forward_causal(h, freqs)
+        got = model.output(model.norm(h)).float()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_new_adapter_leaves_the_model_unchanged_and_pairs_are_not_block_parameters():
+    model = tiny_model(tiny_args(), dtype=torch.float32)
+    tokens, _ = _batch()
+    model.setup_caches(2, 64, "cpu", torch.float32)
+    before = model(tokens)
+    block_params = sum(p.numel() for p in model.layers[0].parameters())
+    adapter = lora.LoRAAdapter(lora.LoRAConfig(4, 8.0, lora.TARGETS, lora.ModelShape.of(model.params)))
+    lora.attach(model, adapter)
+    assert torch.equal(model(tokens), before)
+    # The pager copies a block's parameters into pinned pages: the adapter's must stay out of them.
+    assert sum(p.numel() for p in model.layers[0].parameters()) == block_params
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_training_plan_keeps_what_fits_and_refuses_a_budget_below_one_block():
+    args = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, max_seq_len=4096)
+    block = 202 * 1024**2 * 2
+    kw = dict(block_bytes=block, fixed_weight_bytes=2 * 32000 * 4096 * 2, lora_params=40_000_000, seq_len=4096,
+              batch_size=1, itemsize=2, lora_rank=16, offload_activations=True)
+    assert budget.plan_training(args, gpu_memory_gb=None, **kw).resident_layers == 0
+    small, large = budget.plan_training(args, gpu_memory_gb=8, **kw), budget.plan_training(args, gpu_memory_gb=16, **kw)
+    assert 0 < small.resident_layers < large.resident_layers < 32
+    assert small.expected_peak_bytes <= 8 * 1024**3 < small.expected_peak_bytes + block
+    assert budget.plan_training(args, gpu_memory_gb=80, **kw).resident_layers == 32
+    with pytest.raises(ValueError, match=r"too small to train one block at --seq_len 4096"):
+        budget.plan_training(args, gpu_memory_gb=2, **kw)
+    assert budget.loss_chunk_tokens(128256) == 523
+
+
+def test_step_rows_are_a_fixed_permutation_per_epoch():
+    rows = torch.cat([step_rows(s, 3, 7, seed=5) for s in range(7)])  # 21 rows: three epochs of 7
+    for epoch in range(3):
+        assert sorted(rows[7 * epoch : 7 * epoch + 7].tolist()) == list(range(7))
+    assert torch.equal(step_rows(4, 3, 7, seed=5), rows[12:15])
+
+
+# --- the whole command ----------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def text_data(tmp_path: Path) -> Path:
+    path = tmp_path / "train.jsonl"
+    lines = [{"text": TEXT}, {"messages": [{"role": "user", "content": "What colour is the book?"},
+                                           {"role": "assistant", "content": "The book is blue."}]}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def _opts(tiny_ckpt: Path, data_path: Path, out: Path, **kw) -> FinetuneOptions:
+    base = dict(data=str(data_path), out=str(out), ckpt_dir=str(tiny_ckpt), tokenizer_path=str(tiny_ckpt.parent / "tokenizer.model"),
+                seq_len=16, lora_rank=4, lr=1e-2, device="cpu")
+    base.update(kw)
+    return FinetuneOptions(**base)
+
+
+def _state(out: Path) -> dict:
+    return torch.load(out / lora.STATE_FILE, weights_only=False)
+
+
+def test_resume_equals_the_uninterrupted_run(tiny_ckpt, text_data, tmp_path):
+    finetune(_opts(tiny_ckpt, text_data, tmp_path / "whole", steps=6, batch_size=2, eval_data=str(text_data),
+                   eval_every=2), show_progress=False)
+    finetune(_opts(tiny_ckpt, text_data, tmp_path / "parts", steps=3, batch_size=2, eval_data=str(text_data),
+                   eval_every=2), show_progress=False)
+    assert _state(tmp_path / "parts")["step"] == 3
+    finetune(_opts(tiny_ckpt, text_data, tmp_path / "parts", steps=6, batch_size=2, eval_data=str(text_data),
+                   eval_every=2, resume=True), show_progress=False)
+    whole, parts = _state(tmp_path / "whole"), _state(tmp_path / "parts")
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    # Step 3 ends the first part, so that run evaluated there; the whole run did not.
+    assert [r["loss"] for r in whole["history"]] == [r["loss"] for r in parts["history"]]
+    assert strip(whole["history"])[3:] == strip(parts["history"])[3:]
+    assert len(whole["history"]) == 6 and whole["history"][-1]["loss"] < whole["history"][0]["loss"]
+    for name, t in whole["adapter"].items():
+        assert torch.equal(t, parts["adapter"][name]), name
+
+
+def test_an_interrupted_run_saves_and_resumes_where_it_stopped(tiny_ckpt, text_data, tmp_path, monkeypatch):
+    from llama_offload.train import finetune as ft
+
+    finetune(_opts(tiny_ckpt, text_data, tmp_path / "whole", steps=4), show_progress=False)
+    real = ft.Trainer.train_step
+
+    def stop_at_two(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(ft.Trainer, "train_step", stop_at_two)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_opts(tiny_ckpt, text_data, tmp_path / "cut", steps=4), show_progress=False)
+    assert _state(tmp_path / "cut")["step"] == 2
+    monkeypatch.setattr(ft.Trainer, "train_step", real)
+    finetune(_opts(tiny_ckpt, text_data, tmp_path / "cut", steps=4, resume=True), show_progress=False)
+    assert [r["loss"] for r in _state(tmp_path / "whole")["history"]] == [r["loss"] for r in _state(tmp_path / "cut")["history"]]
+
+
+def test_two_process_data_parallel_equals_one_process_with_the_doubled_batch(tiny_ckpt, text_data, tmp_path):
+    finetune(_opts(tiny_ckpt, text_data, tmp_path / "one", steps=3, batch_size=2), show_progress=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           str(REPO / "scripts" / "finetune.py"), "--data", str(text_data), "--out", str(tmp_path / "two"),
+           "--ckpt_dir", str(tiny_ckpt), "--tokenizer_path", str(tiny_ckpt.parent / "tokenizer.model"),
+           "--seq_len", "16", "--lora_rank", "4", "--lr", "0.01", "--device", "cpu", "--steps", "3", "--batch_size", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = _state(tmp_path / "one"), _state(tmp_path / "two")
+    assert two["world_size"] == 2
+    for a, b in zip(one["history"], two["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for name, t in one["adapter"].items():
+        torch.testing.assert_close(two["adapter"][name], t, rtol=1e-4, atol=1e-5)  # Adam amplifies rounding in near-zero gradients
+
+
+def test_errors_are_refused_before_the_weights_are_read(tiny_ckpt, text_data, tmp_path, monkeypatch):
+    from llama_offload.train import finetune as ft
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were loaded before the error")
+
+    monkeypatch.setattr(ft, "load_model", no_load)
+    out = tmp_path / "out"
+    cases = [
+        (dict(lora_targets="wq,wz"), ValueError, r"--lora_targets .* found wz"),
+        (dict(steps=2, epochs=1), ValueError, r"--steps or --epochs, not both"),
+        (dict(lora_rank=0), ValueError, r"--lora_rank must be a whole number >= 1"),
+        (dict(data=str(tmp_path / "missing.jsonl")), FileNotFoundError, r"missing.jsonl does not exist"),
+        (dict(resume=True), FileNotFoundError, r"holds no saved run"),
+    ]
+    short = tmp_path / "short"  # the same model, trained for 64 positions as its params.json records
+    shutil.copytree(tiny_ckpt, short)
+    params = json.loads((short / "params.json").read_text())
+    (short / "params.json").write_text(json.dumps({**params, "max_seq_len": 64}))
+    cases.append((dict(ckpt_dir=str(short), seq_len=128), ValueError,
+                   r"--seq_len 128 is above the 64 tokens this model was trained for"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    cases.append((dict(data=str(empty)), ValueError, r"empty.jsonl.*no examples"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
+    cases.append((dict(data=str(bad)), ValueError, r"bad.jsonl.*line 2"))
+    for kw, error, message in cases:
+        with pytest.raises(error, match=message):
+            finetune(_opts(tiny_ckpt, text_data, out, **{"steps": 1, **kw}), show_progress=False)
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty; nothing in it is overwritten"):
+        finetune(_opts(tiny_ckpt, text_data, out, steps=1), show_progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_resume_refuses_other_flags_or_data(tiny_ckpt, text_data, tmp_path):
+    out = tmp_path / "run"
+    finetune(_opts(tiny_ckpt, text_data, out, steps=1), show_progress=False)
+    with pytest.raises(ValueError, match=r"seq_len 16 \(now 32\)"):
+        finetune(_opts(tiny_ckpt, text_data, out, steps=2, seq_len=32, resume=True), show_progress=False)
+    with pytest.raises(ValueError, match=r"already did 1 steps"):
+        finetune(_opts(tiny_ckpt, text_data, out, steps=1, resume=True), show_progress=False)
+    text_data.write_text(json.dumps({"text": "other words"}) + "\n")
+    with pytest.raises(ValueError, match=r"data the saved run's file"):
+        finetune(_opts(tiny_ckpt, text_data, out, steps=2, resume=True), show_progress=False)
