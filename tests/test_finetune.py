@@ -266,3 +266,35 @@ def test_resume_refuses_other_flags_or_data(tiny_ckpt, text_data, tmp_path):
     text_data.write_text(json.dumps({"text": "other words"}) + "\n")
     with pytest.raises(ValueError, match=r"data the saved run's file"):
         finetune(_opts(tiny_ckpt, text_data, out, steps=2, resume=True), show_progress=False)
+
+
+def test_quantized_base_trains_through_its_own_dequantized_weights():
+    # QLoRA-style: the frozen matrices are int4; under autograd each is dequantized into a tensor of its own
+    # (not the shared scratch the next matrix would overwrite), so the block-by-block step still equals autograd.
+    from llama_offload.quant import QuantLinear, quantize_matrix
+
+    def quantized(dtype):
+        model, adapter = _adapted(dtype)
+        for layer in model.layers:
+            for owner in (layer.attention, layer.feed_forward):
+                for name in lora.TARGETS:
+                    if hasattr(owner, name):
+                        wrapped = getattr(owner, name)
+                        q = quantize_matrix(wrapped.base.weight.detach().float(), 4, 32)
+                        wrapped.base = QuantLinear(q["weight"], q["scales"], q.get("mins"))
+        return model, adapter
+
+    tokens, targets = _batch()
+    count = int((targets != -100).sum())
+    grads = []
+    for reference in (True, False):
+        model, adapter = quantized(torch.float32)
+        freqs = paged.rope_table(model, tokens.shape[1], torch.device("cpu"))
+        if reference:
+            (paged.plain_loss(model, tokens, targets, freqs) / count).backward()
+        else:
+            runner = paged.BlockRunner(model.layers, torch.device("cpu"))
+            paged.paged_loss_and_backward(model, runner, tokens, targets, freqs, count, _plain_loss_fn)
+        grads.append([p.grad for p in adapter.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert all(g.abs().sum() > 0 for g in grads[1])

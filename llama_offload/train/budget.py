@@ -74,7 +74,7 @@ def plan_training(params: ModelArgs, *, block_bytes: int, fixed_weight_bytes: in
     tokens = seq_len * batch_size
     checkpoint = tokens * params.dim * itemsize
     checkpoints = (3 if offload_activations else params.n_layers) * checkpoint
-    loss = 3 * loss_chunk_tokens(params.vocab_size) * params.vocab_size * 4 + 2 * tokens * params.dim * 4
+    loss = 3 * min(tokens, loss_chunk_tokens(params.vocab_size)) * params.vocab_size * 4 + 2 * tokens * params.dim * 4
     activations = block_activation_bytes(params, tokens, itemsize, lora_rank) + loss + checkpoints
     fixed = fixed_weight_bytes + 16 * lora_params + CUDA_CONTEXT_BYTES  # LoRA: weight, grad, two moments
     n = params.n_layers
