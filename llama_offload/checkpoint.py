@@ -401,6 +401,7 @@ def load_model(
     vocab_parallel_embedding: Optional[bool] = None,
     quantize: Optional[QuantSpec] = None,
     quantize_device: Optional[torch.device | str] = None,
+    lora: Optional[object] = None,
 ) -> Transformer:
     """Build a CPU ``Transformer`` from a Meta checkpoint directory, in eval mode, caches not set up.
 
@@ -413,6 +414,9 @@ def load_model(
     it loads, on ``quantize_device`` (default the CPU; the codes are the same on a GPU, only faster). Under model
     parallelism an int8 embedding and head are dequantized (they are split as plain matrices); every rank keeps
     whole groups of the blocks' matrices.
+    ``lora`` (a ``train.lora.LoRAAdapter``, or its directory): merged into the 16-bit weights as they are loaded,
+    rounded once to the checkpoint's dtype, before ``quantize`` and ``dtype`` (merge_checkpoint.py); refused for a
+    quantized checkpoint and under model parallelism.
     """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
@@ -436,10 +440,22 @@ def load_model(
     stored_quantization = read_quantization(ckpt_dir)
     if stored_quantization is not None and quantize is not None:
         raise ValueError(already_quantized_message(ckpt_dir, quantize))
+    if lora is not None:
+        from .merge_checkpoint import merge_state_dict, model_parallel_lora_message, quantized_lora_message
+        from .train.lora import ModelShape, check_shape, load_adapter
+
+        if stored_quantization is not None:
+            raise ValueError(quantized_lora_message(ckpt_dir))
+        if n > 1:
+            raise ValueError(model_parallel_lora_message())
+        adapter = lora if isinstance(lora, torch.nn.Module) else load_adapter(lora, "cpu")  # type: ignore[arg-type]
+        check_shape(adapter.config.shape, ModelShape.of(args), "the LoRA adapter")
     if stored_quantization is not None:
         state_dict, vocab_parallel = _load_quantized(ckpt_dir, args, show_progress, rank, n, vocab_parallel_embedding)
     else:
         state_dict, vocab_parallel = _load_state_dict(ckpt_dir, args, show_progress, rank, n, vocab_parallel_embedding)
+        if lora is not None:  # into the weights as stored: what llama-offload merge writes, then quantized
+            state_dict = merge_state_dict(state_dict, adapter, show_progress=show_progress)
         if quantize is not None:
             state_dict = quantize_state_dict(state_dict, args, quantize if n == 1 else _plain_embeddings(quantize),
                                              show_progress=show_progress, device=quantize_device)

@@ -1,4 +1,5 @@
-"""The ``llama-offload`` command: ``complete``, ``chat``, ``serve``, ``info``, ``convert``, ``quantize`` and ``tokenize``.
+"""The ``llama-offload`` command: ``complete``, ``chat``, ``serve``, ``info``, ``convert``, ``quantize``, ``merge`` and
+``tokenize``.
 
     llama-offload complete "Once upon a time" "The capital of France is" --ckpt_dir DIR
     llama-offload chat --ckpt_dir DIR --system "Answer briefly."
@@ -6,6 +7,7 @@
     llama-offload info --ckpt_dir DIR --max_seq_len 4096 --max_batch_size 1
     llama-offload convert model.gguf --out checkpoints/NAME      (or a Hugging Face Llama directory)
     llama-offload quantize --ckpt_dir checkpoints/NAME --out checkpoints/NAME-int4 --bits 4
+    llama-offload merge --ckpt_dir checkpoints/NAME --lora ADAPTER_DIR --out checkpoints/NAME-tuned
     llama-offload tokenize --tokenizer_path tokenizer.model --text "Hello"    (or --dialog '[...]')
 
 Without --ckpt_dir every command uses the default model (SmolLM2-135M-Instruct, made on first use).
@@ -34,14 +36,15 @@ from .options import (
 )
 from .plan import available_host_bytes, plan_host, plan_offload
 from .lanes import lanes_for_run
+from .merge_checkpoint import check_lora, describe as describe_lora
 from .preflight import check_context_length, stored_spec, stored_weight_bytes
 from .run_options import RunOptions
 from .text_input import TextInputError, a_type, check_dialog, check_text, decode_text, read_stdin_lines, \
     tolerate_undecodable_stdin
 from .tokenizer import check_vocab_size, load_tokenizer
 
-__all__ = ["chat", "chat_repl", "complete", "convert", "empty_completion_hint", "info", "main", "param_counts",
-           "quantize", "serve", "token_ids", "tokenize", "version"]
+__all__ = ["chat", "chat_repl", "complete", "convert", "empty_completion_hint", "info", "main", "merge",
+           "param_counts", "quantize", "serve", "token_ids", "tokenize", "version"]
 
 
 @run_options_command(defaults=dict(max_seq_len=128, max_batch_size=4))
@@ -412,6 +415,8 @@ def info(*, options: RunOptions) -> None:
             vocab_note = f" (params.json says -1: taken from {tok})"
         else:
             check_vocab_size(tokenizer, args.vocab_size, source=str(ckpt / "params.json"))
+    # --lora: its config, its shape against params.json, and an unquantized checkpoint to merge it into.
+    lora = None if options.lora is None else check_lora(options.lora, ckpt, args)
     # The shard files must be there with the sizes params.json implies (a quantized one: its tensors must fit it).
     _, sizes = stored_weight_bytes(ckpt, args, options.quant_spec, want_dtype)
     context, context_source = checkpoint_context_length(ckpt, args)
@@ -441,6 +446,13 @@ def info(*, options: RunOptions) -> None:
     print(f"checkpoint     {ckpt}")
     if meta:
         print(f"converted from {meta.get('source', '?')}; chat format {meta.get('chat_format') or 'none recorded'}")
+    for merged in meta.get("lora_merged") or []:
+        if isinstance(merged, dict):
+            print(f"merged adapter LoRA rank {merged.get('rank', '?')}, targets "
+                  f"{','.join(map(str, merged.get('targets') or [])) or '?'}, from {merged.get('path', '?')}")
+    if lora is not None:
+        print(f"adapter        {options.lora}: {describe_lora(lora)}; merged into the weights while loading"
+              f"{', before --quantize' if options.quant_spec is not None else ''}")
     print(f"dtype          {dtype_note}")
     print(f"model          dim {args.dim}, {n_layers} layers, {args.n_heads} heads, {args.kv_heads} kv heads, "
           f"head_dim {args.head_dim}, ffn hidden {args.ffn_hidden_dim}, vocab {args.vocab_size}{vocab_note}, "
@@ -529,6 +541,31 @@ def quantize(ckpt_dir: str, out: str, bits: Optional[int] = None, group_size: Op
         done = quantize_checkpoint(Path(ckpt_dir).expanduser(), out, spec, tokenizer_path=tokenizer_path,
                                    force=bool(force))
     print(f"quantized {Path(ckpt_dir).expanduser()} -> {done} ({spec.name})")
+    print(f"run it with: llama-offload chat --ckpt_dir {done}")
+
+
+def merge(ckpt_dir: str, lora: str, out: str, tokenizer_path: Optional[str] = None, force: bool = False) -> None:
+    """Write a copy of a Meta checkpoint with a LoRA adapter merged into its weights (its dtype and shards kept).
+
+    Args:
+        ckpt_dir: the 16-bit (or float32) checkpoint the adapter was trained on; a quantized one is refused (merge
+            into its unquantized original, then quantize the result).
+        lora: the adapter directory (adapter_config.json, adapter.safetensors) llama-offload finetune wrote.
+        out: the directory to write, neither ckpt_dir nor inside it; an existing one needs --force.
+        tokenizer_path: the tokenizer to copy (default: the one found in ckpt_dir or beside it).
+        force: replace an existing output directory, only one holding a checkpoint llama_offload wrote
+            (llama_offload.json), and only once the new one is complete.
+    """
+    from .cleanup import exit_on_signal
+    from .merge_checkpoint import merge_checkpoint
+
+    for name, value in (("ckpt_dir", ckpt_dir), ("lora", lora), ("out", out)):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
+            raise ValueError(f"--{name} takes a directory, found {value!r}.")
+    with exit_on_signal("llama-offload merge"):
+        done = merge_checkpoint(Path(str(ckpt_dir)).expanduser(), Path(str(lora)).expanduser(), str(out),
+                                tokenizer_path=tokenizer_path, force=bool(force))
+    print(f"merged {Path(str(lora)).expanduser()} into {Path(str(ckpt_dir)).expanduser()} -> {done}")
     print(f"run it with: llama-offload chat --ckpt_dir {done}")
 
 
@@ -676,7 +713,7 @@ def main() -> None:
     if sys.argv[1:2] == ["tokenize"]:  # its flags must reach it exactly as typed
         sys.argv[2:] = _keep_as_text(sys.argv[2:], ("text", "dialog"))
     fire_main({"complete": complete, "chat": chat, "serve": serve, "info": info, "convert": convert,
-               "quantize": quantize, "tokenize": tokenize},
+               "quantize": quantize, "merge": merge, "tokenize": tokenize},
               name="llama-offload")
 
 

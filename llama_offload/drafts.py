@@ -2,7 +2,8 @@
 
 - ``ngram``: prompt lookup (speculative.NgramDraft), no weights.
 - ``int4`` / ``int8``: the target checkpoint loaded again and quantized, kept whole on the run's device. It is the
-  same model in fewer bits, so most drafts are kept, and it costs a quarter / half of the 16-bit bytes.
+  same model in fewer bits, so most drafts are kept, and it costs a quarter / half of the 16-bit bytes. With
+  ``--lora`` the adapter is merged into it too, before it is quantized: it stays the adapted model's copy.
 - a directory: a separate, smaller checkpoint (Llama 3.2 1B for Llama 3.1 8B, TinyLlama for Llama 2). Its tokenizer
   must give the target's ids, checked before any weight is read.
 
@@ -98,9 +99,13 @@ def budget_after_draft(opts: RunOptions, draft_bytes: int) -> Optional[float]:
 
 
 def build_draft(opts: RunOptions, ckpt_dir: str | Path, tokenizer: Tokenizer,
-                device: torch.device) -> tuple[Optional[Draft], int]:
+                device: torch.device, lora: Optional[object] = None) -> tuple[Optional[Draft], int]:
     """The draft ``opts.draft`` names (None without ``--draft``), its model loaded and placed on ``device``, and
-    the GPU bytes it took (measured: ``draft_gpu_bytes`` is the estimate made before loading)."""
+    the GPU bytes it took (measured: ``draft_gpu_bytes`` is the estimate made before loading).
+
+    ``lora``: the adapter (``--lora``) the model merges; an int4/int8 self-draft merges it too before it is
+    quantized, so that it stays the model's own copy and its drafts keep being accepted. A draft directory is
+    another model: the adapter is not for it, and it is loaded as it is (the output is the model's either way)."""
     if opts.draft is None:
         return None, 0
     if opts.draft == "ngram":
@@ -116,12 +121,12 @@ def build_draft(opts: RunOptions, ckpt_dir: str | Path, tokenizer: Tokenizer,
                              "the model itself. Use --draft ngram or a draft checkpoint directory.")
         source, quantize = Path(ckpt_dir), SELF_DRAFT_SPECS[opts.draft]
     else:
-        source, quantize = Path(opts.draft).expanduser(), None
+        source, quantize, lora = Path(opts.draft).expanduser(), None, None
     dtype = opts.torch_dtype or (torch.float32 if device.type == "cpu" else None)
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     model = load_model(source, max_seq_len=max_seq_len, max_batch_size=opts.max_batch_size, dtype=dtype,
                        vocab_size=tokenizer.n_words, show_progress=False, model_parallel_size=1,
-                       quantize=quantize, quantize_device=device if device.type == "cuda" else None)
+                       quantize=quantize, quantize_device=device if device.type == "cuda" else None, lora=lora)
     packed = offload(model, max_batch_size=opts.max_batch_size, max_seq_len=max_seq_len, device=device,
                      resident=device.type == "cuda", cuda_graphs=opts.cuda_graphs)
     held = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else 0

@@ -92,7 +92,12 @@ class Llama:
         Under torchrun with N > 1 processes the model is split over them (parallel.py): each rank loads and
         pages 1/N of every block on GPU LOCAL_RANK, ``gpu_memory_gb`` is each rank's budget, and every rank
         samples with the same seed from the same gathered logits, so all of them produce the same tokens.
-        ``vocab_parallel_embedding`` overrides how the embedding is split (see checkpoint.py)."""
+        ``vocab_parallel_embedding`` overrides how the embedding is split (see checkpoint.py).
+
+        ``lora=ADAPTER_DIR`` merges a LoRA adapter into the 16-bit weights while they load, before ``quantize`` and
+        offloading: the model computes with exactly the weights ``llama-offload merge`` would write (one process,
+        an unquantized checkpoint; see merge_checkpoint.py). A ``draft`` of int4/int8 is made from the merged
+        weights too."""
         sizes = {k: v for k, v in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)) if v is not None}
         opts = RunOptions.from_flags({**sizes, **flags, "ckpt_dir": str(ckpt_dir), "tokenizer_path": str(tokenizer_path)},
                                      base=options)
@@ -113,14 +118,19 @@ class Llama:
                              "or run the model in one process.")
         if opts.draft not in (None, "ngram", "int4", "int8"):
             check_draft_tokenizer(Path(opts.draft).expanduser(), tokenizer)  # before any weight is read
+        adapter = None
+        if opts.lora is not None:  # its tensors are read (and checked against its config) before the shards
+            from .train.lora import load_adapter
+
+            adapter = load_adapter(opts.lora, "cpu")
         model = load_model(ckpt_dir, max_seq_len=opts.max_seq_len, max_batch_size=opts.max_batch_size, dtype=dtype,
                            vocab_size=tokenizer.n_words, show_progress=parallel.is_rank0(),
                            vocab_parallel_embedding=vocab_parallel_embedding, quantize=opts.quant_spec,
-                           quantize_device=target if target.type == "cuda" else None)
+                           quantize_device=target if target.type == "cuda" else None, lora=adapter)
         check_vocab_size(tokenizer, model.vocab_size, source=str(Path(ckpt_dir) / "params.json"))
         if target.type == "cuda" and target.index is None and model.model_parallel_size > 1:
             target = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU: LOCAL_RANK
-        draft, draft_bytes = build_draft(opts, ckpt_dir, tokenizer, target)
+        draft, draft_bytes = build_draft(opts, ckpt_dir, tokenizer, target, lora=adapter)
         model = offload_model(model, max_batch_size=opts.max_batch_size, max_seq_len=opts.max_seq_len,
                               num_slices=opts.num_slices, gpu_memory_gb=budget_after_draft(opts, draft_bytes),
                               device=target,

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -22,6 +22,7 @@ from .checkpoint import already_quantized_message, check_shard_sizes, checkpoint
 from .convert import read_checkpoint_meta
 from .drafts import draft_gpu_bytes
 from .lanes import lanes_for_run
+from .merge_checkpoint import check_lora
 from .plan import GiB, HostPlan, OffloadPlan, WeightBytes, linear_shapes, check_host_memory, plan_host, plan_offload, weight_bytes
 from .quant import LINEAR_NAMES, QuantSpec, format_name
 from .quant_load import quantized_prefixes, read_quantization
@@ -45,6 +46,7 @@ class Preflight:
     plan: OffloadPlan
     host: HostPlan
     cpu_threads: Optional[int] = None  # the CPU lane's threads, when the plan has one
+    lora: Optional[Any] = None  # --lora's config (train.lora.LoRAConfig), checked against the checkpoint
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
@@ -84,6 +86,9 @@ def check_before_load(ckpt_dir: str | Path, tokenizer_path: str | Path, options:
     shards = find_shards(ckpt_dir)  # names only: a missing directory or shard is reported first
     args = ModelArgs.from_json(ckpt_dir / "params.json", max_seq_len=opts.max_seq_len,
                                max_batch_size=opts.max_batch_size)
+    # The adapter's config, its shape against params.json, an unquantized checkpoint, one process.
+    lora = (check_lora(opts.lora, ckpt_dir, args, model_parallel_size=model_parallel_size)
+            if opts.lora is not None else None)
     tokenizer = load_tokenizer(tokenizer_path)
     if args.vocab_size == -1:
         args = dataclasses.replace(args, vocab_size=tokenizer.n_words)
@@ -123,12 +128,13 @@ def check_before_load(ckpt_dir: str | Path, tokenizer_path: str | Path, options:
                                 all_resident=True, sizes=sizes)
         host = plan_host(cpu_plan, on_cpu=True, processes=_local_processes(model_parallel_size))
     else:
-        load_copy = dtype.itemsize != itemsize or len(shards) > 1
+        # Merged matrices are new tensors: count the weights as a copy, as for a dtype change.
+        load_copy = dtype.itemsize != itemsize or len(shards) > 1 or lora is not None
         host = plan_host(plan, on_cpu=False, load_copy=load_copy, processes=_local_processes(model_parallel_size))
     if check_memory:
         check_host_memory(host)
     return Preflight(args, tokenizer, chat_format, device, dtype, itemsize, len(shards), context, source, plan, host,
-                     threads if plan.cpu_layers else None)
+                     threads if plan.cpu_layers else None, lora)
 
 
 def stored_spec(ckpt_dir: str | Path, spec: Optional[QuantSpec]) -> Optional[QuantSpec]:

@@ -253,7 +253,9 @@ class _Scratch:
         if buf is None or buf.numel() < rows * cols:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("internal: the dequantization scratch buffer would grow during a CUDA graph capture")
-            buf = self.buffers[key] = torch.empty(rows * cols, dtype=dtype, device=device)
+            # A normal tensor even when first made in inference mode: training's no-grad forward writes it too.
+            with torch.inference_mode(False):
+                buf = self.buffers[key] = torch.empty(rows * cols, dtype=dtype, device=device)
         return buf[: rows * cols].view(rows, cols)
 
     def nbytes(self, device: torch.device) -> int:

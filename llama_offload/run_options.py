@@ -61,6 +61,11 @@ class RunOptions:
                                             "output channel.")
     quantize_embeddings: bool = _flag(False, "with --quantize, the embedding and output head in int8 too (default: "
                                              "they keep 16 bits).")
+    lora: Optional[str] = _flag(None, "a LoRA adapter directory (adapter_config.json, adapter.safetensors, as "
+                                      "llama-offload finetune writes it), merged into the 16-bit weights while "
+                                      "loading, before --quantize and offloading. Needs an unquantized checkpoint "
+                                      "in one process (else: llama-offload merge, then run the merged checkpoint). "
+                                      "Default: none.")
     draft: Optional[str] = _flag(None, "speculative decoding: ngram (drafts copied from earlier text), int4 or int8 "
                                        "(the model's own quantized copy, kept on the GPU), or a draft checkpoint "
                                        "directory with the same tokenizer (kept on the GPU). Output is the model's "
@@ -121,6 +126,8 @@ class RunOptions:
                                  "int4, int8, a draft checkpoint directory), or drop --num_draft_tokens.")
         if self.draft is not None:
             check_draft_name(str(self.draft))
+        if self.lora is not None:
+            check_lora_dir(self.lora)
         if self.cpu_blocks is not None and (isinstance(self.cpu_blocks, bool) or not isinstance(self.cpu_blocks, int)
                                             or self.cpu_blocks < 0):
             raise ValueError(f"--cpu_blocks must be a whole number of blocks, 0 or more, found {self.cpu_blocks!r} "
@@ -131,7 +138,7 @@ class RunOptions:
                 raise ValueError("--cpu_threads sets the CPU lane's threads, but --cpu_blocks 0 turns the lane off. "
                                  "Drop one of them.")
         torch_dtype = parse_dtype(self.dtype)
-        text = {n: getattr(self, n) for n in ("ckpt_dir", "tokenizer_path", "device", "chat_format", "draft")}
+        text = {n: getattr(self, n) for n in ("ckpt_dir", "tokenizer_path", "device", "chat_format", "draft", "lora")}
         if self.device is not None:
             check_device_name(str(self.device))
         if self.chat_format is not None and str(self.chat_format) not in CHAT_FORMATS:
@@ -186,6 +193,20 @@ def check_draft_name(draft: str) -> str:
     raise ValueError(f"--draft {draft!r} is neither {', '.join(SELF_DRAFTS)} nor an existing directory: expected "
                      "ngram (prompt lookup), int4 or int8 (the model's own quantized copy), or the directory of a "
                      "draft checkpoint that shares the model's tokenizer.")
+
+
+def check_lora_dir(lora: Any) -> str:
+    """``--lora``: a directory holding an adapter whose config reads and checks (its shape is checked against the
+    checkpoint's in preflight, its tensors when it is loaded)."""
+    from pathlib import Path
+
+    from .train.lora import read_config
+
+    if isinstance(lora, bool) or not isinstance(lora, (str, int, float, Path)) or not str(lora).strip():
+        raise ValueError(f"--lora takes a LoRA adapter directory (as llama-offload finetune writes it), found "
+                         f"{lora!r}. For example --lora checkpoints/my-adapter.")
+    read_config(str(lora))  # missing directory, missing files, a damaged or foreign config: one line each
+    return str(lora)
 
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")

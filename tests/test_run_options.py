@@ -47,14 +47,16 @@ NOT_FLAGS: dict[str, tuple[str, ...]] = {
 }
 
 # Two sets of flags that between them give every field a value other than its default (num_slices and
-# gpu_memory_gb exclude each other). The paths are filled in by the fixture.
+# gpu_memory_gb exclude each other). The paths are filled in by the fixture; ADAPTER by a LoRA adapter made for
+# the tiny checkpoint.
+ADAPTER = "<a LoRA adapter for tiny_ckpt>"
 FLAG_SETS: dict[str, dict[str, Any]] = {
     "slices": dict(max_seq_len=256, max_batch_size=3, offload=False, num_slices=2, device="cpu", dtype="bfloat16",
                    seed=7, chat_format="llama2", cuda_graphs=False, prefill_chunk=16,
                    allow_long_context=True, draft="ngram", num_draft_tokens=6, cpu_blocks=0),
     "budget": dict(max_seq_len=200, max_batch_size=2, gpu_memory_gb=1.5, dtype="float16", seed=0,
                    chat_format="llama2", prefill_chunk=64, quantize="int4", group_size=32, quantize_embeddings=True,
-                   cpu_blocks=2, cpu_threads=1),
+                   cpu_blocks=2, cpu_threads=1, lora=ADAPTER),
 }
 
 
@@ -161,12 +163,22 @@ def test_flag_sets_cover_every_field() -> None:
     assert not missing, f"give {missing} a non-default value in FLAG_SETS, so the round trip covers them"
 
 
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_ckpt: Path) -> Path:
+    """A LoRA adapter (as finetune saves one) shaped for tiny_ckpt: --lora's config is read when flags are checked."""
+    from llama_offload.train.lora import LoRAAdapter, LoRAConfig, ModelShape, save_adapter
+
+    args = ModelArgs.from_json(tiny_ckpt / "params.json")
+    return save_adapter(LoRAAdapter(LoRAConfig(2, 4.0, ("wq", "wv"), ModelShape.of(args))), tiny_ckpt.parent / "lora")
+
+
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("flag_set", sorted(FLAG_SETS))
-def test_flags_round_trip(recorders: list, monkeypatch: pytest.MonkeyPatch, tiny_ckpt: Path, entry: str,
-                          flag_set: str) -> None:
+def test_flags_round_trip(recorders: list, monkeypatch: pytest.MonkeyPatch, tiny_ckpt: Path, tiny_adapter: Path,
+                          entry: str, flag_set: str) -> None:
     tok = tiny_ckpt.parent / "tokenizer.model"
-    flags = dict(FLAG_SETS[flag_set], ckpt_dir=str(tiny_ckpt), tokenizer_path=str(tok))
+    flags = {k: str(tiny_adapter) if v == ADAPTER else v for k, v in FLAG_SETS[flag_set].items()}
+    flags.update(ckpt_dir=str(tiny_ckpt), tokenizer_path=str(tok))
     got = options_of(monkeypatch, entry, *as_argv(flags_for(entry, flags)))
     want = expected(entry, flags, tiny_ckpt, tok)
     if isinstance(got, Planned):

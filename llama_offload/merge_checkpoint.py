@@ -1,0 +1,215 @@
+"""A LoRA adapter merged into a Meta checkpoint's weights: at load time (``--lora``) or once, on disk
+(``llama-offload merge``).
+
+Both add ``scale * B @ A`` (computed in fp32 on the CPU) to each target matrix and round the sum once to the
+checkpoint's own dtype, as ``train.lora.merge_into`` does to a model: so a run with ``--lora DIR`` computes with
+exactly the weights that ``llama-offload merge`` writes, and the merged checkpoint keeps the input's dtype.
+``--lora`` merges right after the 16-bit weights are read, before ``--quantize`` and before offloading.
+
+Refused, with what to do instead: a quantized checkpoint (written by ``llama-offload quantize``, or a GGUF
+conversion that kept quantized blocks: its ``llama_offload.json`` records a ``quantization``), whose codes
+cannot take a dense update; and ``--lora`` under model parallelism, where each rank holds a slice of every
+matrix. ``llama-offload merge`` writes a checkpoint with the input's shards (a 2-shard 13B stays 2 shards, each
+shard merged with its part of the update, never the whole model in memory), which runs like any other,
+model-parallel included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from .args import ModelArgs
+
+__all__ = ["check_lora", "lora_deltas", "merge_checkpoint", "merge_state_dict", "quantized_lora_message"]
+
+
+def _say(msg: str) -> None:
+    print(f"llama_offload: {msg}", file=sys.stderr, flush=True)
+
+
+def quantized_lora_message(ckpt_dir: str | Path, flag: str = "--lora") -> str:
+    return (f"{flag} needs 16-bit (or float32) weights to merge the adapter into, but {ckpt_dir} is quantized (its "
+            "llama_offload.json records a quantization: written by llama-offload quantize, or converted from a GGUF "
+            "whose quantized blocks were kept). Merge the adapter into the unquantized checkpoint instead: "
+            "llama-offload merge --ckpt_dir UNQUANTIZED --lora ADAPTER --out MERGED, then quantize that "
+            "(llama-offload quantize --ckpt_dir MERGED ..., or run it with --quantize). From a GGUF, an unquantized "
+            "checkpoint is llama-offload convert model.gguf --out DIR --dtype bfloat16.")
+
+
+def model_parallel_lora_message() -> str:
+    return ("--lora is not supported with several processes (model parallelism): each rank holds a slice of every "
+            "matrix, and merging into split weights is not supported. Merge the adapter once with llama-offload "
+            "merge --ckpt_dir CKPT --lora ADAPTER --out MERGED, then run MERGED (with as many processes as before).")
+
+
+def check_lora(lora_dir: str | Path, ckpt_dir: str | Path, args: ModelArgs, *, model_parallel_size: int = 1,
+               flag: str = "--lora") -> Any:
+    """The adapter's config (``train.lora.LoRAConfig``), checked against the checkpoint without reading a weight:
+    the config itself, the model shape it was trained on, an unquantized checkpoint, one process."""
+    from .quant_load import read_quantization
+    from .train.lora import ModelShape, check_shape, read_config
+
+    config = read_config(lora_dir)
+    check_shape(config.shape, ModelShape.of(args), f"{flag} {lora_dir}")
+    if read_quantization(ckpt_dir) is not None:
+        raise ValueError(quantized_lora_message(ckpt_dir, flag))
+    if model_parallel_size > 1:
+        raise ValueError(model_parallel_lora_message())
+    return config
+
+
+def describe(config: Any) -> str:
+    """One line about an adapter, as ``info`` and the loaders print it."""
+    return (f"LoRA rank {config.rank}, alpha {config.alpha:g} (scale {config.scale:g}), targets "
+            f"{','.join(config.targets)} in all {config.shape.n_layers} blocks")
+
+
+def lora_deltas(adapter: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(state-dict key, the dense fp32 update ``scale * B @ A``) for each target matrix of the adapter, in layer
+    order; the same numbers ``LoRAPair.delta`` gives."""
+    tensors = adapter.tensors()
+    scale = adapter.config.scale
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors}, key=lambda n: (int(n.split(".")[1]), n))
+    for name in names:
+        a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
+        yield f"{name}.weight", (b @ a) * scale
+
+
+def _merged(w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    # A new tensor (never written into a memory-mapped shard), rounded once to the weight's dtype.
+    return (w.float() + delta).to(w.dtype)
+
+
+def merge_state_dict(state_dict: dict[str, torch.Tensor], adapter: Any, *,
+                     show_progress: bool = False) -> dict[str, torch.Tensor]:
+    """``state_dict`` (whole Meta-named 16-bit or fp32 tensors) with the adapter merged into its target matrices;
+    the other tensors are the same objects. Raises ValueError for a quantized or mis-shaped target."""
+    start = time.perf_counter()
+    out = dict(state_dict)
+    n = 0
+    for key, delta in lora_deltas(adapter):
+        w = out.get(key)
+        if f"{key.removesuffix('.weight')}.scales" in out or (w is not None and not w.is_floating_point()):
+            raise ValueError(quantized_lora_message("the checkpoint"))
+        if w is None:
+            raise ValueError(f"The adapter updates {key}, which the checkpoint does not have: the adapter was "
+                             "trained on another model.")
+        if tuple(w.shape) != tuple(delta.shape):
+            raise ValueError(f"The adapter's update of {key} is {tuple(delta.shape)}, the checkpoint's matrix "
+                             f"{tuple(w.shape)}: the adapter was trained on another model.")
+        out[key] = _merged(w, delta)
+        n += 1
+    if show_progress:
+        _say(f"merged the LoRA adapter into {n} matrices ({describe(adapter.config)}) in "
+             f"{time.perf_counter() - start:.2f} s")
+    return out
+
+
+def merge_checkpoint(ckpt_dir: str | Path, lora_dir: str | Path, out_dir: str | Path, *,
+                     tokenizer_path: Optional[str | Path] = None, force: bool = False) -> Path:
+    """Write ``ckpt_dir`` with the adapter of ``lora_dir`` merged into its weights to ``out_dir``; return it.
+
+    The output has the input's dtype, shards (each merged with its part of the update) and ``params.json``, its
+    tokenizer, and ``llama_offload.json``: the input's record carried over, with the adapter added. It is written
+    into a temporary sibling and renamed into place when complete; an existing non-empty ``out_dir`` is replaced
+    only with ``force`` and only when it holds a checkpoint llama_offload wrote (convert.output_dir). Everything
+    is checked before a weight is read."""
+    from .checkpoint import _check_keys, _compact, _load_shard, _merge_dim, _shard_dim, expected_shapes, find_shards
+    from .convert import META_FILENAME, _is_inside, check_out_dir, dtype_name, output_dir, read_checkpoint_meta, \
+        write_checkpoint_meta
+    from .default_model import resolve_paths
+    from .quantize_checkpoint import _tokenizer_files
+    from .tokenizer import check_vocab_size, load_tokenizer
+    from .train.lora import load_adapter
+
+    start = time.perf_counter()
+    ckpt = Path(ckpt_dir).expanduser()
+    out = Path(out_dir).expanduser()
+    adapter_dir = Path(lora_dir).expanduser()
+
+    # --- the inputs ----------------------------------------------------------------------------------------
+    paths = find_shards(ckpt)
+    params_path = ckpt / "params.json"
+    if not params_path.is_file():
+        raise FileNotFoundError(f"{params_path} not found: a Meta checkpoint directory holds params.json next to "
+                                "its consolidated.NN.pth shards. Restore it from the model's download.")
+    if out.absolute() == ckpt.absolute() or _is_inside(out, ckpt) or _is_inside(ckpt, out):
+        raise ValueError(f"--out {out} and --ckpt_dir {ckpt} must be different directories, neither inside the "
+                         f"other: the merged checkpoint is a directory of its own. Choose an --out such as "
+                         f"{ckpt.name}-{adapter_dir.name} beside it.")
+    if _is_inside(adapter_dir, out):
+        raise ValueError(f"--lora {adapter_dir} lies inside --out {out}; choose an --out outside the adapter.")
+    meta = read_checkpoint_meta(ckpt)
+    args = ModelArgs.from_json(params_path)
+    _, tok = resolve_paths(ckpt, tokenizer_path)
+    tokenizer = load_tokenizer(tok)
+    if args.vocab_size == -1:
+        args = dataclasses.replace(args, vocab_size=tokenizer.n_words)
+    else:
+        check_vocab_size(tokenizer, args.vocab_size, source=str(params_path))
+    config = check_lora(adapter_dir, ckpt, args, flag="--lora")  # a quantized input is refused here
+
+    shards = [_load_shard(p) for p in paths]  # memory-mapped: only the index is read
+    scaled = sorted(k for k in shards[0] if k.endswith(".scales"))
+    if scaled:
+        raise ValueError(quantized_lora_message(ckpt))
+    expected = expected_shapes(args)
+    _check_keys(shards, paths, expected)
+    cat_dims: dict[str, Optional[int]] = {}
+    count_confirmed = False
+    for key in expected:
+        cat_dims[key] = _merge_dim(key, [sd[key] for sd in shards], paths, expected[key], count_confirmed)
+        count_confirmed = count_confirmed or _shard_dim(key) is not None
+    in_dtype = shards[0]["tok_embeddings.weight"].dtype
+    if not in_dtype.is_floating_point:
+        raise ValueError(f"{paths[0]} stores tok_embeddings.weight as {in_dtype}; expected a float16, bfloat16 or "
+                         "float32 checkpoint. Merge into the 16-bit original.")
+
+    # --- the output: checked before any weight is read ------------------------------------------------------
+    out_name, tok_files = _tokenizer_files(tok)
+    needed = (sum(p.stat().st_size for p in paths) + sum(p.stat().st_size for p in tok_files.values())
+              + params_path.stat().st_size + (64 << 10))
+    sources = [ckpt, adapter_dir, *tok_files.values()]
+    check_out_dir(out, force=force, sources=sources, needed_bytes=needed)
+    adapter = load_adapter(adapter_dir, "cpu")  # its tensors must fit its own config
+    deltas = dict(lora_deltas(adapter))
+    _say(f"merging {adapter_dir} ({describe(config)}) into {ckpt} ({len(paths)} shard(s), {dtype_name(in_dtype)})")
+    with output_dir(out, force=force, sources=sources, needed_bytes=needed) as tmp:
+        for i, (path, sd) in enumerate(zip(paths, shards)):
+            shard: dict[str, torch.Tensor] = {}
+            for key in expected:
+                t = sd.pop(key)
+                if key in deltas:
+                    d = deltas[key]
+                    if len(paths) > 1:  # this shard's part of the update, cut as the shards cut the matrix
+                        assert cat_dims[key] is not None, key
+                        d = d.chunk(len(paths), dim=cat_dims[key])[i]
+                    t = _merged(t, d)
+                shard[key] = _compact(t)
+            torch.save(shard, tmp / path.name)
+            del shard
+        shards.clear()
+        shutil.copyfile(params_path, tmp / "params.json")
+        for name, src in tok_files.items():
+            shutil.copyfile(src, tmp / name)
+        carried = {k: v for k, v in meta.items()
+                   if k not in ("format_version", "chat_format", "tokenizer", "source", "converted_at")}
+        source: dict[str, Any] = {"format": "meta", "path": str(ckpt.resolve()), "num_shards": len(paths),
+                                  "dtype": dtype_name(in_dtype)}
+        if meta.get("source"):
+            source["converted_from"] = meta["source"]
+        merged = list(carried.pop("lora_merged", None) or [])  # an earlier merge into the input stays recorded
+        merged.append({"path": str(adapter_dir.resolve()), "rank": config.rank, "alpha": config.alpha,
+                       "targets": list(config.targets)})
+        carried.setdefault("dtype", dtype_name(in_dtype))
+        write_checkpoint_meta(tmp, chat_format=meta.get("chat_format"), tokenizer=out_name, source=source,
+                              **carried, lora_merged=merged)
+    _say(f"wrote {out} in {time.perf_counter() - start:.1f} s ({META_FILENAME} records the adapter)")
+    return out
