@@ -42,6 +42,7 @@ from .run_options import RunOptions
 from .text_input import TextInputError, a_type, check_dialog, check_text, decode_text, read_stdin_lines, \
     tolerate_undecodable_stdin
 from .tokenizer import check_vocab_size, load_tokenizer
+from .train.command import finetune_command
 
 __all__ = ["chat", "chat_repl", "complete", "convert", "empty_completion_hint", "info", "main", "merge",
            "param_counts", "quantize", "serve", "token_ids", "tokenize", "version"]
@@ -713,7 +714,7 @@ def main() -> None:
     if sys.argv[1:2] == ["tokenize"]:  # its flags must reach it exactly as typed
         sys.argv[2:] = _keep_as_text(sys.argv[2:], ("text", "dialog"))
     fire_main({"complete": complete, "chat": chat, "serve": serve, "info": info, "convert": convert,
-               "quantize": quantize, "merge": merge, "tokenize": tokenize},
+               "quantize": quantize, "merge": merge, "tokenize": tokenize, "finetune": finetune_command},
               name="llama-offload")
 
 

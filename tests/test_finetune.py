@@ -298,3 +298,34 @@ def test_quantized_base_trains_through_its_own_dequantized_weights():
         grads.append([p.grad for p in adapter.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     assert all(g.abs().sum() > 0 for g in grads[1])
+
+
+def test_a_tiny_model_memorises_a_text_and_then_completes_it(tiny_ckpt, tmp_path):
+    from llama_offload.generation import Llama
+
+    from llama_offload.checkpoint import random_state_dict, save_checkpoint
+
+    # The shared tiny checkpoint (std 0.02) cannot make a confident logit through the final norm, and only the
+    # blocks are adapted: this one has weights of std 0.1 and a head of std 1, the scale of real models' logits.
+    args = json.loads((tiny_ckpt / "params.json").read_text())
+    sd = random_state_dict(ModelArgs(**args), seed=0, std=0.1)
+    sd["output.weight"] = sd["output.weight"] * 10
+    ckpt = tmp_path / "model"
+    save_checkpoint(sd, ModelArgs(**args), ckpt)
+    shutil.copy(tiny_ckpt.parent / "tokenizer.model", tmp_path / "tokenizer.model")
+    tiny_ckpt = ckpt
+    data_path = tmp_path / "one.jsonl"
+    data_path.write_text(json.dumps({"text": TEXT}) + "\n")
+    out = tmp_path / "memorised"
+    finetune(_opts(tiny_ckpt, data_path, out, steps=30, seq_len=48, lora_rank=8, lr=5e-3), show_progress=False)
+    history = _state(out)["history"]
+    assert history[-1]["loss"] < 0.1 < history[0]["loss"], (history[0]["loss"], history[-1]["loss"])
+    prompt = "The lighthouse keeper"
+    kw = dict(max_seq_len=64, max_batch_size=1, device="cpu")
+    tokenizer = str(tiny_ckpt.parent / "tokenizer.model")
+    tuned = Llama.build(tiny_ckpt, tokenizer, lora=str(out), **kw)
+    [got] = tuned.text_completion([prompt], temperature=0, max_gen_len=40)
+    assert got["generation"].strip() == TEXT[len(prompt):].strip()
+    base = Llama.build(tiny_ckpt, tokenizer, **kw)
+    [before] = base.text_completion([prompt], temperature=0, max_gen_len=40)
+    assert before["generation"].strip() != TEXT[len(prompt):].strip()
