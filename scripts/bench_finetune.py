@@ -139,7 +139,8 @@ def measure(name: str, sd, args: ModelArgs, seq_len: int, budget_gb: Optional[fl
         row.floor_s = 2 * plan.paged_layers * one / (pcie_gbps * 1e9)
     try:
         runner = paged.BlockRunner(model.layers, device, resident=plan.resident_layers, offload_activations=True,
-                                   autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+                                   autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+                                   ffn_chunk=budget.FFN_CHUNK_TOKENS)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = [step(model, runner, args, seq_len, device) for _ in range(steps + 1)]
@@ -164,7 +165,8 @@ def check_grads(sd, args: ModelArgs, seq_len: int, rank: int, device: torch.devi
     for resident in (0, args.n_layers):
         model, adapter = build(sd, args, rank, device)
         runner = paged.BlockRunner(model.layers, device, resident=resident, offload_activations=resident == 0,
-                                   autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+                                   autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+                                   ffn_chunk=budget.FFN_CHUNK_TOKENS)
         step(model, runner, args, seq_len, device)
         grads.append([p.grad.float().cpu() for p in adapter.parameters()])
         del model, adapter, runner

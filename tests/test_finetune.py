@@ -329,3 +329,20 @@ def test_a_tiny_model_memorises_a_text_and_then_completes_it(tiny_ckpt, tmp_path
     base = Llama.build(tiny_ckpt, tokenizer, **kw)
     [before] = base.text_completion([prompt], temperature=0, max_gen_len=40)
     assert before["generation"].strip() != TEXT[len(prompt):].strip()
+
+
+def test_feed_forward_chunks_of_positions_give_the_same_step():
+    # Long rows run the feed-forward half a chunk of positions at a time, forward and backward.
+    chunked = lambda h, w, t, reduction: chunked_cross_entropy(h, w, t, chunk_tokens=5, reduction=reduction)
+    _, grads_ref = _one_step(torch.float64, None, reference=True)
+    model, adapter = _adapted(torch.float64)
+    tokens, targets = _batch()
+    freqs = paged.rope_table(model, tokens.shape[1], torch.device("cpu"))
+    runner = paged.BlockRunner(model.layers, torch.device("cpu"), ffn_chunk=5)  # 12 positions: chunks of 5, 5, 2
+    with torch.no_grad():
+        whole = paged.BlockRunner(model.layers, torch.device("cpu")).forward(model.tok_embeddings(tokens), freqs, keep=False)
+        torch.testing.assert_close(runner.forward(model.tok_embeddings(tokens), freqs, keep=False), whole,
+                                   rtol=1e-12, atol=1e-12)
+    paged.paged_loss_and_backward(model, runner, tokens, targets, freqs, int((targets != -100).sum()), chunked)
+    for p, r in zip(adapter.parameters(), grads_ref):
+        torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-7)

@@ -8,9 +8,9 @@ What a training step holds on the GPU besides the resident blocks:
     loss      one chunk of fp32 logits and its gradient (loss.py), and the hidden state's gradient
     checkpts  each block's input: all of them on the GPU, or a few in flight when offloaded to pinned memory
 
-The activation estimate counts the tensors a LLaMA block saves for its backward pass in the compute dtype, with
-the fp32 copies RoPE makes, and doubles it for the gradients alive at the same time. It is an estimate: the GPU
-benchmark reports the measured peak beside it.
+The activation estimate counts the tensors a LLaMA block keeps for its backward pass in the compute dtype and the
+gradients alive beside them, with the feed-forward half over one chunk of positions (paged.block_backward). It is
+an estimate: the GPU benchmark reports the measured peak beside it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ..args import ModelArgs
 GiB = 1024**3
 LOGIT_CHUNK_BYTES = 256 * 1024**2  # fp32 logits per loss chunk: small against a block, large enough to keep GEMMs big
 CUDA_CONTEXT_BYTES = GiB // 2  # kernels, cuBLAS workspace and allocator slack
+FFN_CHUNK_TOKENS = 4096  # positions per feed-forward chunk: 0.7 GB of an 8B model's intermediates, GEMMs still large
 
 
 def loss_chunk_tokens(vocab_size: int) -> int:
@@ -31,16 +32,18 @@ def loss_chunk_tokens(vocab_size: int) -> int:
 
 
 def block_activation_bytes(params: ModelArgs, tokens: int, itemsize: int, lora_rank: int) -> int:
+    """The GPU memory one block's recompute and backward pass holds (paged.block_backward): the attention half's
+    graph over every token, and the feed-forward half's over one chunk of FFN_CHUNK_TOKENS."""
     dim, ffn = params.dim, params.ffn_hidden_dim
-    q, kv = params.n_heads * params.head_dim, params.kv_heads * params.head_dim
-    per_token = (
-        6 * dim * itemsize  # input, two norms' outputs, attention output, residual, w2 output
-        + (q + 2 * kv) * itemsize + (q + kv) * 2 * 4  # q, k, v, and RoPE's fp32 copies of q and k
-        + 2 * q * itemsize  # keys and values repeated over the query heads
-        + 4 * ffn * itemsize  # w1 and w3 outputs, silu, their product
-        + 7 * lora_rank * 4  # each pair's A(x)
+    q = params.n_heads * params.head_dim
+    attention = (
+        (3 * dim + 4 * q) * itemsize  # input, its norm, the residual sum; q, keys and values over the query heads, output
+        + 7 * lora_rank * itemsize  # each pair's A(x)
+        + 3 * dim * itemsize  # d output, d residual, d input
+        + 3 * q * itemsize  # d q, d k, d v while attention back-propagates
     )
-    return 2 * tokens * per_token  # the saved tensors and the gradients alive beside them
+    feed_forward = (2 * dim + 4 * ffn + 2 * ffn) * itemsize  # chunk in, its norm; w1, w3, silu, product; their grads
+    return tokens * attention + min(tokens, FFN_CHUNK_TOKENS) * feed_forward
 
 
 @dataclass(frozen=True)

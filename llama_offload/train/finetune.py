@@ -271,7 +271,8 @@ class Trainer:
         self.runner = paged.BlockRunner(self.model.layers, device,
                                         resident=self.plan.resident_layers if device.type == "cuda" else None,
                                         offload_activations=bool(offload_activations),
-                                        autocast_dtype=torch.bfloat16 if prep.dtype == torch.bfloat16 else None)
+                                        autocast_dtype=torch.bfloat16 if prep.dtype == torch.bfloat16 else None,
+                                        ffn_chunk=budget.FFN_CHUNK_TOKENS)
         self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         self.history: list[dict] = []
         if prep.state is not None:
