@@ -415,7 +415,7 @@ def load_model(
     parallelism an int8 embedding and head are dequantized (they are split as plain matrices); every rank keeps
     whole groups of the blocks' matrices.
     ``lora`` (a ``train.lora.LoRAAdapter``, or its directory): merged into the 16-bit weights as they are loaded,
-    rounded once to the checkpoint's dtype, before ``quantize`` and ``dtype`` (merge_checkpoint.py); refused for a
+    rounded once to the checkpoint's dtype, before ``quantize`` and ``dtype`` (train/merge.py); refused for a
     quantized checkpoint and under model parallelism.
     """
     ckpt_dir = Path(ckpt_dir)
@@ -441,7 +441,7 @@ def load_model(
     if stored_quantization is not None and quantize is not None:
         raise ValueError(already_quantized_message(ckpt_dir, quantize))
     if lora is not None:
-        from .merge_checkpoint import merge_state_dict, model_parallel_lora_message, quantized_lora_message
+        from .train.merge import merge_state_dict, model_parallel_lora_message, quantized_lora_message
         from .train.lora import ModelShape, check_shape, load_adapter
 
         if stored_quantization is not None:

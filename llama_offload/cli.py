@@ -36,7 +36,7 @@ from .options import (
 )
 from .plan import available_host_bytes, plan_host, plan_offload
 from .lanes import lanes_for_run
-from .merge_checkpoint import check_lora, describe as describe_lora
+from .train.merge import check_lora, describe as describe_lora
 from .preflight import check_context_length, stored_spec, stored_weight_bytes
 from .run_options import RunOptions
 from .text_input import TextInputError, a_type, check_dialog, check_text, decode_text, read_stdin_lines, \

@@ -18,98 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
 from .args import ModelArgs
+from .train.merge import merged_weight, say, check_lora, describe, lora_deltas, quantized_lora_message
 
-__all__ = ["check_lora", "lora_deltas", "merge_checkpoint", "merge_state_dict", "quantized_lora_message"]
-
-
-def _say(msg: str) -> None:
-    print(f"llama_offload: {msg}", file=sys.stderr, flush=True)
-
-
-def quantized_lora_message(ckpt_dir: str | Path, flag: str = "--lora") -> str:
-    return (f"{flag} needs 16-bit (or float32) weights to merge the adapter into, but {ckpt_dir} is quantized (its "
-            "llama_offload.json records a quantization: written by llama-offload quantize, or converted from a GGUF "
-            "whose quantized blocks were kept). Merge the adapter into the unquantized checkpoint instead: "
-            "llama-offload merge --ckpt_dir UNQUANTIZED --lora ADAPTER --out MERGED, then quantize that "
-            "(llama-offload quantize --ckpt_dir MERGED ..., or run it with --quantize). From a GGUF, an unquantized "
-            "checkpoint is llama-offload convert model.gguf --out DIR --dtype bfloat16.")
-
-
-def model_parallel_lora_message() -> str:
-    return ("--lora is not supported with several processes (model parallelism): each rank holds a slice of every "
-            "matrix, and merging into split weights is not supported. Merge the adapter once with llama-offload "
-            "merge --ckpt_dir CKPT --lora ADAPTER --out MERGED, then run MERGED (with as many processes as before).")
-
-
-def check_lora(lora_dir: str | Path, ckpt_dir: str | Path, args: ModelArgs, *, model_parallel_size: int = 1,
-               flag: str = "--lora") -> Any:
-    """The adapter's config (``train.lora.LoRAConfig``), checked against the checkpoint without reading a weight:
-    the config itself, the model shape it was trained on, an unquantized checkpoint, one process."""
-    from .quant_load import read_quantization
-    from .train.lora import ModelShape, check_shape, read_config
-
-    config = read_config(lora_dir)
-    check_shape(config.shape, ModelShape.of(args), f"{flag} {lora_dir}")
-    if read_quantization(ckpt_dir) is not None:
-        raise ValueError(quantized_lora_message(ckpt_dir, flag))
-    if model_parallel_size > 1:
-        raise ValueError(model_parallel_lora_message())
-    return config
-
-
-def describe(config: Any) -> str:
-    """One line about an adapter, as ``info`` and the loaders print it."""
-    return (f"LoRA rank {config.rank}, alpha {config.alpha:g} (scale {config.scale:g}), targets "
-            f"{','.join(config.targets)} in all {config.shape.n_layers} blocks")
-
-
-def lora_deltas(adapter: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """(state-dict key, the dense fp32 update ``scale * B @ A``) for each target matrix of the adapter, in layer
-    order; the same numbers ``LoRAPair.delta`` gives."""
-    tensors = adapter.tensors()
-    scale = adapter.config.scale
-    names = sorted({k.rsplit(".", 1)[0] for k in tensors}, key=lambda n: (int(n.split(".")[1]), n))
-    for name in names:
-        a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
-        yield f"{name}.weight", (b @ a) * scale
-
-
-def _merged(w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    # A new tensor (never written into a memory-mapped shard), rounded once to the weight's dtype.
-    return (w.float() + delta).to(w.dtype)
-
-
-def merge_state_dict(state_dict: dict[str, torch.Tensor], adapter: Any, *,
-                     show_progress: bool = False) -> dict[str, torch.Tensor]:
-    """``state_dict`` (whole Meta-named 16-bit or fp32 tensors) with the adapter merged into its target matrices;
-    the other tensors are the same objects. Raises ValueError for a quantized or mis-shaped target."""
-    start = time.perf_counter()
-    out = dict(state_dict)
-    n = 0
-    for key, delta in lora_deltas(adapter):
-        w = out.get(key)
-        if f"{key.removesuffix('.weight')}.scales" in out or (w is not None and not w.is_floating_point()):
-            raise ValueError(quantized_lora_message("the checkpoint"))
-        if w is None:
-            raise ValueError(f"The adapter updates {key}, which the checkpoint does not have: the adapter was "
-                             "trained on another model.")
-        if tuple(w.shape) != tuple(delta.shape):
-            raise ValueError(f"The adapter's update of {key} is {tuple(delta.shape)}, the checkpoint's matrix "
-                             f"{tuple(w.shape)}: the adapter was trained on another model.")
-        out[key] = _merged(w, delta)
-        n += 1
-    if show_progress:
-        _say(f"merged the LoRA adapter into {n} matrices ({describe(adapter.config)}) in "
-             f"{time.perf_counter() - start:.2f} s")
-    return out
+__all__ = ["merge_checkpoint"]
 
 
 def merge_checkpoint(ckpt_dir: str | Path, lora_dir: str | Path, out_dir: str | Path, *,
@@ -180,7 +98,7 @@ def merge_checkpoint(ckpt_dir: str | Path, lora_dir: str | Path, out_dir: str | 
     check_out_dir(out, force=force, sources=sources, needed_bytes=needed)
     adapter = load_adapter(adapter_dir, "cpu")  # its tensors must fit its own config
     deltas = dict(lora_deltas(adapter))
-    _say(f"merging {adapter_dir} ({describe(config)}) into {ckpt} ({len(paths)} shard(s), {dtype_name(in_dtype)})")
+    say(f"merging {adapter_dir} ({describe(config)}) into {ckpt} ({len(paths)} shard(s), {dtype_name(in_dtype)})")
     with output_dir(out, force=force, sources=sources, needed_bytes=needed) as tmp:
         for i, (path, sd) in enumerate(zip(paths, shards)):
             shard: dict[str, torch.Tensor] = {}
@@ -191,7 +109,7 @@ def merge_checkpoint(ckpt_dir: str | Path, lora_dir: str | Path, out_dir: str | 
                     if len(paths) > 1:  # this shard's part of the update, cut as the shards cut the matrix
                         assert cat_dims[key] is not None, key
                         d = d.chunk(len(paths), dim=cat_dims[key])[i]
-                    t = _merged(t, d)
+                    t = merged_weight(t, d)
                 shard[key] = _compact(t)
             torch.save(shard, tmp / path.name)
             del shard
@@ -211,5 +129,5 @@ def merge_checkpoint(ckpt_dir: str | Path, lora_dir: str | Path, out_dir: str | 
         carried.setdefault("dtype", dtype_name(in_dtype))
         write_checkpoint_meta(tmp, chat_format=meta.get("chat_format"), tokenizer=out_name, source=source,
                               **carried, lora_merged=merged)
-    _say(f"wrote {out} in {time.perf_counter() - start:.1f} s ({META_FILENAME} records the adapter)")
+    say(f"wrote {out} in {time.perf_counter() - start:.1f} s ({META_FILENAME} records the adapter)")
     return out

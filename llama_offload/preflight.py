@@ -22,7 +22,7 @@ from .checkpoint import already_quantized_message, check_shard_sizes, checkpoint
 from .convert import read_checkpoint_meta
 from .drafts import draft_gpu_bytes
 from .lanes import lanes_for_run
-from .merge_checkpoint import check_lora
+from .train.merge import check_lora
 from .plan import GiB, HostPlan, OffloadPlan, WeightBytes, linear_shapes, check_host_memory, plan_host, plan_offload, weight_bytes
 from .quant import LINEAR_NAMES, QuantSpec, format_name
 from .quant_load import quantized_prefixes, read_quantization

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from llama_offload.args import ModelArgs
-from llama_offload.model import Transformer
 from llama_offload.quant import QuantLinear, quantize_matrix
 from llama_offload.train import lora, paged
 from llama_offload.train.loss import chunked_cross_entropy

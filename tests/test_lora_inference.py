@@ -24,7 +24,7 @@ from llama_offload.args import ModelArgs
 from llama_offload.checkpoint import load_model, random_state_dict, save_checkpoint
 from llama_offload.convert import META_FILENAME, read_checkpoint_meta
 from llama_offload.generation import Llama
-from llama_offload.merge_checkpoint import merge_state_dict
+from llama_offload.train.merge import merge_state_dict
 from llama_offload.preflight import check_before_load
 from llama_offload.quant import QuantSpec
 from llama_offload.quantize_checkpoint import quantize_checkpoint
