@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -209,8 +210,16 @@ def test_two_process_data_parallel_equals_one_process_with_the_doubled_batch(tin
            "--ckpt_dir", str(tiny_ckpt), "--tokenizer_path", str(tiny_ckpt.parent / "tokenizer.model"),
            "--seq_len", "16", "--lora_rank", "4", "--lr", "0.01", "--device", "cpu", "--steps", "3", "--batch_size", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    # Its own process group: if the run hangs, the timeout ends torchrun's workers too, not only torchrun.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     one, two = _state(tmp_path / "one"), _state(tmp_path / "two")
     assert two["world_size"] == 2
     for a, b in zip(one["history"], two["history"]):
