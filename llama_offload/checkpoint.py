@@ -415,8 +415,9 @@ def load_model(
     parallelism an int8 embedding and head are dequantized (they are split as plain matrices); every rank keeps
     whole groups of the blocks' matrices.
     ``lora`` (a ``train.lora.LoRAAdapter``, or its directory): merged into the 16-bit weights as they are loaded,
-    rounded once to the checkpoint's dtype, before ``quantize`` and ``dtype`` (train/merge.py); refused for a
-    quantized checkpoint and under model parallelism.
+    rounded once to the checkpoint's dtype, before ``quantize`` and ``dtype`` (train/merge.py); a quantized
+    checkpoint keeps its codes and gets the adapter attached beside them (train/lora.py); refused under model
+    parallelism.
     """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
@@ -441,11 +442,9 @@ def load_model(
     if stored_quantization is not None and quantize is not None:
         raise ValueError(already_quantized_message(ckpt_dir, quantize))
     if lora is not None:
-        from .train.merge import merge_state_dict, model_parallel_lora_message, quantized_lora_message
-        from .train.lora import ModelShape, check_shape, load_adapter
+        from .train.merge import merge_state_dict, model_parallel_lora_message
+        from .train.lora import ModelShape, attach, check_shape, load_adapter
 
-        if stored_quantization is not None:
-            raise ValueError(quantized_lora_message(ckpt_dir))
         if n > 1:
             raise ValueError(model_parallel_lora_message())
         adapter = lora if isinstance(lora, torch.nn.Module) else load_adapter(lora, "cpu")  # type: ignore[arg-type]
@@ -476,6 +475,14 @@ def load_model(
         wrong = {k: (tuple(v.shape), tuple(built[k])) for k, v in state_dict.items() if built.get(k) != v.shape}
         assert not wrong and set(built) == set(state_dict), f"rank {rank}: sliced vs built shapes {wrong}"
     model.load_state_dict(state_dict, assign=True, strict=True)
+    if lora is not None and stored_quantization is not None:
+        # Codes cannot take a dense update: the adapter runs beside them (QLoRA's layout), in the model's dtype;
+        # offload() keeps its pairs resident on the device.
+        attach(model, adapter.to(model_dtype))
+        if show_progress:
+            from .train.merge import describe, say
+
+            say(f"attached the LoRA adapter beside the quantized matrices ({describe(adapter.config)})")
     # Inference only: no gradients means no autograd bookkeeping when blocks run outside inference_mode.
     model.requires_grad_(False)
     return model.eval()

@@ -36,6 +36,8 @@ from .options import (
 )
 from .plan import available_host_bytes, plan_host, plan_offload
 from .lanes import lanes_for_run
+from .quant_load import read_quantization
+from .train.lora import lora_cpu_blocks
 from .train.merge import check_lora, describe as describe_lora
 from .preflight import check_context_length, stored_spec, stored_weight_bytes
 from .run_options import RunOptions
@@ -416,8 +418,9 @@ def info(*, options: RunOptions) -> None:
             vocab_note = f" (params.json says -1: taken from {tok})"
         else:
             check_vocab_size(tokenizer, args.vocab_size, source=str(ckpt / "params.json"))
-    # --lora: its config, its shape against params.json, and an unquantized checkpoint to merge it into.
-    lora = None if options.lora is None else check_lora(options.lora, ckpt, args)
+    # --lora: its config and its shape against params.json; merged into 16-bit weights, beside quantized ones.
+    lora = None if options.lora is None else check_lora(options.lora, ckpt, args, merging=False)
+    attached = lora is not None and read_quantization(ckpt) is not None
     # The shard files must be there with the sizes params.json implies (a quantized one: its tensors must fit it).
     _, sizes = stored_weight_bytes(ckpt, args, options.quant_spec, want_dtype)
     context, context_source = checkpoint_context_length(ckpt, args)
@@ -433,12 +436,13 @@ def info(*, options: RunOptions) -> None:
     # The same plan offload() follows when the model is loaded with these flags; on a GPU machine the CPU lane's
     # calibration (cached) gives the split and the expected time per token.
     lanes = None
+    cpu_blocks = lora_cpu_blocks(options.cpu_blocks) if attached else options.cpu_blocks
     if torch.cuda.is_available():
-        lanes, _ = lanes_for_run(options.cpu_blocks, options.cpu_threads, args, model_dtype, torch.device("cuda"),
+        lanes, _ = lanes_for_run(cpu_blocks, options.cpu_threads, args, model_dtype, torch.device("cuda"),
                                  offload=True, spec=stored_spec(ckpt, options.quant_spec))
     plan = plan_offload(args, model_dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                         gpu_memory_gb=options.gpu_memory_gb, num_slices=num_slices, prefill_chunk=options.prefill_chunk,
-                        cpu_layers=options.cpu_blocks, lanes=lanes,
+                        cpu_layers=cpu_blocks, lanes=lanes,
                         sizes=sizes if want_dtype is not None else stored_weight_bytes(ckpt, args, options.quant_spec,
                                                                                         model_dtype)[1])
     counts, size = param_counts(args, tied=bool(read_checkpoint_meta(ckpt).get("tied_embeddings"))), model_dtype.itemsize
@@ -452,8 +456,9 @@ def info(*, options: RunOptions) -> None:
             print(f"merged adapter LoRA rank {merged.get('rank', '?')}, targets "
                   f"{','.join(map(str, merged.get('targets') or [])) or '?'}, from {merged.get('path', '?')}")
     if lora is not None:
-        print(f"adapter        {options.lora}: {describe_lora(lora)}; merged into the weights while loading"
-              f"{', before --quantize' if options.quant_spec is not None else ''}")
+        how = ("attached beside the quantized matrices (resident on the GPU; no CPU lane)" if attached else
+               "merged into the weights while loading" + (", before --quantize" if options.quant_spec is not None else ""))
+        print(f"adapter        {options.lora}: {describe_lora(lora)}; {how}")
     print(f"dtype          {dtype_note}")
     print(f"model          dim {args.dim}, {n_layers} layers, {args.n_heads} heads, {args.kv_heads} kv heads, "
           f"head_dim {args.head_dim}, ffn hidden {args.ffn_hidden_dim}, vocab {args.vocab_size}{vocab_note}, "
@@ -471,7 +476,7 @@ def info(*, options: RunOptions) -> None:
     if plan.cpu_layers:
         print(f"CPU lane       {plan.cpu_layers} of {n_layers} blocks computed by the host's cores while the paged "
               f"ones stream (placement: {''.join(w[0].upper() for w in plan.placement())}; R resident, P paged, C CPU)")
-    elif lanes is None and options.cpu_blocks is None:
+    elif lanes is None and cpu_blocks is None:
         print("CPU lane       not planned: the split is calibrated on a machine with a GPU (or give --cpu_blocks N)")
     print("GPU memory plan (the CUDA context, a few hundred MiB, comes on top):")
     print(plan.describe())

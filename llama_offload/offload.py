@@ -23,6 +23,7 @@ from .pager import FlatPages, InferenceOffloadModel, OffloadModel, pinned_host_b
 from .plan import LaneTimes, OffloadPlan, WeightBytes, plan_offload
 from .quant import QuantLinear, describe_quantization, quant_modules, scratch_bytes
 from .step import Step, attention_mask, make_step
+from .train.lora import lora_cpu_blocks, lora_linears
 
 
 
@@ -139,6 +140,13 @@ def offload(
     if resident and (gpu_memory_gb is not None or num_slices is not None):
         raise ValueError("resident=True keeps every block on the GPU: give no gpu_memory_gb or num_slices with it.")
     dtype = model.dtype
+    # An adapter attached beside quantized matrices (train/lora.py) stays resident, like the KV cache: its pairs
+    # are not block parameters, so the pager never moves them. Blocks on the CPU lane could not reach them.
+    pairs = {id(m.pair): m.pair for _, m in lora_linears(model)}
+    if pairs:
+        cpu_blocks = lora_cpu_blocks(cpu_blocks)
+        for pair in pairs.values():
+            pair.to(device)
     plan = plan_offload(model.params, dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                         gpu_memory_gb=gpu_memory_gb, num_slices=num_slices,
                         model_parallel_size=model.model_parallel_size, prefill_chunk=prefill_chunk,

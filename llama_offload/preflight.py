@@ -22,6 +22,7 @@ from .checkpoint import already_quantized_message, check_shard_sizes, checkpoint
 from .convert import read_checkpoint_meta
 from .drafts import draft_gpu_bytes
 from .lanes import lanes_for_run
+from .train.lora import lora_cpu_blocks
 from .train.merge import check_lora
 from .plan import GiB, HostPlan, OffloadPlan, WeightBytes, linear_shapes, check_host_memory, plan_host, plan_offload, weight_bytes
 from .quant import LINEAR_NAMES, QuantSpec, format_name
@@ -87,8 +88,11 @@ def check_before_load(ckpt_dir: str | Path, tokenizer_path: str | Path, options:
     args = ModelArgs.from_json(ckpt_dir / "params.json", max_seq_len=opts.max_seq_len,
                                max_batch_size=opts.max_batch_size)
     # The adapter's config, its shape against params.json, an unquantized checkpoint, one process.
-    lora = (check_lora(opts.lora, ckpt_dir, args, model_parallel_size=model_parallel_size)
+    lora = (check_lora(opts.lora, ckpt_dir, args, model_parallel_size=model_parallel_size, merging=False)
             if opts.lora is not None else None)
+    cpu_blocks = opts.cpu_blocks
+    if lora is not None and read_quantization(ckpt_dir) is not None:
+        cpu_blocks = lora_cpu_blocks(cpu_blocks)
     tokenizer = load_tokenizer(tokenizer_path)
     if args.vocab_size == -1:
         args = dataclasses.replace(args, vocab_size=tokenizer.n_words)
@@ -113,7 +117,7 @@ def check_before_load(ckpt_dir: str | Path, tokenizer_path: str | Path, options:
                              f"--gpu_memory_gb {budget:g}. Raise --gpu_memory_gb, or use --draft ngram.")
         budget -= draft / GiB
     # The CPU lane's calibration (cached per machine) sizes the split between streamed and CPU-computed blocks.
-    lanes, threads = lanes_for_run(opts.cpu_blocks, opts.cpu_threads, args, dtype, device, offload=opts.offload,
+    lanes, threads = lanes_for_run(cpu_blocks, opts.cpu_threads, args, dtype, device, offload=opts.offload,
                                    spec=stored_spec(ckpt_dir, opts.quant_spec), model_parallel_size=model_parallel_size,
                                    processes=_local_processes(model_parallel_size))
     # The plan offload() makes for these flags (it refuses slices and budgets the same way, after the load).
@@ -121,7 +125,7 @@ def check_before_load(ckpt_dir: str | Path, tokenizer_path: str | Path, options:
                         gpu_memory_gb=budget, num_slices=opts.num_slices,
                         model_parallel_size=model_parallel_size, prefill_chunk=opts.prefill_chunk,
                         all_resident=not opts.offload and not on_cpu, sizes=sizes,
-                        cpu_layers=0 if on_cpu else opts.cpu_blocks, lanes=lanes)
+                        cpu_layers=0 if on_cpu else cpu_blocks, lanes=lanes)
     if on_cpu:
         cpu_plan = plan_offload(args, dtype, max_batch_size=opts.max_batch_size, max_seq_len=opts.max_seq_len,
                                 model_parallel_size=model_parallel_size, prefill_chunk=opts.prefill_chunk,

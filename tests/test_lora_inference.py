@@ -24,7 +24,7 @@ from llama_offload.args import ModelArgs
 from llama_offload.checkpoint import load_model, random_state_dict, save_checkpoint
 from llama_offload.convert import META_FILENAME, read_checkpoint_meta
 from llama_offload.generation import Llama
-from llama_offload.train.merge import merge_state_dict
+from llama_offload.train.merge import lora_deltas, merge_state_dict
 from llama_offload.preflight import check_before_load
 from llama_offload.quant import QuantSpec
 from llama_offload.quantize_checkpoint import quantize_checkpoint
@@ -259,15 +259,37 @@ def test_bad_adapter_directories(root: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "m").exists()
 
 
-def test_lora_on_a_quantized_checkpoint_is_refused(root: Path, tmp_path: Path) -> None:
+def test_lora_on_a_quantized_checkpoint_runs_beside_the_codes(root: Path, tmp_path: Path) -> None:
+    # Codes cannot take a dense update: a run attaches the adapter beside them (as QLoRA trains it), which must
+    # equal the dequantized matrices with the update added; merging on disk is refused.
+    from llama_offload.quant import QuantLinear
+    from llama_offload.train.lora import LoRALinear, ModelShape, load_adapter
+
     q = quantize_checkpoint(root / "base", tmp_path / "int8", QuantSpec(8))
-    for argv in (["complete", "hello"], ["info"]):
-        err = refused(*argv, "--ckpt_dir", str(q), "--lora", str(root / "adapter"))
-        assert "is quantized" in err and "llama-offload merge" in err
+    attached = load(q, lora=root / "adapter")
+    assert sum(isinstance(m, LoRALinear) for m in attached.modules()) > 0
+    reference = load(q)
+    adapter = load_adapter(root / "adapter")
+    assert adapter.config.shape == ModelShape.of(reference.params)
+    with torch.no_grad():
+        for name, delta in lora_deltas(adapter):
+            owner = reference.get_submodule(name.rsplit(".", 2)[0])
+            matrix = getattr(owner, name.split(".")[-2])
+            assert isinstance(matrix, QuantLinear)
+            dense = torch.nn.Linear(matrix.in_features, matrix.out_features, bias=False)
+            dense.weight.copy_(matrix.dequantized(torch.float32) + delta)
+            setattr(owner, name.split(".")[-2], dense)
+    torch.testing.assert_close(logits(attached), logits(reference), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits(attached), logits(load(q)), atol=1e-3)
+    code, out, err = invoke("complete", "hello", "--ckpt_dir", str(q), "--lora", str(root / "adapter"),
+                            "--max_gen_len", "4", "--device", "cpu")
+    assert code == 0, err
+    assert "attached beside the quantized matrices" in invoke("info", "--ckpt_dir", str(q), "--lora",
+                                                              str(root / "adapter"))[1]
+    err = refused("complete", "hello", "--ckpt_dir", str(q), "--lora", str(root / "adapter"), "--cpu_blocks", "2")
+    assert "--cpu_blocks 2 cannot run with a LoRA adapter attached to a quantized checkpoint" in err
     err = refused("merge", "--ckpt_dir", str(q), "--lora", str(root / "adapter"), "--out", str(tmp_path / "m"))
     assert "is quantized" in err and not (tmp_path / "m").exists()
-    with pytest.raises(ValueError, match="is quantized"):
-        load(q, lora=root / "adapter")
 
 
 def test_lora_under_model_parallelism_is_refused(root: Path) -> None:

@@ -210,6 +210,15 @@ def attach(model: nn.Module, adapter: LoRAAdapter) -> None:
         p.requires_grad_(False)
 
 
+def lora_cpu_blocks(cpu_blocks: Optional[int]) -> int:
+    """The CPU lane with an adapter attached beside quantized matrices: off, since its pairs live on the GPU."""
+    if cpu_blocks:
+        raise ValueError(f"--cpu_blocks {cpu_blocks} cannot run with a LoRA adapter attached to a quantized "
+                         "checkpoint: the adapter stays on the GPU beside the paged blocks. Drop --cpu_blocks, or "
+                         "merge the adapter into an unquantized checkpoint (llama-offload merge) and run that.")
+    return 0
+
+
 def check_shape(adapter: ModelShape, model: ModelShape, source: str) -> None:
     if adapter != model:
         diffs = ", ".join(f"{k} {a} (model {b})" for (k, a), b in zip(asdict(adapter).items(), asdict(model).values())

@@ -41,15 +41,16 @@ def model_parallel_lora_message() -> str:
 
 
 def check_lora(lora_dir: str | Path, ckpt_dir: str | Path, args: ModelArgs, *, model_parallel_size: int = 1,
-               flag: str = "--lora") -> Any:
+               flag: str = "--lora", merging: bool = True) -> Any:
     """The adapter's config (``train.lora.LoRAConfig``), checked against the checkpoint without reading a weight:
-    the config itself, the model shape it was trained on, an unquantized checkpoint, one process."""
+    the config itself, the model shape it was trained on, one process, and (``merging``) an unquantized
+    checkpoint. A run (``merging=False``) attaches the adapter beside a quantized checkpoint's codes instead."""
     from ..quant_load import read_quantization
     from .lora import ModelShape, check_shape, read_config
 
     config = read_config(lora_dir)
     check_shape(config.shape, ModelShape.of(args), f"{flag} {lora_dir}")
-    if read_quantization(ckpt_dir) is not None:
+    if merging and read_quantization(ckpt_dir) is not None:
         raise ValueError(quantized_lora_message(ckpt_dir, flag))
     if model_parallel_size > 1:
         raise ValueError(model_parallel_lora_message())

@@ -185,7 +185,7 @@ class BlockRunner:
             block.to(device)
         self.pager = None
         if self.resident < n:
-            from ..offload import InferenceOffloadModel
+            from ..pager import InferenceOffloadModel
 
             paged = nn.Sequential(*self.blocks[self.resident :])
             self.pager = BlockPager(InferenceOffloadModel(paged, device, len(paged)))
