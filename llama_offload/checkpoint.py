@@ -34,7 +34,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -219,6 +219,29 @@ def _check_keys(shards: list[dict[str, torch.Tensor]], paths: list[Path], expect
                 "All shards of one checkpoint hold the same keys: the shards come from different checkpoints, "
                 "or this one is damaged. Re-download or re-convert it."
             )
+
+
+def open_float_shards(paths: list[Path], args: ModelArgs, *, quantized: Callable[[str], Exception],
+                      hint: str) -> tuple[list[dict[str, torch.Tensor]], dict[str, Optional[int]], torch.dtype]:
+    """A 16-bit or fp32 checkpoint's shards, memory-mapped and checked (keys, shapes, split dims) for a tool that
+    rewrites them shard by shard: (shards, each key's concat dim, the stored dtype). ``quantized`` makes the error
+    for a quantized checkpoint from a description of it; ``hint`` ends the error for integer weights."""
+    shards = [_load_shard(p) for p in paths]  # memory-mapped: only the index is read
+    scaled = sorted(k for k in shards[0] if k.endswith(".scales"))
+    if scaled:
+        raise quantized(f"{paths[0]} holds quantized tensors ({scaled[0]} and {len(scaled) - 1} more)")
+    expected = expected_shapes(args)
+    _check_keys(shards, paths, expected)
+    cat_dims: dict[str, Optional[int]] = {}
+    count_confirmed = False
+    for key in expected:
+        cat_dims[key] = _merge_dim(key, [sd[key] for sd in shards], paths, expected[key], count_confirmed)
+        count_confirmed = count_confirmed or _shard_dim(key) is not None
+    in_dtype = shards[0]["tok_embeddings.weight"].dtype
+    if not in_dtype.is_floating_point:
+        raise ValueError(f"{paths[0]} stores tok_embeddings.weight as {in_dtype}; expected a float16, bfloat16 or "
+                         f"float32 checkpoint. {hint}")
+    return shards, cat_dims, in_dtype
 
 
 def _merge_dim(

@@ -39,7 +39,7 @@ def merge_checkpoint(ckpt_dir: str | Path, lora_dir: str | Path, out_dir: str | 
     into a temporary sibling and renamed into place when complete; an existing non-empty ``out_dir`` is replaced
     only with ``force`` and only when it holds a checkpoint llama_offload wrote (convert.output_dir). Everything
     is checked before a weight is read."""
-    from .checkpoint import _check_keys, _compact, _load_shard, _merge_dim, _shard_dim, expected_shapes, find_shards
+    from .checkpoint import _compact, expected_shapes, find_shards, open_float_shards
     from .convert import META_FILENAME, _is_inside, check_out_dir, dtype_name, output_dir, read_checkpoint_meta, \
         write_checkpoint_meta
     from .default_model import resolve_paths
@@ -74,21 +74,9 @@ def merge_checkpoint(ckpt_dir: str | Path, lora_dir: str | Path, out_dir: str | 
         check_vocab_size(tokenizer, args.vocab_size, source=str(params_path))
     config = check_lora(adapter_dir, ckpt, args, flag="--lora")  # a quantized input is refused here
 
-    shards = [_load_shard(p) for p in paths]  # memory-mapped: only the index is read
-    scaled = sorted(k for k in shards[0] if k.endswith(".scales"))
-    if scaled:
-        raise ValueError(quantized_lora_message(ckpt))
     expected = expected_shapes(args)
-    _check_keys(shards, paths, expected)
-    cat_dims: dict[str, Optional[int]] = {}
-    count_confirmed = False
-    for key in expected:
-        cat_dims[key] = _merge_dim(key, [sd[key] for sd in shards], paths, expected[key], count_confirmed)
-        count_confirmed = count_confirmed or _shard_dim(key) is not None
-    in_dtype = shards[0]["tok_embeddings.weight"].dtype
-    if not in_dtype.is_floating_point:
-        raise ValueError(f"{paths[0]} stores tok_embeddings.weight as {in_dtype}; expected a float16, bfloat16 or "
-                         "float32 checkpoint. Merge into the 16-bit original.")
+    shards, cat_dims, in_dtype = open_float_shards(paths, args, quantized=lambda _: ValueError(quantized_lora_message(ckpt)),
+                                                   hint="Merge into the 16-bit original.")
 
     # --- the output: checked before any weight is read ------------------------------------------------------
     out_name, tok_files = _tokenizer_files(tok)

@@ -27,7 +27,7 @@ import torch
 
 from . import quant
 from .args import ModelArgs
-from .checkpoint import _check_keys, _compact, _load_shard, _merge_dim, _shard_dim, expected_shapes, find_shards
+from .checkpoint import _compact, expected_shapes, find_shards, open_float_shards
 from .convert import META_FILENAME, _is_inside, check_out_dir, dtype_name, output_dir, read_checkpoint_meta, \
     write_checkpoint_meta
 from .default_model import resolve_paths
@@ -196,21 +196,9 @@ def quantize_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec: QuantSp
                else f"{msg} Pass one of them with --group_size, or use --bits 8.")
         raise ValueError(msg) from None
 
-    shards = [_load_shard(p) for p in paths]  # memory-mapped: only the index is read
-    scaled = sorted(k for k in shards[0] if k.endswith(".scales"))
-    if scaled:
-        raise _already_quantized(f"{paths[0]} holds quantized tensors ({scaled[0]} and {len(scaled) - 1} more)")
     expected = expected_shapes(args)
-    _check_keys(shards, paths, expected)
-    cat_dims: dict[str, Optional[int]] = {}
-    count_confirmed = False
-    for key in expected:
-        cat_dims[key] = _merge_dim(key, [sd[key] for sd in shards], paths, expected[key], count_confirmed)
-        count_confirmed = count_confirmed or _shard_dim(key) is not None
-    in_dtype = shards[0]["tok_embeddings.weight"].dtype
-    if not in_dtype.is_floating_point:
-        raise ValueError(f"{paths[0]} stores tok_embeddings.weight as {in_dtype}; expected a float16, bfloat16 or "
-                         "float32 checkpoint. Quantize the 16-bit original.")
+    shards, cat_dims, in_dtype = open_float_shards(paths, args, quantized=_already_quantized,
+                                                   hint="Quantize the 16-bit original.")
 
     # --- the output: checked before any matrix is read --------------------------------------------------
     out_name, tok_files = _tokenizer_files(tok)
