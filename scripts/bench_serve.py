@@ -82,6 +82,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--max_seq_len", type=int, default=256)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--gpu_memory_gb", type=float, default=None, help="unset: every block paged")
+    ap.add_argument("--cpu_blocks", type=int, default=0,
+                    help="blocks on the CPU lane (default 0: every block streamed over PCIe)")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--json_out", default=None)
     a = ap.parse_args(argv)
@@ -100,6 +102,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     flags: dict[str, Any] = dict(ckpt_dir=a.ckpt_dir, tokenizer_path=a.tokenizer_path, max_seq_len=a.max_seq_len,
                                  max_batch_size=max(levels))
+    if torch.cuda.is_available():
+        flags["cpu_blocks"] = a.cpu_blocks
     for key in ("dtype", "gpu_memory_gb"):
         if getattr(a, key) is not None:
             flags[key] = getattr(a, key)
