@@ -189,7 +189,8 @@ class BlockRunner:
 
             paged = nn.Sequential(*self.blocks[self.resident :])
             self.pager = BlockPager(InferenceOffloadModel(paged, device, len(paged)))
-        self.checkpoints = Checkpoints(n, device, offload_activations and self.pager is not None)
+        # Offloaded whenever asked, paged or not: the plan counts three checkpoints on the GPU, not n.
+        self.checkpoints = Checkpoints(n, device, offload_activations)
         self.autocast_dtype = autocast_dtype
         self.ffn_chunk = ffn_chunk  # positions per feed-forward chunk (budget.FFN_CHUNK_TOKENS); None: all at once
 
