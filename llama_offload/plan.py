@@ -198,8 +198,9 @@ class OffloadPlan:
 
     def expected_decode_ms(self) -> Optional[float]:
         """A decode step at batch 1 as the lanes would run it (None without calibration): the streamed blocks'
-        copies and the CPU blocks' compute overlap, the slower lane sets the pace."""
-        if self.lanes is None:
+        copies and the CPU blocks' compute overlap, the slower lane sets the pace. None with every block
+        resident: the lanes carry nothing, and the resident blocks' GPU time is not modelled."""
+        if self.lanes is None or not (self.paged_layers or self.cpu_layers):
             return None
         return self.lanes.step_ms(self.paged_layers, self.cpu_layers, self.block_bytes, tokens=1)
 
@@ -242,8 +243,9 @@ class OffloadPlan:
                          f"token{'s' if tokens > 1 else ''} (larger steps stream them to the GPU too)")
         lines.append(f"  {'expected GPU memory':<22} {self.gpu_bytes / GiB:8.3f} GiB")
         lines.append(f"  {'streamed per step':<22} {self.streamed_bytes / GiB:8.3f} GiB")
-        if self.lanes is not None:
-            lines.append(f"  {'expected decode':<22} {self.expected_decode_ms():8.1f} ms per token at batch 1 "
+        expected = self.expected_decode_ms()
+        if self.lanes is not None and expected is not None:
+            lines.append(f"  {'expected decode':<22} {expected:8.1f} ms per token at batch 1 "
                          f"({self.lanes.describe(self.block_bytes)})")
         lines.append(f"  {'prefill chunk':<22} {self.prefill_chunk:8d} positions per pass (longer prompts take several)")
         if self.model_parallel_size > 1:

@@ -426,3 +426,14 @@ def test_the_copy_ring_loads_each_page_once_a_step_and_never_reads_a_stale_slot(
     _, again = run_steps(model, PROMPTS[:1], 3)
     assert again[0] == want[0][: len(again[0])]
     assert pager.loads - before == prefill + first_decode_reload + 3 * 3
+
+
+def test_an_all_resident_plan_expects_no_lane_time() -> None:
+    """With every block resident the lanes carry nothing: no expected time (not 0 ms), and describe() says none."""
+    args = tiny_args(**SEVEN_B)
+    b = plan_offload(args, torch.float16, max_batch_size=1, max_seq_len=256).block_bytes
+    plan = plan_offload(args, torch.float16, max_batch_size=1, max_seq_len=256, gpu_memory_gb=100, cpu_layers=None,
+                        lanes=lanes(7.0, {1: 7.0}, b))
+    assert plan.paged_layers == 0 and plan.cpu_layers == 0
+    assert plan.expected_decode_ms() is None
+    assert "expected decode" not in plan.describe()
