@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from .args import ModelArgs
-from .quant import LINEAR_NAMES, QuantSpec, scratch_bytes
+from .quant import QuantSpec, scratch_bytes
 from .step import cache_len
 
 DEFAULT_PREFILL_CHUNK = 2048  # prompt positions per prefill pass unless --prefill_chunk says otherwise

@@ -22,7 +22,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .quant import (EMBEDDING_NAMES, FORMAT_VERSION, LINEAR_NAMES, QuantEmbedding, QuantLinear, QuantSpec, dequantize,
-                    in_features, is_quantized, quantize_matrix, scratch_bytes)
+                    in_features, quantize_matrix, scratch_bytes)
 
 QUANT_PARTS = ("weight", "scales", "mins")
 
