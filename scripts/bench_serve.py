@@ -61,13 +61,21 @@ def run_level(url: str, model: str, clients: int, rounds: int, max_tokens: int) 
             "p50_s": percentile(latencies, 0.5), "p95_s": percentile(latencies, 0.95)}
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], floor_s: Optional[float] = None) -> str:
+    """``floor_s``: the PCIe floor of one pass (streamed bytes / pinned bandwidth); with it, each level's
+    aggregate is also set against clients / floor_s, the most that many sequences get if every pass is at the floor."""
     base = rows[0]["aggregate_tok_s"] if rows else 1.0
-    lines = ["| clients | requests | tokens | aggregate tok/s | vs 1 client | per-request tok/s | p50 s | p95 s |",
-             "|---|---|---|---|---|---|---|---|"]
+    floor_head = " floor tok/s | aggregate / floor |" if floor_s else ""
+    lines = ["| clients | requests | tokens | aggregate tok/s | vs 1 client |" + floor_head
+             + " per-request tok/s | p50 s | p95 s |",
+             "|---|---|---|---|---|" + ("---|---|" if floor_s else "") + "---|---|---|"]
     for r in rows:
+        floor = ""
+        if floor_s:
+            most = r["clients"] / floor_s
+            floor = f" {most:.1f} | {r['aggregate_tok_s'] / most:.2f} |"
         lines.append(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['aggregate_tok_s']:.1f} | "
-                     f"{r['aggregate_tok_s'] / base:.2f}x | {r['per_request_tok_s']:.1f} | {r['p50_s']:.2f} | "
+                     f"{r['aggregate_tok_s'] / base:.2f}x |{floor} {r['per_request_tok_s']:.1f} | {r['p50_s']:.2f} | "
                      f"{r['p95_s']:.2f} |")
     return "\n".join(lines)
 
@@ -131,13 +139,21 @@ def main(argv: Optional[list[str]] = None) -> None:
         server.should_exit = True
         thread.join(30)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    floor_s, floor_note = None, ""
     plan = getattr(llama.model, "plan", None)
+    if plan is not None and llama.device.type == "cuda" and plan.streamed_bytes:
+        from llama_offload.lanes import measure_pcie
+
+        gbps = measure_pcie(llama.device)
+        floor_s = plan.streamed_bytes / (gbps * 1e9)
+        floor_note = (f"; pinned H2D {gbps:.1f} GB/s measured after the levels, so a pass, which streams "
+                      f"{plan.streamed_bytes / 1e9:.2f} GB, has a PCIe floor of {floor_s * 1e3:.0f} ms")
     where = (f"{plan.resident_layers} blocks resident, {plan.paged_layers} paged, {plan.cpu_layers} on the CPU lane"
              if plan is not None and llama.device.type == "cuda" else "unoffloaded on the CPU")
     head = (f"{Path(llama.options.ckpt_dir or 'default').name} ({llama.model.dtype if hasattr(llama.model, 'dtype') else ''}), "
             f"{device}, {where}; greedy, {a.max_tokens} new tokens a request, {a.rounds} requests per client "
-            f"after a warm-up; max_batch_size {max(levels)}\n\n")
-    text = head + table(rows)
+            f"after a warm-up; max_batch_size {max(levels)}{floor_note}\n\n")
+    text = head + table(rows, floor_s)
     print(text)
     if a.out:
         Path(a.out).write_text(text + "\n")

@@ -15,6 +15,12 @@ def test_percentiles_and_table() -> None:
              "p50_s": 1.2, "p95_s": 1.4}]
     text = bench.table(rows)
     assert "| 4 | 8 | 80 | 35.0 | 3.50x | 8.8 | 1.20 | 1.40 |" in text
+    # With a pass's PCIe floor of 0.25 s, 4 clients get at most 16 tok/s; 14 is 0.88 of that.
+    rows[1]["aggregate_tok_s"] = 14.0
+    text = bench.table(rows, floor_s=0.25)
+    assert "| floor tok/s | aggregate / floor |" in text.splitlines()[0]
+    assert "| 4 | 8 | 80 | 14.0 | 1.40x | 16.0 | 0.88 | 8.8 | 1.20 | 1.40 |" in text
+    assert all(line.count("|") == text.splitlines()[0].count("|") for line in text.splitlines())
 
 
 def test_a_small_run_on_the_tiny_model(monkeypatch, tmp_path, capsys) -> None:
