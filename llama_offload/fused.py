@@ -17,11 +17,13 @@ import torch
 from torch import nn
 
 from . import quant
+from .cpu_kernels import CpuLinear
 
 
 def _is_plain(linears: Sequence[nn.Module]) -> bool:
-    # FairScale's parallel layers (several ranks) keep their own forward: never fused.
-    return all(type(m) is nn.Linear and m.bias is None for m in linears)
+    # FairScale's parallel layers (several ranks) keep their own forward: never fused. A CPU lane block's
+    # CpuLinear is a plain linear whenever its weight is on a GPU.
+    return all(type(m) in (nn.Linear, CpuLinear) and m.bias is None for m in linears)
 
 
 def adjacent_weight(linears: Sequence[nn.Module]) -> Optional[torch.Tensor]:

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .lanes import set_cpu_kernel
+from .cpu_kernels import set_cpu_kernel
 from .model import KVCache
 from .pager import InferenceOffloadModel
 from .packing import PackedBlock, StepContext
@@ -81,7 +81,7 @@ class HybridOffloadModel(nn.Module):
     cores in steps of at most ``max_cpu_tokens`` tokens. One packet in, the same packet out."""
 
     def __init__(self, blocks: Sequence[PackedBlock], on_cpu: Sequence[bool], device: torch.device,
-                 context: StepContext, max_cpu_tokens: int, cpu_kernel: str = "native"):
+                 context: StepContext, max_cpu_tokens: int, cpu_kernel: str = "torch"):
         super().__init__()
         if len(blocks) != len(on_cpu):
             raise ValueError(f"internal: {len(blocks)} blocks but {len(on_cpu)} placements")
@@ -94,7 +94,7 @@ class HybridOffloadModel(nn.Module):
         for block, cpu in zip(blocks, on_cpu):
             if cpu:
                 block.block.attention.cache = host_cache(block.block.attention.cache, pin=cuda)
-                set_cpu_kernel(block, cpu_kernel)  # quantized matrices: the kernel calibration found faster
+                set_cpu_kernel(block, cpu_kernel)  # the kernel calibration found fastest (cpu_kernels.py)
         # On a GPU the pager holds every page; its parameters point at the host pages unless a copy is queued.
         self.pager = InferenceOffloadModel(nn.Sequential(*blocks), device, len(blocks)) if cuda else None
         self.units = nn.ModuleList(list(self.pager.model_slices) if cuda else blocks)

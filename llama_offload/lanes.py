@@ -28,11 +28,12 @@ import torch
 from .args import ModelArgs
 from .model import KVCache, TransformerBlock
 from .plan import LaneTimes
+from .cpu_kernels import kernels_for, set_cpu_kernel
 from .quant import LINEAR_NAMES, QuantLinear, QuantSpec, quantize_matrix
 from .step import StepShape, attention_mask
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32)  # step sizes the CPU block time is measured at
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4
 
 
 def cpu_cores() -> int:
@@ -100,13 +101,6 @@ class CopyLoad:
 
     def drain(self) -> None:
         self.stream.synchronize()
-
-
-def set_cpu_kernel(module: torch.nn.Module, kernel: str) -> None:
-    """How the quantized matrices under ``module`` multiply when they run on the CPU (quant.QuantLinear)."""
-    for m in module.modules():
-        if isinstance(m, QuantLinear):
-            m.cpu_kernel = kernel
 
 
 def random_block(args: ModelArgs, dtype: torch.dtype, spec: Optional[QuantSpec] = None,
@@ -256,14 +250,15 @@ def calibrate(args: ModelArgs, dtype: torch.dtype, device: torch.device, *, thre
             pass  # an entry from another version: measure again
     start = time.perf_counter()
     block = random_block(args, dtype, spec, quantize_device=device if device.type == "cuda" else None)
-    kernel, kernel_ms = "native", ()
-    if spec is not None:  # torch's weight-only CPU kernels against dequantize-then-matmul: the faster one runs
-        timed = []
-        for name in ("dequantize", "native"):
-            set_cpu_kernel(block, name)
-            timed.append((name, measure_cpu_block(block, threads, token_counts=(1,))[0][1]))
-        kernel, kernel_ms = min(timed, key=lambda t: t[1])[0], tuple(timed)
-        set_cpu_kernel(block, kernel)
+    # Every CPU kernel that applies here (cpu_kernels.py) on one step of the block: the fastest one runs.
+    candidates = kernels_for(dtype, quantized=spec is not None)
+    timed = []
+    for name in candidates:
+        set_cpu_kernel(block, name)
+        timed.append((name, measure_cpu_block(block, threads, token_counts=(1,))[0][1]))
+    kernel = min(timed, key=lambda t: t[1])[0]
+    kernel_ms = tuple(timed) if len(timed) > 1 else ()
+    set_cpu_kernel(block, kernel)
     cuda = device.type == "cuda"
     pcie_gbps = measure_pcie(device)
     cpu_ms = measure_cpu_block(block, threads, load=CopyLoad(device, pcie_gbps) if cuda else None)

@@ -168,7 +168,7 @@ def offload(
     rest = packed[plan.resident_layers :]
     if plan.cpu_layers:
         on_cpu = [where == "cpu" for where in plan.placement()[plan.resident_layers :]]
-        kernel = plan.lanes.cpu_kernel if plan.lanes is not None else "native"
+        kernel = plan.lanes.cpu_kernel if plan.lanes is not None else "torch"
         paged = HybridOffloadModel(rest, on_cpu, device, context, plan.max_cpu_tokens, kernel)
     else:
         paged = InferenceOffloadModel(nn.Sequential(*rest), device, plan.num_slices) if rest else None

@@ -119,8 +119,8 @@ class LaneTimes:
     cpu_ms: tuple[tuple[int, float], ...]  # (tokens, ms for one block on the CPU), tokens ascending
     threads: int
     crossing_ms: float = 0.05  # the hidden state to the host and back, once per run of CPU blocks
-    cpu_kernel: str = "native"  # quantized blocks on the CPU: "native" (torch's weight-only kernels) or "dequantize"
-    kernel_ms: tuple[tuple[str, float], ...] = ()  # each kernel measured at 1 token (quantized blocks only)
+    cpu_kernel: str = "torch"  # how the CPU blocks multiply: "torch", "dequantize" or "gemv" (cpu_kernels.py)
+    kernel_ms: tuple[tuple[str, float], ...] = ()  # a block at 1 token with each kernel calibration timed
     gpu_block_ms: float = 0.0  # host time to launch and finish one paged block's compute (eager, batch 1)
 
     def cpu_block_ms(self, tokens: int) -> float:

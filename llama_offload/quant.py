@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
+
 # The seven matrices of a block that quantization applies to (Meta's names, relative to layers.N).
 LINEAR_NAMES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
@@ -324,8 +326,9 @@ class QuantLinear(_QuantTensors):
         make = lambda name: torch.empty(shapes[name][0], dtype=shapes[name][1], device="meta") if name in shapes else None
         return cls(make("weight"), make("scales"), make("mins"), **kw)
 
-    # How a CPU lane block (hybrid.py) multiplies on the host: "dequantize" (then a dense matmul, the default) or
-    # "native" (torch's CPU weight-only kernels, on the codes); calibration (lanes.py) measures both and picks.
+    # How a CPU lane block (hybrid.py) multiplies on the host: "dequantize" (then a dense matmul, the default),
+    # "torch" (torch's CPU weight-only kernels, on the codes) or "gemv" (cpu_kernels.py); calibration (lanes.py)
+    # times each and picks.
     cpu_kernel = "dequantize"
 
     def chunk_rows(self) -> int:
@@ -358,8 +361,11 @@ class QuantLinear(_QuantTensors):
         return y.view(*x.shape[:-1], self.out_features)  # (..., out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_kernel == "native" and x.device.type == "cpu" and self.native_cpu():
-            return self._native_cpu_forward(x)
+        if x.device.type == "cpu" and self.parallel is None and not torch.is_grad_enabled():
+            if self.cpu_kernel == "gemv":
+                return cpu_kernels.gemv_quant(x, self.weight, self.scales, self.mins)
+            if self.cpu_kernel == "torch" and self.native_cpu():
+                return self._native_cpu_forward(x)
         if torch.is_grad_enabled():
             # Training (a LoRA base): autograd keeps the weight for the backward pass, so it may not live in the
             # shared scratch, which the next matrix overwrites.
@@ -415,6 +421,8 @@ def group_weight(linears: list[nn.Module], dtype: torch.dtype, device: torch.dev
     so they run as one GEMM as the 16-bit ones do (fused.py); None if any is not quantized or they are too big."""
     if not all(type(m) is QuantLinear and m.parallel is None for m in linears):
         return None
+    if device.type == "cpu" and any(m.cpu_kernel != "dequantize" for m in linears):
+        return None  # the CPU lane multiplies the codes themselves, one matrix at a time
     n_in = linears[0].in_features
     rows = sum(m.out_features for m in linears)
     if any(m.in_features != n_in for m in linears) or rows * n_in > SCRATCH_ELEMENTS:

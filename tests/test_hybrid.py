@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from llama_offload import lanes as lanes_mod
+from llama_offload.cpu_kernels import CpuLinear, gemv_available
 from llama_offload.hybrid import HybridOffloadModel
 from llama_offload.lanes import calibrate, check_cpu_lane_cores, cpu_threads_for, lanes_for_run, measure_cpu_block, random_block
 from llama_offload.offload import OffloadedTransformer
 from llama_offload.packing import PackedBlock, StepContext
-from llama_offload.plan import HostPlan, LaneTimes, OffloadPlan, plan_host, plan_offload, spread
+from llama_offload.plan import LaneTimes, OffloadPlan, plan_host, plan_offload, spread
 from llama_offload.run_options import RunOptions
 from llama_offload.speculative import kv_caches, zero_positions
 from llama_offload.step import make_step
@@ -119,13 +120,14 @@ def test_host_plan_counts_the_cpu_caches() -> None:
 # --- the split path, both lanes on the CPU ------------------------------------------------------------------
 
 
-def hybrid_model(args, plain, *, resident: int, on_cpu: list[bool], max_cpu_tokens: int) -> OffloadedTransformer:
+def hybrid_model(args, plain, *, resident: int, on_cpu: list[bool], max_cpu_tokens: int,
+                 cpu_kernel: str = "torch") -> OffloadedTransformer:
     """The offloaded model as offload() builds it on a GPU, with the CPU standing in for the GPU."""
     model = copy.deepcopy(plain)
     model.setup_caches(args.max_batch_size, args.max_seq_len, "cpu", model.dtype)
     context = StepContext()
     packed = [PackedBlock(layer, context) for layer in model.layers]
-    rest = HybridOffloadModel(packed[resident:], on_cpu, torch.device("cpu"), context, max_cpu_tokens)
+    rest = HybridOffloadModel(packed[resident:], on_cpu, torch.device("cpu"), context, max_cpu_tokens, cpu_kernel)
     n_cpu = sum(on_cpu)
     plan = OffloadPlan(args.n_layers, resident, len(on_cpu), 0, {"KV cache": 0}, cpu_layers=n_cpu)
     return OffloadedTransformer(model, packed[:resident], rest, context, torch.device("cpu"), plan, cuda_graphs=False)
@@ -284,7 +286,7 @@ def test_torch_cpu_kernels_equal_dequantize_then_matmul(bits: int, mins: bool, d
     x = torch.randn(2, 5, 256).to(dtype)
     with torch.inference_mode():  # as models run (the dequantization scratch is an inference tensor)
         want = layer(x)
-        layer.cpu_kernel = "native"
+        layer.cpu_kernel = "torch"
         assert layer.native_cpu()
         got = layer(x)
     assert got.shape == want.shape == (2, 5, 96) and got.dtype == dtype
@@ -292,20 +294,46 @@ def test_torch_cpu_kernels_equal_dequantize_then_matmul(bits: int, mins: bool, d
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
 
 
-def test_quantized_split_path_equals_the_quantized_model() -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("cpu_kernel", ["dequantize", "torch", "gemv"])
+def test_quantized_split_path_equals_the_quantized_model(bits: int, cpu_kernel: str) -> None:
     from llama_offload.quant import QuantSpec
     from llama_offload.quant_load import quantize_model
 
+    if cpu_kernel == "gemv" and not gemv_available(verbose=False):
+        pytest.skip("no C++ compiler here for the native kernels")
     args = tiny_args(dim=128, n_layers=4, max_seq_len=64)
-    plain = quantize_model(tiny_model(args), QuantSpec(4, 32))
+    plain = quantize_model(tiny_model(args), QuantSpec(bits, 32 if bits == 4 else None))
     reference = copy.deepcopy(plain)
     reference.setup_caches(args.max_batch_size, args.max_seq_len, "cpu", reference.dtype)
     want_logits, want = run_steps(reference, PROMPTS, 6)
-    model = hybrid_model(args, plain, resident=1, on_cpu=[True, False, True], max_cpu_tokens=1)
+    # Decode steps on the CPU lane with the kernel under test; prefill and the batch of 3 streamed.
+    for max_cpu_tokens in (1, 10**6):
+        model = hybrid_model(args, plain, resident=1, on_cpu=[True, False, True], max_cpu_tokens=max_cpu_tokens,
+                             cpu_kernel=cpu_kernel)
+        got_logits, got = run_steps(model, PROMPTS, 6)
+        assert got == want
+        for a, b in zip(got_logits, want_logits):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_split_path_with_the_native_16_bit_kernel_equals_plain() -> None:
+    """A bf16 model whose CPU blocks multiply with the native kernel: fp32 accumulation, rounded once, as the
+    plain model's matmuls; greedy tokens equal."""
+    if not gemv_available(verbose=False):
+        pytest.skip("no C++ compiler here for the native kernels")
+    args = tiny_args(dim=128, n_layers=4, max_seq_len=64)
+    plain = tiny_model(args).to(torch.bfloat16)
+    reference = copy.deepcopy(plain)
+    reference.setup_caches(args.max_batch_size, args.max_seq_len, "cpu", torch.bfloat16)
+    want_logits, want = run_steps(reference, PROMPTS, 6)
+    model = hybrid_model(args, plain, resident=0, on_cpu=[True, False, True, True], max_cpu_tokens=10**6,
+                         cpu_kernel="gemv")
+    assert sum(isinstance(m, CpuLinear) for m in model.modules()) == 3 * 7
     got_logits, got = run_steps(model, PROMPTS, 6)
     assert got == want
     for a, b in zip(got_logits, want_logits):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0.05 * b.float().abs().max().item())
 
 
 def test_calibration_picks_the_faster_quantized_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -316,7 +344,7 @@ def test_calibration_picks_the_faster_quantized_kernel(monkeypatch: pytest.Monke
     got = calibrate(tiny_args(dim=256, n_heads=4, n_kv_heads=2), torch.float32, torch.device("cpu"), threads=1,
                     spec=QuantSpec(8), verbose=False)
     kernels = dict(got.kernel_ms)
-    assert set(kernels) == {"dequantize", "native"} and got.cpu_kernel == min(kernels, key=kernels.get)
+    assert set(kernels) == {"dequantize", "torch", "gemv"} and got.cpu_kernel == min(kernels, key=kernels.get)
     assert calibrate(tiny_args(dim=256, n_heads=4, n_kv_heads=2), torch.float32, torch.device("cpu"), threads=1,
                      spec=QuantSpec(8), verbose=False) == got  # the kernel comes back from the cache too
 

@@ -1,0 +1,93 @@
+"""How the CPU lane's blocks multiply their matrices on the host, one kernel per run, chosen by calibration.
+
+    "torch"       torch's own: ``F.linear`` for 16-bit weights, its weight-only kernels for int8/int4 codes
+                  (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``)
+    "dequantize"  int8/int4 codes dequantized to the model dtype, then ``F.linear`` (quantized blocks only)
+    "gemv"        llama_offload's own matrix-vector kernels (csrc/cpu_gemv.cpp, built at first use by
+                  native_build.py): one pass over the weights per step, fp16/bf16 weights or int8/int4 codes
+                  converted to fp32 in registers, fp32 accumulation, every thread on its own band of rows
+
+A decode step on the CPU lane is a few tokens against every weight of the block, so it is bound by how fast
+the cores read the weights; torch's kernels are built for larger products (DESIGN.md: a 7B fp16 block on 15
+threads took 9.3 ms with ``F.linear``, where the host's 97.7 GB/s allow about 4). Calibration (lanes.py)
+times each kernel that applies on a random block and the CPU lane runs the fastest; a kernel that is not
+available here (no compiler for "gemv") is simply not among the candidates.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import native_build
+
+DENSE_KERNELS = ("torch", "gemv")
+QUANT_KERNELS = ("dequantize", "torch", "gemv")
+GEMV_DTYPES = (torch.float16, torch.bfloat16)  # the 16-bit weights the native kernel reads
+
+
+def gemv_available(verbose: bool = True) -> bool:
+    """Whether the native kernels are built and loaded here (building them on first call)."""
+    return native_build.load("cpu_gemv", verbose=verbose) is None
+
+
+def gemv_isa() -> Optional[str]:
+    """The instructions the native kernels were built with ("avx512", "avx2", "scalar"), or None."""
+    return torch.ops.llama_offload_cpu.isa() if gemv_available(verbose=False) else None
+
+
+def gemv_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ weight (out, in)^T with the native kernel; weight fp16 or bf16, both on the CPU."""
+    return torch.ops.llama_offload_cpu.linear16(x, weight)
+
+
+def gemv_quant(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor]) -> torch.Tensor:
+    """x (..., in) @ dequantize(codes, scales, mins)^T with the native kernel, in quant.py's layout."""
+    return torch.ops.llama_offload_cpu.linear_quant(x, codes, scales, mins)
+
+
+def kernels_for(dtype: torch.dtype, quantized: bool) -> tuple[str, ...]:
+    """The kernels calibration times for a block of ``dtype`` (quantized or not) on this machine."""
+    names = QUANT_KERNELS if quantized else DENSE_KERNELS
+    gemv = (quantized or dtype in GEMV_DTYPES) and gemv_available()
+    return tuple(k for k in names if k != "gemv" or gemv)
+
+
+class CpuLinear(nn.Linear):
+    """``nn.Linear`` (no bias) of a CPU lane block: the same parameter, multiplied by ``cpu_kernel`` while the
+    weight is on the host; on a GPU (a large step streams the block there) it is a plain linear."""
+
+    cpu_kernel = "torch"
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear) -> "CpuLinear":
+        """A CpuLinear sharing ``linear``'s weight Parameter (the pager's pages keep pointing at it)."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.in_features, module.out_features = linear.in_features, linear.out_features
+        module.weight = linear.weight
+        module.register_parameter("bias", None)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (self.cpu_kernel == "gemv" and w.device.type == "cpu" and w.dtype in GEMV_DTYPES
+                and not torch.is_grad_enabled()):
+            return gemv_linear(x, w)
+        return F.linear(x, w)
+
+
+def set_cpu_kernel(module: nn.Module, kernel: str) -> None:
+    """How the matrices under ``module`` multiply when they run on the CPU: quantized ones (quant.QuantLinear)
+    take the kernel by name; plain 16-bit linears become CpuLinear over the same weights."""
+    if kernel not in QUANT_KERNELS:
+        raise ValueError(f"internal: unknown CPU kernel {kernel!r}")
+    for name, m in list(module.named_modules()):
+        if name and type(m) is nn.Linear and m.bias is None:
+            m = CpuLinear.wrap(m)
+            module.set_submodule(name, m)
+        if hasattr(m, "cpu_kernel"):
+            m.cpu_kernel = kernel if kernel != "dequantize" or not isinstance(m, CpuLinear) else "torch"

@@ -1,0 +1,376 @@
+// The CPU lane's matrix-vector products: y (tokens, out) = x (tokens, in) @ W^T for a few tokens, W read once.
+//
+// A decode step on the host reads every weight of a block once per token group, so the kernel's only job is to
+// stream W at the memory's speed: each thread takes a band of rows, converts a row's weights to fp32 in
+// registers (16-bit floats, or int8/int4 codes with their group scales) and multiplies them into every token
+// of a tile, accumulating in fp32. x is converted to fp32 once per call. Built at first use on the machine that
+// runs it (native_build.py, -march=native): AVX-512 where the CPU has it, AVX2 + F16C otherwise, plain C++
+// beyond those; at::parallel_for shares torch's thread pool, so torch.set_num_threads sets the lane's threads.
+//
+// Formats (quant.py): int8 (out, in); int4 uint8 (out, in / 2), element 2j in the low nibble of byte j; scales
+// and optional mins (out, in / g) in fp16 or fp32. With mins w = q * s + m (int4 q in 0..15); without,
+// w = q * s (int4 q read as n - 8). Per group, sum_i w_i x_i = s * sum_i q_i x_i + c * sum_i x_i with c = m,
+// or c = -8 s for int4 without mins, so the codes multiply x as small integers and the group's sum of x
+// (computed once per call) carries the offset.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kTile = 4;  // tokens multiplied per pass over a row (the row stays in L1 between tiles)
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+using vec = __m512;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vset1(float s) { return _mm512_set1_ps(s); }
+inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+inline vec load_half(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+inline vec load_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline vec load_i8(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+// 16 bytes = 32 nibbles: the low nibbles (elements 0, 2, ..., 30) and the high ones (1, 3, ..., 31).
+inline void load_nibbles(const uint8_t* p, vec& lo, vec& hi) {
+  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+  lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+constexpr int kLanes = 8;
+using vec = __m256;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vset1(float s) { return _mm256_set1_ps(s); }
+inline float vsum(vec a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline vec load_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+inline vec load_bf16(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline vec load_i8(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
+// 8 bytes = 16 nibbles: elements 0, 2, ..., 14 low, 1, 3, ..., 15 high.
+inline void load_nibbles(const uint8_t* p, vec& lo, vec& hi) {
+  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+#else
+#define LLAMA_OFFLOAD_SCALAR 1
+#endif
+
+inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+inline float bf16_to_float(uint16_t h) { return static_cast<float>(c10::BFloat16(h, c10::BFloat16::from_bits())); }
+
+// x (tokens, in) in its dtype -> fp32, row-major.
+std::vector<float> tokens_fp32(const at::Tensor& x) {
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* p = xf.data_ptr<float>();
+  return std::vector<float>(p, p + xf.numel());
+}
+
+// An fp32 (..., out) result for x's leading dimensions: the kernels write it, then it takes x's dtype.
+at::Tensor fp32_output(const at::Tensor& x, int64_t out) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out;
+  return at::empty(shape, x.options().dtype(at::kFloat));
+}
+
+int64_t grain_for(int64_t rows) {
+  // Bands of rows small enough to spread over every thread, large enough to amortize the scheduling.
+  int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+  return std::max<int64_t>(8, rows / (threads * 8));
+}
+
+// --- 16-bit weights -------------------------------------------------------------------------------------
+//
+// R rows at once: R independent streams through memory keep more loads in flight than one row at a time
+// (a row of 4096 fp16 weights is only 8 KB), and R * NT independent accumulators hide the FMA latency.
+
+template <bool kBf16>
+inline float weight16(const uint16_t* w, int64_t i) { return kBf16 ? bf16_to_float(w[i]) : half_to_float(w[i]); }
+
+template <bool kBf16, int R, int NT>
+void rows16(const uint16_t* w, const float* x, int64_t in, float* y, int64_t out) {
+  float sums[R][NT];
+  int64_t i = 0;
+#ifndef LLAMA_OFFLOAD_SCALAR
+  vec acc[R][NT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = vzero();
+  for (; i + kLanes <= in; i += kLanes) {
+    vec xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = vload(x + t * in + i);
+    for (int r = 0; r < R; ++r) {
+      vec wv = kBf16 ? load_bf16(w + r * in + i) : load_half(w + r * in + i);
+      for (int t = 0; t < NT; ++t) acc[r][t] = vfma(wv, xv[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) sums[r][t] = vsum(acc[r][t]);
+#else
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) sums[r][t] = 0.f;
+#endif
+  for (; i < in; ++i)
+    for (int r = 0; r < R; ++r) {
+      const float wi = weight16<kBf16>(w + r * in, i);
+      for (int t = 0; t < NT; ++t) sums[r][t] += wi * x[t * in + i];
+    }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) y[t * out + r] = sums[r][t];
+}
+
+// Rows [r0, r1) for a tile of NT tokens: R rows at a time, then the rest one by one.
+template <bool kBf16, int NT>
+void band16(const uint16_t* w, const float* x, int64_t in, float* y, int64_t out, int64_t r0, int64_t r1) {
+  constexpr int R = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) rows16<kBf16, R, NT>(w + r * in, x, in, y + r, out);
+  for (; r < r1; ++r) rows16<kBf16, 1, NT>(w + r * in, x, in, y + r, out);
+}
+
+template <bool kBf16>
+void gemv16(const uint16_t* w, const float* x, int64_t tokens, int64_t in, int64_t out, float* y) {
+  at::parallel_for(0, out, grain_for(out), [&](int64_t r0, int64_t r1) {
+    // Bands of 64 rows: each band is read once from memory, then again from the cache for each further tile.
+    for (int64_t b0 = r0; b0 < r1; b0 += 64) {
+      const int64_t b1 = std::min(b0 + 64, r1);
+      for (int64_t t = 0; t < tokens; t += kTile) {
+        const float* xt = x + t * in;
+        float* yt = y + t * out;
+        switch (std::min<int64_t>(kTile, tokens - t)) {
+          case 4: band16<kBf16, 4>(w, xt, in, yt, out, b0, b1); break;
+          case 3: band16<kBf16, 3>(w, xt, in, yt, out, b0, b1); break;
+          case 2: band16<kBf16, 2>(w, xt, in, yt, out, b0, b1); break;
+          default: band16<kBf16, 1>(w, xt, in, yt, out, b0, b1); break;
+        }
+      }
+    }
+  });
+}
+
+// --- int8 and int4 codes with group scales ---------------------------------------------------------------
+//
+// Each group's products stay in vector accumulators, scaled into the row's total by a broadcast of the group's
+// scale: no horizontal sum per group. The offsets (sum over groups of c * the group's sum of x) are one short
+// dot product per row and token at the end.
+
+#ifndef LLAMA_OFFLOAD_SCALAR
+constexpr int kChunk8 = kLanes;      // int8 elements per vector step
+constexpr int kChunk4 = 2 * kLanes;  // int4 elements per vector step: kLanes bytes
+#else
+constexpr int kChunk8 = 1;
+constexpr int kChunk4 = 2;
+#endif
+
+struct Groups {
+  int64_t count, size;      // groups per row, elements per group
+  std::vector<float> xsum;  // (tokens, count): each group's sum of x
+};
+
+template <typename S>
+inline float to_float(S v) { return static_cast<float>(v); }
+
+// One row's scales and offsets (c = min, or -8 * scale for int4 without mins, else 0) in fp32.
+template <int Bits, typename S>
+void row_scales(const S* s, const S* m, int64_t count, float* sf, float* cf) {
+  for (int64_t k = 0; k < count; ++k) {
+    sf[k] = to_float(s[k]);
+    cf[k] = m ? to_float(m[k]) : (Bits == 4 ? -8.f * sf[k] : 0.f);
+  }
+}
+
+// y[t] for NT tokens of one row: sum over groups of scale * (q . x) + offset * sum(x).
+template <int Bits, int NT>
+void row_quant(const uint8_t* q, const float* sf, const float* cf, const float* x, int64_t in, const Groups& g,
+               const float* xsum, float* y, int64_t out) {
+  constexpr int64_t chunk = Bits == 8 ? kChunk8 : kChunk4;
+  const int64_t full = g.size / chunk * chunk;  // elements of each group the vector loop covers
+  float sums[NT];
+#ifndef LLAMA_OFFLOAD_SCALAR
+  vec total[NT];
+  for (int t = 0; t < NT; ++t) total[t] = vzero();
+#endif
+  for (int t = 0; t < NT; ++t) sums[t] = 0.f;
+  for (int64_t k = 0; k < g.count; ++k) {
+    const int64_t a = k * g.size;
+#ifndef LLAMA_OFFLOAD_SCALAR
+    vec acc[NT][2];
+    for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = vzero();
+    for (int64_t i = a; i < a + full; i += chunk) {
+      if (Bits == 8) {
+        const vec w = load_i8(reinterpret_cast<const int8_t*>(q) + i);
+        for (int t = 0; t < NT; ++t) acc[t][0] = vfma(w, vload(x + t * in + i), acc[t][0]);
+      } else {
+        vec lo, hi;
+        load_nibbles(q + i / 2, lo, hi);
+        for (int t = 0; t < NT; ++t) {
+          acc[t][0] = vfma(lo, vload(x + t * in + i), acc[t][0]);
+          acc[t][1] = vfma(hi, vload(x + t * in + i + kLanes), acc[t][1]);
+        }
+      }
+    }
+    const vec scale = vset1(sf[k]);
+    for (int t = 0; t < NT; ++t) total[t] = vfma(Bits == 8 ? acc[t][0] : acc[t][0] + acc[t][1], scale, total[t]);
+#endif
+    // A group's tail the vectors do not cover (unpermuted): int8 element by element, int4 by byte pairs.
+    for (int64_t i = a + full; i < a + g.size; i += (Bits == 8 ? 1 : 2)) {
+      for (int t = 0; t < NT; ++t) {
+        const float* xt = x + t * in;
+        const float d = Bits == 8 ? float(reinterpret_cast<const int8_t*>(q)[i]) * xt[i]
+                                  : float(q[i / 2] & 15) * xt[i] + float(q[i / 2] >> 4) * xt[i + 1];
+        sums[t] += sf[k] * d;
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+#ifndef LLAMA_OFFLOAD_SCALAR
+    sums[t] += vsum(total[t]);
+#endif
+    const float* xs = xsum + t * g.count;
+    float offset = 0.f;
+    for (int64_t k = 0; k < g.count; ++k) offset += cf[k] * xs[k];
+    y[t * out] = sums[t] + offset;
+  }
+}
+
+// x (tokens, in) reordered so that within every group's full chunks of kChunk4 elements the even elements come
+// first and the odd ones after: the order load_nibbles yields them in.
+std::vector<float> int4_order(const std::vector<float>& x, int64_t tokens, int64_t in, int64_t group) {
+  std::vector<float> p(x);
+  const int64_t full = group / kChunk4 * kChunk4;
+  if (kChunk4 == 2) return p;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t a = 0; a < in; a += group)
+      for (int64_t c = a; c < a + full; c += kChunk4)
+        for (int64_t l = 0; l < kChunk4 / 2; ++l) {
+          p[t * in + c + l] = x[t * in + c + 2 * l];
+          p[t * in + c + kChunk4 / 2 + l] = x[t * in + c + 2 * l + 1];
+        }
+  return p;
+}
+
+template <int Bits, typename S>
+void gemv_quant(const void* codes, const S* scales, const S* mins, const float* x, int64_t tokens, int64_t in,
+                int64_t out, const Groups& g, float* y) {
+  const int64_t row_bytes = Bits == 8 ? in : in / 2;
+  at::parallel_for(0, out, grain_for(out), [&](int64_t r0, int64_t r1) {
+    std::vector<float> sf(g.count), cf(g.count);
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = static_cast<const uint8_t*>(codes) + r * row_bytes;
+      row_scales<Bits>(scales + r * g.count, mins ? mins + r * g.count : nullptr, g.count, sf.data(), cf.data());
+      for (int64_t t = 0; t < tokens; t += kTile) {
+        const float* xt = x + t * in;
+        const float* xs = g.xsum.data() + t * g.count;
+        float* yt = y + t * out + r;
+        switch (std::min<int64_t>(kTile, tokens - t)) {
+          case 4: row_quant<Bits, 4>(row, sf.data(), cf.data(), xt, in, g, xs, yt, out); break;
+          case 3: row_quant<Bits, 3>(row, sf.data(), cf.data(), xt, in, g, xs, yt, out); break;
+          case 2: row_quant<Bits, 2>(row, sf.data(), cf.data(), xt, in, g, xs, yt, out); break;
+          default: row_quant<Bits, 1>(row, sf.data(), cf.data(), xt, in, g, xs, yt, out); break;
+        }
+      }
+    }
+  });
+}
+
+void check_x(const at::Tensor& x, int64_t in, const char* what) {
+  TORCH_CHECK(x.device().is_cpu(), "cpu_gemv.", what, ": x must be on the CPU");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "cpu_gemv.", what, ": x's last dimension is ", x.size(-1),
+              " but the weight has ", in, " input features");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "cpu_gemv.", what, ": x must be float16, bfloat16 or float32");
+}
+
+}  // namespace
+
+// y (..., out) = x (..., in) @ w^T, w (out, in) float16 or bfloat16.
+at::Tensor linear16(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "cpu_gemv.linear16: w must be a contiguous (out, in) CPU matrix");
+  TORCH_CHECK(w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16, "cpu_gemv.linear16: w must be float16 or bfloat16");
+  const int64_t out = w.size(0), in = w.size(1);
+  check_x(x, in, "linear16");
+  const int64_t tokens = x.numel() / in;
+  std::vector<float> xf = tokens_fp32(x);
+  at::Tensor y = fp32_output(x, out);
+  const uint16_t* wp = static_cast<const uint16_t*>(w.data_ptr());
+  if (w.scalar_type() == at::kBFloat16) gemv16<true>(wp, xf.data(), tokens, in, out, y.data_ptr<float>());
+  else gemv16<false>(wp, xf.data(), tokens, in, out, y.data_ptr<float>());
+  return y.to(x.scalar_type());
+}
+
+// y (..., out) = x (..., in) @ dequantize(w, scales, mins)^T: int8 (out, in) or int4 uint8 (out, in / 2).
+at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const c10::optional<at::Tensor>& mins) {
+  const bool int4 = w.scalar_type() == at::kByte;
+  TORCH_CHECK(int4 || w.scalar_type() == at::kChar, "cpu_gemv.linear_quant: w must be int8 or uint8 (int4 pairs)");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "cpu_gemv.linear_quant: w must be a contiguous (out, in) CPU matrix");
+  const int64_t out = w.size(0), in = int4 ? 2 * w.size(1) : w.size(1);
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == out && scales.is_contiguous() && in % scales.size(1) == 0,
+              "cpu_gemv.linear_quant: scales must be a contiguous (out, groups) matrix whose groups divide the input");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat, "cpu_gemv.linear_quant: scales must be float16 or float32");
+  const bool has_mins = mins.has_value() && mins->defined();
+  if (has_mins)
+    TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type() && mins->is_contiguous(),
+                "cpu_gemv.linear_quant: mins must match scales");
+  check_x(x, in, "linear_quant");
+  Groups g{scales.size(1), in / scales.size(1), {}};
+  TORCH_CHECK(!int4 || g.size % 2 == 0, "cpu_gemv.linear_quant: int4 groups must have an even size");
+  const int64_t tokens = x.numel() / in;
+  std::vector<float> xf = tokens_fp32(x);
+  at::Tensor y = fp32_output(x, out);
+  float* acc = y.data_ptr<float>();
+  g.xsum.assign(tokens * g.count, 0.f);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t i = 0; i < in; ++i) g.xsum[t * g.count + i / g.size] += xf[t * in + i];
+  if (int4) xf = int4_order(xf, tokens, in, g.size);
+  const void* codes = w.data_ptr();
+  if (scales.scalar_type() == at::kHalf) {
+    const auto* s = scales.data_ptr<at::Half>();
+    const at::Half* m = has_mins ? mins->data_ptr<at::Half>() : nullptr;
+    if (int4) gemv_quant<4>(codes, s, m, xf.data(), tokens, in, out, g, acc);
+    else gemv_quant<8>(codes, s, m, xf.data(), tokens, in, out, g, acc);
+  } else {
+    const float* s = scales.data_ptr<float>();
+    const float* m = has_mins ? mins->data_ptr<float>() : nullptr;
+    if (int4) gemv_quant<4>(codes, s, m, xf.data(), tokens, in, out, g, acc);
+    else gemv_quant<8>(codes, s, m, xf.data(), tokens, in, out, g, acc);
+  }
+  return y.to(x.scalar_type());
+}
+
+// Which instructions this build uses: "avx512", "avx2" or "scalar" (reported by info and the benchmarks).
+std::string isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(LLAMA_OFFLOAD_SCALAR)
+  return "scalar";
+#else
+  return "avx2";
+#endif
+}
+
+TORCH_LIBRARY(llama_offload_cpu, m) {
+  m.def("linear16(Tensor x, Tensor w) -> Tensor", &linear16);
+  m.def("linear_quant(Tensor x, Tensor w, Tensor scales, Tensor? mins) -> Tensor", &linear_quant);
+  m.def("isa() -> str", &isa);
+}

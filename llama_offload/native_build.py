@@ -1,0 +1,134 @@
+"""Builds a C++ source of llama_offload/csrc into torch operators on this machine, at first use, and loads it.
+
+The CPU lane's kernels (csrc/cpu_gemv.cpp) are compiled for the CPU that runs them (``-march=native``), so they
+are built where they run rather than shipped: one compiler call of a few seconds, against the headers and
+libraries of the installed torch, with no Python headers and no build tool beyond a C++ compiler. The library
+is cached under ``~/.cache/llama_offload/kernels`` (``LLAMA_OFFLOAD_CACHE`` moves it), named by a hash of the
+source, the torch version, the compiler and the CPU, so an upgrade of any of them builds again. Concurrent
+builds (several ranks) each write a private file and rename it into place.
+
+Nothing here is required: without a compiler, or where the build fails, ``load`` returns None with the reason,
+and the caller uses torch's own kernels. ``LLAMA_OFFLOAD_NATIVE=0`` turns the native kernels off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+CSRC = Path(__file__).parent / "csrc"
+BUILD_TIMEOUT_S = 300
+
+_loaded: dict[str, Optional[str]] = {}  # source name -> None once loaded, else why it could not be
+
+
+def cache_root() -> Path:
+    root = os.environ.get("LLAMA_OFFLOAD_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "llama_offload"
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _version(cxx: str) -> str:
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _command(cxx: str, source: Path, target: Path, std: str) -> list[str]:
+    from torch.utils import cpp_extension
+
+    torch_lib = cpp_extension.library_paths()[0]
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
+    return [cxx, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", f"-std={std}", "-w",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in cpp_extension.include_paths()),
+            str(source), f"-L{torch_lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_lib}", "-o", str(target)]
+
+
+def _build(source: Path, target: Path, cxx: str) -> Optional[str]:
+    """Compiles ``source`` into ``target``; None, or the compiler's last words."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    error = ""
+    # torch's headers ask for C++20 from 2.10 on; older compilers know only C++17, which older torch needs.
+    for std in ("c++20", "c++17"):
+        try:
+            done = subprocess.run(_command(cxx, source, tmp, std), capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return f"the compiler ran past {BUILD_TIMEOUT_S} s"
+        except OSError as e:
+            return str(e)
+        if done.returncode == 0:
+            os.replace(tmp, target)
+            return None
+        error = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+    tmp.unlink(missing_ok=True)
+    return error
+
+
+def load(name: str, verbose: bool = True) -> Optional[str]:
+    """Builds (once per machine) and loads ``csrc/<name>.cpp``; None when its operators are registered, else
+    why they are not (no compiler, a failed build, turned off). Never raises."""
+    if name in _loaded:
+        return _loaded[name]
+    why = _load(name, verbose)
+    _loaded[name] = why
+    if why is not None and verbose:
+        print(f"llama_offload: the native CPU kernels are not available ({why}); the CPU lane uses torch's kernels.",
+              file=sys.stderr)
+    return why
+
+
+def _load(name: str, verbose: bool) -> Optional[str]:
+    if os.environ.get("LLAMA_OFFLOAD_NATIVE", "1").strip() in ("0", "false", "no", "off"):
+        return "LLAMA_OFFLOAD_NATIVE=0"
+    if not sys.platform.startswith("linux"):
+        return f"built on Linux only, this is {sys.platform}"
+    cxx = _compiler()
+    if cxx is None:
+        return "no C++ compiler found: install g++ or set CXX"
+    source = CSRC / f"{name}.cpp"
+    key = hashlib.sha1("\n".join([source.read_text(), torch.__version__, _version(cxx), _cpu_flags()]).encode())
+    target = cache_root() / "kernels" / f"{name}-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return f"cannot write {target.parent}: {e.strerror}"
+        start = time.perf_counter()
+        if verbose:
+            print(f"llama_offload: building the native CPU kernels for this machine (once, a few seconds) into "
+                  f"{target.parent}", file=sys.stderr)
+        error = _build(source, target, cxx)
+        if error is not None:
+            return f"the build failed: {error}"
+        if verbose:
+            print(f"llama_offload: built in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if any(Path(p).name.startswith(f"{name}-") for p in torch.ops.loaded_libraries):
+        return None  # loaded by this process already (its operators register once)
+    try:
+        torch.ops.load_library(str(target))
+    except (OSError, RuntimeError) as e:
+        return f"{target} did not load: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return None

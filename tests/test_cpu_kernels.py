@@ -1,0 +1,177 @@
+"""The CPU lane's native kernels (csrc/cpu_gemv.cpp via native_build.py and cpu_kernels.py): equal to torch's
+products within fp32 rounding, for every weight format, token count and shape tail; how they plug into the
+modules; and the build's failures, which fall back to torch's kernels without an error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama_offload import cpu_kernels, native_build
+from llama_offload.cpu_kernels import CpuLinear, gemv_linear, gemv_quant, kernels_for, set_cpu_kernel
+from llama_offload.quant import QuantLinear, dequantize, group_weight, quantize_int4, quantize_int8
+
+needs_gemv = pytest.mark.skipif(not cpu_kernels.gemv_available(verbose=False),
+                                reason="no C++ compiler here for the native kernels")
+
+
+def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.double(), w.double())  # (..., out)
+
+
+@needs_gemv
+@pytest.mark.parametrize("wdtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 9])
+def test_16_bit_gemv_equals_the_product(wdtype: torch.dtype, xdtype: torch.dtype, tokens: int) -> None:
+    torch.manual_seed(tokens)
+    # 37 rows: the bands of 4 rows and a remainder; 200 inputs: full vectors and a tail of each width.
+    w = (torch.randn(37, 200) * 0.05).to(wdtype)
+    x = torch.randn(2, tokens, 200).to(xdtype)
+    y = gemv_linear(x, w)
+    assert y.shape == (2, tokens, 37) and y.dtype == xdtype
+    want = reference(x, w)
+    # fp32 accumulation, rounded once to x's dtype
+    rtol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[xdtype]
+    torch.testing.assert_close(y.double(), want, rtol=rtol, atol=rtol * want.abs().max().item())
+
+
+@needs_gemv
+@pytest.mark.parametrize("fmt", ["int8", "int8 g16", "int8 g32 mins", "int4 g32", "int4 g64 mins", "int4 g128",
+                                 "int4 g48 mins", "int4 g8"])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 4, 6])
+def test_quantized_gemv_equals_dequantize_then_matmul(fmt: str, scale_dtype: torch.dtype, tokens: int) -> None:
+    torch.manual_seed(tokens)
+    bits = 4 if fmt.startswith("int4") else 8
+    group = int(fmt.split()[1][1:]) if " g" in fmt else None
+    n_in = 384 if group in (None, 16, 32, 64, 128, 8) else 336  # g48: groups whose vectors leave a tail
+    w = torch.randn(21, n_in) * 0.02
+    if bits == 4:
+        q = quantize_int4(w, group)
+        codes, scales, mins = q["weight"], q["scales"], q["mins"]
+    else:
+        q = quantize_int8(w.reshape(-1, group) if group else w)  # per group: quantize rows of one group each
+        codes, scales = q["weight"].reshape(21, n_in), q["scales"].reshape(21, -1)
+        mins = None
+    if "mins" not in fmt:
+        mins = None
+    scales = scales.to(scale_dtype)
+    mins = None if mins is None else (mins.to(scale_dtype) if bits == 4 else torch.randn_like(scales) * 1e-3)
+    x = torch.randn(3, tokens, n_in)
+    y = gemv_quant(x, codes, scales, mins)
+    assert y.shape == (3, tokens, 21) and y.dtype == torch.float32
+    want = reference(x, dequantize(codes, scales, mins, torch.float32))
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@needs_gemv
+def test_bad_operands_are_refused_by_the_kernel() -> None:
+    w = torch.randn(8, 64).half()
+    with pytest.raises(RuntimeError, match="input features"):
+        gemv_linear(torch.randn(1, 32), w)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        gemv_linear(torch.randn(1, 64), w.float())
+    with pytest.raises(RuntimeError, match="groups divide"):
+        gemv_quant(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 5), None)
+
+
+def test_set_cpu_kernel_wraps_linears_over_the_same_weights() -> None:
+    block = nn.Sequential(nn.Linear(16, 8, bias=False), nn.Linear(8, 4, bias=True))
+    weight = block[0].weight
+    set_cpu_kernel(block, "gemv")
+    assert type(block[0]) is CpuLinear and block[0].weight is weight and block[0].cpu_kernel == "gemv"
+    assert type(block[1]) is nn.Linear  # a bias: left alone
+    set_cpu_kernel(block, "dequantize")  # a quantized-only kernel: 16-bit matrices use torch's
+    assert block[0].cpu_kernel == "torch"
+    with pytest.raises(ValueError, match="unknown CPU kernel"):
+        set_cpu_kernel(block, "fast")
+
+
+def test_cpu_linear_is_a_plain_linear_where_the_kernel_does_not_apply() -> None:
+    lin = CpuLinear.wrap(nn.Linear(16, 8, bias=False))
+    lin.cpu_kernel = "gemv"
+    x = torch.randn(2, 16)
+    # fp32 weights are not the native kernel's: torch's product, bit for bit
+    assert torch.equal(lin(x), F.linear(x, lin.weight))
+    lin16 = CpuLinear.wrap(nn.Linear(16, 8, bias=False).to(torch.bfloat16))
+    lin16.cpu_kernel = "gemv"
+    x16 = torch.randn(2, 16, dtype=torch.bfloat16, requires_grad=True)
+    with torch.enable_grad():  # training: autograd's product, which the native kernel is not
+        y = lin16(x16)
+    assert y.grad_fn is not None and torch.equal(y, F.linear(x16, lin16.weight))
+
+
+@needs_gemv
+def test_quantized_groups_are_not_dequantized_on_the_cpu_lane() -> None:
+    qs = [quantize_int4(torch.randn(32, 64) * 0.02, 32) for _ in range(3)]
+    linears = [QuantLinear(q["weight"], q["scales"], q["mins"]) for q in qs]
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        assert group_weight(linears, x.dtype, x.device) is not None  # the default: dequantize, one GEMM
+        for m in linears:
+            m.cpu_kernel = "gemv"
+        assert group_weight(linears, x.dtype, x.device) is None
+        got = linears[0](x)
+    want = F.linear(x, dequantize(qs[0]["weight"], qs[0]["scales"], qs[0]["mins"], torch.float32))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_candidates_follow_the_dtype_and_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernels, "gemv_available", lambda verbose=True: True)
+    assert kernels_for(torch.float16, quantized=False) == ("torch", "gemv")
+    assert kernels_for(torch.float32, quantized=False) == ("torch",)  # the native kernel reads 16-bit weights
+    assert kernels_for(torch.float32, quantized=True) == ("dequantize", "torch", "gemv")
+    monkeypatch.setattr(cpu_kernels, "gemv_available", lambda verbose=True: False)
+    assert kernels_for(torch.bfloat16, quantized=False) == ("torch",)
+    assert kernels_for(torch.bfloat16, quantized=True) == ("dequantize", "torch")
+
+
+# --- the build --------------------------------------------------------------------------------------------
+
+
+def test_the_build_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(native_build, "_loaded", {})
+    monkeypatch.setenv("LLAMA_OFFLOAD_NATIVE", "0")
+    assert native_build.load("cpu_gemv") == "LLAMA_OFFLOAD_NATIVE=0"
+    assert "torch's kernels" in capsys.readouterr().err
+    assert native_build.load("cpu_gemv") == "LLAMA_OFFLOAD_NATIVE=0"  # remembered: said once
+    assert capsys.readouterr().err == ""
+
+
+def test_no_compiler_is_a_reason_not_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native_build, "_loaded", {})
+    monkeypatch.setattr(native_build, "_compiler", lambda: None)
+    assert "no C++ compiler" in native_build.load("cpu_gemv", verbose=False)
+
+
+def test_a_failed_build_is_a_reason_and_leaves_no_library(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    if native_build._compiler() is None:
+        pytest.skip("no C++ compiler here")
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "broken.cpp").write_text("this is not C++\n")
+    monkeypatch.setattr(native_build, "CSRC", csrc)
+    monkeypatch.setattr(native_build, "_loaded", {})
+    monkeypatch.setenv("LLAMA_OFFLOAD_CACHE", str(tmp_path / "cache"))
+    why = native_build.load("broken", verbose=False)
+    assert why is not None and why.startswith("the build failed")
+    assert list((tmp_path / "cache" / "kernels").iterdir()) == []  # no half-written library
+
+
+@needs_gemv
+def test_the_library_is_cached_per_machine(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A second process (here: a cleared in-process record) finds the library built and does not build it."""
+    monkeypatch.setenv("LLAMA_OFFLOAD_CACHE", str(tmp_path))
+    monkeypatch.setattr(native_build, "_loaded", {})
+    calls = []
+    real = native_build._build
+    monkeypatch.setattr(native_build, "_build", lambda *a: calls.append(a) or real(*a))
+    assert native_build.load("cpu_gemv", verbose=False) is None
+    built = list((tmp_path / "kernels").glob("cpu_gemv-*.so"))
+    assert len(built) == 1 and len(calls) == 1
+    monkeypatch.setattr(native_build, "_loaded", {})
+    assert native_build.load("cpu_gemv", verbose=False) is None
+    assert len(calls) == 1
