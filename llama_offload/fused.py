@@ -20,7 +20,7 @@ from . import quant
 from .cpu_kernels import CpuLinear
 
 
-def _is_plain(linears: Sequence[nn.Module]) -> bool:
+def is_plain(linears: Sequence[nn.Module]) -> bool:
     # FairScale's parallel layers (several ranks) keep their own forward: never fused. A CPU lane block's
     # CpuLinear is a plain linear whenever its weight is on a GPU.
     return all(type(m) in (nn.Linear, CpuLinear) and m.bias is None for m in linears)
@@ -28,7 +28,7 @@ def _is_plain(linears: Sequence[nn.Module]) -> bool:
 
 def adjacent_weight(linears: Sequence[nn.Module]) -> Optional[torch.Tensor]:
     """One (sum of out_features, in_features) view over the weights, if they lie back to back on a GPU."""
-    if not _is_plain(linears):
+    if not is_plain(linears):
         return None
     ws = [m.weight for m in linears]
     first = ws[0]
@@ -68,7 +68,7 @@ def project(x: torch.Tensor, linears: Sequence[nn.Module]) -> list[torch.Tensor]
 
 def make_adjacent(linears: Sequence[nn.Module]) -> None:
     """Copy the weights into one buffer and point each parameter at its part (on the device they are on)."""
-    if not _is_plain(linears) or adjacent_weight(linears) is not None:
+    if not is_plain(linears) or adjacent_weight(linears) is not None:
         return
     ws = [m.weight for m in linears]
     if len({(w.device, w.dtype, w.shape[1]) for w in ws}) != 1 or ws[0].device.type == "meta":

@@ -5,8 +5,9 @@ At batch 1 a block's weights are read once per token wherever it runs, and the h
 than PCIe carries it (DESIGN.md: 97.7 against 53 GB/s, with no contention between the two), so the two
 lanes add up. ``plan.spread`` puts the CPU blocks between the paged ones, the last block on the CPU:
 
-    paged block   wait for its copy, compute on the GPU, free its slot, queue the copy of the page
-                  len(slots) further down the stream (the copies never wait for the host)
+    paged block   wait for its copy, compute on the GPU (a decode step: one CUDA graph replay, block_graphs.py,
+                  so its launch takes little of the host thread the CPU lane needs), free its slot, queue the
+                  copy of the page len(slots) further down the stream (the copies never wait for the host)
     CPU run       the hidden state comes to the host (the whole packet the first time in a step: a few KB
                   at decode), the cores run the blocks with their KV caches in host memory, and the hidden
                   state goes back into the GPU packet, in place; the copies queued before the run go on
@@ -26,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .block_graphs import BlockGraphs
 from .cpu_kernels import set_cpu_kernel
 from .model import KVCache
 from .pager import InferenceOffloadModel
@@ -81,7 +83,7 @@ class HybridOffloadModel(nn.Module):
     cores in steps of at most ``max_cpu_tokens`` tokens. One packet in, the same packet out."""
 
     def __init__(self, blocks: Sequence[PackedBlock], on_cpu: Sequence[bool], device: torch.device,
-                 context: StepContext, max_cpu_tokens: int, cpu_kernel: str = "torch"):
+                 context: StepContext, max_cpu_tokens: int, cpu_kernel: str = "torch", cuda_graphs: bool = True):
         super().__init__()
         if len(blocks) != len(on_cpu):
             raise ValueError(f"internal: {len(blocks)} blocks but {len(on_cpu)} placements")
@@ -98,6 +100,8 @@ class HybridOffloadModel(nn.Module):
         # On a GPU the pager holds every page; its parameters point at the host pages unless a copy is queued.
         self.pager = InferenceOffloadModel(nn.Sequential(*blocks), device, len(blocks)) if cuda else None
         self.units = nn.ModuleList(list(self.pager.model_slices) if cuda else blocks)
+        # The paged blocks' decode launches as CUDA graphs: the host thread they share with the CPU lane is freed.
+        self.graphs = BlockGraphs(device) if cuda and cuda_graphs else None
         self._ahead: list[int] = []  # pages whose copies the last step queued for this one, in stream order
         self._base = 0  # the copy ring's position (_Ring) at the start of the next step
 
@@ -107,7 +111,7 @@ class HybridOffloadModel(nn.Module):
     def forward(self, packet: torch.Tensor) -> torch.Tensor:
         layout = self.context.current()
         cpu_lane = layout.shape.bsz * layout.shape.seqlen <= self.max_cpu_tokens
-        ring = _Ring(self.pager, self._stream_order(cpu_lane), self._ahead, self._base)
+        ring = _Ring(self.pager, self._stream_order(cpu_lane), self._ahead, self._base, self.graphs, layout.shape)
         self._ahead = []
         try:
             packet = self._run(packet, ring, cpu_lane)
@@ -145,7 +149,7 @@ class HybridOffloadModel(nn.Module):
                 staged = StagedKVCache(attention.cache, layout.shape, self.device)
                 attention.cache = staged
                 try:
-                    packet = ring.compute(i, self.units[i], packet)
+                    packet = ring.compute(i, self.units[i], packet, graphable=False)  # a new staged cache each step
                 finally:
                     attention.cache = staged.host
                 staged.write_back()
@@ -167,8 +171,10 @@ class _Ring:
     the start into slot g % len(slots)), each queued as soon as its slot is free, so up to len(slots) copies run
     ahead of the GPU, through the CPU runs, and across the end of a step into the next one."""
 
-    def __init__(self, pager: Optional[InferenceOffloadModel], order: list[int], ahead: list[int], base: int):
+    def __init__(self, pager: Optional[InferenceOffloadModel], order: list[int], ahead: list[int], base: int,
+                 graphs: Optional[BlockGraphs] = None, shape: Optional[StepShape] = None):
         self.pager, self.order, self.base = pager, order, base
+        self.graphs, self.shape = graphs, shape
         self.position = {page: k for k, page in enumerate(order)}
         self.next_ahead: list[int] = []
         if pager is None:
@@ -186,13 +192,16 @@ class _Ring:
         assert self.pager is not None
         return (self.base + k) % len(self.pager.slots)
 
-    def compute(self, page: int, unit: nn.Module, packet: torch.Tensor) -> torch.Tensor:
+    def compute(self, page: int, unit: nn.Module, packet: torch.Tensor, graphable: bool = True) -> torch.Tensor:
         if self.pager is None:
             return unit(packet)
         k, width, n = self.position[page], len(self.pager.slots), len(self.order)
         slot = self.slot(k)
         self.pager.wait_loaded(slot)
-        packet = unit(packet)
+        if graphable and self.graphs is not None and self.shape is not None:
+            packet = self.graphs.compute((page, slot), unit, packet, self.shape)  # the page's weights are in slot
+        else:
+            packet = unit(packet)
         self.pager.drop_page(page, slot)
         ahead = k + width  # the page that goes into this slot next
         if ahead < n:

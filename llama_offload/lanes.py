@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from .args import ModelArgs
+from .block_graphs import BlockGraphs
 from .model import KVCache, TransformerBlock
 from .plan import LaneTimes
 from .cpu_kernels import kernels_for, set_cpu_kernel
@@ -33,7 +34,7 @@ from .quant import LINEAR_NAMES, QuantLinear, QuantSpec, quantize_matrix
 from .step import StepShape, attention_mask
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32)  # step sizes the CPU block time is measured at
-CALIBRATION_VERSION = 4
+CALIBRATION_VERSION = 5
 
 
 def cpu_cores() -> int:
@@ -159,10 +160,12 @@ def measure_cpu_block(block: TransformerBlock, threads: int, token_counts: tuple
 
 
 @torch.inference_mode()
-def measure_gpu_block(block: TransformerBlock, device: torch.device, threads: int, repeats: int = 8) -> float:
-    """Host ms to launch one block's decode step on the GPU (eager, 1 token) and see it finish, each right after
-    a CPU step of the same block, as the hybrid schedule alternates them (the CPU threads just ran). On a CPU
-    ``device`` the same steps run there (how the tests exercise it)."""
+def measure_gpu_block(block: TransformerBlock, device: torch.device, threads: int, repeats: int = 8,
+                      cuda_graphs: bool = True) -> float:
+    """Host ms to launch one block's decode step on the GPU (1 token) and see it finish, each right after a CPU
+    step of the same block, as the hybrid schedule alternates them (the CPU threads just ran); replayed as a
+    CUDA graph as hybrid.py runs it (block_graphs.py), or eager. On a CPU ``device`` the same steps run there
+    (how the tests exercise it)."""
     gpu_block = copy.deepcopy(block).to(device)
     attention, dtype = gpu_block.attention, gpu_block.attention_norm.weight.dtype
     attention.cache = KVCache(1, 257, attention.n_local_kv_heads, attention.head_dim, device, dtype)
@@ -171,23 +174,30 @@ def measure_gpu_block(block: TransformerBlock, device: torch.device, threads: in
     freqs = torch.polar(torch.ones(1, 1, attention.head_dim // 2, device=device),
                         torch.zeros(1, 1, attention.head_dim // 2, device=device))  # (1, 1, head_dim/2)
     mask = attention_mask(input_pos, shape.kv_len, dtype)  # (1, 1, 1, kv_len)
-    x = torch.randn(1, 1, gpu_block.attention_norm.weight.shape[0], device=device).to(dtype)  # (1, 1, dim)
+    dim = gpu_block.attention_norm.weight.shape[0]
+    x = torch.randn(1, 1, dim, device=device).to(dtype)  # (1, 1, dim)
+    out = torch.empty_like(x)  # in place, as a paged block writes its packet
+    run = lambda buf: buf.copy_(gpu_block(x, shape, input_pos, freqs, mask))  # noqa: E731
     cuda = device.type == "cuda"
+    graphs = BlockGraphs(device) if cuda and cuda_graphs else None
     times = []
     try:
-        for r in range(repeats + 1):
+        for r in range(repeats + 2):
             measure_cpu_block(block, threads, token_counts=(1,), budget_s=0.0, min_runs=1)
             if cuda:
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            gpu_block(x, shape, input_pos, freqs, mask)
+            if graphs is not None:
+                graphs.compute("calibration", run, out, shape)  # eager, captured, then replayed
+            else:
+                run(out)
             if cuda:
                 torch.cuda.synchronize(device)
-            if r:  # the first run settles cuBLAS and the allocator
+            if r >= 2:  # the first runs settle cuBLAS, the allocator and the capture
                 times.append((time.perf_counter() - start) * 1e3)
         return sorted(times)[len(times) // 2]
     finally:
-        del gpu_block
+        del gpu_block, graphs
         if cuda:
             torch.cuda.empty_cache()
 

@@ -169,7 +169,7 @@ def offload(
     if plan.cpu_layers:
         on_cpu = [where == "cpu" for where in plan.placement()[plan.resident_layers :]]
         kernel = plan.lanes.cpu_kernel if plan.lanes is not None else "torch"
-        paged = HybridOffloadModel(rest, on_cpu, device, context, plan.max_cpu_tokens, kernel)
+        paged = HybridOffloadModel(rest, on_cpu, device, context, plan.max_cpu_tokens, kernel, cuda_graphs)
     else:
         paged = InferenceOffloadModel(nn.Sequential(*rest), device, plan.num_slices) if rest else None
     return OffloadedTransformer(model, on_gpu, paged, context, device, plan, cuda_graphs).eval()

@@ -34,7 +34,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     from fairscale.experimental.nn.offload import OffloadModel
 
-from .fused import FusedProjections
+from .fused import FusedProjections, is_plain
 
 ALIGN = 256  # byte alignment of each tensor inside a flat buffer: keeps every dtype view and kernel aligned
 
@@ -74,7 +74,7 @@ class FlatPages:
     def __init__(self, module: nn.Module):
         # Weights that run as one GEMM (fused.py) go back to back; every other tensor starts aligned.
         units = [[m.weight for m in group] for sub in module.modules() if isinstance(sub, FusedProjections)
-                 for group in sub.groups() if all(type(m) is nn.Linear for m in group)]
+                 for group in sub.groups() if is_plain(group)]
         grouped = {id(t) for unit in units for t in unit}
         units += [[t] for t in list(module.parameters()) + list(module.buffers()) if id(t) not in grouped]
         self.tensors, self.offsets, offset = [], [], 0

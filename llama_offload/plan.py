@@ -121,7 +121,7 @@ class LaneTimes:
     crossing_ms: float = 0.05  # the hidden state to the host and back, once per run of CPU blocks
     cpu_kernel: str = "torch"  # how the CPU blocks multiply: "torch", "dequantize" or "gemv" (cpu_kernels.py)
     kernel_ms: tuple[tuple[str, float], ...] = ()  # a block at 1 token with each kernel calibration timed
-    gpu_block_ms: float = 0.0  # host time to launch and finish one paged block's compute (eager, batch 1)
+    gpu_block_ms: float = 0.0  # host time to launch and finish one paged block's compute (a graph replay, batch 1)
 
     def cpu_block_ms(self, tokens: int) -> float:
         """Measured at the nearest step size at or above ``tokens``; linear beyond the largest."""

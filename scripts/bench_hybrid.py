@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_quant, bench_l
 import torch
 
 from llama_offload.args import ModelArgs
+from llama_offload.cpu_kernels import gemv_isa
 from llama_offload.lanes import calibrate, cpu_threads_for, measure_pcie
 from llama_offload.offload import offload
 from llama_offload.quant import QuantSpec
@@ -158,6 +159,12 @@ def table(rows: list[Row], floor_ms: float) -> str:
     return "\n".join(lines)
 
 
+def kernels(lanes: Any) -> str:
+    """e.g. "torch 9.31 ms, gemv 5.02 ms (runs gemv)": every CPU kernel calibration timed on one block."""
+    timed = ", ".join(f"{k} {ms:.2f} ms" for k, ms in lanes.kernel_ms) or lanes.cpu_kernel
+    return f"{timed} (runs {lanes.cpu_kernel})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budgets", default="0,8", help="GPU budgets in GiB, comma-separated (0: nothing resident)")
@@ -185,7 +192,10 @@ def main() -> None:
     lanes4 = None if a.no_int4 else calibrate(args, torch.float16, torch.device("cuda"), threads=threads, spec=INT4,
                                               use_cache=False)
     info = {"pcie_gbps": pcie, "floor_ms": floor_ms, "threads": threads, "cpu_ms_fp16": lanes.cpu_ms,
-            "cpu_ms_int4": None if lanes4 is None else lanes4.cpu_ms, "device": torch.cuda.get_device_name()}
+            "cpu_ms_int4": None if lanes4 is None else lanes4.cpu_ms, "device": torch.cuda.get_device_name(),
+            "kernel_fp16": lanes.cpu_kernel, "kernel_ms_fp16": lanes.kernel_ms, "gemv_isa": gemv_isa(),
+            "kernel_int4": None if lanes4 is None else lanes4.cpu_kernel,
+            "kernel_ms_int4": None if lanes4 is None else lanes4.kernel_ms, "gpu_block_ms": lanes.gpu_block_ms}
     log(json.dumps(info))
     rows: list[Row] = []
     for budget in budgets:
@@ -210,7 +220,9 @@ def main() -> None:
                     r["vs_llamacpp"] = r["b1_ms"] / peer["b1_ms"]
     text = (f"7B shape fp16, {torch.cuda.get_device_name()}, pinned H2D {pcie:.1f} GB/s, all-paged PCIe floor "
             f"{floor_ms:.1f} ms/token, CPU lane {threads} threads (a fp16 block: "
-            f"{lanes.cpu_block_ms(1):.2f} ms at 1 token, {lanes.cpu_block_ms(8):.2f} ms at 8)\n\n" + table(rows, floor_ms))
+            f"{lanes.cpu_block_ms(1):.2f} ms at 1 token, {lanes.cpu_block_ms(8):.2f} ms at 8; kernels at 1 token: "
+            f"{kernels(lanes)}{'' if lanes4 is None else '; int4: ' + kernels(lanes4)}; native kernels: "
+            f"{gemv_isa() or 'not built'})\n\n" + table(rows, floor_ms))
     print(text)
     if a.out:
         Path(a.out).write_text(text + "\n")

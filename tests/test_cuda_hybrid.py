@@ -6,10 +6,12 @@ Timings are printed, never asserted."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
+from llama_offload.cpu_kernels import gemv_available
 from llama_offload.lanes import calibrate, cpu_threads_for
 from llama_offload.offload import offload
 from test_cuda_offload import cpu_model_from, free_gpu, greedy, max_abs_diff, run_steps, seven_b  # noqa: F401
@@ -34,21 +36,30 @@ def reference(seven_b):
     free_gpu()
     threads = cpu_threads_for(None)
     lanes = calibrate(args, torch.float16, torch.device("cuda"), threads=threads, use_cache=False)
-    print(f"\ncalibration: PCIe {lanes.pcie_gbps:.1f} GB/s, CPU block ms by tokens {lanes.cpu_ms} on {threads} threads")
+    print(f"\ncalibration: PCIe {lanes.pcie_gbps:.1f} GB/s, CPU block ms by tokens {lanes.cpu_ms} on {threads} threads, "
+          f"kernel {lanes.cpu_kernel} of {lanes.kernel_ms}")
     return dict(prompt=prompt, tokens=tokens, logits=logits, lanes=lanes)
 
 
-@pytest.mark.parametrize("how", ["nothing resident, 16 CPU", "8 GiB, auto split", "every CPU step staged"])
+@pytest.mark.parametrize("how", ["nothing resident, 16 CPU", "8 GiB, auto split", "every CPU step staged",
+                                 "16 CPU, native kernel", "16 CPU, torch's kernel", "16 CPU, no CUDA graphs"])
 def test_hybrid_equals_unoffloaded_on_7b(seven_b, reference, how: str) -> None:
     args = seven_b["args"]
     kw = {"nothing resident, 16 CPU": dict(cpu_blocks=16, lanes=reference["lanes"]),
           "8 GiB, auto split": dict(gpu_memory_gb=8, cpu_blocks=None, lanes=reference["lanes"]),
           # no lanes: steps of more than one token (the prefill, and the two rows) stream the CPU blocks
-          "every CPU step staged": dict(cpu_blocks=12)}[how]
+          "every CPU step staged": dict(cpu_blocks=12),
+          # each CPU kernel whatever calibration chose (cpu_kernels.py)
+          "16 CPU, native kernel": dict(cpu_blocks=16, lanes=replace(reference["lanes"], cpu_kernel="gemv")),
+          "16 CPU, torch's kernel": dict(cpu_blocks=16, lanes=replace(reference["lanes"], cpu_kernel="torch")),
+          # the paged blocks launched eagerly instead of replayed (block_graphs.py)
+          "16 CPU, no CUDA graphs": dict(cpu_blocks=16, lanes=reference["lanes"], cuda_graphs=False)}[how]
     model = offload(cpu_model_from(seven_b["state_dict"], args), max_batch_size=args.max_batch_size,
                     max_seq_len=args.max_seq_len, **kw)
     plan = model.plan
     assert plan.cpu_layers > 0, plan
+    if "kernel" in how:
+        assert gemv_available() or "native" not in how, "the native kernels did not build on this machine"
     for rows in (1, 2):  # one row decodes on the CPU lane; two rows too, unless max_cpu_tokens < 2 (staged)
         prompt, want = reference["prompt"][:rows], reference["tokens"][:rows].cuda()
         logits = run_steps(model, prompt, want)
@@ -67,3 +78,28 @@ def test_hybrid_equals_unoffloaded_on_7b(seven_b, reference, how: str) -> None:
         assert agree == STEPS
     del model
     free_gpu()
+
+
+def test_graphed_paged_blocks_equal_eager_bit_for_bit() -> None:
+    """The paged blocks replayed as CUDA graphs run the kernels the eager launches run: the same logits to the
+    bit, over steps that cross a KV_BUCKET (new graphs) with 1 and 2 rows (other packets)."""
+    from llama_offload.step import KV_BUCKET
+    from tiny import tiny_args, tiny_model
+
+    args = tiny_args(dim=256, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=2 * KV_BUCKET,
+                     max_batch_size=2)
+    torch.manual_seed(0)
+    prompt = torch.randint(0, args.vocab_size, (2, KV_BUCKET - 4)).cuda()
+    runs = {}
+    for graphs in (False, True):
+        model = offload(tiny_model(args, dtype=torch.float16), max_batch_size=2, max_seq_len=args.max_seq_len,
+                        cpu_blocks=2, cuda_graphs=graphs)
+        assert model.plan.paged_layers > 0 and model.plan.cpu_layers == 2
+        runs[graphs] = [greedy(model, prompt[:rows], 10) for rows in (1, 2)]
+        if graphs:
+            assert len(model.paged.graphs.captured) > 0, "no paged block was replayed as a graph"
+        del model
+        free_gpu()
+    for (tok_a, lg_a), (tok_b, lg_b) in zip(runs[False], runs[True]):
+        assert torch.equal(tok_a, tok_b)
+        assert all(torch.equal(a, b) for a, b in zip(lg_a, lg_b))
