@@ -197,7 +197,7 @@ def measure_gpu_block(block: TransformerBlock, device: torch.device, threads: in
                 times.append((time.perf_counter() - start) * 1e3)
         return sorted(times)[len(times) // 2]
     finally:
-        del gpu_block, graphs
+        run = graphs = gpu_block = attention = None  # the block's GPU copy and graph go before emptying the cache
         if cuda:
             torch.cuda.empty_cache()
 
