@@ -3,8 +3,9 @@
 In the CPU lane's schedule (hybrid.py) one host thread computes the CPU blocks and, between them, launches the
 paged blocks on the GPU, so every microsecond of a paged block's launch is taken from the CPU lane. A decode step
 repeats exactly: the same page lands in the same slot (the copy ring's order), the packet lies at the same
-address (graphs.DecodeGraphs keeps it static) and the step has the same shape until the attended span crosses
-into the next KV_BUCKET. So each (page, slot, packet address, step shape) is captured once and replayed after:
+address (graphs.DecodeGraphs keeps it static; hybrid.py asks for graphs only then, so the graphs stay as few as
+the decode shapes) and the step has the same shape until the attended span crosses into the next KV_BUCKET. So
+each (page, slot, packet address, step shape) is captured once and replayed after:
 
     first time    eager, on the capture stream: settles cuBLAS's handle and workspace for that stream
     second time   captured on that stream, then replayed

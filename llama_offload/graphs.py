@@ -69,7 +69,11 @@ class DecodeGraphs:
         graph.prefix.replay()
         if graph.suffix is not None:
             self.model.context.layout = self._layout(step.shape)
-            packet = self.model.paged(graph.packet)
+            self.model.context.static_packet = True
+            try:
+                packet = self.model.paged(graph.packet)
+            finally:
+                self.model.context.static_packet = False
             assert packet.data_ptr() == graph.packet.data_ptr()  # the blocks work in place
             graph.suffix.replay()
         logits = graph.logits.clone()  # the next replay overwrites the static output

@@ -111,7 +111,9 @@ class HybridOffloadModel(nn.Module):
     def forward(self, packet: torch.Tensor) -> torch.Tensor:
         layout = self.context.current()
         cpu_lane = layout.shape.bsz * layout.shape.seqlen <= self.max_cpu_tokens
-        ring = _Ring(self.pager, self._stream_order(cpu_lane), self._ahead, self._base, self.graphs, layout.shape)
+        # Only a replayed step's packet keeps its address from step to step: other steps launch eagerly.
+        graphs = self.graphs if self.context.static_packet else None
+        ring = _Ring(self.pager, self._stream_order(cpu_lane), self._ahead, self._base, graphs, layout.shape)
         self._ahead = []
         try:
             packet = self._run(packet, ring, cpu_lane)

@@ -111,6 +111,9 @@ class StepContext:
 
     def __init__(self) -> None:
         self.layout: Optional[PacketLayout] = None
+        # True while a replayed decode step (graphs.DecodeGraphs) runs the paged blocks: the packet then lies at
+        # the same address every step of its shape, so those blocks may be replayed as graphs too (block_graphs.py).
+        self.static_packet = False
 
     def current(self) -> PacketLayout:
         if self.layout is None:
