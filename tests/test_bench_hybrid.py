@@ -32,3 +32,11 @@ def test_decode_timer_runs_greedy_steps(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     ms = bh.decode_ms(model, args.vocab_size, batch=2, steps=3)
     assert ms > 0
+
+
+def test_the_header_names_every_kernel_timed_and_the_one_that_runs() -> None:
+    from llama_offload.plan import LaneTimes
+
+    lanes = LaneTimes(50.0, ((1, 5.0),), threads=15, cpu_kernel="gemv", kernel_ms=(("torch", 9.31), ("gemv", 5.02)))
+    assert bh.kernels(lanes) == "torch 9.31 ms, gemv 5.02 ms (runs gemv)"
+    assert bh.kernels(LaneTimes(50.0, ((1, 5.0),), threads=15)) == "torch (runs torch)"
