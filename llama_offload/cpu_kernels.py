@@ -85,9 +85,13 @@ def set_cpu_kernel(module: nn.Module, kernel: str) -> None:
     take the kernel by name; plain 16-bit linears become CpuLinear over the same weights."""
     if kernel not in QUANT_KERNELS:
         raise ValueError(f"internal: unknown CPU kernel {kernel!r}")
+    # A cached calibration may name the native kernels where they no longer build: torch's, then (loads them).
+    native = kernel == "gemv" and gemv_available()
     for name, m in list(module.named_modules()):
         if name and type(m) is nn.Linear and m.bias is None:
             m = CpuLinear.wrap(m)
             module.set_submodule(name, m)
-        if hasattr(m, "cpu_kernel"):
-            m.cpu_kernel = kernel if kernel != "dequantize" or not isinstance(m, CpuLinear) else "torch"
+        if isinstance(m, CpuLinear):
+            m.cpu_kernel = "gemv" if native else "torch"
+        elif hasattr(m, "cpu_kernel"):  # quant.QuantLinear
+            m.cpu_kernel = "dequantize" if kernel == "gemv" and not native else kernel

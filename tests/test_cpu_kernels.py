@@ -90,6 +90,14 @@ def test_set_cpu_kernel_wraps_linears_over_the_same_weights() -> None:
         set_cpu_kernel(block, "fast")
 
 
+def test_a_cached_native_kernel_that_no_longer_builds_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    q = quantize_int4(torch.randn(8, 64) * 0.02, 32)
+    block = nn.Sequential(nn.Linear(16, 8, bias=False), QuantLinear(q["weight"], q["scales"], q["mins"]))
+    monkeypatch.setattr(cpu_kernels, "gemv_available", lambda verbose=True: False)
+    set_cpu_kernel(block, "gemv")
+    assert block[0].cpu_kernel == "torch" and block[1].cpu_kernel == "dequantize"
+
+
 def test_cpu_linear_is_a_plain_linear_where_the_kernel_does_not_apply() -> None:
     lin = CpuLinear.wrap(nn.Linear(16, 8, bias=False))
     lin.cpu_kernel = "gemv"
