@@ -143,7 +143,7 @@ void rows16(const uint16_t* w, const float* x, int64_t in, float* y, int64_t out
 // Rows [r0, r1) for a tile of NT tokens: R rows at a time, then the rest one by one.
 template <bool kBf16, int NT>
 void band16(const uint16_t* w, const float* x, int64_t in, float* y, int64_t out, int64_t r0, int64_t r1) {
-  constexpr int R = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
+  constexpr int R = NT == 1 ? 4 : 2;
   int64_t r = r0;
   for (; r + R <= r1; r += R) rows16<kBf16, R, NT>(w + r * in, x, in, y + r, out);
   for (; r < r1; ++r) rows16<kBf16, 1, NT>(w + r * in, x, in, y + r, out);
