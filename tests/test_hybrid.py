@@ -91,6 +91,24 @@ def test_the_host_thread_drives_both_lanes() -> None:
     assert replace(even, gpu_block_ms=7.0).best_split(32, b) == 0
 
 
+def test_resident_blocks_count_on_the_host_lane_and_large_steps_need_a_margin() -> None:
+    """The first crossing waits for the resident blocks; a step above one token takes the CPU lane only where it
+    is expected 10% faster than streaming (the model's error on the GPU host was up to about 10%)."""
+    from dataclasses import replace
+
+    from llama_offload.plan import SPLIT_MARGIN
+
+    b = plan_offload(tiny_args(**SEVEN_B), torch.float16, max_batch_size=1, max_seq_len=256).block_bytes
+    lane = replace(lanes(7.0, {1: 7.0, 8: 13.0}, b), gpu_block_ms=0.5)
+    assert lane.step_ms(11, 11, b) == pytest.approx(11 * 7.0 + 11 * 0.5)  # the host lane, against 77 ms of copies
+    assert lane.step_ms(11, 11, b, resident=10) == pytest.approx(11 * 7.0 + 21 * 0.5)
+    # 8 tokens: 11 x 13 + 21 x 0.5 = 153.5 ms against 22 x 7 = 154 streamed: faster, but within the margin.
+    assert SPLIT_MARGIN == 0.9 and lane.max_cpu_tokens(11, 11, b, resident=10) == 1
+    assert replace(lane, cpu_ms=((1, 7.0), (8, 11.0))).max_cpu_tokens(11, 11, b, resident=10) == 8  # 131.5 < 138.6
+    # Resident time moves the best split towards the copy lane.
+    assert lane.best_split(22, b, resident=10) < lane.best_split(22, b)
+
+
 def test_an_explicit_split_and_its_errors() -> None:
     args = tiny_args(**SEVEN_B)
     plan = plan_offload(args, torch.float16, max_batch_size=1, max_seq_len=256, cpu_layers=5)
