@@ -8,13 +8,15 @@ source, the torch version, the compiler and the CPU, so an upgrade of any of the
 builds (several ranks) each write a private file and rename it into place.
 
 Nothing here is required: without a compiler, or where the build fails, ``load`` returns None with the reason,
-and the caller uses torch's own kernels. ``LLAMA_OFFLOAD_NATIVE=0`` turns the native kernels off.
+and the caller uses torch's own kernels. ``LLAMA_OFFLOAD_NATIVE=0`` turns the native kernels off;
+``LLAMA_OFFLOAD_CXXFLAGS`` adds compiler flags.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -62,9 +64,15 @@ def _command(cxx: str, source: Path, target: Path, std: str) -> list[str]:
 
     torch_lib = cpp_extension.library_paths()[0]
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
-    return [cxx, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", f"-std={std}", "-w",
+    return [cxx, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", f"-std={std}", "-w", *_extra_flags(),
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in cpp_extension.include_paths()),
             str(source), f"-L{torch_lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_lib}", "-o", str(target)]
+
+
+def _extra_flags() -> list[str]:
+    """``LLAMA_OFFLOAD_CXXFLAGS``, after -march=native: e.g. ``-march=x86-64-v3`` for a library that runs on every
+    AVX2 machine of a cluster, or ``-mno-avx512f`` (the tests build the AVX2 and plain paths this way)."""
+    return shlex.split(os.environ.get("LLAMA_OFFLOAD_CXXFLAGS", ""))
 
 
 def _build(source: Path, target: Path, cxx: str) -> Optional[str]:
@@ -109,7 +117,8 @@ def _load(name: str, verbose: bool) -> Optional[str]:
     if cxx is None:
         return "no C++ compiler found: install g++ or set CXX"
     source = CSRC / f"{name}.cpp"
-    key = hashlib.sha1("\n".join([source.read_text(), torch.__version__, _version(cxx), _cpu_flags()]).encode())
+    key = hashlib.sha1("\n".join([source.read_text(), torch.__version__, _version(cxx), _cpu_flags(),
+                                  *_extra_flags()]).encode())
     target = cache_root() / "kernels" / f"{name}-{key.hexdigest()[:16]}.so"
     if not target.exists():
         try:

@@ -183,3 +183,46 @@ def test_the_library_is_cached_per_machine(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setattr(native_build, "_loaded", {})
     assert native_build.load("cpu_gemv", verbose=False) is None
     assert len(calls) == 1
+
+
+_CHECK_BUILD = """
+import sys, torch, torch.nn.functional as F
+from llama_offload.cpu_kernels import gemv_isa, gemv_linear, gemv_quant
+from llama_offload.quant import dequantize, quantize_int4, quantize_int8
+assert gemv_isa() == sys.argv[1], (gemv_isa(), sys.argv[1])
+torch.manual_seed(0)
+for tokens in (1, 3, 6):
+    x = torch.randn(tokens, 200)
+    for dtype in (torch.float16, torch.bfloat16):
+        w = (torch.randn(37, 200) * 0.05).to(dtype)
+        want = F.linear(x.double(), w.double())
+        torch.testing.assert_close(gemv_linear(x, w).double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    for q, mins in ((quantize_int4(torch.randn(21, 200) * 0.02, 40), True), (quantize_int8(torch.randn(21, 200)), False)):
+        m = q.get("mins") if mins else None
+        want = F.linear(x.double(), dequantize(q["weight"], q["scales"], m, torch.float64))
+        got = gemv_quant(x, q["weight"], q["scales"], m).double()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("flags,isa", [("-mno-avx512f", "avx2"), ("-mno-avx512f -mno-avx2 -mno-fma", "scalar")])
+def test_the_avx2_and_plain_builds_equal_the_product(flags: str, isa: str, tmp_path) -> None:
+    """The same source built for CPUs without AVX-512 (and without AVX2), in a process of its own (a process
+    registers the operators once), against float64 products."""
+    import os
+    import subprocess
+    import sys
+
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 flags")
+    if isa == "avx2" and " avx2" not in native_build._cpu_flags():
+        pytest.skip("this CPU cannot run the AVX2 build")
+    if native_build._compiler() is None:
+        pytest.skip("no C++ compiler here")
+    env = dict(os.environ, LLAMA_OFFLOAD_CACHE=str(tmp_path), LLAMA_OFFLOAD_CXXFLAGS=flags)
+    done = subprocess.run([sys.executable, "-c", _CHECK_BUILD, isa], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -205,7 +205,11 @@ template <int Bits, int NT>
 void row_quant(const uint8_t* q, const float* sf, const float* cf, const float* x, int64_t in, const Groups& g,
                const float* xsum, float* y, int64_t out) {
   constexpr int64_t chunk = Bits == 8 ? kChunk8 : kChunk4;
+#ifndef LLAMA_OFFLOAD_SCALAR
   const int64_t full = g.size / chunk * chunk;  // elements of each group the vector loop covers
+#else
+  const int64_t full = 0;  // no vector loop: the tail loop covers every element
+#endif
   float sums[NT];
 #ifndef LLAMA_OFFLOAD_SCALAR
   vec total[NT];
