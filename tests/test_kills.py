@@ -106,15 +106,17 @@ def said(text: str, delay: float = 0.0) -> Callable[[Run], bool]:
 
 
 def appears(parent: Path, fragment: str, delay: float = 0.0) -> Callable[[Run], bool]:
-    """Once an entry whose name holds ``fragment`` exists in ``parent``, and ``delay`` seconds more."""
+    """Once a directory whose name holds ``fragment`` exists in ``parent`` with something in it, and ``delay``
+    seconds more. Not merely the name: the writability check makes an empty one and removes it at once, and a
+    signal sent then would find nothing to leave behind."""
     seen: list[float] = []
 
     def check(run: Run) -> bool:
         if not seen:
             try:
-                if any(fragment in name for name in os.listdir(parent)):
+                if any(fragment in name and any(os.scandir(parent / name)) for name in os.listdir(parent)):
                     seen.append(time.monotonic())
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 pass
         return bool(seen) and time.monotonic() - seen[0] >= delay
     return check
@@ -180,7 +182,8 @@ def test_kills_during_convert_leave_nothing(big_gguf: Path, tmp_path: Path) -> N
     assert killed.wait() == -signal.SIGKILL and killed.sent is not None
     where = tmp_path / "sigkill"
     left = list(where.iterdir())
-    assert left and all(p.name.startswith(f".out.partial-{_host()}-{killed.proc.pid}-") for p in left), left
+    # The output's partial directory, and any temporary the writer had made beside it, all of the killed process.
+    assert left and all(p.name.startswith(".") and f".partial-{_host()}-{killed.proc.pid}-" in p.name for p in left), left
     # Leftovers of a process that is alive, or of another host, stay.
     alive = where / f".out.partial-{_host()}-{os.getpid()}-0123abcd"
     other = where / f".out.partial-otherhost-{killed.proc.pid}-0123abcd"
