@@ -85,7 +85,7 @@ def set_cpu_kernel(module: nn.Module, kernel: str) -> None:
     take the kernel by name; plain 16-bit linears become CpuLinear over the same weights."""
     if kernel not in QUANT_KERNELS:
         raise ValueError(f"internal: unknown CPU kernel {kernel!r}")
-    # A cached calibration may name the native kernels where they no longer build: torch's, then (loads them).
+    # Loads the native kernels. Where a cached calibration names them but they no longer build, torch's run.
     native = kernel == "gemv" and gemv_available()
     for name, m in list(module.named_modules()):
         if name and type(m) is nn.Linear and m.bias is None:
