@@ -1,10 +1,12 @@
 """Calibration of the two lanes a decode step can use: the PCIe lane (pinned host-to-device copies) and the CPU
 lane (the host's cores computing a block), measured on this machine and cached there.
 
-The planner (plan.LaneTimes) needs three numbers to split the blocks that are not resident: how long a block's
-copy takes; how long the cores take to compute one at a few step sizes (a block's CPU time grows with the tokens
-in a step, its copy time does not), timed while copies stream, since both read host memory; and the host time
-of one paged block's launch on the GPU, which the same host thread spends between CPU blocks. All depend on
+The planner (plan.LaneTimes) needs these numbers to split the blocks that are not resident: how long a block's
+copy takes, alone and while the cores compute CPU blocks (both read host memory, so the copies may run slower
+beside the CPU lane); how long the cores take to compute one at a few step sizes (a
+block's CPU time grows with the tokens in a step, its copy time does not), timed while copies stream; which CPU
+kernel is fastest (cpu_kernels.py); and the host time of one paged block's launch on the GPU, which the same host
+thread spends between CPU blocks. All depend on
 shapes, dtype and weight format, not on the weights' values, so they are measured on one random block of the
 model's shape, before any weights load: a few seconds, once per machine and shape, then read from
 ``~/.cache/llama_offload/lanes.json``
@@ -21,7 +23,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -34,7 +36,7 @@ from .quant import LINEAR_NAMES, QuantLinear, QuantSpec, quantize_matrix
 from .step import StepShape, attention_mask
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32)  # step sizes the CPU block time is measured at
-CALIBRATION_VERSION = 5
+CALIBRATION_VERSION = 6
 
 
 def cpu_cores() -> int:
@@ -126,22 +128,12 @@ def measure_cpu_block(block: TransformerBlock, threads: int, token_counts: tuple
     """(tokens, ms) for one decode-like step of ``block`` on the CPU at each step size: one sequence of that
     many positions after ``kv_len`` cached ones, as speculative verification and chunked prefill run; with
     ``load``, while host-to-device copies run."""
-    args_dim = block.attention_norm.weight.shape[0]
-    dtype = block.attention_norm.weight.dtype
-    attention = block.attention
     kept = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         out = []
         for tokens in token_counts:
-            span = kv_len + tokens
-            attention.cache = KVCache(1, span, attention.n_local_kv_heads, attention.head_dim, "cpu", dtype)
-            shape = StepShape(1, tokens, attention.cache.k.shape[1])
-            input_pos = torch.arange(kv_len, kv_len + tokens)[None]  # (1, tokens)
-            freqs = torch.polar(torch.ones(1, tokens, attention.head_dim // 2), torch.zeros(1, tokens, attention.head_dim // 2))
-            mask = attention_mask(input_pos, shape.kv_len, dtype)  # (1, 1, tokens, kv_len)
-            x = torch.randn(1, tokens, args_dim).to(dtype)  # (1, tokens, dim)
-            run = lambda: block(x, shape, input_pos, freqs, mask)  # noqa: E731
+            run = _cpu_step(block, tokens, kv_len)
             if load is not None:
                 load.keep_busy(budget_s + 0.15)
             run()  # warm-up: first-touch of the weights, kernel selection
@@ -153,10 +145,53 @@ def measure_cpu_block(block: TransformerBlock, threads: int, token_counts: tuple
             out.append((tokens, sorted(times)[len(times) // 2] * 1e3))  # the median
         return tuple(out)
     finally:
-        attention.cache = None
+        block.attention.cache = None
         torch.set_num_threads(kept)
         if load is not None:
             load.drain()
+
+
+def _cpu_step(block: TransformerBlock, tokens: int, kv_len: int) -> Callable[[], torch.Tensor]:
+    """One decode-like step of ``block`` on the CPU: ``tokens`` positions after ``kv_len`` cached ones (the block
+    gets a fresh host cache; the caller sets ``block.attention.cache`` back to None)."""
+    dtype = block.attention_norm.weight.dtype
+    attention = block.attention
+    attention.cache = KVCache(1, kv_len + tokens, attention.n_local_kv_heads, attention.head_dim, "cpu", dtype)
+    shape = StepShape(1, tokens, attention.cache.k.shape[1])
+    input_pos = torch.arange(kv_len, kv_len + tokens)[None]  # (1, tokens)
+    half = attention.head_dim // 2
+    freqs = torch.polar(torch.ones(1, tokens, half), torch.zeros(1, tokens, half))  # (1, tokens, head_dim/2)
+    mask = attention_mask(input_pos, shape.kv_len, dtype)  # (1, 1, tokens, kv_len)
+    x = torch.randn(1, tokens, block.attention_norm.weight.shape[0]).to(dtype)  # (1, tokens, dim)
+    return lambda: block(x, shape, input_pos, freqs, mask)
+
+
+@torch.inference_mode()
+def measure_pcie_beside_cpu(block: TransformerBlock, device: torch.device, threads: int, gbps: float,
+                            seconds: float = 0.15) -> float:
+    """Pinned host-to-device GB/s while the cores compute ``block`` at 1 token, step after step, as they do while
+    a hybrid step's copies run: both read host memory. The copies are timed on their stream, and the CPU steps go
+    on until the last copy is done."""
+    load = CopyLoad(device, gbps)
+    copies = max(2, int(seconds * gbps * 1e9 / load.host.numel()) + 1)
+    kept = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run = _cpu_step(block, 1, 256)
+        run()  # warm-up
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(load.stream):
+            begin.record(load.stream)
+            for _ in range(copies):
+                load.gpu.copy_(load.host, non_blocking=True)
+            end.record(load.stream)
+        while not end.query():
+            run()
+        end.synchronize()
+        return copies * load.host.numel() / (begin.elapsed_time(end) / 1e3) / 1e9
+    finally:
+        block.attention.cache = None
+        torch.set_num_threads(kept)
 
 
 @torch.inference_mode()
@@ -234,7 +269,7 @@ def _write_cache(path: Path, key: str, lanes: LaneTimes) -> None:
     data = _read_cache(path)
     data[key] = {"pcie_gbps": lanes.pcie_gbps, "cpu_ms": [list(p) for p in lanes.cpu_ms], "threads": lanes.threads,
                  "cpu_kernel": lanes.cpu_kernel, "kernel_ms": [list(p) for p in lanes.kernel_ms],
-                 "gpu_block_ms": lanes.gpu_block_ms}
+                 "gpu_block_ms": lanes.gpu_block_ms, "pcie_loaded_gbps": lanes.pcie_loaded_gbps}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -255,7 +290,8 @@ def calibrate(args: ModelArgs, dtype: torch.dtype, device: torch.device, *, thre
             return LaneTimes(float(entry["pcie_gbps"]), tuple((int(t), float(ms)) for t, ms in entry["cpu_ms"]),
                              int(entry["threads"]), cpu_kernel=str(entry["cpu_kernel"]),
                              kernel_ms=tuple((str(k), float(ms)) for k, ms in entry["kernel_ms"]),
-                             gpu_block_ms=float(entry["gpu_block_ms"]))
+                             gpu_block_ms=float(entry["gpu_block_ms"]),
+                             pcie_loaded_gbps=None if entry["pcie_loaded_gbps"] is None else float(entry["pcie_loaded_gbps"]))
         except (KeyError, TypeError, ValueError):
             pass  # an entry from another version: measure again
     start = time.perf_counter()
@@ -272,13 +308,16 @@ def calibrate(args: ModelArgs, dtype: torch.dtype, device: torch.device, *, thre
     cuda = device.type == "cuda"
     pcie_gbps = measure_pcie(device)
     cpu_ms = measure_cpu_block(block, threads, load=CopyLoad(device, pcie_gbps) if cuda else None)
+    pcie_loaded = measure_pcie_beside_cpu(block, device, threads, pcie_gbps) if cuda else None
     # Quantized blocks are slow on the CPU with some kernels: fewer alternations for them.
     gpu_block_ms = measure_gpu_block(block, device, threads, repeats=8 if spec is None else 3) if cuda else 0.0
     del block
-    lanes = LaneTimes(pcie_gbps, cpu_ms, threads, cpu_kernel=kernel, kernel_ms=kernel_ms, gpu_block_ms=gpu_block_ms)
+    lanes = LaneTimes(pcie_gbps, cpu_ms, threads, cpu_kernel=kernel, kernel_ms=kernel_ms, gpu_block_ms=gpu_block_ms,
+                      pcie_loaded_gbps=pcie_loaded)
     if verbose:
+        loaded = f" ({pcie_loaded:.1f} beside the CPU lane)" if pcie_loaded else ""
         print(f"llama_offload: calibrated the lanes in {time.perf_counter() - start:.1f} s: PCIe {lanes.pcie_gbps:.1f} "
-              f"GB/s, a block on {threads} CPU threads {lanes.cpu_block_ms(1):.2f} ms, a paged block's launch "
+              f"GB/s{loaded}, a block on {threads} CPU threads {lanes.cpu_block_ms(1):.2f} ms, a paged block's launch "
               f"{lanes.gpu_block_ms:.2f} ms (cached in {path})",
               file=sys.stderr)
     _write_cache(path, key, lanes)

@@ -128,6 +128,9 @@ class LaneTimes:
     cpu_kernel: str = "torch"  # how the CPU blocks multiply: "torch", "dequantize" or "gemv" (cpu_kernels.py)
     kernel_ms: tuple[tuple[str, float], ...] = ()  # a block at 1 token with each kernel calibration timed
     gpu_block_ms: float = 0.0  # host time to launch and finish one paged block's compute (a graph replay, batch 1)
+    # Pinned host-to-device bandwidth while the cores compute CPU blocks (both read host memory): the copy lane's
+    # pace whenever a CPU lane runs beside it. None: not measured (the copies are taken at ``pcie_gbps``).
+    pcie_loaded_gbps: Optional[float] = None
 
     def cpu_block_ms(self, tokens: int) -> float:
         """Measured at the nearest step size at or above ``tokens``; linear beyond the largest."""
@@ -137,8 +140,10 @@ class LaneTimes:
         t, ms = self.cpu_ms[-1]
         return ms * tokens / t
 
-    def page_ms(self, block_bytes: int) -> float:
-        return block_bytes / (self.pcie_gbps * 1e9) * 1e3
+    def page_ms(self, block_bytes: int, beside_cpu: bool = False) -> float:
+        """One block's copy; ``beside_cpu``: while the CPU lane computes."""
+        gbps = self.pcie_loaded_gbps if beside_cpu and self.pcie_loaded_gbps else self.pcie_gbps
+        return block_bytes / (gbps * 1e9) * 1e3
 
     def step_ms(self, paged: int, cpu: int, block_bytes: int, tokens: int = 1, resident: int = 0) -> float:
         """The blocks of one step: the copy lane against the host lane, which overlap. The resident blocks run
@@ -147,7 +152,7 @@ class LaneTimes:
         runs = sum(1 for a, b in zip([False] + spread(paged + cpu, cpu), spread(paged + cpu, cpu)) if b and not a)
         host = (cpu * self.cpu_block_ms(tokens) + (paged + resident) * self.gpu_block_ms
                 + runs * self.crossing_ms)
-        return max(paged * self.page_ms(block_bytes), host)
+        return max(paged * self.page_ms(block_bytes, beside_cpu=cpu > 0), host)
 
     def best_split(self, host_layers: int, block_bytes: int, resident: int = 0) -> int:
         """The number of CPU blocks that makes a decode step at batch 1 fastest."""
@@ -165,7 +170,8 @@ class LaneTimes:
 
     def describe(self, block_bytes: int) -> str:
         kernels = "" if not self.kernel_ms else " (" + ", ".join(f"{k} {ms:.1f} ms" for k, ms in self.kernel_ms) + ")"
-        return (f"PCIe {self.pcie_gbps:.1f} GB/s: {self.page_ms(block_bytes):.2f} ms a block; CPU "
+        loaded = "" if not self.pcie_loaded_gbps else f" ({self.pcie_loaded_gbps:.1f} beside the CPU lane)"
+        return (f"PCIe {self.pcie_gbps:.1f} GB/s{loaded}: {self.page_ms(block_bytes):.2f} ms a block; CPU "
                 f"{self.cpu_block_ms(1):.2f} ms a block on {self.threads} threads{kernels}; "
                 f"{self.gpu_block_ms:.2f} ms of host time a paged block")
 

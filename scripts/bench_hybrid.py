@@ -195,7 +195,9 @@ def main() -> None:
             "cpu_ms_int4": None if lanes4 is None else lanes4.cpu_ms, "device": torch.cuda.get_device_name(),
             "kernel_fp16": lanes.cpu_kernel, "kernel_ms_fp16": lanes.kernel_ms, "gemv_isa": gemv_isa(),
             "kernel_int4": None if lanes4 is None else lanes4.cpu_kernel,
-            "kernel_ms_int4": None if lanes4 is None else lanes4.kernel_ms, "gpu_block_ms": lanes.gpu_block_ms}
+            "kernel_ms_int4": None if lanes4 is None else lanes4.kernel_ms, "gpu_block_ms": lanes.gpu_block_ms,
+            "pcie_beside_cpu_gbps_fp16": lanes.pcie_loaded_gbps,
+            "pcie_beside_cpu_gbps_int4": None if lanes4 is None else lanes4.pcie_loaded_gbps}
     log(json.dumps(info))
     rows: list[Row] = []
     for budget in budgets:
@@ -218,7 +220,10 @@ def main() -> None:
                 peer = next((p for p in peers if p["name"] == f"llama.cpp {qtype}, -ngl {r['resident']}"), None)
                 if peer and peer.get("b1_ms"):
                     r["vs_llamacpp"] = r["b1_ms"] / peer["b1_ms"]
-    text = (f"7B shape fp16, {torch.cuda.get_device_name()}, pinned H2D {pcie:.1f} GB/s, all-paged PCIe floor "
+    beside = ", ".join(f"{name} {gbps:.1f}" for name, gbps in (("fp16", lanes.pcie_loaded_gbps),
+                       ("int4", None if lanes4 is None else lanes4.pcie_loaded_gbps)) if gbps)
+    text = (f"7B shape fp16, {torch.cuda.get_device_name()}, pinned H2D {pcie:.1f} GB/s ({beside or 'n/a'} GB/s while "
+            f"the CPU lane computes), all-paged PCIe floor "
             f"{floor_ms:.1f} ms/token, CPU lane {threads} threads (a fp16 block: "
             f"{lanes.cpu_block_ms(1):.2f} ms at 1 token, {lanes.cpu_block_ms(8):.2f} ms at 8; kernels at 1 token: "
             f"{kernels(lanes)}{'' if lanes4 is None else '; int4: ' + kernels(lanes4)}; native kernels: "

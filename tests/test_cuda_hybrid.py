@@ -103,3 +103,21 @@ def test_graphed_paged_blocks_equal_eager_bit_for_bit() -> None:
     for (tok_a, lg_a), (tok_b, lg_b) in zip(runs[False], runs[True]):
         assert torch.equal(tok_a, tok_b)
         assert all(torch.equal(a, b) for a, b in zip(lg_a, lg_b))
+
+
+def test_copies_beside_the_cpu_lane_are_measured() -> None:
+    """Calibration's copy bandwidth while the cores compute a block: a rate no faster than the copies alone
+    (within timing noise), printed for the notes."""
+    from llama_offload.args import ModelArgs
+    from llama_offload.cpu_kernels import set_cpu_kernel
+    from llama_offload.lanes import measure_pcie, measure_pcie_beside_cpu, random_block
+
+    args = ModelArgs(dim=4096, n_layers=1, n_heads=32, vocab_size=32000, multiple_of=256)
+    block = random_block(args, torch.float16)
+    set_cpu_kernel(block, "gemv" if gemv_available() else "torch")
+    device = torch.device("cuda")
+    alone = measure_pcie(device)
+    beside = measure_pcie_beside_cpu(block, device, cpu_threads_for(None), alone)
+    print(f"\npinned H2D {alone:.1f} GB/s alone, {beside:.1f} GB/s while the CPU lane computes a 7B fp16 block")
+    assert 0 < beside < 1.2 * alone
+    assert block.attention.cache is None

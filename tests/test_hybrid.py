@@ -109,6 +109,22 @@ def test_resident_blocks_count_on_the_host_lane_and_large_steps_need_a_margin() 
     assert lane.best_split(22, b, resident=10) < lane.best_split(22, b)
 
 
+def test_copies_beside_the_cpu_lane_go_at_their_measured_pace() -> None:
+    """Copies and CPU blocks both read host memory: with a CPU lane the copy lane takes the bandwidth measured
+    beside it; with none, the bandwidth alone."""
+    from dataclasses import replace
+
+    b = plan_offload(tiny_args(**SEVEN_B), torch.float16, max_batch_size=1, max_seq_len=256).block_bytes
+    alone = lanes(7.0, {1: 5.0}, b)
+    beside = replace(alone, pcie_loaded_gbps=alone.pcie_gbps * 0.8)
+    assert beside.page_ms(b) == pytest.approx(7.0) and beside.page_ms(b, beside_cpu=True) == pytest.approx(7.0 / 0.8)
+    assert beside.step_ms(32, 0, b) == pytest.approx(32 * 7.0)  # no CPU lane: copies alone
+    assert beside.step_ms(16, 16, b) == pytest.approx(16 * 7.0 / 0.8)
+    # Slower copies beside the CPU lane move blocks to it.
+    assert beside.best_split(32, b) > alone.best_split(32, b)
+    assert "beside the CPU lane" in beside.describe(b)
+
+
 def test_an_explicit_split_and_its_errors() -> None:
     args = tiny_args(**SEVEN_B)
     plan = plan_offload(args, torch.float16, max_batch_size=1, max_seq_len=256, cpu_layers=5)
