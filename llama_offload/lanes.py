@@ -237,6 +237,17 @@ def measure_gpu_block(block: TransformerBlock, device: torch.device, threads: in
             torch.cuda.empty_cache()
 
 
+def _pcie_beside_cpu(block: TransformerBlock, device: torch.device, threads: int, gbps: float) -> Optional[float]:
+    """``measure_pcie_beside_cpu``, or None (the copies are then planned at their pace alone) where it fails: a
+    refinement of the plan, never a reason to stop a run."""
+    try:
+        return measure_pcie_beside_cpu(block, device, threads, gbps)
+    except RuntimeError as e:
+        print(f"llama_offload: the copies beside the CPU lane could not be timed ({str(e).splitlines()[0]}); they are "
+              "planned at their pace alone.", file=sys.stderr)
+        return None
+
+
 def _cache_path() -> Path:
     root = os.environ.get("LLAMA_OFFLOAD_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "llama_offload") / "lanes.json"
@@ -308,7 +319,7 @@ def calibrate(args: ModelArgs, dtype: torch.dtype, device: torch.device, *, thre
     cuda = device.type == "cuda"
     pcie_gbps = measure_pcie(device)
     cpu_ms = measure_cpu_block(block, threads, load=CopyLoad(device, pcie_gbps) if cuda else None)
-    pcie_loaded = measure_pcie_beside_cpu(block, device, threads, pcie_gbps) if cuda else None
+    pcie_loaded = _pcie_beside_cpu(block, device, threads, pcie_gbps) if cuda else None
     # Quantized blocks are slow on the CPU with some kernels: fewer alternations for them.
     gpu_block_ms = measure_gpu_block(block, device, threads, repeats=8 if spec is None else 3) if cuda else 0.0
     del block
