@@ -499,3 +499,13 @@ def test_an_all_resident_plan_expects_no_lane_time() -> None:
     assert plan.paged_layers == 0 and plan.cpu_layers == 0
     assert plan.expected_decode_ms() is None
     assert "expected decode" not in plan.describe()
+
+
+def test_copies_beside_the_cpu_lane_that_cannot_be_timed_are_planned_alone(monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    def fails(*a, **k):
+        raise RuntimeError("CUDA error: something\nmore")
+
+    monkeypatch.setattr(lanes_mod, "measure_pcie_beside_cpu", fails)
+    assert lanes_mod._pcie_beside_cpu(None, torch.device("cpu"), 1, 50.0) is None
+    assert "could not be timed (CUDA error: something)" in capsys.readouterr().err
