@@ -106,7 +106,8 @@ def spread(n: int, k: int) -> list[bool]:
 
 
 # Steps above one token take the CPU lane only where the model expects them at least 10% faster than
-# streaming every block: the model's error against runs on the H100 host was within about 10%.
+# streaming every block: on the H100 host the model's fp16 steps came out 9-13% faster than the runs
+# (BENCHMARKS.md, the CPU lane's third run).
 SPLIT_MARGIN = 0.9
 
 
