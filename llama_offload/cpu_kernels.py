@@ -34,6 +34,11 @@ def gemv_available(verbose: bool = True) -> bool:
     return native_build.load("cpu_gemv", verbose=verbose) is None
 
 
+def gemv_unavailable_reason() -> Optional[str]:
+    """Why the native kernels are not available here (None: they are), without printing it."""
+    return native_build.load("cpu_gemv", verbose=False)
+
+
 def gemv_isa() -> Optional[str]:
     """The instructions the native kernels were built with ("avx512", "avx2", "scalar"), or None."""
     return torch.ops.llama_offload_cpu.isa() if gemv_available(verbose=False) else None

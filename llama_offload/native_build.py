@@ -30,6 +30,7 @@ CSRC = Path(__file__).parent / "csrc"
 BUILD_TIMEOUT_S = 300
 
 _loaded: dict[str, Optional[str]] = {}  # source name -> None once loaded, else why it could not be
+_said: set[str] = set()  # the sources whose failure was reported
 
 
 def cache_root() -> Path:
@@ -98,11 +99,11 @@ def _build(source: Path, target: Path, cxx: str) -> Optional[str]:
 def load(name: str, verbose: bool = True) -> Optional[str]:
     """Builds (once per machine) and loads ``csrc/<name>.cpp``; None when its operators are registered, else
     why they are not (no compiler, a failed build, turned off). Never raises."""
-    if name in _loaded:
-        return _loaded[name]
-    why = _load(name, verbose)
-    _loaded[name] = why
-    if why is not None and verbose:
+    if name not in _loaded:
+        _loaded[name] = _load(name, verbose)
+    why = _loaded[name]
+    if why is not None and verbose and name not in _said:  # said once, by the first call that may speak
+        _said.add(name)
         print(f"llama_offload: the native CPU kernels are not available ({why}); the CPU lane uses torch's kernels.",
               file=sys.stderr)
     return why

@@ -24,7 +24,7 @@ except ImportError:  # run from a checkout without installing
 import torch
 import torch.nn.functional as F
 
-from llama_offload.cpu_kernels import gemv_available, gemv_isa, gemv_linear, gemv_quant
+from llama_offload.cpu_kernels import gemv_available, gemv_isa, gemv_linear, gemv_quant, gemv_unavailable_reason
 from llama_offload.lanes import cpu_threads_for
 from llama_offload.quant import quantize_matrix
 
@@ -97,7 +97,7 @@ def main() -> None:
         raise SystemExit(f"bench_cpu_kernels: --tokens must be positive integers separated by commas, found {a.tokens!r}.")
     tokens = [int(t) for t in tokens]
     torch.set_num_threads(threads)
-    print(f"{a.dim} x {a.hidden} block, {threads} threads, native kernels: {gemv_isa() or 'not available'}\n")
+    print(f"{a.dim} x {a.hidden} block, {threads} threads, native kernels: {gemv_isa() or f'not available: {gemv_unavailable_reason()}'}\n")
     print("| weights | tokens | kernel | ms per block | GB/s of weights |\n|---|---|---|---|---|")
     for weights, t, name, ms, gbps in rows(a.dim, a.hidden, tokens, a.budget_s):
         print(f"| {weights} | {t} | {name} | {ms:.2f} | {gbps:.0f} |")

@@ -142,7 +142,10 @@ def test_candidates_follow_the_dtype_and_the_build(monkeypatch: pytest.MonkeyPat
 
 def test_the_build_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(native_build, "_loaded", {})
+    monkeypatch.setattr(native_build, "_said", set())
     monkeypatch.setenv("LLAMA_OFFLOAD_NATIVE", "0")
+    assert native_build.load("cpu_gemv", verbose=False) == "LLAMA_OFFLOAD_NATIVE=0"  # a quiet first call
+    assert capsys.readouterr().err == ""
     assert native_build.load("cpu_gemv") == "LLAMA_OFFLOAD_NATIVE=0"
     assert "torch's kernels" in capsys.readouterr().err
     assert native_build.load("cpu_gemv") == "LLAMA_OFFLOAD_NATIVE=0"  # remembered: said once
