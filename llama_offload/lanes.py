@@ -95,12 +95,17 @@ class CopyLoad:
         self.stream = torch.cuda.Stream(device=device)
         self.gbps = gbps  # the measured bandwidth: how many copies fill a given time
 
-    def keep_busy(self, seconds: float) -> None:
-        """Queue copies for about ``seconds`` (launching them takes microseconds; they run on their own)."""
+    def keep_busy(self, seconds: float) -> tuple[int, torch.cuda.Event, torch.cuda.Event]:
+        """Queue copies for about ``seconds`` (launching them takes microseconds; they run on their own): the
+        bytes queued, and events recorded on the copy stream before and after them."""
         copies = max(1, int(seconds * self.gbps * 1e9 / self.host.numel()) + 1)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.stream):
+            begin.record(self.stream)
             for _ in range(copies):
                 self.gpu.copy_(self.host, non_blocking=True)
+            end.record(self.stream)
+        return copies * self.host.numel(), begin, end
 
     def drain(self) -> None:
         self.stream.synchronize()
@@ -173,22 +178,16 @@ def measure_pcie_beside_cpu(block: TransformerBlock, device: torch.device, threa
     a hybrid step's copies run: both read host memory. The copies are timed on their stream, and the CPU steps go
     on until the last copy is done."""
     load = CopyLoad(device, gbps)
-    copies = max(2, int(seconds * gbps * 1e9 / load.host.numel()) + 1)
     kept = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         run = _cpu_step(block, 1, 256)
         run()  # warm-up
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(load.stream):
-            begin.record(load.stream)
-            for _ in range(copies):
-                load.gpu.copy_(load.host, non_blocking=True)
-            end.record(load.stream)
+        nbytes, begin, end = load.keep_busy(seconds)
         while not end.query():
             run()
         end.synchronize()
-        return copies * load.host.numel() / (begin.elapsed_time(end) / 1e3) / 1e9
+        return nbytes / (begin.elapsed_time(end) / 1e3) / 1e9
     finally:
         block.attention.cache = None
         torch.set_num_threads(kept)
