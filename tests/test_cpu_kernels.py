@@ -39,7 +39,7 @@ def test_16_bit_gemv_equals_the_product(wdtype: torch.dtype, xdtype: torch.dtype
 
 
 @needs_gemv
-@pytest.mark.parametrize("fmt", ["int8", "int8 g16", "int8 g32 mins", "int4 g32", "int4 g64 mins", "int4 g128",
+@pytest.mark.parametrize("fmt", ["int8", "int8 g16", "int8 g32 mins", "int8 g48", "int4 g32", "int4 g64 mins", "int4 g128",
                                  "int4 g48 mins", "int4 g8"])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("tokens", [1, 4, 6])
@@ -48,13 +48,14 @@ def test_quantized_gemv_equals_dequantize_then_matmul(fmt: str, scale_dtype: tor
     bits = 4 if fmt.startswith("int4") else 8
     group = int(fmt.split()[1][1:]) if " g" in fmt else None
     n_in = 384 if group in (None, 16, 32, 64, 128, 8) else 336  # g48: groups whose vectors leave a tail
-    w = torch.randn(21, n_in) * 0.02
+    rows = 150  # over two 64-row bands, 4 rows at a time with 2 left: every row path of the kernel
+    w = torch.randn(rows, n_in) * 0.02
     if bits == 4:
         q = quantize_int4(w, group)
         codes, scales, mins = q["weight"], q["scales"], q["mins"]
     else:
         q = quantize_int8(w.reshape(-1, group) if group else w)  # per group: quantize rows of one group each
-        codes, scales = q["weight"].reshape(21, n_in), q["scales"].reshape(21, -1)
+        codes, scales = q["weight"].reshape(rows, n_in), q["scales"].reshape(rows, -1)
         mins = None
     if "mins" not in fmt:
         mins = None
@@ -62,7 +63,7 @@ def test_quantized_gemv_equals_dequantize_then_matmul(fmt: str, scale_dtype: tor
     mins = None if mins is None else (mins.to(scale_dtype) if bits == 4 else torch.randn_like(scales) * 1e-3)
     x = torch.randn(3, tokens, n_in)
     y = gemv_quant(x, codes, scales, mins)
-    assert y.shape == (3, tokens, 21) and y.dtype == torch.float32
+    assert y.shape == (3, tokens, rows) and y.dtype == torch.float32
     want = reference(x, dequantize(codes, scales, mins, torch.float32))
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
@@ -200,7 +201,7 @@ for tokens in (1, 3, 6):
         w = (torch.randn(37, 200) * 0.05).to(dtype)
         want = F.linear(x.double(), w.double())
         torch.testing.assert_close(gemv_linear(x, w).double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    for q, mins in ((quantize_int4(torch.randn(21, 200) * 0.02, 40), True), (quantize_int8(torch.randn(21, 200)), False)):
+    for q, mins in ((quantize_int4(torch.randn(150, 200) * 0.02, 40), True), (quantize_int8(torch.randn(150, 200)), False)):
         m = q.get("mins") if mins else None
         want = F.linear(x.double(), dequantize(q["weight"], q["scales"], m, torch.float64))
         got = gemv_quant(x, q["weight"], q["scales"], m).double()

@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -36,6 +37,7 @@ constexpr int kLanes = 16;
 using vec = __m512;
 inline vec vzero() { return _mm512_setzero_ps(); }
 inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vec a) { _mm512_storeu_ps(p, a); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec vset1(float s) { return _mm512_set1_ps(s); }
 inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
@@ -46,15 +48,18 @@ inline vec load_bf16(const uint16_t* p) {
 inline vec load_i8(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
 // 16 bytes = 32 nibbles: the low nibbles (elements 0, 2, ..., 30) and the high ones (1, 3, ..., 31).
 inline void load_nibbles(const uint8_t* p, vec& lo, vec& hi) {
+  // vpermps reads the low 4 bits of each index: a 16-entry table lookup turns a nibble into its float.
+  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
-  lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+  lo = _mm512_permutexvar_ps(b, table);
+  hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
 }
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 constexpr int kLanes = 8;
 using vec = __m256;
 inline vec vzero() { return _mm256_setzero_ps(); }
 inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vec a) { _mm256_storeu_ps(p, a); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline vec vset1(float s) { return _mm256_set1_ps(s); }
 inline float vsum(vec a) {
@@ -191,71 +196,141 @@ struct Groups {
 template <typename S>
 inline float to_float(S v) { return static_cast<float>(v); }
 
+// n scales (fp16 or fp32) -> fp32, a vector at a time: per row this runs once per group, so a scalar fp16
+// conversion here costs as much as the group's products.
+template <typename S>
+void scales_fp32(const S* s, int64_t n, float* out) {
+  int64_t k = 0;
+#ifndef LLAMA_OFFLOAD_SCALAR
+  for (; k + kLanes <= n; k += kLanes) {
+    if constexpr (std::is_same_v<S, float>) vstore(out + k, vload(s + k));
+    else vstore(out + k, load_half(reinterpret_cast<const uint16_t*>(s + k)));
+  }
+#endif
+  for (; k < n; ++k) out[k] = to_float(s[k]);
+}
+
 // One row's scales and offsets (c = min, or -8 * scale for int4 without mins, else 0) in fp32.
 template <int Bits, typename S>
 void row_scales(const S* s, const S* m, int64_t count, float* sf, float* cf) {
-  for (int64_t k = 0; k < count; ++k) {
-    sf[k] = to_float(s[k]);
-    cf[k] = m ? to_float(m[k]) : (Bits == 4 ? -8.f * sf[k] : 0.f);
-  }
+  scales_fp32(s, count, sf);
+  if (m) scales_fp32(m, count, cf);
+  else for (int64_t k = 0; k < count; ++k) cf[k] = Bits == 4 ? -8.f * sf[k] : 0.f;
 }
 
-// y[t] for NT tokens of one row: sum over groups of scale * (q . x) + offset * sum(x).
-template <int Bits, int NT>
-void row_quant(const uint8_t* q, const float* sf, const float* cf, const float* x, int64_t in, const Groups& g,
-               const float* xsum, float* y, int64_t out) {
+// sum_k a[k] * b[k] in fp32.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+  int64_t k = 0;
+#ifndef LLAMA_OFFLOAD_SCALAR
+  vec acc = vzero();
+  for (; k + kLanes <= n; k += kLanes) acc = vfma(vload(a + k), vload(b + k), acc);
+  s = vsum(acc);
+#endif
+  for (; k < n; ++k) s += a[k] * b[k];
+  return s;
+}
+
+// y[r, t] for R rows and NT tokens: sum over groups of scale * (q . x) + offset * sum(x). The R rows share
+// each load of x, and their 2 * R * NT accumulators are independent chains: one row's single chain would
+// wait on the FMA latency at every step. sf and cf hold the R rows' scales and offsets, g.count apart.
+template <int Bits, int R, int NT>
+void rows_quant(const uint8_t* q, int64_t row_bytes, const float* sf, const float* cf, const float* x, int64_t in,
+                const Groups& g, const float* xsum, float* y, int64_t out) {
   constexpr int64_t chunk = Bits == 8 ? kChunk8 : kChunk4;
 #ifndef LLAMA_OFFLOAD_SCALAR
   const int64_t full = g.size / chunk * chunk;  // elements of each group the vector loop covers
 #else
   const int64_t full = 0;  // no vector loop: the tail loop covers every element
 #endif
-  float sums[NT];
+  float sums[R][NT];
 #ifndef LLAMA_OFFLOAD_SCALAR
-  vec total[NT];
-  for (int t = 0; t < NT; ++t) total[t] = vzero();
+  vec total[R][NT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) total[r][t] = vzero();
 #endif
-  for (int t = 0; t < NT; ++t) sums[t] = 0.f;
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) sums[r][t] = 0.f;
   for (int64_t k = 0; k < g.count; ++k) {
     const int64_t a = k * g.size;
 #ifndef LLAMA_OFFLOAD_SCALAR
-    vec acc[NT][2];
-    for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = vzero();
-    for (int64_t i = a; i < a + full; i += chunk) {
-      if (Bits == 8) {
-        const vec w = load_i8(reinterpret_cast<const int8_t*>(q) + i);
-        for (int t = 0; t < NT; ++t) acc[t][0] = vfma(w, vload(x + t * in + i), acc[t][0]);
-      } else {
-        vec lo, hi;
-        load_nibbles(q + i / 2, lo, hi);
-        for (int t = 0; t < NT; ++t) {
-          acc[t][0] = vfma(lo, vload(x + t * in + i), acc[t][0]);
-          acc[t][1] = vfma(hi, vload(x + t * in + i + kLanes), acc[t][1]);
+    vec acc[R][NT][2];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < NT; ++t) acc[r][t][0] = acc[r][t][1] = vzero();
+    int64_t i = a;
+    if (Bits == 8) {
+      // Two chunks per step, one per accumulator.
+      for (; i + 2 * chunk <= a + full; i += 2 * chunk) {
+        vec x0[NT], x1[NT];
+        for (int t = 0; t < NT; ++t) x0[t] = vload(x + t * in + i), x1[t] = vload(x + t * in + i + kLanes);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* qr = reinterpret_cast<const int8_t*>(q + r * row_bytes);
+          const vec w0 = load_i8(qr + i), w1 = load_i8(qr + i + kLanes);
+          for (int t = 0; t < NT; ++t) {
+            acc[r][t][0] = vfma(w0, x0[t], acc[r][t][0]);
+            acc[r][t][1] = vfma(w1, x1[t], acc[r][t][1]);
+          }
+        }
+      }
+      for (; i < a + full; i += chunk) {
+        for (int r = 0; r < R; ++r) {
+          const vec w0 = load_i8(reinterpret_cast<const int8_t*>(q + r * row_bytes) + i);
+          for (int t = 0; t < NT; ++t) acc[r][t][0] = vfma(w0, vload(x + t * in + i), acc[r][t][0]);
+        }
+      }
+    } else {
+      for (; i < a + full; i += chunk) {
+        vec x0[NT], x1[NT];
+        for (int t = 0; t < NT; ++t) x0[t] = vload(x + t * in + i), x1[t] = vload(x + t * in + i + kLanes);
+        for (int r = 0; r < R; ++r) {
+          vec lo, hi;
+          load_nibbles(q + r * row_bytes + i / 2, lo, hi);
+          for (int t = 0; t < NT; ++t) {
+            acc[r][t][0] = vfma(lo, x0[t], acc[r][t][0]);
+            acc[r][t][1] = vfma(hi, x1[t], acc[r][t][1]);
+          }
         }
       }
     }
-    const vec scale = vset1(sf[k]);
-    for (int t = 0; t < NT; ++t) total[t] = vfma(Bits == 8 ? acc[t][0] : acc[t][0] + acc[t][1], scale, total[t]);
+    for (int r = 0; r < R; ++r) {
+      const vec scale = vset1(sf[r * g.count + k]);
+      for (int t = 0; t < NT; ++t) total[r][t] = vfma(acc[r][t][0] + acc[r][t][1], scale, total[r][t]);
+    }
 #endif
     // A group's tail the vectors do not cover (unpermuted): int8 element by element, int4 by byte pairs.
     for (int64_t i = a + full; i < a + g.size; i += (Bits == 8 ? 1 : 2)) {
-      for (int t = 0; t < NT; ++t) {
-        const float* xt = x + t * in;
-        const float d = Bits == 8 ? float(reinterpret_cast<const int8_t*>(q)[i]) * xt[i]
-                                  : float(q[i / 2] & 15) * xt[i] + float(q[i / 2] >> 4) * xt[i + 1];
-        sums[t] += sf[k] * d;
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* qr = q + r * row_bytes;
+        for (int t = 0; t < NT; ++t) {
+          const float* xt = x + t * in;
+          const float d = Bits == 8 ? float(reinterpret_cast<const int8_t*>(qr)[i]) * xt[i]
+                                    : float(qr[i / 2] & 15) * xt[i] + float(qr[i / 2] >> 4) * xt[i + 1];
+          sums[r][t] += sf[r * g.count + k] * d;
+        }
       }
     }
   }
-  for (int t = 0; t < NT; ++t) {
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) {
 #ifndef LLAMA_OFFLOAD_SCALAR
-    sums[t] += vsum(total[t]);
+      sums[r][t] += vsum(total[r][t]);
 #endif
-    const float* xs = xsum + t * g.count;
-    float offset = 0.f;
-    for (int64_t k = 0; k < g.count; ++k) offset += cf[k] * xs[k];
-    y[t * out] = sums[t] + offset;
-  }
+      y[t * out + r] = sums[r][t] + dot(cf + r * g.count, xsum + t * g.count, g.count);
+    }
+}
+
+// Rows [r0, r1) for a tile of NT tokens: R rows at a time, then the rest one by one.
+template <int Bits, int NT>
+void band_quant(const uint8_t* codes, int64_t row_bytes, const float* sf, const float* cf, const float* x, int64_t in,
+                const Groups& g, const float* xsum, float* y, int64_t out, int64_t r0, int64_t r1) {
+  constexpr int R = NT == 1 ? 4 : NT == 2 ? 2 : 1;
+  int64_t r = r0;
+  for (; r + R <= r1; r += R)
+    rows_quant<Bits, R, NT>(codes + r * row_bytes, row_bytes, sf + (r - r0) * g.count, cf + (r - r0) * g.count, x,
+                            in, g, xsum, y + r, out);
+  for (; r < r1; ++r)
+    rows_quant<Bits, 1, NT>(codes + r * row_bytes, row_bytes, sf + (r - r0) * g.count, cf + (r - r0) * g.count, x,
+                            in, g, xsum, y + r, out);
 }
 
 // x (tokens, in) reordered so that within every group's full chunks of kChunk4 elements the even elements come
@@ -278,20 +353,24 @@ template <int Bits, typename S>
 void gemv_quant(const void* codes, const S* scales, const S* mins, const float* x, int64_t tokens, int64_t in,
                 int64_t out, const Groups& g, float* y) {
   const int64_t row_bytes = Bits == 8 ? in : in / 2;
+  const uint8_t* q = static_cast<const uint8_t*>(codes);
   at::parallel_for(0, out, grain_for(out), [&](int64_t r0, int64_t r1) {
-    std::vector<float> sf(g.count), cf(g.count);
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* row = static_cast<const uint8_t*>(codes) + r * row_bytes;
-      row_scales<Bits>(scales + r * g.count, mins ? mins + r * g.count : nullptr, g.count, sf.data(), cf.data());
+    // Bands of 64 rows, as gemv16: the band's scales in fp32, then each tile of tokens over the band.
+    std::vector<float> sf(64 * g.count), cf(64 * g.count);
+    for (int64_t b0 = r0; b0 < r1; b0 += 64) {
+      const int64_t b1 = std::min(b0 + 64, r1);
+      for (int64_t r = b0; r < b1; ++r)
+        row_scales<Bits>(scales + r * g.count, mins ? mins + r * g.count : nullptr, g.count,
+                         sf.data() + (r - b0) * g.count, cf.data() + (r - b0) * g.count);
       for (int64_t t = 0; t < tokens; t += kTile) {
         const float* xt = x + t * in;
         const float* xs = g.xsum.data() + t * g.count;
-        float* yt = y + t * out + r;
+        float* yt = y + t * out;
         switch (std::min<int64_t>(kTile, tokens - t)) {
-          case 4: row_quant<Bits, 4>(row, sf.data(), cf.data(), xt, in, g, xs, yt, out); break;
-          case 3: row_quant<Bits, 3>(row, sf.data(), cf.data(), xt, in, g, xs, yt, out); break;
-          case 2: row_quant<Bits, 2>(row, sf.data(), cf.data(), xt, in, g, xs, yt, out); break;
-          default: row_quant<Bits, 1>(row, sf.data(), cf.data(), xt, in, g, xs, yt, out); break;
+          case 4: band_quant<Bits, 4>(q, row_bytes, sf.data(), cf.data(), xt, in, g, xs, yt, out, b0, b1); break;
+          case 3: band_quant<Bits, 3>(q, row_bytes, sf.data(), cf.data(), xt, in, g, xs, yt, out, b0, b1); break;
+          case 2: band_quant<Bits, 2>(q, row_bytes, sf.data(), cf.data(), xt, in, g, xs, yt, out, b0, b1); break;
+          default: band_quant<Bits, 1>(q, row_bytes, sf.data(), cf.data(), xt, in, g, xs, yt, out, b0, b1); break;
         }
       }
     }
@@ -345,7 +424,12 @@ at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& w, const at::Tens
   float* acc = y.data_ptr<float>();
   g.xsum.assign(tokens * g.count, 0.f);
   for (int64_t t = 0; t < tokens; ++t)
-    for (int64_t i = 0; i < in; ++i) g.xsum[t * g.count + i / g.size] += xf[t * in + i];
+    for (int64_t k = 0; k < g.count; ++k) {
+      const float* xg = xf.data() + t * in + k * g.size;
+      float sum = 0.f;
+      for (int64_t i = 0; i < g.size; ++i) sum += xg[i];
+      g.xsum[t * g.count + k] = sum;
+    }
   if (int4) xf = int4_order(xf, tokens, in, g.size);
   const void* codes = w.data_ptr();
   if (scales.scalar_type() == at::kHalf) {
