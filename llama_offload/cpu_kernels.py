@@ -1,4 +1,5 @@
-"""How the CPU lane's blocks multiply their matrices on the host, one kernel per run, chosen by calibration.
+"""How the CPU lane's blocks compute on the host: their matrices by one kernel per run, chosen by calibration,
+and their attention by llama_offload's own kernel.
 
     "torch"       torch's own: ``F.linear`` for 16-bit weights, its weight-only kernels for int8/int4 codes
                   (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``)
@@ -6,6 +7,10 @@
     "gemv"        llama_offload's own matrix-vector kernels (csrc/cpu_gemv.cpp, built at first use by
                   native_build.py): one pass over the weights per step, fp16/bf16 weights or int8/int4 codes
                   converted to fp32 in registers, fp32 accumulation, every thread on its own band of rows
+
+Attention on the CPU lane is always llama_offload's own where it builds (csrc/cpu_attention.cpp, ``attend_host``):
+a few queries against a host KV cache, where torch's fused attention, built for long queries, took 0.44 ms for
+one query over 256 positions on one core (0.03 ms native when 24 of them are filled, 0.21 ms when all are).
 
 A decode step on the CPU lane is a few tokens against every weight of the block, so it is bound by how fast
 the cores read the weights; torch's kernels are built for larger products (DESIGN.md: a 7B fp16 block on 15
@@ -54,6 +59,18 @@ def gemv_quant(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins:
     return torch.ops.llama_offload_cpu.linear_quant(x, codes, scales, mins)
 
 
+def attention_available(verbose: bool = True) -> bool:
+    """Whether the native attention (csrc/cpu_attention.cpp) is built and loaded here."""
+    return native_build.load("cpu_attention", verbose=verbose) is None
+
+
+def attend_host(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """model.attend's result with the native kernel, for tensors on the CPU: xq (bs, seqlen, n_heads, head_dim),
+    keys and values (bs, kv_len, n_kv_heads, head_dim) in the cache's layout, mask additive (bs, 1, seqlen,
+    kv_len); returns (bs, seqlen, n_heads * head_dim)."""
+    return torch.ops.llama_offload_cpu_attention.attend(xq, keys, values, mask)
+
+
 def kernels_for(dtype: torch.dtype, quantized: bool) -> tuple[str, ...]:
     """The kernels calibration times for a block of ``dtype`` (quantized or not) on this machine."""
     names = QUANT_KERNELS if quantized else DENSE_KERNELS
@@ -87,12 +104,16 @@ class CpuLinear(nn.Linear):
 
 def set_cpu_kernel(module: nn.Module, kernel: str) -> None:
     """How the matrices under ``module`` multiply when they run on the CPU: quantized ones (quant.QuantLinear)
-    take the kernel by name; plain 16-bit linears become CpuLinear over the same weights."""
+    take the kernel by name; plain 16-bit linears become CpuLinear over the same weights. Its attention layers
+    attend with the native kernel on the CPU wherever it is available, whatever ``kernel``."""
     if kernel not in QUANT_KERNELS:
         raise ValueError(f"internal: unknown CPU kernel {kernel!r}")
     # Loads the native kernels. Where a cached calibration names them but they no longer build, torch's run.
     native = kernel == "gemv" and gemv_available()
+    host_attend = attend_host if attention_available() else None
     for name, m in list(module.named_modules()):
+        if hasattr(m, "host_attend"):  # model.Attention
+            m.host_attend = host_attend
         if name and type(m) is nn.Linear and m.bias is None:
             m = CpuLinear.wrap(m)
             module.set_submodule(name, m)

@@ -11,7 +11,7 @@ wo/w2 1/N of the input features (their partial sums are all-reduced), the output
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +204,9 @@ class Attention(FusedProjections):
         self.wo = _row_parallel(args.n_heads * self.head_dim, args.dim, model_parallel_size)
         self.cache: Optional[KVCache] = None
         self.explicit = False  # True: Meta's score-matrix attention, the reference for the fused kernel
+        # A CPU lane block's attention while it runs on the host (cpu_kernels.set_cpu_kernel): the same math,
+        # same arguments as ``attend``. None: ``attend`` everywhere.
+        self.host_attend: Optional[Callable[..., torch.Tensor]] = None
 
     def groups(self) -> list[list[nn.Module]]:
         return [[self.wq, self.wk, self.wv]]
@@ -226,7 +229,10 @@ class Attention(FusedProjections):
             xv = self.wv(x).view(bsz, seqlen, kv_heads, head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
             xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
         keys, values = self.cache.update(shape, input_pos, xk, xv)  # (bs, kv_len, n_local_kv_heads, head_dim)
-        output = (attend_explicit if self.explicit else attend)(xq, keys, values, mask)  # (bs, seqlen, n_local_heads * head_dim)
+        kernel = attend_explicit if self.explicit else attend
+        if self.host_attend is not None and not self.explicit and xq.device.type == "cpu" and not torch.is_grad_enabled():
+            kernel = self.host_attend
+        output = kernel(xq, keys, values, mask)  # (bs, seqlen, n_local_heads * head_dim)
         return self.wo(output)  # (bs, seqlen, dim): with N ranks, the sum of every rank's heads
 
 

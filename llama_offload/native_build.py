@@ -1,10 +1,11 @@
 """Builds a C++ source of llama_offload/csrc into torch operators on this machine, at first use, and loads it.
 
-The CPU lane's kernels (csrc/cpu_gemv.cpp) are compiled for the CPU that runs them (``-march=native``), so they
-are built where they run rather than shipped: one compiler call of a few seconds, against the headers and
-libraries of the installed torch, with no Python headers and no build tool beyond a C++ compiler. The library
-is cached under ``~/.cache/llama_offload/kernels`` (``LLAMA_OFFLOAD_CACHE`` moves it), named by a hash of the
-source, the torch version, the compiler and the CPU, so an upgrade of any of them builds again. Concurrent
+The CPU lane's kernels (csrc/cpu_gemv.cpp, csrc/cpu_attention.cpp, and the vector layer they share,
+csrc/simd.h) are compiled for the CPU that runs them (``-march=native``), so they are built where they run
+rather than shipped: one compiler call of a few seconds per source, against the headers and libraries of the
+installed torch, with no Python headers and no build tool beyond a C++ compiler. Each library is cached under
+``~/.cache/llama_offload/kernels`` (``LLAMA_OFFLOAD_CACHE`` moves it), named by a hash of the source and the
+headers, the torch version, the compiler and the CPU, so an upgrade of any of them builds again. Concurrent
 builds (several ranks) each write a private file and rename it into place.
 
 Nothing here is required: without a compiler, or where the build fails, ``load`` returns None with the reason,
@@ -118,7 +119,8 @@ def _load(name: str, verbose: bool) -> Optional[str]:
     if cxx is None:
         return "no C++ compiler found: install g++ or set CXX"
     source = CSRC / f"{name}.cpp"
-    key = hashlib.sha1("\n".join([source.read_text(), torch.__version__, _version(cxx), _cpu_flags(),
+    headers = [h.read_text() for h in sorted(CSRC.glob("*.h"))]  # the vector layer the sources share (simd.h)
+    key = hashlib.sha1("\n".join([source.read_text(), *headers, torch.__version__, _version(cxx), _cpu_flags(),
                                   *_extra_flags()]).encode())
     target = cache_root() / "kernels" / f"{name}-{key.hexdigest()[:16]}.so"
     if not target.exists():
