@@ -14,7 +14,8 @@ lanes add up. ``plan.spread`` puts the CPU blocks between the paged ones, the la
                   meanwhile, so both lanes work at once
     large step    more tokens than ``max_cpu_tokens`` (a prefill, a large batch, the verification of many
                   drafts) are compute-bound: every block goes to the GPU, the CPU ones streamed like paged
-                  ones, each with its host cache rows staged on the GPU and its new keys and values copied back
+                  ones over the GPU copy of their KV caches (kv_mirror.py: what one side wrote reaches the
+                  other before a step there reads it), so a run of large steps is all paged, graphs included
 
 Without CUDA the same schedule runs with the CPU as the "GPU" (no pages, no streams): the tests check the
 crossings and the cache hand-over that way.
@@ -29,53 +30,10 @@ from torch import nn
 
 from .block_graphs import BlockGraphs
 from .cpu_kernels import set_cpu_kernel
-from .model import KVCache
+from .kv_mirror import GPU, HOST, MirroredKVCache
 from .pager import InferenceOffloadModel
 from .packing import PackedBlock, StepContext
 from .step import StepShape
-
-
-def host_cache(cache: KVCache, pin: bool) -> KVCache:
-    """A block's KV cache moved to host memory (pinned, so the staging copies run without a bounce)."""
-    moved = KVCache.__new__(KVCache)
-    moved.k, moved.v = (t.to("cpu", copy=True) for t in (cache.k, cache.v))
-    if pin:
-        moved.k, moved.v = moved.k.pin_memory(), moved.v.pin_memory()
-    moved.row_start = cache.row_start.to("cpu")
-    return moved
-
-
-class StagedKVCache(KVCache):
-    """One step's rows of a host cache on the GPU, for a CPU block that a large step runs there.
-
-    Each row's first kv_len positions are contiguous in the host cache, so every copy, in and out, is one
-    asynchronous copy per row from or into pinned memory, on the compute stream: it neither bounces through
-    pageable memory nor stops the host."""
-
-    def __init__(self, host: KVCache, shape: StepShape, device: torch.device):
-        self.host, self.row0, self.kv_len = host, shape.row0, shape.kv_len
-        rows = (shape.bsz, shape.kv_len, *host.k.shape[2:])  # (bs, kv_len, n_kv_heads, head_dim)
-        self.k = torch.empty(rows, dtype=host.k.dtype, device=device)
-        self.v = torch.empty(rows, dtype=host.v.dtype, device=device)
-        for r in range(shape.bsz):
-            self.k[r].copy_(host.k[self.row0 + r, : self.kv_len], non_blocking=True)
-            self.v[r].copy_(host.v[self.row0 + r, : self.kv_len], non_blocking=True)
-        self.row_start = torch.arange(shape.bsz, device=device) * self.kv_len  # (bs,) flat index of each row
-
-    def update(self, shape: StepShape, input_pos: torch.Tensor, xk: torch.Tensor,
-               xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        bsz, kv_len = self.k.shape[:2]
-        slot = (self.row_start[:, None] + input_pos).reshape(-1)  # (bs * seqlen,)
-        self.k.view(bsz * kv_len, *self.k.shape[2:]).index_copy_(0, slot, xk.reshape(-1, *xk.shape[2:]))
-        self.v.view(bsz * kv_len, *self.v.shape[2:]).index_copy_(0, slot, xv.reshape(-1, *xv.shape[2:]))
-        return self.k, self.v
-
-    def write_back(self) -> None:
-        # Asynchronous, on the compute stream: HybridOffloadModel waits for it at the end of the step, before
-        # anything on the host (the CPU lane, a rollback of rejected drafts) reads the host cache again.
-        for r in range(self.k.shape[0]):
-            self.host.k[self.row0 + r, : self.kv_len].copy_(self.k[r], non_blocking=True)
-            self.host.v[self.row0 + r, : self.kv_len].copy_(self.v[r], non_blocking=True)
 
 
 class HybridOffloadModel(nn.Module):
@@ -93,9 +51,13 @@ class HybridOffloadModel(nn.Module):
         self.max_cpu_tokens = max_cpu_tokens
         self.blocks = list(blocks)  # the PackedBlocks, for their caches (the pager owns the modules)
         cuda = device.type == "cuda"
-        for block, cpu in zip(blocks, on_cpu):
+        # A CPU block's cache lives on both sides (kv_mirror.py): the host's for the CPU lane, the GPU's for steps
+        # that stream the block there.
+        self.caches: list[Optional[MirroredKVCache]] = [None] * len(blocks)
+        for i, (block, cpu) in enumerate(zip(blocks, on_cpu)):
             if cpu:
-                block.block.attention.cache = host_cache(block.block.attention.cache, pin=cuda)
+                attention = block.block.attention
+                attention.cache = self.caches[i] = MirroredKVCache(attention.cache, pin=cuda)
                 set_cpu_kernel(block, cpu_kernel)  # the kernel calibration found fastest (cpu_kernels.py)
         # On a GPU the pager holds every page; its parameters point at the host pages unless a copy is queued.
         self.pager = InferenceOffloadModel(nn.Sequential(*blocks), device, len(blocks)) if cuda else None
@@ -120,10 +82,6 @@ class HybridOffloadModel(nn.Module):
         except BaseException:
             ring.abandon()
             raise
-        finally:
-            if not cpu_lane and any(self.on_cpu) and self.device.type == "cuda":
-                # The staged caches' write-backs: the host caches are whole again before the host reads them.
-                torch.cuda.current_stream(self.device).synchronize()
         self._ahead, self._base = ring.finish()
         return packet
 
@@ -142,23 +100,21 @@ class HybridOffloadModel(nn.Module):
                 else:
                     _to_host(packet[:h_bytes], host[:h_bytes])
                 for j in range(i, end):
+                    self._cache(j).enter(HOST, layout.shape)
                     self.units[j](host)
                 packet[:h_bytes].copy_(host[:h_bytes], non_blocking=True)  # pinned: the next D2H orders after it
                 i = end
                 continue
-            if self.on_cpu[i]:  # a large step: this CPU block runs on the GPU with its cache rows staged there
-                attention = self.blocks[i].block.attention
-                staged = StagedKVCache(attention.cache, layout.shape, self.device)
-                attention.cache = staged
-                try:
-                    packet = ring.compute(i, self.units[i], packet, graphable=False)  # a new staged cache each step
-                finally:
-                    attention.cache = staged.host
-                staged.write_back()
-            else:
-                packet = ring.compute(i, self.units[i], packet)
+            if self.on_cpu[i]:  # a large step: this CPU block is streamed and runs on the GPU, over its GPU cache
+                self._cache(i).enter(GPU, layout.shape)
+            packet = ring.compute(i, self.units[i], packet)
             i += 1
         return packet
+
+    def _cache(self, i: int) -> MirroredKVCache:
+        cache = self.caches[i]
+        assert cache is not None, f"internal: block {i} is not on the CPU lane"
+        return cache
 
 
 def _to_host(src: torch.Tensor, dst: Optional[torch.Tensor]) -> torch.Tensor:
@@ -194,13 +150,13 @@ class _Ring:
         assert self.pager is not None
         return (self.base + k) % len(self.pager.slots)
 
-    def compute(self, page: int, unit: nn.Module, packet: torch.Tensor, graphable: bool = True) -> torch.Tensor:
+    def compute(self, page: int, unit: nn.Module, packet: torch.Tensor) -> torch.Tensor:
         if self.pager is None:
             return unit(packet)
         k, width, n = self.position[page], len(self.pager.slots), len(self.order)
         slot = self.slot(k)
         self.pager.wait_loaded(slot)
-        if graphable and self.graphs is not None and self.shape is not None:
+        if self.graphs is not None and self.shape is not None:
             packet = self.graphs.compute((page, slot), unit, packet, self.shape)  # the page's weights are in slot
         else:
             packet = unit(packet)

@@ -152,6 +152,10 @@ class KVCache:
         batch = slice(shape.row0, shape.row0 + shape.bsz)
         return self.k[batch, : shape.kv_len], self.v[batch, : shape.kv_len]  # (bs, kv_len, n_kv_heads, head_dim)
 
+    def parts(self) -> list["KVCache"]:
+        """The caches that hold this block's keys and values: itself (a CPU lane block's has two, kv_mirror.py)."""
+        return [self]
+
 
 def check_model_parallel_sizes(args: ModelArgs, world_size: int) -> None:
     """Every rank holds whole heads and equal parts of the other split dims: refuse a process count that

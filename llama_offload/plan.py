@@ -243,8 +243,8 @@ class OffloadPlan:
 
     @property
     def cpu_cache_bytes(self) -> int:
-        """The CPU blocks' KV caches, kept in host memory (the GPU's KV cache is planned for every block: a CPU
-        block's rows are staged there when a large step runs it on the GPU)."""
+        """The CPU blocks' KV caches in host memory (the GPU's KV cache is planned for every block: a CPU block
+        keeps its GPU copy for the large steps that run it there, kv_mirror.py)."""
         return self.fixed_bytes["KV cache"] * self.cpu_layers // self.n_layers
 
     def describe(self) -> str:

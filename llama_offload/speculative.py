@@ -114,12 +114,12 @@ def zero_positions(caches: list, spans: Sequence[tuple[int, int, int]]) -> None:
     flat = [r * positions + p for r, a, b in spans for p in range(a, min(b, positions))]
     if not flat:
         return
-    index = {}  # one per device: the CPU lane's blocks keep their caches in host memory (hybrid.py)
-    for cache in caches:
-        device = cache.k.device
+    index = {}  # one per device: the CPU lane's blocks keep their caches in host memory too (kv_mirror.py)
+    for part in (part for cache in caches for part in cache.parts()):
+        device = part.k.device
         if device not in index:
             index[device] = to_device(flat, device)
-        for t in (cache.k, cache.v):
+        for t in (part.k, part.v):
             t.view(-1, *t.shape[2:]).index_fill_(0, index[device], 0)
 
 

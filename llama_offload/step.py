@@ -11,7 +11,7 @@ together without padding steps, and a new sequence can join a running batch in a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -39,6 +39,10 @@ class StepShape:
     seqlen: int
     kv_len: int  # cache positions attended: > every position in the step
     row0: int = 0  # the batch occupies KV-cache rows row0 .. row0 + bsz - 1
+    # The lowest position a token of the step writes and one past the highest, where the host knows them (None:
+    # anywhere below kv_len): what a CPU lane block's two caches copy between them (kv_mirror.py). Not part of
+    # the shape's identity, so steps that write elsewhere still share their CUDA graphs.
+    written: Optional[tuple[int, int]] = field(default=None, compare=False)
 
 
 @dataclass
@@ -81,7 +85,8 @@ def make_step(tokens: torch.Tensor, starts: Sequence[int] | int, *, max_position
     if last is not None and len(last) != bsz:
         raise ValueError(f"{len(last)} last-position indices were given for a batch of {bsz} rows.")
     last_t = None if last is None else to_device([int(i) for i in last], device)
-    return Step(tokens, input_pos, StepShape(bsz, seqlen, attended_len(top, max_positions), row0), last_t)
+    return Step(tokens, input_pos, StepShape(bsz, seqlen, attended_len(top, max_positions), row0, (min(per_row), top + 1)),
+                last_t)
 
 
 def attention_mask(input_pos: torch.Tensor, kv_len: int, dtype: torch.dtype) -> torch.Tensor:

@@ -41,14 +41,14 @@ def reference(seven_b):
     return dict(prompt=prompt, tokens=tokens, logits=logits, lanes=lanes)
 
 
-@pytest.mark.parametrize("how", ["nothing resident, 16 CPU", "8 GiB, auto split", "every CPU step staged",
+@pytest.mark.parametrize("how", ["nothing resident, 16 CPU", "8 GiB, auto split", "large steps on the GPU caches",
                                  "16 CPU, native kernel", "16 CPU, torch's kernel", "16 CPU, no CUDA graphs"])
 def test_hybrid_equals_unoffloaded_on_7b(seven_b, reference, how: str) -> None:
     args = seven_b["args"]
     kw = {"nothing resident, 16 CPU": dict(cpu_blocks=16, lanes=reference["lanes"]),
           "8 GiB, auto split": dict(gpu_memory_gb=8, cpu_blocks=None, lanes=reference["lanes"]),
           # no lanes: steps of more than one token (the prefill, and the two rows) stream the CPU blocks
-          "every CPU step staged": dict(cpu_blocks=12),
+          "large steps on the GPU caches": dict(cpu_blocks=12),
           # each CPU kernel whatever calibration chose (cpu_kernels.py)
           "16 CPU, native kernel": dict(cpu_blocks=16, lanes=replace(reference["lanes"], cpu_kernel="gemv")),
           "16 CPU, torch's kernel": dict(cpu_blocks=16, lanes=replace(reference["lanes"], cpu_kernel="torch")),
@@ -60,7 +60,7 @@ def test_hybrid_equals_unoffloaded_on_7b(seven_b, reference, how: str) -> None:
     assert plan.cpu_layers > 0, plan
     if "kernel" in how:
         assert gemv_available() or "native" not in how, "the native kernels did not build on this machine"
-    for rows in (1, 2):  # one row decodes on the CPU lane; two rows too, unless max_cpu_tokens < 2 (staged)
+    for rows in (1, 2):  # one row decodes on the CPU lane; two rows too, unless max_cpu_tokens < 2 (then on the GPU)
         prompt, want = reference["prompt"][:rows], reference["tokens"][:rows].cuda()
         logits = run_steps(model, prompt, want)
         diff = max_abs_diff([lg[:rows] for lg in reference["logits"]], logits)

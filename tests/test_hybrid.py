@@ -203,7 +203,7 @@ def test_split_path_equals_plain(plain_and_args, resident: int, on_cpu: list[boo
     reference.setup_caches(args.max_batch_size, args.max_seq_len, "cpu", reference.dtype)
     want_logits, want = run_steps(reference, PROMPTS, 8)
     # Every step on the CPU lane (crossings in both directions, host caches), and every step above one token
-    # on the "GPU" lane (prefill and the batch of 3 staged, its CPU blocks' caches copied there and back).
+    # on the "GPU" lane (prefill and the batch of 3, over the CPU blocks' GPU caches).
     for max_cpu_tokens in (10**6, 1):
         model = hybrid_model(args, plain, resident=resident, on_cpu=on_cpu, max_cpu_tokens=max_cpu_tokens)
         got_logits, got = run_steps(model, PROMPTS, 8)
@@ -213,7 +213,7 @@ def test_split_path_equals_plain(plain_and_args, resident: int, on_cpu: list[boo
 
 
 def test_kv_hand_over_from_gpu_prefill_to_cpu_decode(plain_and_args) -> None:
-    """Prefill runs the CPU blocks on the "GPU" lane (staged caches written back), decode on the CPU lane:
+    """Prefill runs the CPU blocks on the "GPU" lane (over their GPU caches), decode on the CPU lane:
     equal to a run whose every step is on the CPU lane, caches included."""
     plain, args = plain_and_args
     on_cpu = [True, False, True, False, True, True]
@@ -224,14 +224,75 @@ def test_kv_hand_over_from_gpu_prefill_to_cpu_decode(plain_and_args) -> None:
         logits, out = run_steps(model, [prompt], 10)
         runs[name] = (logits, out, [c.k.clone() for c in kv_caches(model)])
         if name == "handed over":
-            host = [b.block.attention.cache for b in model.paged.blocks if b is not None]
-            assert all(c.k.device.type == "cpu" for c in host)
+            from llama_offload.kv_mirror import HOST
+
+            assert all(c.side == HOST for c in model.paged.caches if c is not None)  # decode ended on the host
     (la, oa, ka), (lb, ob, kb) = runs["handed over"], runs["all CPU"]
     assert oa == ob
     for a, b in zip(la, lb):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     for a, b in zip(ka, kb):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_steps_that_switch_lanes_row_by_row_equal_plain(plain_and_args) -> None:
+    """Decode steps that alternate between the lanes (3 rows: the "GPU"; 1 or 2 rows: the CPU lane), over rows of
+    unequal lengths: each side's new keys and values reach the other before it reads them (kv_mirror.py)."""
+    from llama_offload.kv_mirror import GPU, HOST
+
+    plain, args = plain_and_args
+    reference = copy.deepcopy(plain)
+    reference.setup_caches(args.max_batch_size, args.max_seq_len, "cpu", reference.dtype)
+    model = hybrid_model(args, plain, resident=1, on_cpu=[True, False, True, False, True], max_cpu_tokens=2)
+    mirrored = [c for c in model.paged.caches if c is not None]
+    schedule = [(0, 3), (0, 1), (1, 2), (0, 3), (2, 1), (0, 2), (0, 3), (0, 3), (1, 1)]  # (row0, rows) per step
+    outs = {}
+    for name, m in (("plain", reference), ("split", model)):
+        out = [[] for _ in PROMPTS]
+        for row, prompt in enumerate(PROMPTS):
+            lg = m.step(make_step(torch.tensor([prompt]), 0, max_positions=m.max_positions, row0=row,
+                                  last=[len(prompt) - 1]))
+            out[row].append(int(lg.argmax(-1)))
+        for row0, rows in schedule:
+            span = range(row0, row0 + rows)
+            tokens = torch.tensor([[out[r][-1]] for r in span])
+            starts = [len(PROMPTS[r]) + len(out[r]) - 1 for r in span]
+            lg = m.step(make_step(tokens, starts, max_positions=m.max_positions, row0=row0, last=[0] * rows))
+            for r, t in zip(span, lg.argmax(-1).tolist()):
+                out[r].append(t)
+            if m is model:
+                assert all(c.side == (GPU if rows > 2 else HOST) for c in mirrored)
+        outs[name] = out
+    assert outs["split"] == outs["plain"]
+    # The last step ran row 1 on the host: the positions before it are the same on both sides, its own is the
+    # host's alone until a step on the GPU reads the row.
+    for c in mirrored:
+        n = len(PROMPTS[1]) + len(outs["split"][1]) - 1  # positions written in row 1
+        torch.testing.assert_close(c.sides[HOST].k[1, : n - 1], c.sides[GPU].k[1, : n - 1], rtol=0, atol=0)
+        assert c.dirty[1] == (HOST, n - 1, n) and c.sides[GPU].k[1, n - 1].abs().sum() == 0
+
+
+def test_a_run_of_large_steps_copies_nothing_between_the_sides(plain_and_args) -> None:
+    """Batch decode above the CPU lane's size runs on the GPU caches alone: the host copy is not touched until a
+    step on the CPU lane needs it, which then gets exactly what the GPU wrote."""
+    from llama_offload.kv_mirror import GPU, HOST
+
+    plain, args = plain_and_args
+    model = hybrid_model(args, plain, resident=0, on_cpu=[False, True, False, True, False, True], max_cpu_tokens=1)
+    run_steps(model, PROMPTS, 4)  # prefills and batch-3 decode: all on the "GPU"
+    mirrored = [c for c in model.paged.caches if c is not None]
+    for c in mirrored:
+        assert c.sides[HOST].k.abs().sum() == 0  # nothing copied yet
+        lengths = [len(p) + 4 for p in PROMPTS]
+        # Each row is marked from where its own steps wrote: its prefill from 0, then the batch's decode positions.
+        assert [c.dirty[r][0] for r in range(3)] == [GPU] * 3 and all(c.dirty[r][1] == 0 for r in range(3))
+        assert all(c.dirty[r][2] >= n for r, n in enumerate(lengths))
+    step = make_step(torch.tensor([[3]]), len(PROMPTS[0]) + 4, max_positions=model.max_positions, row0=0, last=[0])
+    model.step(step)  # row 0 on the CPU lane
+    for c in mirrored:
+        n = len(PROMPTS[0]) + 4
+        torch.testing.assert_close(c.sides[HOST].k[0, :n], c.sides[GPU].k[0, :n], rtol=0, atol=0)
+        assert c.sides[HOST].k[1:].abs().sum() == 0 and c.dirty[0][0] == HOST and c.dirty[1][0] == GPU
 
 
 def test_rollback_reaches_the_host_caches(plain_and_args) -> None:
@@ -386,7 +447,7 @@ def test_calibration_picks_the_faster_quantized_kernel(monkeypatch: pytest.Monke
 @pytest.mark.parametrize("max_cpu_tokens", [1, 3, 10**6])
 def test_speculative_decoding_through_the_split_equals_plain_greedy(plain_and_args, max_cpu_tokens: int) -> None:
     """Verification passes of K + 1 positions per sequence count as K + 1 tokens: with a threshold below that they
-    stream the CPU blocks (staged caches), above it they stay on the CPU lane; rollback reaches the host caches."""
+    stream the CPU blocks (their GPU caches), above it they stay on the CPU lane; rollback reaches the host caches."""
     from llama_offload.decode import BatchDecoder
     from llama_offload.speculative import NgramDraft, SpeculativeDecoder
 
