@@ -23,6 +23,7 @@ crossings and the cache hand-over that way.
 
 from __future__ import annotations
 
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -66,6 +67,7 @@ class HybridOffloadModel(nn.Module):
         self.graphs = BlockGraphs(device) if cuda and cuda_graphs else None
         self._ahead: list[int] = []  # pages whose copies the last step queued for this one, in stream order
         self._base = 0  # the copy ring's position (_Ring) at the start of the next step
+        self.clock: Optional[LaneClock] = None  # benchmarks: where the host thread's time goes (LaneClock)
 
     def _stream_order(self, cpu_lane: bool) -> list[int]:
         return [i for i, cpu in enumerate(self.on_cpu) if not (cpu and cpu_lane)]
@@ -95,19 +97,26 @@ class HybridOffloadModel(nn.Module):
                 end = i
                 while end < n and self.on_cpu[end]:
                     end += 1
+                tick = self.clock.tick() if self.clock else 0.0
                 if host is None:  # the first crossing of the step brings the whole packet: freqs, positions, mask
                     host = _to_host(packet, None)
                 else:
                     _to_host(packet[:h_bytes], host[:h_bytes])
+                tick = self.clock.add("wait", tick) if self.clock else 0.0
                 for j in range(i, end):
                     self._cache(j).enter(HOST, layout.shape)
                     self.units[j](host)
                 packet[:h_bytes].copy_(host[:h_bytes], non_blocking=True)  # pinned: the next D2H orders after it
+                if self.clock:
+                    self.clock.add("cpu", tick)
                 i = end
                 continue
+            tick = self.clock.tick() if self.clock else 0.0
             if self.on_cpu[i]:  # a large step: this CPU block is streamed and runs on the GPU, over its GPU cache
                 self._cache(i).enter(GPU, layout.shape)
             packet = ring.compute(i, self.units[i], packet)
+            if self.clock:
+                self.clock.add("gpu", tick)
             i += 1
         return packet
 
@@ -115,6 +124,45 @@ class HybridOffloadModel(nn.Module):
         cache = self.caches[i]
         assert cache is not None, f"internal: block {i} is not on the CPU lane"
         return cache
+
+
+class LaneClock:
+    """Where a hybrid model's host thread spends its time, for benchmarks (``scripts/bench_hybrid.py --profile``):
+    ``wait`` in the blocking crossings to the host (the GPU work and the copies it waits for), ``cpu`` computing
+    CPU blocks, ``gpu`` launching streamed blocks; and the copy lane's busy time from each copy's CUDA events.
+    ``attach`` before the timed steps, ``report`` after them."""
+
+    def __init__(self) -> None:
+        self.host = {"wait": 0.0, "cpu": 0.0, "gpu": 0.0}
+        self.model: Optional["HybridOffloadModel"] = None
+
+    def attach(self, model: "HybridOffloadModel") -> None:
+        self.model, model.clock = model, self
+        if model.pager is not None:
+            model.pager.copy_times = []
+
+    @staticmethod
+    def tick() -> float:
+        return time.perf_counter()
+
+    def add(self, what: str, since: float) -> float:
+        now = time.perf_counter()
+        self.host[what] += now - since
+        return now
+
+    def report(self, steps: int) -> dict[str, float]:
+        """ms per step: each host category, and the copy lane's busy time and bytes' pace (synchronizes)."""
+        out = {f"{k}_ms": v / steps * 1e3 for k, v in self.host.items()}
+        pager = self.model.pager if self.model is not None else None
+        if pager is not None and pager.copy_times:
+            torch.cuda.synchronize(self.model.device)
+            out["copy_busy_ms"] = sum(a.elapsed_time(b) for a, b in pager.copy_times) / steps
+            out["copies_per_step"] = len(pager.copy_times) / steps
+        if self.model is not None:
+            self.model.clock = None
+            if pager is not None:
+                pager.copy_times = None
+        return out
 
 
 def _to_host(src: torch.Tensor, dst: Optional[torch.Tensor]) -> torch.Tensor:

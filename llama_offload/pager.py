@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from typing import Optional
 
 import numpy as np
 import torch
@@ -115,6 +116,8 @@ class InferenceOffloadModel(OffloadModel):
         self.loaded = [torch.cuda.Event() for _ in self.slots]
         self.freed = [torch.cuda.Event() for _ in self.slots]
         self._first_slice_loaded = False
+        # Benchmarks only (hybrid.LaneClock): each copy's start and end events, for the copy lane's busy time.
+        self.copy_times: Optional[list[tuple[torch.cuda.Event, torch.cuda.Event]]] = None
 
     def load_page(self, i: int, slot: int) -> None:
         """Queue the copy of slice i into ``slot`` on the copy stream; its parameters point at the GPU copy."""
@@ -123,8 +126,13 @@ class InferenceOffloadModel(OffloadModel):
         with torch.cuda.stream(self.copy_stream):
             # The slot still holds an earlier slice until the kernels reading it have finished.
             self.copy_stream.wait_event(self.freed[slot])
+            if self.copy_times is not None:
+                self.copy_times.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+                self.copy_times[-1][0].record(self.copy_stream)
             gpu.copy_(pages.host, non_blocking=True)
             self.loaded[slot].record(self.copy_stream)
+            if self.copy_times is not None:
+                self.copy_times[-1][1].record(self.copy_stream)
         pages.point_at(gpu)
 
     def wait_loaded(self, slot: int) -> None:

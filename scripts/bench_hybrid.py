@@ -94,8 +94,29 @@ def decode_ms(model: Any, vocab_size: int, batch: int, steps: int, repeats: int 
     return min(runs[1:])
 
 
+def profiled(model: Any, vocab_size: int, steps: int) -> Optional[dict[str, float]]:
+    """One more decode run at batch 1 with hybrid.LaneClock attached: where the host thread's time goes (ms per
+    step) and how long the copy lane was busy. None for a model without a CPU lane."""
+    from llama_offload.hybrid import HybridOffloadModel, LaneClock
+
+    if not isinstance(model.paged, HybridOffloadModel):
+        return None
+    clock = LaneClock()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab_size, (1, PROMPT_LEN), generator=g).cuda()
+    tok = model(prompt, 0)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+    torch.cuda.synchronize()
+    clock.attach(model.paged)
+    start = time.perf_counter()
+    for i in range(steps):
+        tok = model(tok, PROMPT_LEN + i)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / steps * 1e3
+    return {"step_ms": wall, **clock.report(steps)}
+
+
 def ours(name: str, sd: dict[str, torch.Tensor], args: ModelArgs, budget: float, steps: int, floor_ms: float,
-         spec: Optional[QuantSpec], **kw: Any) -> Row:
+         spec: Optional[QuantSpec], profile: bool = False, **kw: Any) -> Row:
     row: Row = {"name": name, "budget_gib": budget}
     try:
         model = cpu_model(sd, args)
@@ -109,6 +130,8 @@ def ours(name: str, sd: dict[str, torch.Tensor], args: ModelArgs, budget: float,
         for b in (1, 8):
             row[f"b{b}_ms"] = decode_ms(model, args.vocab_size, b, steps)
         row["b1_over_floor"] = row["b1_ms"] / floor_ms
+        if profile:
+            row["profile"] = profiled(model, args.vocab_size, steps)
         del model
     except Exception as e:  # noqa: BLE001 - a row that fails says why
         row["note"] = f"FAILED: {type(e).__name__}: {e}"
@@ -159,6 +182,19 @@ def table(rows: list[Row], floor_ms: float) -> str:
     return "\n".join(lines)
 
 
+def profiles(rows: list[Row]) -> str:
+    """The --profile runs, a line each: where a batch-1 step's host time went and how busy the copy lane was."""
+    lines = []
+    for r in rows:
+        p = r.get("profile")
+        if p:
+            copies = "" if "copy_busy_ms" not in p else (f"; copy lane busy {p['copy_busy_ms']:.1f} ms "
+                                                         f"({p['copies_per_step']:.0f} copies)")
+            lines.append(f"- {r['name']}, {r['budget_gib']:g} GiB: step {p['step_ms']:.1f} ms; host: waiting at crossings "
+                         f"{p['wait_ms']:.1f}, CPU blocks {p['cpu_ms']:.1f}, streamed blocks {p['gpu_ms']:.1f}{copies}")
+    return "" if not lines else "\n\nWhere a batch-1 step's time goes (--profile, ms per step):\n\n" + "\n".join(lines)
+
+
 def kernels(lanes: Any) -> str:
     """e.g. "torch 9.31 ms, gemv 5.02 ms (runs gemv)": every CPU kernel calibration timed on one block."""
     timed = ", ".join(f"{k} {ms:.2f} ms" for k, ms in lanes.kernel_ms) or lanes.cpu_kernel
@@ -174,6 +210,10 @@ def main() -> None:
     ap.add_argument("--no_int4", action="store_true")
     ap.add_argument("--cpu_blocks", default="", help="extra fp16 rows with these explicit splits, comma-separated "
                     "(beside the calibrated one: shows how close the planner's choice is to the best)")
+    ap.add_argument("--int4_cpu_blocks", default="", help="extra int4 rows with these explicit splits")
+    ap.add_argument("--int4_budgets", default=None, help="budgets for the int4 rows (default: --budgets)")
+    ap.add_argument("--profile", action="store_true", help="one more batch-1 run per hybrid row with the lane clock "
+                    "(hybrid.LaneClock): host ms waiting / on CPU blocks / launching streamed blocks, copy lane busy ms")
     ap.add_argument("--workdir", default="/tmp/llama_offload_bench")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--json_out", default=None)
@@ -200,16 +240,21 @@ def main() -> None:
             "pcie_beside_cpu_gbps_int4": None if lanes4 is None else lanes4.pcie_loaded_gbps}
     log(json.dumps(info))
     rows: list[Row] = []
+    splits = lambda text: [int(c) for c in text.split(",") if c.strip()]  # noqa: E731
+    hybrid = dict(cpu_threads=threads, profile=a.profile)
     for budget in budgets:
         rows.append(ours("ours all paged", sd, args, budget, a.steps, floor_ms, None, cpu_blocks=0))
-        rows.append(ours("ours hybrid", sd, args, budget, a.steps, floor_ms, None, cpu_blocks=None, lanes=lanes,
-                         cpu_threads=threads))
-        for n in [int(c) for c in a.cpu_blocks.split(",") if c.strip()]:
+        rows.append(ours("ours hybrid", sd, args, budget, a.steps, floor_ms, None, cpu_blocks=None, lanes=lanes, **hybrid))
+        for n in splits(a.cpu_blocks):
             rows.append(ours(f"ours hybrid, --cpu_blocks {n}", sd, args, budget, a.steps, floor_ms, None, cpu_blocks=n,
-                             lanes=lanes, cpu_threads=threads))
-        if lanes4 is not None:
-            rows.append(ours("ours int4 hybrid", sd, args, budget, a.steps, floor_ms, INT4, cpu_blocks=None,
-                             lanes=lanes4, cpu_threads=threads))
+                             lanes=lanes, **hybrid))
+    int4_budgets = budgets if a.int4_budgets is None else [float(b) for b in a.int4_budgets.split(",")]
+    for budget in int4_budgets if lanes4 is not None else []:
+        rows.append(ours("ours int4 hybrid", sd, args, budget, a.steps, floor_ms, INT4, cpu_blocks=None, lanes=lanes4,
+                         **hybrid))
+        for n in splits(a.int4_cpu_blocks):
+            rows.append(ours(f"ours int4 hybrid, --cpu_blocks {n}", sd, args, budget, a.steps, floor_ms, INT4,
+                             cpu_blocks=n, lanes=lanes4, **hybrid))
     if not a.no_llamacpp:
         layers = sorted({int(r["resident"]) for r in rows if "resident" in r})
         peers = llamacpp(sd, args, layers, Path(a.llamacpp_bin), Path(a.workdir), threads)
@@ -227,7 +272,7 @@ def main() -> None:
             f"{floor_ms:.1f} ms/token, CPU lane {threads} threads (a fp16 block: "
             f"{lanes.cpu_block_ms(1):.2f} ms at 1 token, {lanes.cpu_block_ms(8):.2f} ms at 8; kernels at 1 token: "
             f"{kernels(lanes)}{'' if lanes4 is None else '; int4: ' + kernels(lanes4)}; native kernels: "
-            f"{gemv_isa() or 'not built'})\n\n" + table(rows, floor_ms))
+            f"{gemv_isa() or 'not built'})\n\n" + table(rows, floor_ms) + profiles(rows))
     print(text)
     if a.out:
         Path(a.out).write_text(text + "\n")

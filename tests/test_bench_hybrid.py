@@ -40,3 +40,14 @@ def test_the_header_names_every_kernel_timed_and_the_one_that_runs() -> None:
     lanes = LaneTimes(50.0, ((1, 5.0),), threads=15, cpu_kernel="gemv", kernel_ms=(("torch", 9.31), ("gemv", 5.02)))
     assert bh.kernels(lanes) == "torch 9.31 ms, gemv 5.02 ms (runs gemv)"
     assert bh.kernels(LaneTimes(50.0, ((1, 5.0),), threads=15)) == "torch (runs torch)"
+
+
+def test_profile_lines_name_where_the_time_goes() -> None:
+    rows = [{"name": "ours hybrid", "budget_gib": 0.0, "profile": {"step_ms": 100.0, "wait_ms": 20.0, "cpu_ms": 70.0,
+                                                                  "gpu_ms": 5.0, "copy_busy_ms": 95.0,
+                                                                  "copies_per_step": 13.0}},
+            {"name": "ours all paged", "budget_gib": 0.0}]
+    text = bh.profiles(rows)
+    assert "- ours hybrid, 0 GiB: step 100.0 ms; host: waiting at crossings 20.0, CPU blocks 70.0, streamed blocks " \
+           "5.0; copy lane busy 95.0 ms (13 copies)" in text
+    assert "all paged" not in text and bh.profiles(rows[1:]) == ""

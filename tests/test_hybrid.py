@@ -295,6 +295,21 @@ def test_a_run_of_large_steps_copies_nothing_between_the_sides(plain_and_args) -
         assert c.sides[HOST].k[1:].abs().sum() == 0 and c.dirty[0][0] == HOST and c.dirty[1][0] == GPU
 
 
+def test_the_lane_clock_counts_the_host_threads_time(plain_and_args) -> None:
+    from llama_offload.hybrid import LaneClock
+
+    plain, args = plain_and_args
+    model = hybrid_model(args, plain, resident=0, on_cpu=[False, True, False, True, False, True], max_cpu_tokens=1)
+    run_steps(model, PROMPTS[:1], 1)
+    clock = LaneClock()
+    clock.attach(model.paged)
+    run_steps(model, PROMPTS[:1], 3)  # a prefill (every block streamed), then 3 decode steps on both lanes
+    got = clock.report(steps=4)
+    assert got["cpu_ms"] > 0 and got["gpu_ms"] > 0 and got["wait_ms"] > 0
+    assert "copy_busy_ms" not in got  # no copy lane without a GPU
+    assert model.paged.clock is None  # detached: later steps are not timed
+
+
 def test_rollback_reaches_the_host_caches(plain_and_args) -> None:
     plain, args = plain_and_args
     model = hybrid_model(args, plain, resident=1, on_cpu=[False, True, False, True, True], max_cpu_tokens=1)
