@@ -50,10 +50,11 @@ def adjacent_weight(linears: Sequence[nn.Module]) -> Optional[torch.Tensor]:
 
 def group_weight(linears: Sequence[nn.Module], x: torch.Tensor) -> Optional[torch.Tensor]:
     """The (sum of out_features, in_features) matrix of a group that can run as one GEMM on ``x``: adjacent 16-bit
-    weights, or quantized ones dequantized back to back (quant.group_weight, on every device)."""
+    weights, or quantized ones dequantized back to back (quant.group_weight, on every device; None at a decode
+    step that multiplies their codes directly, so each linear runs on its own)."""
     fused = adjacent_weight(linears)
     if fused is None:
-        fused = quant.group_weight(list(linears), x.dtype, x.device)
+        fused = quant.group_weight(list(linears), x.dtype, x.device, tokens=x.numel() // x.shape[-1])
     return fused
 
 

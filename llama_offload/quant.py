@@ -53,6 +53,11 @@ QUANTIZE_CHUNK_ELEMENTS = 1 << 24
 # At most this many weights are dequantized at once: larger matrices (a big vocabulary's head, a 70B
 # feed-forward) are multiplied in row chunks, so the scratch buffer stays small beside the budget.
 SCRATCH_ELEMENTS = 1 << 27
+# Steps of at most this many tokens multiply the codes directly on a GPU (quant_gemv.py) instead of dequantizing
+# into the scratch: a decode step is bound by reading each matrix, which the fused kernel does once, where the
+# dequantize-then-GEMM path writes and re-reads a 16-bit copy. Its products run on CUDA cores, unrolled per token,
+# so larger batches (a prefill) go to cuBLAS's tensor cores instead. Re-measure with scripts/bench_quant_gemv.py.
+FUSED_GEMV_MAX_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -360,12 +365,25 @@ class QuantLinear(_QuantTensors):
             y = torch._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, scales_and_zeros)
         return y.view(*x.shape[:-1], self.out_features)  # (..., out_features)
 
+    def fused_gemv(self, tokens: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether ``forward`` on ``tokens`` tokens of ``dtype`` on ``device`` runs quant_gemv's kernel on the codes."""
+        if device.type != "cuda" or torch.is_grad_enabled() or not 1 <= tokens <= FUSED_GEMV_MAX_TOKENS:
+            return False
+        from . import quant_gemv, quant_triton
+
+        return (quant_gemv.enabled and quant_triton.available()
+                and quant_gemv.check_format(self.weight, self.scales, self.mins, dtype) is None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and self.parallel is None and not torch.is_grad_enabled():
             if self.cpu_kernel == "gemv":
                 return cpu_kernels.gemv_quant(x, self.weight, self.scales, self.mins)
             if self.cpu_kernel == "torch" and self.native_cpu():
                 return self._native_cpu_forward(x)
+        if self.fused_gemv(x.numel() // self.in_features, x.dtype, x.device):
+            from . import quant_gemv
+
+            return _parallel_output(quant_gemv.gemv(x, self.weight, self.scales, self.mins), self.parallel, self.gather_output)
         if torch.is_grad_enabled():
             # Training (a LoRA base): autograd keeps the weight for the backward pass, so it may not live in the
             # shared scratch, which the next matrix overwrites.
@@ -416,13 +434,17 @@ class QuantEmbedding(_QuantTensors):
         return rows.view(*tokens.shape, self.embedding_dim)  # (bs, seqlen, dim)
 
 
-def group_weight(linears: list[nn.Module], dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+def group_weight(linears: list[nn.Module], dtype: torch.dtype, device: torch.device,
+                 tokens: Optional[int] = None) -> Optional[torch.Tensor]:
     """Quantized linears that read the same input (wq/wk/wv, w1/w3) dequantized back to back into the scratch,
-    so they run as one GEMM as the 16-bit ones do (fused.py); None if any is not quantized or they are too big."""
+    so they run as one GEMM as the 16-bit ones do (fused.py); None if any is not quantized, they are too big, or
+    (given the input's ``tokens``) they multiply their codes directly: then the caller runs each linear."""
     if not all(type(m) is QuantLinear and m.parallel is None for m in linears):
         return None
     if device.type == "cpu" and any(m.cpu_kernel != "dequantize" for m in linears):
         return None  # the CPU lane multiplies the codes themselves, one matrix at a time
+    if tokens is not None and any(m.fused_gemv(tokens, dtype, device) for m in linears):
+        return None  # a decode step: reading the codes once beats one GEMM over a dequantized copy
     n_in = linears[0].in_features
     rows = sum(m.out_features for m in linears)
     if any(m.in_features != n_in for m in linears) or rows * n_in > SCRATCH_ELEMENTS:
