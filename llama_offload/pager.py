@@ -38,6 +38,9 @@ with warnings.catch_warnings():
 from .fused import FusedProjections, is_plain
 
 ALIGN = 256  # byte alignment of each tensor inside a flat buffer: keeps every dtype view and kernel aligned
+# A page is copied in pieces of this many bytes (None: one copy), so that a small copy queued on another stream
+# (the CPU lane's hidden state) need not wait behind a whole page on the same copy engine.
+COPY_CHUNK_BYTES: Optional[int] = None
 
 
 def split_evenly(items: list, num_slices: int) -> list[list]:
@@ -129,7 +132,9 @@ class InferenceOffloadModel(OffloadModel):
             if self.copy_times is not None:
                 self.copy_times.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
                 self.copy_times[-1][0].record(self.copy_stream)
-            gpu.copy_(pages.host, non_blocking=True)
+            step = COPY_CHUNK_BYTES or pages.nbytes
+            for start in range(0, pages.nbytes, step):
+                gpu[start : start + step].copy_(pages.host[start : start + step], non_blocking=True)
             self.loaded[slot].record(self.copy_stream)
             if self.copy_times is not None:
                 self.copy_times[-1][1].record(self.copy_stream)
