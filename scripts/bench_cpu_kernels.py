@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 try:
     import llama_offload  # noqa: F401
@@ -47,6 +47,17 @@ def time_ms(fns: list[Callable[[], torch.Tensor]], budget_s: float = 1.0) -> flo
     return sorted(times)[len(times) // 2] * 1e3
 
 
+def _onednn_packed(ws: list[torch.Tensor]) -> Optional[list[torch.Tensor]]:
+    """oneDNN's prepacked copies of ``ws``, or None where oneDNN cannot pack them on this CPU (its fp16 path needs
+    AVX-NE-CONVERT or AVX512-FP16): that row is then left out."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
+    except RuntimeError:
+        return None
+
+
 def rows(dim: int, hidden: int, tokens: list[int], budget_s: float) -> list[tuple[str, int, str, float, float]]:
     """(weights, tokens, kernel, ms per block, GB/s of weights) for every kernel that applies."""
     shapes = block_shapes(dim, hidden)
@@ -55,7 +66,7 @@ def rows(dim: int, hidden: int, tokens: list[int], budget_s: float) -> list[tupl
     for dtype in (torch.float16, torch.bfloat16):
         ws = [(torch.randn(s) * 0.02).to(dtype) for s in shapes]
         gb = sum(w.numel() * w.element_size() for w in ws) / 1e9
-        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws] if torch.backends.mkldnn.is_available() else None
+        packed = _onednn_packed(ws)
         for t in tokens:
             xs = [torch.randn(t, w.shape[1]).to(dtype) for w in ws]
             kernels = {"torch F.linear": [lambda w=w, x=x: F.linear(x, w) for w, x in zip(ws, xs)]}
