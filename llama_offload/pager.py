@@ -38,9 +38,11 @@ with warnings.catch_warnings():
 from .fused import FusedProjections, is_plain
 
 ALIGN = 256  # byte alignment of each tensor inside a flat buffer: keeps every dtype view and kernel aligned
-# A page is copied in pieces of this many bytes (None: one copy), so that a small copy queued on another stream
-# (the CPU lane's hidden state) need not wait behind a whole page on the same copy engine.
-COPY_CHUNK_BYTES: Optional[int] = None
+# A page is copied in pieces of this many bytes (None: one copy): a small host-to-device copy on another stream
+# (the CPU lane's hidden state going back to the GPU) waits behind whatever copy the engine has started. On the
+# H100 host an 8 KB copy queued during a 405 MB page waited 6.58 ms; behind 16 MiB pieces, 0.004 ms, and the
+# page still went at 54.3 GB/s (55.0 in one piece). BENCHMARKS.md, "The CPU lane, fifth run".
+COPY_CHUNK_BYTES: Optional[int] = 16 * 2**20
 
 
 def split_evenly(items: list, num_slices: int) -> list[list]:

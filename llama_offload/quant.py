@@ -56,8 +56,10 @@ SCRATCH_ELEMENTS = 1 << 27
 # Steps of at most this many tokens multiply the codes directly on a GPU (quant_gemv.py) instead of dequantizing
 # into the scratch: a decode step is bound by reading each matrix, which the fused kernel does once, where the
 # dequantize-then-GEMM path writes and re-reads a 16-bit copy. Its products run on CUDA cores, unrolled per token,
-# so larger batches (a prefill) go to cuBLAS's tensor cores instead. Re-measure with scripts/bench_quant_gemv.py.
-FUSED_GEMV_MAX_TOKENS = 8
+# so larger batches (a prefill) go to cuBLAS's tensor cores instead. By bits: on the H100, a 7B block's int4 g64
+# took 0.41 ms fused at 8 tokens against 0.50 dequantized; int8 0.31 against 0.59 at 4 tokens, but 0.64 against
+# 0.58 at 8 (BENCHMARKS.md, "The CPU lane, fifth run"; scripts/bench_quant_gemv.py re-measures).
+FUSED_GEMV_MAX_TOKENS = {4: 8, 8: 4}
 
 
 @dataclass(frozen=True)
@@ -367,7 +369,7 @@ class QuantLinear(_QuantTensors):
 
     def fused_gemv(self, tokens: int, dtype: torch.dtype, device: torch.device) -> bool:
         """Whether ``forward`` on ``tokens`` tokens of ``dtype`` on ``device`` runs quant_gemv's kernel on the codes."""
-        if device.type != "cuda" or torch.is_grad_enabled() or not 1 <= tokens <= FUSED_GEMV_MAX_TOKENS:
+        if device.type != "cuda" or torch.is_grad_enabled() or not 1 <= tokens <= FUSED_GEMV_MAX_TOKENS[self.bits]:
             return False
         from . import quant_gemv, quant_triton
 

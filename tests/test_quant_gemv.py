@@ -121,8 +121,10 @@ def test_the_fused_path_is_for_decode_steps_on_a_gpu_without_autograd(monkeypatc
     monkeypatch.setattr(quant_triton, "available", lambda: True)
     monkeypatch.setattr(quant_gemv, "enabled", True)
     with torch.no_grad():
-        assert m.fused_gemv(1, torch.float16, gpu) and m.fused_gemv(quant.FUSED_GEMV_MAX_TOKENS, torch.bfloat16, gpu)
-        assert not m.fused_gemv(quant.FUSED_GEMV_MAX_TOKENS + 1, torch.float16, gpu)  # a prefill: GEMM
+        assert m.fused_gemv(1, torch.float16, gpu) and m.fused_gemv(quant.FUSED_GEMV_MAX_TOKENS[m.bits], torch.bfloat16, gpu)
+        assert not m.fused_gemv(quant.FUSED_GEMV_MAX_TOKENS[m.bits] + 1, torch.float16, gpu)  # a prefill: GEMM
+        int8 = QuantLinear(*codes(16, 64, "int8", torch.float16))
+        assert int8.fused_gemv(4, torch.float16, gpu) and not int8.fused_gemv(5, torch.float16, gpu)  # measured slower
         assert not m.fused_gemv(1, torch.float16, torch.device("cpu"))
         assert not m.fused_gemv(1, torch.float64, gpu)
         monkeypatch.setattr(quant_gemv, "enabled", False)  # LLAMA_OFFLOAD_FUSED_GEMV=0
@@ -209,7 +211,7 @@ def test_gpu_quant_linear_uses_the_kernel_at_decode_and_replays_in_a_graph(monke
         x = torch.randn(1, 4, 4096, device="cuda", dtype=torch.float16)
         y = m(x)
         assert len(calls) == 1 and y.shape == (1, 4, 4096)
-        m(torch.randn(1, quant.FUSED_GEMV_MAX_TOKENS + 1, 4096, device="cuda", dtype=torch.float16))
+        m(torch.randn(1, quant.FUSED_GEMV_MAX_TOKENS[m.bits] + 1, 4096, device="cuda", dtype=torch.float16))
         assert len(calls) == 1  # a prefill: dequantize, then cuBLAS
         graph = torch.cuda.CUDAGraph()  # the first call compiled the kernel; a capture only launches it
         stream = torch.cuda.Stream()
