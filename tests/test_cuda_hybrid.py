@@ -41,6 +41,12 @@ def reference(seven_b):
     return dict(prompt=prompt, tokens=tokens, logits=logits, lanes=lanes)
 
 
+def margin(logits: torch.Tensor) -> torch.Tensor:
+    """(rows,) how far each row's greedy choice leads the runner-up."""
+    top2 = logits.float().topk(2, dim=-1).values  # (rows, 2)
+    return top2[:, 0] - top2[:, 1]
+
+
 @pytest.mark.parametrize("how", ["nothing resident, 16 CPU", "8 GiB, auto split", "large steps on the GPU caches",
                                  "16 CPU, native kernel", "16 CPU, torch's kernel", "16 CPU, no CUDA graphs"])
 def test_hybrid_equals_unoffloaded_on_7b(seven_b, reference, how: str) -> None:
@@ -66,16 +72,27 @@ def test_hybrid_equals_unoffloaded_on_7b(seven_b, reference, how: str) -> None:
         diff = max_abs_diff([lg[:rows] for lg in reference["logits"]], logits)
         got, _ = greedy(model, prompt, STEPS)
         agree = int((got == want.cpu()).all(0).sum())
+        # A flip of the greedy choice is within the logits' tolerance where the reference's top two are closer
+        # than twice the largest difference: random weights make such near-ties common. Everywhere else, given the
+        # same tokens before, the hybrid must pick the reference's token; and run free, it must repeat the
+        # reference's tokens up to the first near-tie (it cannot diverge before one).
+        ref_logits = [lg[:rows] for lg in reference["logits"][:STEPS]]
+        decided = torch.stack([margin(lg) > 2 * diff for lg in ref_logits], 1)  # (rows, STEPS)
+        picked = torch.stack([lg.argmax(-1) for lg in logits[:STEPS]], 1)  # (rows, STEPS) given the reference's tokens
+        wrong = (picked != want.cpu()) & decided
+        near = [i for i in range(STEPS) if not decided[:, i].all()]
+        first_tie = near[0] if near else STEPS
         torch.cuda.synchronize()
         start = time.perf_counter()
         greedy(model, prompt[:, :1], 8)
         ms = (time.perf_counter() - start) / 9 * 1e3
         print(f"7B fp16 hybrid ({how}: {plan.resident_layers} resident, {plan.paged_layers} paged, {plan.cpu_layers} "
               f"CPU, CPU steps up to {plan.max_cpu_tokens} tokens), {rows} row(s): max |hybrid - unoffloaded| = "
-              f"{diff:.4g}, greedy agreement {agree}/{STEPS}, ~{ms:.1f} ms/step (expected "
-              f"{plan.expected_decode_ms() or float('nan'):.1f} at batch 1)")
+              f"{diff:.4g}, greedy agreement {agree}/{STEPS} (near-ties of the reference at steps {near or 'none'}), "
+              f"~{ms:.1f} ms/step (expected {plan.expected_decode_ms() or float('nan'):.1f} at batch 1)")
         assert diff < 0.05, diff  # fp16 logits of magnitude ~1: CPU and GPU kernels round differently
-        assert agree == STEPS
+        assert not wrong.any(), f"the hybrid's choice differs where the reference's is decided: {wrong.nonzero().tolist()}"
+        assert torch.equal(got[:, :first_tie], want.cpu()[:, :first_tie]), (got, want)
     del model
     free_gpu()
 
