@@ -36,7 +36,7 @@ from .quant import LINEAR_NAMES, QuantLinear, QuantSpec, quantize_matrix
 from .step import StepShape, attention_mask
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32)  # step sizes the CPU block time is measured at
-CALIBRATION_VERSION = 6
+CALIBRATION_VERSION = 7
 
 
 def cpu_cores() -> int:
@@ -126,31 +126,51 @@ def random_block(args: ModelArgs, dtype: torch.dtype, spec: Optional[QuantSpec] 
     return block.eval()
 
 
+# A decode step's CPU blocks are all different blocks, so their weights come from RAM, never from the host's
+# last-level cache: timing one block again and again would let part of a small (int4) block stay cached. The
+# step is timed over copies of the block at distinct addresses, this many bytes of them at least (up to 8).
+UNCACHED_BYTES = 512 * 2**20
+# Between two CPU runs the host thread launches a paged block and waits for it, and the CPU lane's threads idle:
+# each timed step follows a pause of about that length, so what waking them costs is in the time.
+PAUSE_S = 0.0003
+
+
+def _replicas(block: TransformerBlock) -> list[TransformerBlock]:
+    nbytes = sum(t.numel() * t.element_size() for t in list(block.parameters()) + list(block.buffers()))
+    count = min(8, max(1, -(-UNCACHED_BYTES // max(nbytes, 1))))
+    return [block] + [copy.deepcopy(block) for _ in range(count - 1)]
+
+
 @torch.inference_mode()
 def measure_cpu_block(block: TransformerBlock, threads: int, token_counts: tuple[int, ...] = TOKEN_COUNTS,
                       kv_len: int = 256, budget_s: float = 0.25,
                       load: Optional[CopyLoad] = None, min_runs: int = 3) -> tuple[tuple[int, float], ...]:
     """(tokens, ms) for one decode-like step of ``block`` on the CPU at each step size: one sequence of that
     many positions after ``kv_len`` cached ones, as speculative verification and chunked prefill run; with
-    ``load``, while host-to-device copies run."""
+    ``load``, while host-to-device copies run. Each step runs a copy of the block the last steps did not touch
+    (``UNCACHED_BYTES``) after a short pause (``PAUSE_S``), as the CPU runs of a hybrid step do."""
     kept = torch.get_num_threads()
     torch.set_num_threads(threads)
+    blocks = _replicas(block)
     try:
         out = []
         for tokens in token_counts:
-            run = _cpu_step(block, tokens, kv_len)
+            runs = [_cpu_step(b, tokens, kv_len) for b in blocks]
             if load is not None:
                 load.keep_busy(budget_s + 0.15)
-            run()  # warm-up: first-touch of the weights, kernel selection
+            for run in runs:
+                run()  # warm-up: first-touch of the weights, kernel selection
             times, start = [], time.perf_counter()
             while len(times) < min_runs or (time.perf_counter() - start < budget_s and len(times) < 20):
+                time.sleep(PAUSE_S)
                 t = time.perf_counter()
-                run()
+                runs[len(times) % len(runs)]()
                 times.append(time.perf_counter() - t)
             out.append((tokens, sorted(times)[len(times) // 2] * 1e3))  # the median
         return tuple(out)
     finally:
-        block.attention.cache = None
+        for b in blocks:
+            b.attention.cache = None
         torch.set_num_threads(kept)
         if load is not None:
             load.drain()

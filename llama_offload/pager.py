@@ -38,11 +38,6 @@ with warnings.catch_warnings():
 from .fused import FusedProjections, is_plain
 
 ALIGN = 256  # byte alignment of each tensor inside a flat buffer: keeps every dtype view and kernel aligned
-# A page is copied in pieces of this many bytes (None: one copy): a small host-to-device copy on another stream
-# (the CPU lane's hidden state going back to the GPU) waits behind whatever copy the engine has started. On the
-# H100 host an 8 KB copy queued during a 405 MB page waited 6.58 ms; behind 16 MiB pieces, 0.004 ms, and the
-# page still went at 54.3 GB/s (55.0 in one piece). BENCHMARKS.md, "The CPU lane, fifth run".
-COPY_CHUNK_BYTES: Optional[int] = 16 * 2**20
 
 
 def split_evenly(items: list, num_slices: int) -> list[list]:
@@ -134,9 +129,7 @@ class InferenceOffloadModel(OffloadModel):
             if self.copy_times is not None:
                 self.copy_times.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
                 self.copy_times[-1][0].record(self.copy_stream)
-            step = COPY_CHUNK_BYTES or pages.nbytes
-            for start in range(0, pages.nbytes, step):
-                gpu[start : start + step].copy_(pages.host[start : start + step], non_blocking=True)
+            gpu.copy_(pages.host, non_blocking=True)
             self.loaded[slot].record(self.copy_stream)
             if self.copy_times is not None:
                 self.copy_times[-1][1].record(self.copy_stream)
