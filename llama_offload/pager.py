@@ -87,15 +87,22 @@ class FlatPages:
             offset = (offset + ALIGN - 1) // ALIGN * ALIGN
         self.nbytes = offset
         self.host = pinned_host_buffer(self.nbytes)
+        # The tensors' views of each buffer they have pointed at (the host page, the slots): made once, since
+        # slicing and viewing every tensor again cost 150-250 us a page on the host thread, twice per paged block.
+        self._viewed: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         for t, host_view in zip(self.tensors, self._views(self.host)):
             host_view.copy_(t.data)
             t.data = host_view  # the old (possibly mmap-backed) storage is released here
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [
-            flat[o : o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-            for t, o in zip(self.tensors, self.offsets)
-        ]
+        key = flat.data_ptr()
+        cached = self._viewed.get(key)
+        if cached is None or cached[0].numel() < self.nbytes:
+            views = [flat[o : o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                     for t, o in zip(self.tensors, self.offsets)]
+            # The buffer is kept with its views, so its address is never reused by another buffer meanwhile.
+            cached = self._viewed[key] = (flat, views)
+        return cached[1]
 
     def point_at(self, flat: torch.Tensor) -> None:
         for t, view in zip(self.tensors, self._views(flat)):
