@@ -23,8 +23,9 @@ crossings and the cache hand-over that way.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Optional, Sequence
+from typing import ContextManager, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -97,28 +98,27 @@ class HybridOffloadModel(nn.Module):
                 end = i
                 while end < n and self.on_cpu[end]:
                     end += 1
-                tick = self.clock.tick() if self.clock else 0.0
-                if host is None:  # the first crossing of the step brings the whole packet: freqs, positions, mask
-                    host = _to_host(packet, None)
-                else:
-                    _to_host(packet[:h_bytes], host[:h_bytes])
-                tick = self.clock.add("wait", tick) if self.clock else 0.0
-                for j in range(i, end):
-                    self._cache(j).enter(HOST, layout.shape)
-                    self.units[j](host)
-                packet[:h_bytes].copy_(host[:h_bytes], non_blocking=True)  # pinned: the next D2H orders after it
-                if self.clock:
-                    self.clock.add("cpu", tick)
+                with self._timed("wait"):
+                    if host is None:  # the first crossing of the step brings the whole packet: freqs, positions, mask
+                        host = _to_host(packet, None)
+                    else:
+                        _to_host(packet[:h_bytes], host[:h_bytes])
+                with self._timed("cpu"):
+                    for j in range(i, end):
+                        self._cache(j).enter(HOST, layout.shape)
+                        self.units[j](host)
+                    packet[:h_bytes].copy_(host[:h_bytes], non_blocking=True)  # pinned: the next D2H orders after it
                 i = end
                 continue
-            tick = self.clock.tick() if self.clock else 0.0
-            if self.on_cpu[i]:  # a large step: this CPU block is streamed and runs on the GPU, over its GPU cache
-                self._cache(i).enter(GPU, layout.shape)
-            packet = ring.compute(i, self.units[i], packet)
-            if self.clock:
-                self.clock.add("gpu", tick)
+            with self._timed("gpu"):
+                if self.on_cpu[i]:  # a large step: this CPU block is streamed and runs on the GPU, over its GPU cache
+                    self._cache(i).enter(GPU, layout.shape)
+                packet = ring.compute(i, self.units[i], packet)
             i += 1
         return packet
+
+    def _timed(self, what: str) -> ContextManager[None]:
+        return self.clock.span(what) if self.clock is not None else contextlib.nullcontext()
 
     def _cache(self, i: int) -> MirroredKVCache:
         cache = self.caches[i]
@@ -141,14 +141,13 @@ class LaneClock:
         if model.pager is not None:
             model.pager.copy_times = []
 
-    @staticmethod
-    def tick() -> float:
-        return time.perf_counter()
-
-    def add(self, what: str, since: float) -> float:
-        now = time.perf_counter()
-        self.host[what] += now - since
-        return now
+    @contextlib.contextmanager
+    def span(self, what: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.host[what] += time.perf_counter() - start
 
     def report(self, steps: int) -> dict[str, float]:
         """ms per step: each host category, and the copy lane's busy time and bytes' pace (synchronizes)."""
