@@ -16,6 +16,8 @@ Usage, on the GPU machine::
     python scripts/bench_hybrid.py --budgets 0,4,8 --out /tmp/hybrid.md --json_out /tmp/hybrid.json
 
 Timings are the best of two whole decode runs after a warm-up run; a row that fails says why in its note.
+``--profile`` adds one more batch-1 run per hybrid row with ``hybrid.LaneClock``: where the host thread's time went
+(waiting at the crossings, computing CPU blocks, launching streamed blocks) and how long the copy lane was busy.
 """
 
 from __future__ import annotations
