@@ -11,7 +11,8 @@ lanes add up. ``plan.spread`` puts the CPU blocks between the paged ones, the la
     CPU run       the hidden state comes to the host (the whole packet the first time in a step: a few KB
                   at decode), the cores run the blocks with their KV caches in host memory, and the hidden
                   state goes back into the GPU packet, in place; the copies queued before the run go on
-                  meanwhile, so both lanes work at once
+                  meanwhile, so both lanes work at once (that small copy waits behind a page copy the engine
+                  has begun, pieces or not: scripts/probe_copy_queue.py)
     large step    more tokens than ``max_cpu_tokens`` (a prefill, a large batch, the verification of many
                   drafts) are compute-bound: every block goes to the GPU, the CPU ones streamed like paged
                   ones over the GPU copy of their KV caches (kv_mirror.py: what one side wrote reaches the
