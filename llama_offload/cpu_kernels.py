@@ -5,8 +5,9 @@ and their attention by llama_offload's own kernel.
                   (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``)
     "dequantize"  int8/int4 codes dequantized to the model dtype, then ``F.linear`` (quantized blocks only)
     "gemv"        llama_offload's own matrix-vector kernels (csrc/cpu_gemv.cpp, built at first use by
-                  native_build.py): one pass over the weights per step, fp16/bf16 weights or int8/int4 codes
-                  converted to fp32 in registers, fp32 accumulation, every thread on its own band of rows
+                  native_build.py): one pass over the weights per step, every thread on its own band of rows;
+                  fp16/bf16 weights converted to fp32 in registers, fp32 accumulation; int8/int4 codes
+                  multiplied by x rounded to int16 per group in integer dot products (csrc/gemv_i16.h)
 
 Attention on the CPU lane is always llama_offload's own where it builds (csrc/cpu_attention.cpp, ``attend_host``):
 a few queries against a host KV cache, where torch's fused attention, built for long queries, took 0.44 ms for
@@ -54,9 +55,13 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.llama_offload_cpu.linear16(x, weight)
 
 
-def gemv_quant(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor]) -> torch.Tensor:
-    """x (..., in) @ dequantize(codes, scales, mins)^T with the native kernel, in quant.py's layout."""
-    return torch.ops.llama_offload_cpu.linear_quant(x, codes, scales, mins)
+def gemv_quant(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
+               int16_x: bool = True) -> torch.Tensor:
+    """x (..., in) @ dequantize(codes, scales, mins)^T with the native kernel, in quant.py's layout. With
+    ``int16_x``, a fp16 or bf16 x (where the group sizes fit the vectors) is rounded to int16 per group and the
+    codes multiply it in integer dot products (csrc/gemv_i16.h: errors of the order of the fp16 model's own
+    roundings); a fp32 x, or ``int16_x`` False, multiplies in fp32."""
+    return torch.ops.llama_offload_cpu.linear_quant(x, codes, scales, mins, int16_x)
 
 
 def attention_available(verbose: bool = True) -> bool:

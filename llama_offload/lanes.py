@@ -36,7 +36,7 @@ from .quant import LINEAR_NAMES, QuantLinear, QuantSpec, quantize_matrix
 from .step import StepShape, attention_mask
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32)  # step sizes the CPU block time is measured at
-CALIBRATION_VERSION = 7
+CALIBRATION_VERSION = 8
 
 
 def cpu_cores() -> int:

@@ -1,6 +1,6 @@
 """The CPU lane's matrix kernels on the seven matrices of one block: torch's ``F.linear``, oneDNN's prepacked
-linear and llama_offload's own (cpu_kernels.py), for 16-bit weights and int8/int4 codes, ms per block and the
-weight bytes read per second.
+linear and llama_offload's own (cpu_kernels.py), for 16-bit weights and int8/int4 codes (against int16 or fp32
+activations), ms per block and the weight bytes read per second.
 
 Usage (on the machine whose CPU lane you want to know; 7B shape, every core but one)::
 
@@ -85,9 +85,12 @@ def rows(dim: int, hidden: int, tokens: list[int], budget_s: float) -> list[tupl
             label = f"int{bits}" + (f" g{group}" if group else " per channel")
             for t in tokens:
                 xs = [torch.randn(t, s[1]).half() for s in shapes]
-                fns = [lambda q=q, x=x: gemv_quant(x, q["weight"], q["scales"], q.get("mins")) for q, x in zip(qs, xs)]
-                ms = time_ms(fns, budget_s)
-                out.append((label, t, "llama_offload gemv", ms, gb / ms * 1e3))
+                # x rounded to int16 for integer dot products (the CPU lane's), or fp32 with the codes converted.
+                for name, int16_x in (("llama_offload gemv, int16 x", True), ("llama_offload gemv, fp32 x", False)):
+                    fns = [lambda q=q, x=x, i=int16_x: gemv_quant(x, q["weight"], q["scales"], q.get("mins"), i)
+                           for q, x in zip(qs, xs)]
+                    ms = time_ms(fns, budget_s)
+                    out.append((label, t, name, ms, gb / ms * 1e3))
     return out
 
 

@@ -20,8 +20,8 @@ def test_every_kernel_is_timed_on_every_format() -> None:
     assert all(ms > 0 and gbps > 0 for _, _, _, ms, gbps in got)
     assert ("float16", 2, "torch F.linear") in kernels and ("bfloat16", 1, "torch F.linear") in kernels
     if gemv_available(verbose=False):
-        assert ("float16", 1, "llama_offload gemv") in kernels and ("int4 g64", 2, "llama_offload gemv") in kernels
-        assert ("int8 per channel", 1, "llama_offload gemv") in kernels
+        assert ("float16", 1, "llama_offload gemv") in kernels and ("int4 g64", 2, "llama_offload gemv, int16 x") in kernels
+        assert ("int8 per channel", 1, "llama_offload gemv, fp32 x") in kernels
 
 
 def test_bad_flags_are_refused_in_one_line() -> None:

@@ -1,6 +1,7 @@
 """The CPU lane's native kernels (csrc/cpu_gemv.cpp via native_build.py and cpu_kernels.py): equal to torch's
-products within fp32 rounding, for every weight format, token count and shape tail; how they plug into the
-modules; and the build's failures, which fall back to torch's kernels without an error."""
+products within fp32 rounding (and, for quantized weights against int16 activations, within the bound that
+rounding x to int16 per group allows), for every weight format, token count and shape tail; how they plug into
+the modules; and the build's failures, which fall back to torch's kernels without an error."""
 
 from __future__ import annotations
 
@@ -19,6 +20,23 @@ needs_gemv = pytest.mark.skipif(not cpu_kernels.gemv_available(verbose=False),
 
 def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x.double(), w.double())  # (..., out)
+
+
+def int16_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The most rounding x to int16 can move x @ w^T: each element moves at most half a step of its group's
+    max|x| / 32767, which is at most its row's max|x| / 65534. (..., out)."""
+    return x.double().abs().amax(-1, keepdim=True) / 65534 * w.double().abs().sum(-1)
+
+
+def assert_quant_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, int16_x: bool) -> None:
+    """y = x @ w^T within fp32 sums, plus the int16 rounding of a 16-bit x (int16_x) and the rounding of the
+    result to y's dtype (the kernel returns x's dtype)."""
+    want = reference(x, w)
+    allowed = 1e-5 * want.abs().max().item() + want.abs() * {torch.float16: 2 ** -11, torch.float32: 1e-5}[y.dtype]
+    if int16_x and x.dtype != torch.float32:
+        allowed = allowed + int16_bound(x, w)
+    err = (y.double() - want).abs()
+    assert bool((err <= allowed).all()), f"max err {err.max().item():.3e}"
 
 
 @needs_gemv
@@ -43,7 +61,9 @@ def test_16_bit_gemv_equals_the_product(wdtype: torch.dtype, xdtype: torch.dtype
                                  "int4 g48 mins", "int4 g8"])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("tokens", [1, 4, 6])
-def test_quantized_gemv_equals_dequantize_then_matmul(fmt: str, scale_dtype: torch.dtype, tokens: int) -> None:
+@pytest.mark.parametrize("int16_x", [True, False])
+def test_quantized_gemv_equals_dequantize_then_matmul(fmt: str, scale_dtype: torch.dtype, tokens: int,
+                                                       int16_x: bool) -> None:
     torch.manual_seed(tokens)
     bits = 4 if fmt.startswith("int4") else 8
     group = int(fmt.split()[1][1:]) if " g" in fmt else None
@@ -61,11 +81,40 @@ def test_quantized_gemv_equals_dequantize_then_matmul(fmt: str, scale_dtype: tor
         mins = None
     scales = scales.to(scale_dtype)
     mins = None if mins is None else (mins.to(scale_dtype) if bits == 4 else torch.randn_like(scales) * 1e-3)
-    x = torch.randn(3, tokens, n_in)
-    y = gemv_quant(x, codes, scales, mins)
-    assert y.shape == (3, tokens, rows) and y.dtype == torch.float32
-    want = reference(x, dequantize(codes, scales, mins, torch.float32))
-    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    x = torch.randn(3, tokens, n_in).half()  # a fp16 model's activations: what the integer path takes
+    x[1, 0, 5] = 300.0  # an outlier: its group's other elements round to coarser steps
+    y = gemv_quant(x, codes, scales, mins, int16_x)
+    assert y.shape == (3, tokens, rows)
+    assert_quant_close(y, x, dequantize(codes, scales, mins, torch.float32), int16_x)
+    # A fp32 model's x multiplies in fp32 whatever int16_x says.
+    y32 = gemv_quant(x.float(), codes, scales, mins, int16_x)
+    assert y32.dtype == torch.float32 and torch.equal(y32, gemv_quant(x.float(), codes, scales, mins, False))
+
+
+@needs_gemv
+@pytest.mark.parametrize("fmt", ["int4 g64", "int8"])
+def test_int16_activations_stay_within_fp16_rounding_of_the_result(fmt: str) -> None:
+    """A fp16 x through the integer path and through the fp32 one: both results rounded to fp16 differ by less
+    than one fp16 step of the largest result, the rounding the model on the GPU gives every product."""
+    torch.manual_seed(1)
+    w = torch.randn(256, 1024) * 0.02
+    q = quantize_int4(w, 64) if fmt == "int4 g64" else quantize_int8(w)
+    x = torch.randn(4, 1024).half()
+    y16 = gemv_quant(x, q["weight"], q["scales"], q.get("mins"))
+    y32 = gemv_quant(x, q["weight"], q["scales"], q.get("mins"), int16_x=False)
+    assert y16.dtype == y32.dtype == torch.float16 and not torch.equal(y16, y32)  # the paths differ, slightly
+    assert (y16.float() - y32.float()).abs().max().item() <= 2 ** -10 * y32.abs().max().item()
+
+
+@needs_gemv
+def test_int16_activations_give_way_to_fp32_where_x_is_not_finite() -> None:
+    torch.manual_seed(2)
+    q = quantize_int4(torch.randn(64, 256) * 0.02, 64)
+    x = torch.randn(3, 256).half()
+    x[0, 3], x[2, 100] = float("inf"), float("nan")
+    y = gemv_quant(x, q["weight"], q["scales"], q["mins"])
+    torch.testing.assert_close(y, gemv_quant(x, q["weight"], q["scales"], q["mins"], int16_x=False), equal_nan=True)
+    assert not y[0].isfinite().all() and y[2].isnan().all() and y[1].isfinite().all()
 
 
 @needs_gemv
@@ -124,8 +173,7 @@ def test_quantized_groups_are_not_dequantized_on_the_cpu_lane() -> None:
             m.cpu_kernel = "gemv"
         assert group_weight(linears, x.dtype, x.device) is None
         got = linears[0](x)
-    want = F.linear(x, dequantize(qs[0]["weight"], qs[0]["scales"], qs[0]["mins"], torch.float32))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_quant_close(got, x, dequantize(qs[0]["weight"], qs[0]["scales"], qs[0]["mins"], torch.float32), True)
 
 
 def test_candidates_follow_the_dtype_and_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -206,6 +254,14 @@ for tokens in (1, 3, 6):
         want = F.linear(x.double(), dequantize(q["weight"], q["scales"], m, torch.float64))
         got = gemv_quant(x, q["weight"], q["scales"], m).double()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    # Groups the integer path takes (int16 x): within the bound rounding x to int16 allows.
+    x = torch.randn(tokens, 256).half()  # a 16-bit x: the integer path
+    for q in (quantize_int4(torch.randn(150, 256) * 0.02, 64), quantize_int8(torch.randn(150, 256) * 0.02)):
+        w = dequantize(q["weight"], q["scales"], q.get("mins"), torch.float64)
+        want = F.linear(x.double(), w)
+        bound = x.double().abs().amax(-1, keepdim=True) / 65534 * w.abs().sum(-1)
+        err = (gemv_quant(x, q["weight"], q["scales"], q.get("mins")).double() - want).abs()
+        assert bool((err <= bound + 1e-5 * want.abs().max() + 2 ** -11 * want.abs()).all()), err.max()
 print("ok")
 """
 
