@@ -33,11 +33,24 @@ namespace {
 
 constexpr int kTile = 4;  // tokens multiplied per pass over a row (the row stays in L1 between tiles)
 
-// x (tokens, in) in its dtype -> fp32, row-major.
+// x (tokens, in) in its dtype -> fp32, row-major. Converted here rather than by x.to(float): a decode step calls
+// the kernels seven times a block, and each ATen conversion costs a dispatch and a tensor.
 std::vector<float> tokens_fp32(const at::Tensor& x) {
-  at::Tensor xf = x.to(at::kFloat).contiguous();
-  const float* p = xf.data_ptr<float>();
-  return std::vector<float>(p, p + xf.numel());
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = xc.numel();
+  std::vector<float> out(n);
+  if (xc.scalar_type() == at::kFloat) {
+    std::memcpy(out.data(), xc.data_ptr<float>(), n * sizeof(float));
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(xc.data_ptr());
+    const bool bf16 = xc.scalar_type() == at::kBFloat16;
+    int64_t i = 0;
+#ifndef LLAMA_OFFLOAD_SCALAR
+    for (; i + kLanes <= n; i += kLanes) vstore(out.data() + i, bf16 ? load_bf16(p + i) : load_half(p + i));
+#endif
+    for (; i < n; ++i) out[i] = bf16 ? bf16_to_float(p[i]) : half_to_float(p[i]);
+  }
+  return out;
 }
 
 // An fp32 (..., out) result for x's leading dimensions: the kernels write it, then it takes x's dtype.
