@@ -50,8 +50,25 @@ def gemv_isa() -> Optional[str]:
     return torch.ops.llama_offload_cpu.isa() if gemv_available(verbose=False) else None
 
 
+# The wrappers below check their operands before the native operators see them. The operators check too, but a
+# C++ exception thrown inside them has crashed the process (a segmentation fault, not a RuntimeError) where torch
+# and the kernels came from different compilers (torch 2.11 + g++ 13 on the GPU machine), so a bad operand is
+# refused here, as a ValueError, and the operators' own checks are the last resort.
+X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_x(x: torch.Tensor, n_in: int, what: str) -> None:
+    if x.device.type != "cpu" or x.dtype not in X_DTYPES or x.dim() < 1 or x.shape[-1] != n_in:
+        raise ValueError(f"{what}: x must be a float16, bfloat16 or float32 CPU tensor of {n_in} input features; "
+                         f"got {x.dtype} on {x.device} of shape {tuple(x.shape)}")
+
+
 def gemv_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., in) @ weight (out, in)^T with the native kernel; weight fp16 or bf16, both on the CPU."""
+    if weight.dim() != 2 or weight.dtype not in GEMV_DTYPES or weight.device.type != "cpu" or not weight.is_contiguous():
+        raise ValueError(f"gemv_linear: the weight must be a contiguous (out, in) float16 or bfloat16 CPU matrix; got "
+                         f"{weight.dtype} on {weight.device} of shape {tuple(weight.shape)}")
+    _check_x(x, weight.shape[1], "gemv_linear")
     return torch.ops.llama_offload_cpu.linear16(x, weight)
 
 
@@ -61,6 +78,22 @@ def gemv_quant(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins:
     ``int16_x``, a fp16 or bf16 x (where the group sizes fit the vectors) is rounded to int16 per group and the
     codes multiply it in integer dot products (csrc/gemv_i16.h: errors of the order of the fp16 model's own
     roundings); a fp32 x, or ``int16_x`` False, multiplies in fp32."""
+    int4 = codes.dtype == torch.uint8
+    if codes.dim() != 2 or codes.dtype not in (torch.int8, torch.uint8) or codes.device.type != "cpu" \
+            or not codes.is_contiguous():
+        raise ValueError(f"gemv_quant: the codes must be a contiguous (out, in) int8 or (out, in / 2) uint8 CPU matrix; "
+                         f"got {codes.dtype} on {codes.device} of shape {tuple(codes.shape)}")
+    n_in = codes.shape[1] * (2 if int4 else 1)
+    if (scales.dim() != 2 or scales.shape[0] != codes.shape[0] or scales.dtype not in (torch.float16, torch.float32)
+            or not scales.is_contiguous() or scales.shape[1] == 0 or n_in % scales.shape[1]
+            or (int4 and (n_in // scales.shape[1]) % 2)):
+        raise ValueError(f"gemv_quant: scales must be a contiguous float16 or float32 ({codes.shape[0]}, groups) matrix "
+                         f"whose groups divide the {n_in} inputs (in even groups for int4); got {scales.dtype} of "
+                         f"shape {tuple(scales.shape)}")
+    if mins is not None and (mins.shape != scales.shape or mins.dtype != scales.dtype or not mins.is_contiguous()):
+        raise ValueError(f"gemv_quant: mins must match scales ({scales.dtype}, {tuple(scales.shape)}); got {mins.dtype} "
+                         f"of shape {tuple(mins.shape)}")
+    _check_x(x, n_in, "gemv_quant")
     return torch.ops.llama_offload_cpu.linear_quant(x, codes, scales, mins, int16_x)
 
 
@@ -73,6 +106,20 @@ def attend_host(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask
     """model.attend's result with the native kernel, for tensors on the CPU: xq (bs, seqlen, n_heads, head_dim),
     keys and values (bs, kv_len, n_kv_heads, head_dim) in the cache's layout, mask additive (bs, 1, seqlen,
     kv_len); returns (bs, seqlen, n_heads * head_dim)."""
+    shapes = f"xq {tuple(xq.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}"
+    if xq.dim() != 4 or keys.dim() != 4 or keys.shape != values.shape or keys.shape[0] != xq.shape[0] \
+            or keys.shape[3] != xq.shape[3]:
+        raise ValueError(f"attend_host: xq must be (bs, seqlen, n_heads, head_dim), keys and values (bs, kv_len, "
+                         f"n_kv_heads, head_dim) alike; got {shapes}")
+    if any(t.device.type != "cpu" for t in (xq, keys, values, mask)):
+        raise ValueError("attend_host: every tensor must be on the CPU")
+    if keys.shape[2] == 0 or xq.shape[2] % keys.shape[2]:
+        raise ValueError(f"attend_host: n_heads must be a multiple of n_kv_heads; got {shapes}")
+    if keys.dtype != values.dtype or keys.stride() != values.stride() or keys.stride(3) != 1:
+        raise ValueError(f"attend_host: keys and values must share one layout, head_dim contiguous; got {keys.dtype} "
+                         f"strides {keys.stride()} and {values.dtype} strides {values.stride()}")
+    if keys.dtype not in X_DTYPES:
+        raise ValueError(f"attend_host: the cache must be float16, bfloat16 or float32; got {keys.dtype}")
     return torch.ops.llama_offload_cpu_attention.attend(xq, keys, values, mask)
 
 

@@ -66,9 +66,9 @@ def test_a_broadcast_mask_and_a_fully_visible_cache() -> None:
 def test_bad_inputs_are_refused() -> None:
     keys, values = cache_slices(1, 16, 2, 32, torch.float32)
     xq = torch.randn(1, 1, 3, 32)  # 3 query heads over 2 key/value heads
-    with pytest.raises(RuntimeError, match="multiple of n_kv_heads"):
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
         attend_host(xq, keys, values, torch.zeros(1, 1, 1, 16))
-    with pytest.raises(RuntimeError, match="share one layout"):
+    with pytest.raises(ValueError, match="share one layout"):
         attend_host(torch.randn(1, 1, 2, 32), keys, values.half(), torch.zeros(1, 1, 1, 16))
 
 

@@ -118,14 +118,22 @@ def test_int16_activations_give_way_to_fp32_where_x_is_not_finite() -> None:
 
 
 @needs_gemv
-def test_bad_operands_are_refused_by_the_kernel() -> None:
+def test_bad_operands_are_refused_before_the_kernel() -> None:
+    """As ValueErrors from the wrappers: an exception thrown inside the native operator can crash the process
+    where torch and the kernels were built by different compilers (cpu_kernels.py)."""
     w = torch.randn(8, 64).half()
-    with pytest.raises(RuntimeError, match="input features"):
+    with pytest.raises(ValueError, match="input features"):
         gemv_linear(torch.randn(1, 32), w)
-    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
         gemv_linear(torch.randn(1, 64), w.float())
-    with pytest.raises(RuntimeError, match="groups divide"):
+    with pytest.raises(ValueError, match="groups divide"):
         gemv_quant(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 5), None)
+    with pytest.raises(ValueError, match="even groups"):
+        gemv_quant(torch.randn(1, 64), torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 64), None)
+    with pytest.raises(ValueError, match="mins must match"):
+        gemv_quant(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 2), torch.ones(8, 4))
+    with pytest.raises(ValueError, match="input features"):
+        gemv_quant(torch.randn(1, 32), torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2), None)
 
 
 def test_set_cpu_kernel_wraps_linears_over_the_same_weights() -> None:
