@@ -5,6 +5,7 @@ Timings are printed, never asserted."""
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import replace
 
@@ -47,6 +48,20 @@ def margin(logits: torch.Tensor) -> torch.Tensor:
     return top2[:, 0] - top2[:, 1]
 
 
+def agreement(ref_logits: list, logits: list, want: torch.Tensor, diff: float, rows: int):
+    """Where the hybrid's greedy choices may differ from the reference's. A flip is within the logits' tolerance
+    where the reference's top two are closer than twice the largest difference: random weights make such
+    near-ties common. Everywhere else, given the same tokens before, the hybrid must pick the reference's token;
+    and run free, it must repeat the reference's tokens up to the first near-tie (it cannot diverge before one).
+    Returns (wrong picks (rows, STEPS), the near-tie steps, the first near-tie)."""
+    ref_logits = [lg[:rows] for lg in ref_logits[:STEPS]]
+    decided = torch.stack([margin(lg) > 2 * diff for lg in ref_logits], 1)  # (rows, STEPS)
+    picked = torch.stack([lg.argmax(-1) for lg in logits[:STEPS]], 1)  # (rows, STEPS) given the reference's tokens
+    wrong = (picked != want.cpu()) & decided
+    near = [i for i in range(STEPS) if not decided[:, i].all()]
+    return wrong, near, near[0] if near else STEPS
+
+
 @pytest.mark.parametrize("how", ["nothing resident, 16 CPU", "8 GiB, auto split", "large steps on the GPU caches",
                                  "16 CPU, native kernel", "16 CPU, torch's kernel", "16 CPU, no CUDA graphs"])
 def test_hybrid_equals_unoffloaded_on_7b(seven_b, reference, how: str) -> None:
@@ -72,16 +87,7 @@ def test_hybrid_equals_unoffloaded_on_7b(seven_b, reference, how: str) -> None:
         diff = max_abs_diff([lg[:rows] for lg in reference["logits"]], logits)
         got, _ = greedy(model, prompt, STEPS)
         agree = int((got == want.cpu()).all(0).sum())
-        # A flip of the greedy choice is within the logits' tolerance where the reference's top two are closer
-        # than twice the largest difference: random weights make such near-ties common. Everywhere else, given the
-        # same tokens before, the hybrid must pick the reference's token; and run free, it must repeat the
-        # reference's tokens up to the first near-tie (it cannot diverge before one).
-        ref_logits = [lg[:rows] for lg in reference["logits"][:STEPS]]
-        decided = torch.stack([margin(lg) > 2 * diff for lg in ref_logits], 1)  # (rows, STEPS)
-        picked = torch.stack([lg.argmax(-1) for lg in logits[:STEPS]], 1)  # (rows, STEPS) given the reference's tokens
-        wrong = (picked != want.cpu()) & decided
-        near = [i for i in range(STEPS) if not decided[:, i].all()]
-        first_tie = near[0] if near else STEPS
+        wrong, near, first_tie = agreement(reference["logits"], logits, want, diff, rows)
         torch.cuda.synchronize()
         start = time.perf_counter()
         greedy(model, prompt[:, :1], 8)
@@ -91,6 +97,42 @@ def test_hybrid_equals_unoffloaded_on_7b(seven_b, reference, how: str) -> None:
               f"{diff:.4g}, greedy agreement {agree}/{STEPS} (near-ties of the reference at steps {near or 'none'}), "
               f"~{ms:.1f} ms/step (expected {plan.expected_decode_ms() or float('nan'):.1f} at batch 1)")
         assert diff < 0.05, diff  # fp16 logits of magnitude ~1: CPU and GPU kernels round differently
+        assert not wrong.any(), f"the hybrid's choice differs where the reference's is decided: {wrong.nonzero().tolist()}"
+        assert torch.equal(got[:, :first_tie], want.cpu()[:, :first_tie]), (got, want)
+    del model
+    free_gpu()
+
+
+def test_int4_hybrid_equals_the_unoffloaded_int4_model_on_7b(seven_b, reference) -> None:
+    """The 7B shape in int4 g64: 13 CPU blocks multiplying the codes against int16 activations on the host
+    (csrc/gemv_i16.h), the rest paged, against the same int4 model unoffloaded on the GPU."""
+    from llama_offload.quant import QuantSpec
+    from llama_offload.quant_load import quantize_model
+
+    args, spec = seven_b["args"], QuantSpec(4, 64)
+    quantized = quantize_model(cpu_model_from(seven_b["state_dict"], args), spec, device="cuda")
+    ref = copy.deepcopy(quantized).cuda()
+    ref.setup_caches(args.max_batch_size, args.max_seq_len, "cuda", torch.float16)
+    prompt = torch.cat([seven_b["prompt"], seven_b["prompt"].flip(1)])  # (2, 16)
+    want_all, ref_logits = greedy(ref, prompt, STEPS)
+    del ref
+    free_gpu()
+    # The fp16 calibration's lanes with the native kernel: the split is explicit, the kernel is the one under test.
+    lanes = replace(reference["lanes"], cpu_kernel="gemv")
+    model = offload(quantized, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, cpu_blocks=13,
+                    lanes=lanes)
+    assert model.plan.cpu_layers == 13, model.plan
+    assert gemv_available(), "the native kernels did not build on this machine"
+    for rows in (1, 2):  # decode of one row, then two, on the CPU lane where max_cpu_tokens allows
+        want = want_all[:rows].cuda()
+        logits = run_steps(model, prompt[:rows], want)
+        diff = max_abs_diff([lg[:rows] for lg in ref_logits], logits)
+        got, _ = greedy(model, prompt[:rows], STEPS)
+        wrong, near, first_tie = agreement(ref_logits, logits, want, diff, rows)
+        print(f"7B int4 g64 hybrid (13 CPU, {model.plan.paged_layers} paged), {rows} row(s): max |hybrid - "
+              f"unoffloaded| = {diff:.4g}, greedy agreement {int((got == want.cpu()).all(0).sum())}/{STEPS} "
+              f"(near-ties of the reference at steps {near or 'none'})")
+        assert diff < 0.05, diff
         assert not wrong.any(), f"the hybrid's choice differs where the reference's is decided: {wrong.nonzero().tolist()}"
         assert torch.equal(got[:, :first_tie], want.cpu()[:, :first_tie]), (got, want)
     del model
