@@ -7,7 +7,7 @@ Rows, for each ``--budgets`` entry (0: nothing resident):
 
 - ``ours all paged``: every non-resident block streamed (``cpu_blocks=0``);
 - ``ours hybrid``: the calibrated split (``cpu_blocks=None``); with ``--cpu_blocks N,M``, rows at those splits too;
-- ``ours int4 hybrid``: the same with the blocks in int4 g64;
+- ``ours int4 hybrid``: the same with the blocks in int4 g64 (at ``--int4_budgets``; ``--no_fp16``: these alone);
 - ``llama.cpp F16 / Q4_0, -ngl R``: R = the resident count of our row at that budget, the other layers and the
   head on the CPU (``--llamacpp_bin``; built by ``../shared/tools/llamacpp-peer.sh build``).
 
@@ -145,7 +145,7 @@ def ours(name: str, sd: dict[str, torch.Tensor], args: ModelArgs, budget: float,
 
 
 def llamacpp(sd: dict[str, torch.Tensor], args: ModelArgs, layers: list[int], bin_dir: Path, work: Path,
-             threads: int) -> list[Row]:
+             threads: int, qtypes: tuple[str, ...] = ("F16", "Q4_0")) -> list[Row]:
     import bench_llamacpp
 
     if bench_llamacpp._binary(bin_dir, "llama-bench") is None:
@@ -156,7 +156,7 @@ def llamacpp(sd: dict[str, torch.Tensor], args: ModelArgs, layers: list[int], bi
     try:
         bench_llamacpp.write_gguf(sd, args, f16)
         bench_llamacpp.quantize_gguf(f16, q4, "Q4_0", bin_dir, timeout_s=300)
-        for qtype, path in (("F16", f16), ("Q4_0", q4)):
+        for qtype, path in ((q, {"F16": f16, "Q4_0": q4}[q]) for q in qtypes):
             for ngl in layers:
                 r = bench_llamacpp.bench_llamacpp(path, bin_dir, n_gpu_layers=ngl, threads=threads, n_gen=16,
                                                   n_prompt=0, reps=3, n_depth=PROMPT_LEN, timeout_s=180,
@@ -212,6 +212,8 @@ def main() -> None:
     ap.add_argument("--llamacpp_bin", default="/tmp/llamacpp/llama.cpp/build/bin")
     ap.add_argument("--no_llamacpp", action="store_true")
     ap.add_argument("--no_int4", action="store_true")
+    ap.add_argument("--no_fp16", action="store_true", help="no fp16 rows (the fp16 calibration still runs): int4 rows "
+                    "at --int4_budgets beside llama.cpp only")
     ap.add_argument("--cpu_blocks", default="", help="extra fp16 rows with these explicit splits, comma-separated "
                     "(beside the calibrated one: shows how close the planner's choice is to the best)")
     ap.add_argument("--int4_cpu_blocks", default="", help="extra int4 rows with these explicit splits")
@@ -246,7 +248,7 @@ def main() -> None:
     rows: list[Row] = []
     splits = lambda text: [int(c) for c in text.split(",") if c.strip()]  # noqa: E731
     hybrid = dict(cpu_threads=threads, profile=a.profile)
-    for budget in budgets:
+    for budget in [] if a.no_fp16 else budgets:
         rows.append(ours("ours all paged", sd, args, budget, a.steps, floor_ms, None, cpu_blocks=0))
         rows.append(ours("ours hybrid", sd, args, budget, a.steps, floor_ms, None, cpu_blocks=None, lanes=lanes, **hybrid))
         for n in splits(a.cpu_blocks):
@@ -261,7 +263,8 @@ def main() -> None:
                              cpu_blocks=n, lanes=lanes4, **hybrid))
     if not a.no_llamacpp:
         layers = sorted({int(r["resident"]) for r in rows if "resident" in r})
-        peers = llamacpp(sd, args, layers, Path(a.llamacpp_bin), Path(a.workdir), threads)
+        qtypes = ("Q4_0",) if a.no_fp16 else ("F16", "Q4_0")
+        peers = llamacpp(sd, args, layers, Path(a.llamacpp_bin), Path(a.workdir), threads, qtypes)
         rows += peers
         for r in rows:  # ours against llama.cpp at the same resident layers (F16 for fp16, Q4_0 for int4)
             if r["name"].startswith("ours") and r.get("b1_ms"):
