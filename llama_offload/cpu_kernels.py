@@ -22,7 +22,7 @@ available here (no compiler for "gemv") is simply not among the candidates.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +50,25 @@ def gemv_isa() -> Optional[str]:
     return torch.ops.llama_offload_cpu.isa() if gemv_available(verbose=False) else None
 
 
-# The wrappers below check their operands before the native operators see them. The operators check too, but a
-# C++ exception thrown inside them has crashed the process (a segmentation fault, not a RuntimeError) where torch
-# and the kernels came from different compilers (torch 2.11 + g++ 13 on the GPU machine), so a bad operand is
-# refused here, as a ValueError, and the operators' own checks are the last resort.
+# gemv_linear, gemv_quant and attend_host check their operands before the native operators see them. The
+# operators check too, but a C++ exception thrown inside them has crashed the process (a segmentation fault, not
+# a RuntimeError) where torch and the kernels came from different compilers (torch 2.11 + g++ 13 on the GPU
+# machine), so a bad operand is refused here, as a ValueError, and the operators' own checks are the last resort.
+# The CPU lane's modules (CpuLinear, quant.QuantLinear, model.Attention) call the operators through `native`
+# instead: their weights were checked when they were made and x comes from the model, and the checks would cost
+# 5-15 us a call, 7 matrices and an attention a block, at 1-3 ms a block.
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_OPS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def native(name: str) -> Callable[..., torch.Tensor]:
+    """The native operator ``name`` ("linear16", "linear_quant", "attend"), unchecked: its overload resolved once
+    (the packet's lookup costs a few us a call). The kernels must be loaded (gemv_available/attention_available)."""
+    op = _OPS.get(name)
+    if op is None:
+        ns = torch.ops.llama_offload_cpu_attention if name == "attend" else torch.ops.llama_offload_cpu
+        op = _OPS[name] = getattr(ns, name).default
+    return op
 
 
 def _check_x(x: torch.Tensor, n_in: int, what: str) -> None:
@@ -69,7 +83,7 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"gemv_linear: the weight must be a contiguous (out, in) float16 or bfloat16 CPU matrix; got "
                          f"{weight.dtype} on {weight.device} of shape {tuple(weight.shape)}")
     _check_x(x, weight.shape[1], "gemv_linear")
-    return torch.ops.llama_offload_cpu.linear16(x, weight)
+    return native("linear16")(x, weight)
 
 
 def gemv_quant(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
@@ -94,7 +108,7 @@ def gemv_quant(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins:
         raise ValueError(f"gemv_quant: mins must match scales ({scales.dtype}, {tuple(scales.shape)}); got {mins.dtype} "
                          f"of shape {tuple(mins.shape)}")
     _check_x(x, n_in, "gemv_quant")
-    return torch.ops.llama_offload_cpu.linear_quant(x, codes, scales, mins, int16_x)
+    return native("linear_quant")(x, codes, scales, mins, int16_x)
 
 
 def attention_available(verbose: bool = True) -> bool:
@@ -120,7 +134,7 @@ def attend_host(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask
                          f"strides {keys.stride()} and {values.dtype} strides {values.stride()}")
     if keys.dtype not in X_DTYPES:
         raise ValueError(f"attend_host: the cache must be float16, bfloat16 or float32; got {keys.dtype}")
-    return torch.ops.llama_offload_cpu_attention.attend(xq, keys, values, mask)
+    return native("attend")(xq, keys, values, mask)
 
 
 def kernels_for(dtype: torch.dtype, quantized: bool) -> tuple[str, ...]:
@@ -150,7 +164,7 @@ class CpuLinear(nn.Linear):
         w = self.weight
         if (self.cpu_kernel == "gemv" and w.device.type == "cpu" and w.dtype in GEMV_DTYPES
                 and not torch.is_grad_enabled()):
-            return gemv_linear(x, w)
+            return native("linear16")(x, w)  # checked by wrap's caller: the model's own (out, in) weight
         return F.linear(x, w)
 
 
@@ -161,8 +175,8 @@ def set_cpu_kernel(module: nn.Module, kernel: str) -> None:
     if kernel not in QUANT_KERNELS:
         raise ValueError(f"internal: unknown CPU kernel {kernel!r}")
     # Loads the native kernels. Where a cached calibration names them but they no longer build, torch's run.
-    native = kernel == "gemv" and gemv_available()
-    host_attend = attend_host if attention_available() else None
+    use_gemv = kernel == "gemv" and gemv_available()
+    host_attend = native("attend") if attention_available() else None  # the host KV cache's layout: unchecked
     for name, m in list(module.named_modules()):
         if hasattr(m, "host_attend"):  # model.Attention
             m.host_attend = host_attend
@@ -170,6 +184,6 @@ def set_cpu_kernel(module: nn.Module, kernel: str) -> None:
             m = CpuLinear.wrap(m)
             module.set_submodule(name, m)
         if isinstance(m, CpuLinear):
-            m.cpu_kernel = "gemv" if native else "torch"
+            m.cpu_kernel = "gemv" if use_gemv else "torch"
         elif hasattr(m, "cpu_kernel"):  # quant.QuantLinear
-            m.cpu_kernel = "dequantize" if kernel == "gemv" and not native else kernel
+            m.cpu_kernel = "dequantize" if kernel == "gemv" and not use_gemv else kernel

@@ -379,7 +379,8 @@ class QuantLinear(_QuantTensors):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and self.parallel is None and not torch.is_grad_enabled():
             if self.cpu_kernel == "gemv":
-                return cpu_kernels.gemv_quant(x, self.weight, self.scales, self.mins)
+                # Unchecked (cpu_kernels.native): the codes, scales and mins were checked when they were made.
+                return cpu_kernels.native("linear_quant")(x, self.weight, self.scales, self.mins, True)
             if self.cpu_kernel == "torch" and self.native_cpu():
                 return self._native_cpu_forward(x)
         if self.fused_gemv(x.numel() // self.in_features, x.dtype, x.device):
