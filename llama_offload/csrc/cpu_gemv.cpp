@@ -33,6 +33,18 @@ namespace {
 
 constexpr int kTile = 4;  // tokens multiplied per pass over a row (the row stays in L1 between tiles)
 
+// f(std::integral_constant<int, NT>{}) for a tile of nt tokens (1..kTile): the kernels take NT as a template
+// argument, so their accumulators are registers.
+template <class F>
+void by_tile(int64_t nt, F&& f) {
+  switch (nt) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
 // x (tokens, in) in its dtype -> fp32, row-major. Converted here rather than by x.to(float): a decode step calls
 // the kernels seven times a block, and each ATen conversion costs a dispatch and a tensor.
 std::vector<float> tokens_fp32(const at::Tensor& x) {
@@ -123,12 +135,9 @@ void gemv16(const uint16_t* w, const float* x, int64_t tokens, int64_t in, int64
       for (int64_t t = 0; t < tokens; t += kTile) {
         const float* xt = x + t * in;
         float* yt = y + t * out;
-        switch (std::min<int64_t>(kTile, tokens - t)) {
-          case 4: band16<kBf16, 4>(w, xt, in, yt, out, b0, b1); break;
-          case 3: band16<kBf16, 3>(w, xt, in, yt, out, b0, b1); break;
-          case 2: band16<kBf16, 2>(w, xt, in, yt, out, b0, b1); break;
-          default: band16<kBf16, 1>(w, xt, in, yt, out, b0, b1); break;
-        }
+        by_tile(std::min<int64_t>(kTile, tokens - t), [&](auto nt) {
+          band16<kBf16, decltype(nt)::value>(w, xt, in, yt, out, b0, b1);
+        });
       }
     }
   });
@@ -360,12 +369,10 @@ bool gemv_quant_i16(const void* codes, const S* scales, const S* mins, const flo
         const int16_t* xt = xq.data() + t * in;
         const float* xs = g.xsum.data() + t * g.count;
         float* yt = y + t * out;
-        switch (nt) {
-          case 4: band_i16<V, Bits, 4>(q, row_bytes, cf.data(), offsets, xt, in, gx, sfx.data(), g, xs, yt, out, b0, b1); break;
-          case 3: band_i16<V, Bits, 3>(q, row_bytes, cf.data(), offsets, xt, in, gx, sfx.data(), g, xs, yt, out, b0, b1); break;
-          case 2: band_i16<V, Bits, 2>(q, row_bytes, cf.data(), offsets, xt, in, gx, sfx.data(), g, xs, yt, out, b0, b1); break;
-          default: band_i16<V, Bits, 1>(q, row_bytes, cf.data(), offsets, xt, in, gx, sfx.data(), g, xs, yt, out, b0, b1); break;
-        }
+        by_tile(nt, [&](auto tile) {
+          band_i16<V, Bits, decltype(tile)::value>(q, row_bytes, cf.data(), offsets, xt, in, gx, sfx.data(), g, xs,
+                                                   yt, out, b0, b1);
+        });
       }
     }
   });
@@ -421,12 +428,9 @@ void gemv_quant(const void* codes, const S* scales, const S* mins, const float* 
         const float* xt = x + t * in;
         const float* xs = g.xsum.data() + t * g.count;
         float* yt = y + t * out;
-        switch (std::min<int64_t>(kTile, tokens - t)) {
-          case 4: band_quant<Bits, 4>(q, row_bytes, sf.data(), cf.data(), xt, in, g, xs, yt, out, b0, b1); break;
-          case 3: band_quant<Bits, 3>(q, row_bytes, sf.data(), cf.data(), xt, in, g, xs, yt, out, b0, b1); break;
-          case 2: band_quant<Bits, 2>(q, row_bytes, sf.data(), cf.data(), xt, in, g, xs, yt, out, b0, b1); break;
-          default: band_quant<Bits, 1>(q, row_bytes, sf.data(), cf.data(), xt, in, g, xs, yt, out, b0, b1); break;
-        }
+        by_tile(std::min<int64_t>(kTile, tokens - t), [&](auto nt) {
+          band_quant<Bits, decltype(nt)::value>(q, row_bytes, sf.data(), cf.data(), xt, in, g, xs, yt, out, b0, b1);
+        });
       }
     }
   });
@@ -489,14 +493,14 @@ at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& w, const at::Tens
       g.xsum[t * g.count + k] = sum;
     }
   const void* codes = w.data_ptr();
+  const bool i16 = int16_x && x.scalar_type() != at::kFloat;  // a fp32 model keeps fp32 activations
   auto run = [&](const auto* s, const auto* m) {
-    if (int16_x && x.scalar_type() != at::kFloat && (int4 ? try_quant_i16<4>(codes, s, m, xf.data(), tokens, in, out, g, acc)
-                         : try_quant_i16<8>(codes, s, m, xf.data(), tokens, in, out, g, acc)))
-      return;
     if (int4) {
+      if (i16 && try_quant_i16<4>(codes, s, m, xf.data(), tokens, in, out, g, acc)) return;
       xf = int4_order(xf, tokens, in, g.size);
       gemv_quant<4>(codes, s, m, xf.data(), tokens, in, out, g, acc);
     } else {
+      if (i16 && try_quant_i16<8>(codes, s, m, xf.data(), tokens, in, out, g, acc)) return;
       gemv_quant<8>(codes, s, m, xf.data(), tokens, in, out, g, acc);
     }
   };
