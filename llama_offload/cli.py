@@ -245,7 +245,8 @@ def serve(
     max_queue: int = 64,
     api_key: Optional[str] = None,
     model_name: Optional[str] = None,
-    shutdown_timeout: float = 30.0,
+    shutdown_timeout: float = 10.0,
+    max_body_mb: float = 16.0,
     *,
     options: RunOptions,
 ) -> None:
@@ -262,7 +263,9 @@ def serve(
         api_key: require 'Authorization: Bearer KEY' (else 401); the LLAMA_OFFLOAD_API_KEY environment variable
             sets it too, without showing it in the process list.
         model_name: the name clients send as "model" (default: the checkpoint directory's name).
-        shutdown_timeout: seconds that in-flight requests get to finish after SIGINT/SIGTERM.
+        shutdown_timeout: seconds that in-flight requests get to finish after SIGINT/SIGTERM; the ones still
+            running then end with an OpenAI error (streams: an error event, then [DONE]).
+        max_body_mb: the largest request body accepted, in MB; a larger one gets 413 before it is parsed.
     """
     import os
 
@@ -273,6 +276,8 @@ def serve(
         raise ValueError(f"--max_queue must be a whole number of requests, 0 or more, found {max_queue!r}.")
     if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)) or shutdown_timeout < 0:
         raise ValueError(f"--shutdown_timeout must be a number of seconds, 0 or more, found {shutdown_timeout!r}.")
+    if isinstance(max_body_mb, bool) or not isinstance(max_body_mb, (int, float)) or not max_body_mb > 0:
+        raise ValueError(f"--max_body_mb must be a size in MB, more than 0, found {max_body_mb!r}.")
     if not host:
         raise ValueError("--host is empty: give an address to listen on, e.g. 127.0.0.1.")
     api_key = os.environ.get("LLAMA_OFFLOAD_API_KEY") if api_key is None else str(api_key)
@@ -291,7 +296,8 @@ def serve(
     from .serve.server import run
 
     run(llama, model_name=model_name or Path(llama.options.ckpt_dir or "model").name, host=host, port=port,
-        max_queue=max_queue, api_key=api_key, shutdown_timeout=float(shutdown_timeout))
+        max_queue=max_queue, api_key=api_key, shutdown_timeout=float(shutdown_timeout),
+        max_body_mb=float(max_body_mb))
 
 
 def _check_port_free(host: str, port: int) -> None:

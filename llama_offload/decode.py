@@ -37,11 +37,29 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
 @dataclass(frozen=True)
 class Sampling:
     """One sequence's own sampling, where it differs from its decoder's (a server's requests each bring theirs).
-    ``temperature`` 0 is greedy; ``seed`` None draws from the decoder's generator."""
+    ``temperature`` 0 is greedy; ``seed`` None draws from the decoder's generator.
+
+    The logit adjustments are OpenAI's, applied before temperature and top-p: a token already generated n times
+    loses ``presence_penalty`` (once, n > 0) and ``frequency_penalty * n``; ``logit_bias`` adds its value to the
+    token's logit. ``logprobs`` records each chosen token's log-probability and ``top_logprobs`` the most likely
+    alternatives (both of the model's own distribution, before any adjustment)."""
 
     temperature: float
     top_p: float = 1.0
     seed: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+    @property
+    def penalizes(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
 
 @dataclass
@@ -58,6 +76,8 @@ class Decoding:
     done: bool = False
     sampling: Optional[Sampling] = None  # None: the decoder's temperature, top_p and generator
     generator: Optional[torch.Generator] = None  # this sequence's own, when its sampling has a seed
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, when sampling asks
+    counts: Optional[torch.Tensor] = None  # (vocab,) times each token was generated, when sampling penalizes
 
     @property
     def position(self) -> int:
@@ -112,6 +132,10 @@ class BatchDecoder:
         sampling = list(sampling) if sampling is not None else [None] * len(prompts)
         if len(sampling) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(sampling)} sampling settings: give one per prompt.")
+        for i, sm in enumerate(sampling):
+            bad = [t for t, _ in (sm.logit_bias if sm is not None else ()) if t < 0]
+            if bad:
+                raise ValueError(f"Sequence {i}: logit_bias names token ids {bad[:5]}; ids are 0 or more.")
         joined = [Decoding(row, list(p), min(max_gen_len, self.max_seq_len - len(p)), frozenset(stop_ids),
                            sampling=sm, generator=_own_generator(sm, self.device))
                   for row, p, sm in zip(free, prompts, sampling)]
@@ -176,25 +200,63 @@ class BatchDecoder:
 
     def _accept(self, seqs: list[Decoding], logits: torch.Tensor) -> list[tuple[Decoding, int]]:
         """Sample one token per sequence from its logits (len(seqs), vocab) and record it."""
-        if any(s.sampling is not None for s in seqs):
-            next_token = torch.cat([self._sample(logits[i : i + 1], *self.sampling_of(s))
+        own = [s.sampling for s in seqs if s.sampling is not None]
+        if own:
+            # Sequences with their own sampling go row by row; penalties and bias touch only their own rows, so
+            # the others' tokens are the same as without them.
+            adjusted = self._adjusted(seqs, logits) if any(sm.adjusts_logits for sm in own) else logits
+            next_token = torch.cat([self._sample(adjusted[i : i + 1], *self.sampling_of(s))
                                     for i, s in enumerate(seqs)])  # (n,)
         else:
             next_token = self._sample(logits, self.temperature, self.top_p, self.generator)  # (n,)
-        lps = None
-        if self.logprobs:
-            lps = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None])[:, 0].tolist()
+        lps, tops = None, None
+        if self.logprobs or any(sm.logprobs for sm in own):
+            log_probs = torch.log_softmax(logits, dim=-1)  # (n, vocab): the model's own distribution
+            lps = log_probs.gather(-1, next_token[:, None])[:, 0].tolist()
+            k = max((sm.top_logprobs for sm in own if sm.logprobs), default=0)
+            if k > 0:
+                top_v, top_i = torch.topk(log_probs.float(), k, dim=-1)  # (n, k)
+                tops = list(zip(top_i.tolist(), top_v.tolist()))
         out = []
         for i, (seq, token) in enumerate(zip(seqs, next_token.tolist())):
             if token in seq.stop_ids:
                 seq.done = True
                 continue
             seq.tokens.append(token)
-            if lps is not None:
+            if lps is not None and (self.logprobs or (seq.sampling is not None and seq.sampling.logprobs)):
                 seq.logprobs.append(lps[i])
+                if tops is not None and seq.sampling is not None and seq.sampling.top_logprobs:
+                    ids, values = tops[i]
+                    seq.top_logprobs.append(list(zip(ids, values))[: seq.sampling.top_logprobs])
+            if seq.counts is not None:
+                seq.counts[token] += 1
             seq.done = len(seq.tokens) >= seq.limit
             out.append((seq, token))
         return out
+
+    def _adjusted(self, seqs: list[Decoding], logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` with each sequence's penalties and bias applied to its own row (a copy; rows of sequences
+        without them are left bit for bit as they were)."""
+        logits = logits.clone()
+        vocab = logits.shape[-1]
+        for i, seq in enumerate(seqs):
+            sm = seq.sampling
+            if sm is None or not sm.adjusts_logits:
+                continue
+            row = logits[i].float()  # (vocab,)
+            if sm.penalizes:
+                if seq.counts is None:  # the first token: nothing generated yet, nothing to penalize
+                    seq.counts = torch.zeros(vocab, dtype=torch.float32, device=logits.device)
+                    for t in seq.tokens:
+                        seq.counts[t] += 1
+                row -= sm.presence_penalty * (seq.counts > 0) + sm.frequency_penalty * seq.counts
+            if sm.logit_bias:
+                ids = [t for t, _ in sm.logit_bias]
+                if max(ids) >= vocab:
+                    raise ValueError(f"logit_bias names token id {max(ids)}, but the vocabulary has {vocab} ids.")
+                row[to_device(ids, row.device)] += torch.tensor([b for _, b in sm.logit_bias], device=row.device)
+            logits[i] = row.to(logits.dtype)
+        return logits
 
     @staticmethod
     def _sample(logits: torch.Tensor, temperature: float, top_p: float,

@@ -5,7 +5,8 @@ cost about what one costs. Requests wait in a bounded queue; at each step bounda
 running batch in free KV-cache rows (their prompts are prefilled then), every running sequence advances by one
 pass, and each request's new text goes to its own event queue on the server's event loop. A request ends on
 its own stop token, stop string or token limit; a cancelled one (its client went away) is dropped at the next
-step boundary and its row is reused.
+step boundary and its row is reused. At shutdown, ``drain`` refuses new requests and gives the running and
+waiting ones a while to finish; ``stop`` then ends what is left with an error event.
 
 The engine thread is the only one that touches the model. The web side talks to it through ``submit`` and
 ``cancel`` only.
@@ -20,11 +21,12 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 
 from ..decode import BatchDecoder, Decoding, Sampling
+from .protocol import TokenLogprob
 
 log = logging.getLogger("llama_offload.serve")
 
@@ -37,9 +39,30 @@ class EngineStopped(Exception):
     """The server is shutting down."""
 
 
+class Failure(NamedTuple):
+    """Why a request ended without an answer: what the client gets, as an OpenAI error."""
+
+    status: int
+    message: str
+    kind: str = "server_error"
+    code: str = "internal_error"
+
+
+class Delta(NamedTuple):
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens whose text is complete in what was sent so far
+
+
+class Event(NamedTuple):
+    index: int  # the choice (Request.index) it belongs to
+    kind: str  # "delta" (a Delta), "done" (the finish reason) or "error" (a Failure)
+    payload: Any
+
+
 @dataclass
 class Request:
-    """One completion request as the engine sees it: token ids in, text events out."""
+    """One sequence as the engine sees it: token ids in, text events out. A request for several choices (n, or a
+    list of prompts) is several of these, each with its own ``index``, sharing one event queue."""
 
     id: str
     prompt: list[int]
@@ -47,6 +70,7 @@ class Request:
     sampling: Sampling
     stop_ids: frozenset[int]
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
+    index: int = 0
     loop: Optional[asyncio.AbstractEventLoop] = None
     events: Optional[asyncio.Queue] = None
     # Filled in by the engine.
@@ -54,17 +78,22 @@ class Request:
     started_at: Optional[float] = None
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # the text sent so far
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # those sent so far
     finish_reason: Optional[str] = None
     max_batch: int = 0  # the most sequences decoding together in a pass this request took part in
     cancelled: bool = False
+    _pending: list[TokenLogprob] = field(default_factory=list)  # log-probabilities not sent yet
 
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop, self.events = loop, asyncio.Queue()
+    def attach(self, loop: asyncio.AbstractEventLoop, events: Optional[asyncio.Queue] = None) -> None:
+        self.loop, self.events = loop, events if events is not None else asyncio.Queue()
 
     def emit(self, kind: str, payload: Any = None) -> None:
         """Hand an event to the request's event loop (called on the engine thread)."""
         if self.loop is not None and self.events is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+            try:
+                self.loop.call_soon_threadsafe(self.events.put_nowait, Event(self.index, kind, payload))
+            except RuntimeError:  # the loop closed between the check and the call: nobody is listening
+                pass
 
     @property
     def usage(self) -> dict[str, int]:
@@ -112,8 +141,16 @@ class Engine:
         self.admitting: list[Request] = []  # taken from the queue, being prefilled into rows
         self.passes = 0  # decode passes run
         self.lock = threading.Condition()
+        self.draining = False  # no new requests; the ones in hand may finish
         self.stopping = False
+        self.stop_failure = Failure(503, "The server shut down before this request finished. Retry it when the "
+                                         "server is back.", "server_error", "server_shutting_down")
         self.thread = threading.Thread(target=self._loop, name="llama_offload-engine", daemon=True)
+
+    @property
+    def capacity(self) -> int:
+        """Sequences the engine holds at most: decoding plus waiting."""
+        return self.max_batch_size + self.max_queue
 
     # --- the web side -----------------------------------------------------------------------------------------
 
@@ -121,13 +158,20 @@ class Engine:
         self.thread.start()
 
     def submit(self, request: Request) -> None:
+        self.submit_all([request])
+
+    def submit_all(self, requests: Sequence[Request]) -> None:
+        """Queue every one of ``requests`` (the choices of one HTTP request), or none of them."""
         with self.lock:
-            if self.stopping:
+            if self.stopping or self.draining:
                 raise EngineStopped("the server is shutting down")
-            if len(self.running) + len(self.admitting) + len(self.waiting) >= self.max_batch_size + self.max_queue:
-                raise QueueFull(f"{len(self.running)} requests are decoding and {len(self.waiting)} are waiting "
-                                f"(--max_batch_size {self.max_batch_size}, --max_queue {self.max_queue})")
-            self.waiting.append(request)
+            decoding = len(self.running) + len(self.admitting)
+            held = decoding + len(self.waiting)
+            if held + len(requests) > self.capacity:
+                raise QueueFull(f"{decoding} sequences are decoding and {len(self.waiting)} are waiting, {held} of "
+                                f"the {self.capacity} it holds (--max_batch_size {self.max_batch_size} + "
+                                f"--max_queue {self.max_queue}), and this request needs {len(requests)}")
+            self.waiting.extend(requests)
             self.lock.notify()
 
     def cancel(self, request: Request) -> None:
@@ -138,12 +182,29 @@ class Engine:
                 self.waiting.remove(request)
             self.lock.notify()
 
+    def drain(self, timeout: float) -> None:
+        """Refuse new requests, let the running and waiting ones finish for up to ``timeout`` seconds, then stop
+        (ending the rest with an error). Blocks: call it off the event loop."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            self.draining = True
+            self.stop_failure = self.stop_failure._replace(
+                message=f"The server shut down before this request finished (in-flight requests get "
+                        f"{timeout:g} s, --shutdown_timeout). Retry it when the server is back.")
+            while self.running or self.admitting or self.waiting:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.lock.wait(min(left, 0.05))
+        self.stop()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Refuse new requests, end the ones still waiting or running with an error, stop the thread."""
         with self.lock:
             self.stopping = True
             self.lock.notify()
-        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.thread.join(timeout)
 
     def load(self) -> dict[str, int]:
         with self.lock:
@@ -169,12 +230,14 @@ class Engine:
                     self.admitting = []
                 if self.running:
                     self._step()
-        for request, _, _ in list(self.running.values()):
-            request.emit("error", "the server shut down before this request finished")
-        for request in list(self.waiting):
-            request.emit("error", "the server shut down before this request started")
-        self.running.clear()
-        self.waiting.clear()
+        with self.lock:
+            unfinished = [request for request, _, _ in self.running.values()] + list(self.waiting)
+            self.running.clear()
+            self.waiting.clear()
+        for request in unfinished:
+            request.finish_reason = "shutdown"
+            request.emit("error", self.stop_failure)
+            self._log(request)
 
     def _drop_cancelled(self) -> None:
         for row, (request, seq, _) in list(self.running.items()):
@@ -202,9 +265,11 @@ class Engine:
             self.decoder.step()
         except Exception as e:  # noqa: BLE001 - a shared pass failed: its requests fail, the server goes on
             log.error("a decode pass failed; its %d requests end with an error\n%s", batch, traceback.format_exc())
+            failure = Failure(500, f"Internal error in a decode pass: {type(e).__name__}: {e}. Other requests are "
+                                   "not affected; retry this one.")
             for request, _, _ in list(self.running.values()):
                 request.finish_reason = "error"
-                request.emit("error", f"internal error in a decode pass: {type(e).__name__}: {e}")
+                request.emit("error", failure)
                 self._log(request)
             self.running.clear()
             self.decoder = self.make_decoder()  # the cache rows' state is unknown: start from empty ones
@@ -216,33 +281,70 @@ class Engine:
     def _advance(self, request: Request, seq: Decoding, stream: TextStream, batch: int) -> None:
         """Send what ``seq`` produced since the last call; finish the request if it is done."""
         request.max_batch = max(request.max_batch, batch)
-        new_tokens = len(seq.tokens) > len(request.tokens)
+        known = len(request.tokens)
+        new_tokens = len(seq.tokens) > known
         request.tokens = list(seq.tokens)
+        if request.sampling.logprobs:
+            self._record_logprobs(request, seq, known)
         stopped = False
         if new_tokens:
             delta, stopped = stream.advance(request.tokens, request.text)
             if delta:
                 request.text += delta
-                request.emit("delta", delta)
+                request.emit("delta", Delta(delta, self._logprobs_shown(request, final=False)))
         if not (seq.done or stopped):
             return
         if stopped:
             seq.done = True
             request.finish_reason = "stop"
+            rest = ""
         else:
             rest = stream.flush(request.tokens, request.text)
-            if rest:
-                request.text += rest
-                request.emit("delta", rest)
+            request.text += rest
             request.finish_reason = "length" if len(seq.tokens) >= seq.limit else "stop"
+        shown = self._logprobs_shown(request, final=True)
+        if rest or shown:
+            request.emit("delta", Delta(rest, shown))
         del self.running[seq.row]
         request.emit("done", request.finish_reason)
         self._log(request)
 
+    def _record_logprobs(self, request: Request, seq: Decoding, known: int) -> None:
+        """Log-probability entries for tokens known.. (each token's text in the context of the few before it)."""
+        for i in range(known, min(len(seq.tokens), len(seq.logprobs))):
+            before = seq.tokens[max(0, i - 4) : i]
+            head = self.decode_text(before)
+
+            def text_of(token: int) -> str:
+                text = self.decode_text(before + [token])
+                return text[len(head) :] if text.startswith(head) else text
+
+            piece = text_of(seq.tokens[i])
+            top = seq.top_logprobs[i] if i < len(seq.top_logprobs) else []
+            request._pending.append(TokenLogprob(piece, seq.logprobs[i], tuple((text_of(t), lp) for t, lp in top)))
+
+    def _logprobs_shown(self, request: Request, final: bool) -> tuple[TokenLogprob, ...]:
+        """The pending entries whose tokens' text is now wholly sent (``final``: whose text starts within it, so
+        the entries of tokens a stop string cut off are never sent)."""
+        shown: list[TokenLogprob] = []
+        start = sum(len(e.token) for e in request.logprobs)
+        while request._pending:
+            entry = request._pending[0]
+            end = start + len(entry.token)
+            if not (end <= len(request.text) or (final and start < len(request.text))):
+                break
+            shown.append(request._pending.pop(0))
+            start = end
+        if final:
+            request._pending.clear()
+        request.logprobs += shown
+        return tuple(shown)
+
     def _fail_one(self, request: Request, e: Exception) -> None:
         log.error("request %s failed\n%s", request.id, traceback.format_exc())
         request.finish_reason = "error"
-        request.emit("error", f"internal error: {type(e).__name__}: {e}")
+        request.emit("error", Failure(500, f"Internal error: {type(e).__name__}: {e}. Other requests are not "
+                                           "affected; retry this one."))
         self._log(request)
 
     def _log(self, request: Request) -> None:
