@@ -79,6 +79,16 @@ class ModelArgs:
                 "If the checkpoint needs a feature that is not supported yet, it cannot be run correctly; "
                 "otherwise remove the keys."
             )
+        for name, value in params.items():
+            kinds = _FIELD_TYPES[name]
+            if value is None and type(None) in kinds:
+                continue
+            if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
+                wanted = " or ".join("null" if k is type(None) else {"int": "a whole number", "float": "a number",
+                                                                      "bool": "true or false"}[k.__name__]
+                                     for k in kinds if not (k is int and float in kinds))
+                raise ValueError(f"{source}: {name} must be {wanted}, found {value!r}. Restore params.json from the "
+                                 "original download.")
         try:
             return cls(**{**params, **overrides})
         except ValueError as e:
@@ -98,6 +108,12 @@ class ModelArgs:
             raise ValueError(f"{path} is not valid JSON ({e}). Restore it from the original download.") from None
         if not isinstance(params, dict):
             raise ValueError(f"{path} should hold a JSON object of model parameters, found {type(params).__name__}.")
+        # Without these the defaults (Llama 2 7B's) would describe another model, and the shards' sizes get the blame.
+        missing = [k for k in REQUIRED_PARAMS if k not in params]
+        if missing:
+            raise ValueError(f"{path} lacks {', '.join(missing)}: every Meta params.json records "
+                             f"{', '.join(REQUIRED_PARAMS)}. Restore it from the original download (or re-run the "
+                             "conversion that wrote it).")
         return cls.from_dict(params, source=str(path), **overrides)
 
     def to_params(self) -> dict[str, Any]:
@@ -106,6 +122,15 @@ class ModelArgs:
         del d["max_batch_size"], d["max_seq_len"]
         return d
 
+
+# The keys that fix the model's shape: a params.json without one of them is refused, not given a default.
+REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "multiple_of")
+# What a params.json value may be, per field (a bool is not taken for a number, nor a number for a bool).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    **{k: (int,) for k in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_batch_size", "max_seq_len")},
+    "n_kv_heads": (int, type(None)), "ffn_dim_multiplier": (int, float, type(None)),
+    "norm_eps": (int, float), "rope_theta": (int, float), "use_scaled_rope": (bool,),
+}
 
 # Meta's Llama 2 shapes (7B, 13B, 70B): params.json records no context length, but these are Llama 2's.
 _LLAMA2_DIMS = (4096, 5120, 8192)

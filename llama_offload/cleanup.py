@@ -161,6 +161,8 @@ _NAME_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>%s)-(?P<host>[A-Za-z0-9]*)-(?P
                       % "|".join(TEMP_KINDS))
 # mkdtemp names of earlier versions: .NAME.partial-XXXXXXXX, .NAME.old-XXXXXXXX, .download-XXXXXXXX
 _LEGACY_RE = re.compile(r"^\.(?:.+\.)?(?:partial|old|download)-[A-Za-z0-9_]{8}$")
+# An adapter save of earlier versions (train/lora.py): .NAME.tmp-PID, .NAME.old-PID, with no host in the name.
+_LEGACY_PID_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
 
 
 def _umask() -> int:
@@ -247,7 +249,10 @@ def remove_stale(parent: str | Path) -> list[Path]:
     """Remove the temporary directories in ``parent`` that killed runs left; return what was removed.
 
     Only names this module gives (``.NAME.KIND-HOST-PID-XXXXXXXX``) of this host whose process is gone,
-    and mkdtemp-named ones of earlier versions older than a day. Nothing else is touched.
+    mkdtemp-named ones of earlier versions older than a day, and the ``.NAME.tmp-PID`` / ``.NAME.old-PID`` of
+    earlier versions' adapter saves whose process is gone (or a day old). Nothing else is touched. A stale
+    ``old`` directory whose NAME is missing holds the previous output of a run killed mid-swap: it is put back
+    as NAME instead of being removed.
     """
     removed: list[Path] = []
     try:
@@ -263,10 +268,29 @@ def remove_stale(parent: str | Path) -> list[Path]:
         except OSError:
             continue
         m = _NAME_RE.match(entry.name)
+        legacy = _LEGACY_PID_RE.match(entry.name)
         if m:
             stale = m["host"] == host and not _owner_alive(int(m["pid"]), mtime)
+        elif legacy:  # no host in the name: its PID is taken as this host's, or a day old is stale anyway
+            m = legacy
+            stale = not _owner_alive(int(m["pid"]), mtime) or now - mtime > LEGACY_MAX_AGE_S
         else:
             stale = bool(_LEGACY_RE.match(entry.name)) and now - mtime > LEGACY_MAX_AGE_S
+        if stale and m is not None and m["kind"] == "old" and not (Path(parent) / m["name"]).exists():
+            # Killed between moving the previous output aside and putting the new one in its place: the
+            # previous one goes back, so nothing the user had is lost. It waits in OLD/NAME (this module's
+            # names) or is OLD itself (an adapter save of earlier versions).
+            inner = entry / m["name"] if m is not legacy else entry
+            try:
+                holds = inner.is_dir() and any(inner.iterdir())
+            except OSError:
+                holds = False
+            if holds:
+                with deferred_signals():
+                    try:
+                        inner.rename(Path(parent) / m["name"])
+                    except OSError:
+                        continue  # left alone: better debris than a lost output
         if stale:
             remove_tree(entry)
             if not entry.exists():

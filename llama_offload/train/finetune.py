@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -174,9 +175,8 @@ def prepare(opts: FinetuneOptions, device: torch.device) -> Prepared:
         if not (out / lora.STATE_FILE).is_file():
             raise FileNotFoundError(f"--resume: {out} holds no saved run ({lora.STATE_FILE} is missing). Start the "
                                     "run without --resume, or point --out at the directory of the run to resume.")
-        state = torch.load(out / lora.STATE_FILE, map_location="cpu", weights_only=False)
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"{out / lora.STATE_FILE} was written by another version of llama_offload; start a new run.")
+        lora.read_config(out)  # the saved adapter's config and weights file, whole
+        state = _read_state(out / lora.STATE_FILE)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} already exists and is not empty; nothing in it is overwritten. Pass "
                               "--resume to continue the run saved there, or choose another --out.")
@@ -193,6 +193,7 @@ def prepare(opts: FinetuneOptions, device: torch.device) -> Prepared:
     config = lora.LoRAConfig(int(opts.lora_rank), float(opts.lora_alpha), lora.parse_targets(opts.lora_targets),
                              lora.ModelShape.of(params))
     config.check()
+    check_out_room(out, config, resuming=state is not None)
     chat_format = get_chat_format(opts.chat_format or read_checkpoint_meta(ckpt_dir).get("chat_format")
                                   or default_chat_format_name(tokenizer), tokenizer)
     pad_id = tokenizer.eos_id
@@ -233,6 +234,55 @@ def prepare(opts: FinetuneOptions, device: torch.device) -> Prepared:
     dtype = parse_dtype(opts.dtype) if opts.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return Prepared(opts, ckpt_dir, tokenizer_path, params, config, inputs, targets, eval_inputs, eval_targets, sha,
                     total, start, state, device, dtype)
+
+
+_STATE_KEYS = ("version", "step", "identity", "world_size", "data_sha256", "optimizer", "adapter", "history")
+
+
+def _read_state(path: Path) -> dict:
+    """The trainer state a run saved, read whole and checked for its keys: a damaged file is one line."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch.load raises many types on a truncated or foreign file
+        detail = (str(e).split(". ")[0].splitlines() or [type(e).__name__])[0][:120]
+        raise ValueError(f"--resume: {path} could not be read ({detail}): it is truncated or damaged. Start a new run with another --out; the adapter saved "
+                         "beside it is still usable with --lora.") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise ValueError(f"{path} was written by another version of llama_offload; start a new run.")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"--resume: {path} lacks {', '.join(missing)}: it is damaged. Start a new run with another "
+                         "--out.")
+    return state
+
+
+def check_out_room(out: Path, config: lora.LoRAConfig, *, resuming: bool) -> int:
+    """Refuse, before any weight is read, an --out that cannot be written or whose disk cannot hold the saves;
+    return the bytes asked for.
+
+    Every save writes the adapter and the trainer state into a temporary sibling of --out, then swaps it in
+    for the previous save: at the moment of the swap both are on disk, so the disk must hold two saves (one
+    more when resuming, the run's own save being there already). Leftovers of killed runs beside --out are
+    removed by the probe (cleanup.remove_stale), before the free space is measured."""
+    from ..cleanup import new_temp_dir, remove_tree
+    from ..convert import _existing_ancestor
+
+    one = lora.save_bytes(config)
+    need = one if resuming else 2 * one
+    where = _existing_ancestor(out)
+    try:
+        remove_tree(new_temp_dir(where, out.name))  # a real write: permissions, a read-only mount, root or not
+    except OSError as e:
+        raise PermissionError(f"--out {out} cannot be written: {where} is not writable ({e.strerror or e}). Choose an "
+                              "--out in a directory you can write to.") from None
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise OSError(f"Not enough free disk space for --out {out}: its saves (adapter and trainer "
+                      f"state, {one / 2**20:.1f} MiB each, {'one more' if resuming else 'two'} on disk while a save "
+                      f"replaces the previous one) need about {need / 2**20:.1f} MiB, and the disk of {where} has "
+                      f"{free / 2**20:.1f} MiB free. Free some space, choose an --out on another disk, or lower "
+                      "--lora_rank.")
+    return need
 
 
 def step_rows(step: int, rows_per_step: int, n_rows: int, seed: int) -> torch.Tensor:
@@ -380,9 +430,12 @@ def finetune(opts: FinetuneOptions, *, show_progress: bool = True) -> Path:
                 trainer.save(step)
     except KeyboardInterrupt:
         if rank == 0 and step > prep.start_step:
-            trainer.save(step)
-            print(f"\nllama_offload finetune: interrupted; saved step {step} in {opts.out}; continue with --resume",
-                  file=sys.stderr)
+            try:
+                trainer.save(step)
+                print(f"\nllama_offload finetune: interrupted; saved step {step} in {opts.out}; continue with "
+                      "--resume", file=sys.stderr)
+            except lora.SaveError as e:  # the signal still decides the exit; the reason the save failed is shown
+                print(f"\nllama_offload finetune: interrupted; step {step} was not saved: {e}", file=sys.stderr)
         raise
     out = trainer.save(step) if rank == 0 else Path(opts.out)
     if world > 1:
