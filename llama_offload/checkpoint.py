@@ -34,7 +34,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -511,6 +511,38 @@ def load_model(
     return model.eval()
 
 
+# Bits a weight of each GGUF block type takes (codes and the block's scale / minimum), per ggml's layouts.
+# Only the types kept in this package's layout with fp16 scales (quant.py); the K-quants' fp32 scales differ.
+GGUF_BITS = {"Q4_0": 4.5, "Q4_1": 5.0, "Q8_0": 8.5, "F16": 16.0, "BF16": 16.0, "F32": 32.0}
+
+
+def describe_quantization(record: Any) -> str:
+    """A llama_offload.json "quantization" record in a few words, for messages and ``info``: "int4 in groups of 64,
+    embedding and head 16-bit", or a GGUF's kept blocks "Q4_1 blocks (5.0 bits/weight) in 210 matrices, Q8_0
+    (8.5 bits/weight) in 1 (the token embedding)" instead of the record itself (one entry per matrix)."""
+    if not isinstance(record, dict):
+        return f"an unreadable record ({type(record).__name__})"
+    types = record.get("tensor_types")
+    if isinstance(types, dict) and types:
+        counts: dict[str, int] = {}
+        for kind in types.values():
+            counts[str(kind)] = counts.get(str(kind), 0) + 1
+        parts = []
+        for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+            bits = f" ({GGUF_BITS[kind]:g} bits/weight)" if kind in GGUF_BITS else ""
+            names = [str(k) for k, v in types.items() if str(v) == kind]
+            which = f" ({', '.join(names)})" if not any(k.startswith("layers.") for k in names) else ""
+            parts.append(f"{kind}{bits} in {n} matri{'x' if n == 1 else 'ces'}{which}")
+        return "GGUF blocks kept as stored: " + ", ".join(parts)
+    bits = record.get("bits")
+    if bits == 4:
+        return (f"int4 in groups of {record.get('group_size', '?')} (about {4 + 32 / int(record.get('group_size') or 64):g} "
+                f"bits/weight with its fp16 scales and offsets), embedding and head {record.get('embeddings', '16-bit')}")
+    if bits == 8:
+        return f"int8 per output channel (about 8 bits/weight), embedding and head {record.get('embeddings', '16-bit')}"
+    return f"an unknown format (bits {bits!r})"
+
+
 def already_quantized_message(ckpt_dir: str | Path, spec: QuantSpec) -> str:
     return (f"--quantize {'int8' if spec.bits == 8 else 'int4'} was given, but {ckpt_dir} is already quantized "
             "(its llama_offload.json records a quantization). Drop --quantize to run it as it is, or quantize the "
@@ -739,4 +771,4 @@ def checkpoint_context_length(ckpt_dir: str | Path, args: ModelArgs) -> tuple[Op
     return infer_context_length(args)
 
 
-__all__ += ["check_shard_sizes", "checkpoint_context_length", "expected_shard_elements"]
+__all__ += ["check_shard_sizes", "checkpoint_context_length", "describe_quantization", "expected_shard_elements"]

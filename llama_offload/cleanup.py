@@ -40,6 +40,7 @@ __all__ = [
     "interrupt_exit_code",
     "interrupt_message",
     "interruptible",
+    "is_temp_dir_name",
     "new_temp_dir",
     "remove_stale",
     "remove_tree",
@@ -197,6 +198,11 @@ def new_temp_dir(parent: str | Path, name: str, kind: str = "partial") -> Path:
             shutil.rmtree(made, ignore_errors=True)
         raise
     return made
+
+
+def is_temp_dir_name(name: str) -> bool:
+    """Is ``name`` one of this module's temporary directory names (or an earlier version's)?"""
+    return bool(_NAME_RE.match(name) or _LEGACY_RE.match(name) or _LEGACY_PID_RE.match(name))
 
 
 def remove_tree(path: str | Path) -> None:

@@ -25,8 +25,8 @@ import torch
 
 from .args import ModelArgs
 from .chat_format import SPECIAL_TAGS_ERROR, Dialog, default_chat_format_name, get_chat_format, validate_dialog
-from .checkpoint import checkpoint_context_length, find_shards
-from .convert import read_checkpoint_meta
+from .checkpoint import checkpoint_context_length, describe_quantization, find_shards
+from .convert import describe_source, read_checkpoint_meta
 from .convert_gguf import convert_gguf
 from .convert_hf import convert_hf
 from .default_model import _find_tokenizer, resolve_paths
@@ -39,7 +39,7 @@ from .lanes import lanes_for_run
 from .quant_load import read_quantization
 from .train.lora import lora_cpu_blocks
 from .train.merge import check_lora, describe as describe_lora
-from .preflight import check_context_length, stored_spec, stored_weight_bytes
+from .preflight import check_before_load, check_context_length, stored_spec, stored_weight_bytes
 from .run_options import RunOptions
 from .text_input import TextInputError, a_type, check_dialog, check_text, decode_text, read_stdin_lines, \
     tolerate_undecodable_stdin
@@ -144,7 +144,12 @@ def chat_repl(
     while True:
         try:
             line = read("> ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
+            print()
+            return dialog
+        except KeyboardInterrupt as e:
+            if _is_sigterm(e):  # SIGTERM ends the command as it ends every other one: one line, exit 143
+                raise
             print()
             return dialog
         except UnicodeDecodeError as e:  # a reader that decodes strictly: the line is lost, the session is not
@@ -188,7 +193,11 @@ def chat_repl(
             for piece in stream:
                 pieces.append(piece)
                 print(piece, end="", flush=True)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            if _is_sigterm(e):
+                stream.close()
+                print()
+                raise
             interrupted = True
         finally:
             stream.close()  # runs the generator's cleanup, which records the stats of what was produced
@@ -202,6 +211,12 @@ def chat_repl(
         if not interrupted and prompt_len + llama.last_stats.new_tokens >= llama.max_seq_len:
             print(f"(The answer was cut at max_seq_len = {llama.max_seq_len} tokens. Type /reset to start over, "
                   "or restart with a larger --max_seq_len.)")
+
+
+def _is_sigterm(e: BaseException) -> bool:
+    import signal
+
+    return getattr(e, "signum", None) == signal.SIGTERM
 
 
 @run_options_command(defaults=dict(max_seq_len=512), fixed=dict(max_batch_size=1),
@@ -233,9 +248,14 @@ def chat(
         import readline  # noqa: F401
     except ImportError:
         pass
+    from .cleanup import exit_on_signal
+
     system = None if system is None else check_text(str(system), "--system")
-    llama = build_llama(options, system=system)  # the system prompt is checked before any weight is read
-    chat_repl(llama, system=system, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+    # SIGTERM (at the prompt, mid-answer or while loading) exits 143 with one line, as every command does;
+    # Ctrl-C keeps its chat meaning (stop the answer; quit at the prompt).
+    with exit_on_signal("llama-offload chat"):
+        llama = build_llama(options, system=system)  # the system prompt is checked before any weight is read
+        chat_repl(llama, system=system, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
 
 
 @run_options_command(defaults=dict(max_seq_len=1024, max_batch_size=4), leading=("ckpt_dir", "tokenizer_path"))
@@ -454,9 +474,11 @@ def info(*, options: RunOptions) -> None:
     counts, size = param_counts(args, tied=bool(read_checkpoint_meta(ckpt).get("tied_embeddings"))), model_dtype.itemsize
 
     meta = read_checkpoint_meta(ckpt)
+    quantization = read_quantization(ckpt)
     print(f"checkpoint     {ckpt}")
     if meta:
-        print(f"converted from {meta.get('source', '?')}; chat format {meta.get('chat_format') or 'none recorded'}")
+        print(f"converted from {describe_source(meta.get('source'))}; chat format "
+              f"{meta.get('chat_format') or 'none recorded'}")
     for merged in meta.get("lora_merged") or []:
         if isinstance(merged, dict):
             print(f"merged adapter LoRA rank {merged.get('rank', '?')}, targets "
@@ -465,7 +487,16 @@ def info(*, options: RunOptions) -> None:
         how = ("attached beside the quantized matrices (resident on the GPU; no CPU lane)" if attached else
                "merged into the weights while loading" + (", before --quantize" if options.quant_spec is not None else ""))
         print(f"adapter        {options.lora}: {describe_lora(lora)}; {how}")
-    print(f"dtype          {dtype_note}")
+    if quantization is not None:
+        # The blocks' own bytes, measured from the shard's tensors: the storage a run reads, not the compute dtype.
+        measured = n_layers * plan.block_bytes * 8 / max(1, n_layers * counts["per_block"])
+        print(f"storage        {describe_quantization(quantization)}; {measured:.2f} bits/weight over the blocks, "
+              "measured")
+        source = "from --dtype" if want_dtype is not None else "the dtype its norms are stored in"
+        print(f"dtype          compute {_dtype_name(model_dtype)} ({source}); the quantized matrices are "
+              "dequantized to it as they are used")
+    else:
+        print(f"dtype          {dtype_note}")
     print(f"model          dim {args.dim}, {n_layers} layers, {args.n_heads} heads, {args.kv_heads} kv heads, "
           f"head_dim {args.head_dim}, ffn hidden {args.ffn_hidden_dim}, vocab {args.vocab_size}{vocab_note}, "
           f"rope_theta {args.rope_theta:g}{', scaled RoPE' if args.use_scaled_rope else ''}")
@@ -487,7 +518,7 @@ def info(*, options: RunOptions) -> None:
     print("GPU memory plan (the CUDA context, a few hundred MiB, comes on top):")
     print(plan.describe())
     print(f"context        {f'{context} tokens, from {context_source}' if context else 'not known (nothing records it)'}")
-    try:  # info shows the plan anyway; complete and chat refuse it
+    try:  # info shows the plan anyway; the run's own check below refuses it
         check_context_length(max_seq_len, context, context_source, options.allow_long_context)
     except ValueError as e:
         print(f"  warning: {e}")
@@ -505,6 +536,15 @@ def info(*, options: RunOptions) -> None:
                   f"{host.advice()}")
     if not torch.cuda.is_available():
         print("note           PyTorch sees no CUDA GPU here: on this machine the blocks would run on the CPU.")
+    # The checks complete, chat and serve make before loading, with these flags on this machine: info exits
+    # non-zero (after showing the plan) wherever a run would be refused.
+    if tok is None:
+        raise FileNotFoundError(f"a run would be refused: no tokenizer was found for {ckpt}. Pass --tokenizer_path "
+                                "with the tokenizer that came with the checkpoint.")
+    try:
+        check_before_load(ckpt, tok, options, check_memory=True)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise ValueError(f"a run with these flags would be refused: {e}") from None
 
 
 def convert(source: str, out: str, dtype: Optional[str] = None, force: bool = False) -> None:

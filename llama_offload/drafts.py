@@ -14,7 +14,10 @@ them and gives the target what is left).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +31,7 @@ from .speculative import Draft, ModelDraft, NgramDraft
 from .tokenizer import BUNDLED_CORPUS_PATH, Tokenizer, load_tokenizer
 
 SELF_DRAFT_SPECS = {"int4": QuantSpec(4, 64), "int8": QuantSpec(8)}
+_WHERE_NOTE = "llama_offload: no CUDA device, so the packed blocks run"  # offload()'s note, printed by the model
 
 
 def tokenizer_mismatch(target: Tokenizer, draft: Tokenizer) -> Optional[str]:
@@ -127,7 +131,14 @@ def build_draft(opts: RunOptions, ckpt_dir: str | Path, tokenizer: Tokenizer,
     model = load_model(source, max_seq_len=max_seq_len, max_batch_size=opts.max_batch_size, dtype=dtype,
                        vocab_size=tokenizer.n_words, show_progress=False, model_parallel_size=1,
                        quantize=quantize, quantize_device=device if device.type == "cuda" else None, lora=lora)
-    packed = offload(model, max_batch_size=opts.max_batch_size, max_seq_len=max_seq_len, device=device,
-                     resident=device.type == "cuda", cuda_graphs=opts.cuda_graphs)
+    # offload() says once per call where the blocks run; the model's own call says it for the run, so the draft's
+    # copy of that note is dropped (anything else it prints still reaches stderr).
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        packed = offload(model, max_batch_size=opts.max_batch_size, max_seq_len=max_seq_len, device=device,
+                         resident=device.type == "cuda", cuda_graphs=opts.cuda_graphs)
+    for line in said.getvalue().splitlines():
+        if not line.startswith(_WHERE_NOTE):
+            print(line, file=sys.stderr)
     held = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else 0
     return ModelDraft(packed, prefill_chunk=opts.chunk()), held

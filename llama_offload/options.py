@@ -350,16 +350,24 @@ class FlagError(ValueError):
 HELP_FLAGS = ("-h", "--help")
 
 
+def _display(lines: Sequence[str], out: Any) -> None:
+    """fire's Display without its pager: fire pipes help through ``less`` when stdout is a terminal (and resets
+    SIGINT's handler afterwards); help here is printed like any other output, so it can be read, scrolled,
+    searched or piped as the user's terminal allows."""
+    out.write("\n".join(lines) + "\n")
+    out.flush()
+
+
 def _fire(component: Callable[..., Any] | dict[str, Callable[..., Any]], name: str) -> None:
     argv = sys.argv[1:]
     check_flag_names(component, argv, name)
-    if not any(a in HELP_FLAGS for a in argv):
-        fire.Fire(component, name=name)
-        return
-    # fire prints help to stderr; asked for, it is the output, so it goes to stdout (its notes stay on stderr).
+    asked_for_help = any(a in HELP_FLAGS for a in argv)
     display, arg_type = fire.core.Display, fire.helptext._GetArgType
-    fire.core.Display = lambda lines, out: display(lines, sys.stdout if out is sys.stderr else out)
-    fire.helptext._GetArgType = _help_arg_type
+    # fire prints help to stderr; asked for, it is the output, so it goes to stdout (its notes stay on stderr).
+    fire.core.Display = ((lambda lines, out: _display(lines, sys.stdout if out is sys.stderr else out))
+                         if asked_for_help else _display)
+    if asked_for_help:
+        fire.helptext._GetArgType = _help_arg_type
     try:
         fire.Fire(component, name=name)
     finally:

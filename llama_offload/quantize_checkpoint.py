@@ -27,7 +27,7 @@ import torch
 
 from . import quant
 from .args import ModelArgs
-from .checkpoint import _compact, expected_shapes, find_shards, open_float_shards
+from .checkpoint import _compact, describe_quantization, expected_shapes, find_shards, open_float_shards
 from .convert import META_FILENAME, _is_inside, check_out_dir, dtype_name, output_dir, read_checkpoint_meta, \
     write_checkpoint_meta
 from .default_model import resolve_paths
@@ -179,7 +179,8 @@ def quantize_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec: QuantSp
                          f"an --out outside it, e.g. {ckpt.name}-{spec.name.replace(' ', '-')} beside it.")
     meta = read_checkpoint_meta(ckpt)
     if "quantization" in meta:
-        raise _already_quantized(f"{ckpt / META_FILENAME} records \"quantization\": {meta['quantization']}")
+        raise _already_quantized(f"{ckpt / META_FILENAME} records a quantization, "
+                                 f"{describe_quantization(meta['quantization'])}")
     args = ModelArgs.from_json(params_path)
     _, tok = resolve_paths(ckpt, tokenizer_path)
     tokenizer = load_tokenizer(tok)

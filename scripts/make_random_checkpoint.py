@@ -20,7 +20,6 @@ try:
 except ImportError:  # run from a checkout without installing: python scripts/make_random_checkpoint.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import fire
 import torch
 
 from llama_offload.args import ModelArgs
@@ -108,4 +107,6 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from llama_offload.options import fire_main
+
+    fire_main(main, name=Path(__file__).name)  # one-line errors, and help printed without a pager

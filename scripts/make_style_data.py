@@ -172,6 +172,10 @@ def main(out_dir: Optional[str] = None) -> None:
 
 
 if __name__ == "__main__":
-    import fire
+    import sys
 
-    fire.Fire(main, name="make_style_data.py")
+    if str(ROOT) not in sys.path:  # run from a checkout without installing the package
+        sys.path.insert(0, str(ROOT))
+    from llama_offload.options import fire_main
+
+    fire_main(main, name="make_style_data.py")  # one-line errors, and help printed without a pager
