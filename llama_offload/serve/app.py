@@ -317,7 +317,7 @@ def _describe(err: dict[str, Any]) -> tuple[Optional[str], str, str]:
         return None, "invalid_type", f"the body must be a JSON object: {text}"
     found = err.get("input")
     shown = json.dumps(found)[:60] if isinstance(found, (str, int, float, bool, type(None))) else type(found).__name__
-    code = "invalid_type" if kind.endswith("_type") or kind in ("literal_error", "union_tag_invalid") else "invalid_value"
+    code = "invalid_type" if kind.endswith("_type") else "invalid_value"  # a wrong kind of value, or a wrong value
     return where, code, f"{where}: {text}, found {shown}"
 
 

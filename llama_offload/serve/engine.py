@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import threading
 import time
 import traceback
@@ -83,6 +84,7 @@ class Request:
     max_batch: int = 0  # the most sequences decoding together in a pass this request took part in
     cancelled: bool = False
     _pending: list[TokenLogprob] = field(default_factory=list)  # log-probabilities not sent yet
+    _attributed: str = ""  # the answer's text that the recorded entries account for
 
     def attach(self, loop: asyncio.AbstractEventLoop, events: Optional[asyncio.Queue] = None) -> None:
         self.loop, self.events = loop, events if events is not None else asyncio.Queue()
@@ -302,7 +304,7 @@ class Engine:
             rest = stream.flush(request.tokens, request.text)
             request.text += rest
             request.finish_reason = "length" if len(seq.tokens) >= seq.limit else "stop"
-        shown = self._logprobs_shown(request, final=True)
+        shown = self._logprobs_shown(request, final=True, cut=stopped)
         if rest or shown:
             request.emit("delta", Delta(rest, shown))
         del self.running[seq.row]
@@ -310,33 +312,41 @@ class Engine:
         self._log(request)
 
     def _record_logprobs(self, request: Request, seq: Decoding, known: int) -> None:
-        """Log-probability entries for tokens known.. (each token's text in the context of the few before it)."""
+        """Log-probability entries for tokens known.. . Each token's text is what it adds to the decoded answer,
+        so the entries' texts join up to the answer; a token that ends mid-character adds nothing and the one that
+        completes the character carries it. An alternative's text is decoded after the few tokens before it."""
         for i in range(known, min(len(seq.tokens), len(seq.logprobs))):
+            stable = self.decode_text(seq.tokens[: i + 1]).rstrip("\ufffd")
+            same = len(os.path.commonprefix([stable, request._attributed]))
+            piece, request._attributed = stable[same:], stable
             before = seq.tokens[max(0, i - 4) : i]
             head = self.decode_text(before)
 
             def text_of(token: int) -> str:
                 text = self.decode_text(before + [token])
-                return text[len(head) :] if text.startswith(head) else text
+                return text[len(head) :] if text.startswith(head) else self.decode_text([token])
 
-            piece = text_of(seq.tokens[i])
             top = seq.top_logprobs[i] if i < len(seq.top_logprobs) else []
             request._pending.append(TokenLogprob(piece, seq.logprobs[i], tuple((text_of(t), lp) for t, lp in top)))
 
-    def _logprobs_shown(self, request: Request, final: bool) -> tuple[TokenLogprob, ...]:
-        """The pending entries whose tokens' text is now wholly sent (``final``: whose text starts within it, so
-        the entries of tokens a stop string cut off are never sent)."""
+    def _logprobs_shown(self, request: Request, final: bool, cut: bool = False) -> tuple[TokenLogprob, ...]:
+        """The pending entries whose tokens' text is now wholly sent; ``final``: all the rest, but where a stop
+        string ``cut`` the text, only those whose text starts before the cut."""
         shown: list[TokenLogprob] = []
         start = sum(len(e.token) for e in request.logprobs)
         while request._pending:
             entry = request._pending[0]
             end = start + len(entry.token)
-            if not (end <= len(request.text) or (final and start < len(request.text))):
+            if not (end <= len(request.text) or (final and (not cut or start < len(request.text)))):
                 break
+            if not final and not entry.token and len(request._pending) == 1:
+                break  # the last token ends mid-character: its text may only come with the end of the answer
             shown.append(request._pending.pop(0))
             start = end
         if final:
             request._pending.clear()
+            if shown and not cut and len(request.text) > start:  # a last character left incomplete
+                shown[-1] = shown[-1]._replace(token=shown[-1].token + request.text[start:])
         request.logprobs += shown
         return tuple(shown)
 
