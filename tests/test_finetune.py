@@ -265,6 +265,102 @@ def test_errors_are_refused_before_the_weights_are_read(tiny_ckpt, text_data, tm
     assert (out / "keep.txt").read_text() == "mine"
 
 
+def test_out_is_checked_for_writing_and_room_before_the_weights_are_read(tiny_ckpt, text_data, tmp_path, monkeypatch):
+    from llama_offload.train import finetune as ft
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were loaded before the error")
+
+    monkeypatch.setattr(ft, "load_model", no_load)
+    opts = _opts(tiny_ckpt, text_data, tmp_path / "runs" / "out", steps=1)
+    config = lora.LoRAConfig(4, 32.0, lora.TARGETS, lora.ModelShape.of(ModelArgs.from_json(tiny_ckpt / "params.json")))
+    one = lora.save_bytes(config)
+    # The estimate covers what a save really writes (the adapter, its config and the trainer state).
+    assert one >= 4 * 3 * sum(4 * (o + i) for o, i in (config.shape.matrix(t) for t in lora.TARGETS)) * 2
+    real = shutil.disk_usage
+    monkeypatch.setattr(ft.shutil, "disk_usage", lambda p: real(p)._replace(free=2 * one - 1))
+    with pytest.raises(OSError, match=r"Not enough free disk space for --out .* need about .* MiB, and the disk of"):
+        finetune(opts, show_progress=False)
+    monkeypatch.setattr(ft.shutil, "disk_usage", real)
+    from llama_offload import cleanup
+
+    def read_only(parent, name, kind="partial"):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(cleanup, "new_temp_dir", read_only)
+    with pytest.raises(PermissionError, match=r"--out .* cannot be written: .* is not writable \(Read-only file system\)"):
+        finetune(opts, show_progress=False)
+    assert not (tmp_path / "runs").exists()  # nothing was made on the way
+
+
+def _temp_dirs(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_debris(tiny_ckpt, text_data, tmp_path, monkeypatch,
+                                                                     capsys):
+    """ENOSPC in the middle of the final save (simulated in-process): the command prints one line and exits 1,
+    the step-2 save stays whole and loadable, and no temporary directory remains."""
+    import errno
+
+    from llama_offload import cli
+    from llama_offload.cleanup import _host
+
+    out = tmp_path / "run"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    debris = [tmp_path / f".run.partial-{_host()}-{int(dead.stdout)}-0123abcd", tmp_path / f".run.tmp-{int(dead.stdout)}"]
+    for d in debris:  # what killed runs (this version's and earlier ones') left beside --out
+        d.mkdir()
+        (d / "adapter.safetensors").write_bytes(b"half")
+    real_save = torch.save
+    saves = []
+
+    def save_then_full(obj, f, *a, **k):
+        saves.append(f)
+        if len(saves) == 2:
+            Path(f).write_bytes(b"x" * 100)  # part of the file was written when the disk filled
+            raise RuntimeError(f"[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: "
+                               f"{os.strerror(errno.ENOSPC)}")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(lora.torch, "save", save_then_full)
+    monkeypatch.setattr(sys, "argv", ["llama-offload", "finetune", "--data", str(text_data), "--out", str(out),
+                                      "--ckpt_dir", str(tiny_ckpt), "--tokenizer_path", str(tiny_ckpt.parent / "tokenizer.model"),
+                                      "--seq_len", "16", "--lora_rank", "4", "--device", "cpu", "--steps", "3",
+                                      "--save_every", "2"])
+    monkeypatch.delenv("LLAMA_OFFLOAD_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "the disk is full (a save needs about" in errors[0], err
+    assert "previous save there, if any, is unchanged" in errors[0]
+    assert _temp_dirs(tmp_path) == []  # neither this run's temporary directory nor the killed runs' debris
+    assert _state(out)["step"] == 2  # the save before the full disk, whole
+    lora.load_adapter(out)
+
+
+def test_saved_files_follow_the_umask_and_a_kill_mid_swap_loses_nothing(tmp_path):
+    from llama_offload.cleanup import _host, remove_stale
+
+    config = lora.LoRAConfig(2, 4.0, ("wq",), lora.ModelShape(64, 1, 4, 2, 192))
+    out = lora.save_adapter(lora.LoRAAdapter(config), tmp_path / "ad", state={"step": 1})
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes == {n: 0o666 & ~mask for n in (lora.WEIGHTS_FILE, lora.CONFIG_FILE, lora.STATE_FILE)}
+    # A run SIGKILLed between moving the previous save aside and renaming the new one in: the next run puts the
+    # previous save back instead of removing it.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    aside = tmp_path / f".ad.old-{_host()}-{int(dead.stdout)}-0123abcd"
+    aside.mkdir()
+    out.rename(aside / "ad")
+    remove_stale(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
+    assert lora.read_config(tmp_path / "ad") == config
+
+
 def test_resume_refuses_other_flags_or_data(tiny_ckpt, text_data, tmp_path):
     out = tmp_path / "run"
     finetune(_opts(tiny_ckpt, text_data, out, steps=1), show_progress=False)
