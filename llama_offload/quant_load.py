@@ -34,7 +34,11 @@ def read_quantization(ckpt_dir: str | Path) -> Optional[dict[str, Any]]:
     record = read_checkpoint_meta(ckpt_dir).get("quantization")
     if record is None:
         return None
-    version = record.get("format_version") if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        raise ValueError(f"{Path(ckpt_dir) / META_FILENAME}: \"quantization\" must be a JSON object, found "
+                         f"{type(record).__name__}. The file is damaged: re-run the conversion or quantization that "
+                         "wrote the checkpoint.")
+    version = record.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(
             f"{Path(ckpt_dir) / META_FILENAME} records a quantization format version {version!r}; this version of "

@@ -117,6 +117,9 @@ CASES: list[Case] = [
     C("llama-offload", "complete", "Hi", "--ckpt_dir", "{badmeta}", fragment="llama_offload.json is not valid JSON"),
     C("llama-offload", "info", "--ckpt_dir", "{badmeta}", fragment="llama_offload.json is not valid JSON"),
     C("llama-offload", "info", "--ckpt_dir", "{metalist}", fragment="llama_offload.json should hold a JSON object"),
+    C("llama-offload", "complete", "Hi", "--ckpt_dir", "{metaquant}", fragment='"quantization" must be a JSON object'),
+    C("llama-offload", "info", "--ckpt_dir", "{quantized_cut}", fragment="Could not read shard"),
+    C("llama-offload", "complete", "Hi", "--ckpt_dir", "{quantized_cut}", fragment="Could not read shard"),
     # --- quantize on a quantized checkpoint: one short line that summarises the record ---
     C("llama-offload", "quantize", "--ckpt_dir", "{quantized}", "--out", "{tmp}/q2", "--bits", "4",
       fragment="records a quantization, int4 in groups of 64"),
@@ -189,8 +192,14 @@ def paths(tmp_path_factory: pytest.TempPathFactory, sp_tokenizer_path: Path) -> 
         "kvtext": variant("kvtext", params(n_kv_heads="2")),
         "badmeta": variant("badmeta", lambda d: (d / "llama_offload.json").write_text('{"format_version": 1, "chat')),
         "metalist": variant("metalist", lambda d: (d / "llama_offload.json").write_text("[1, 2]")),
+        "metaquant": variant("metaquant", lambda d: (d / "llama_offload.json").write_text(
+            json.dumps({"format_version": 1, "chat_format": None, "quantization": "int4"}))),
     }
     made["quantized"] = quantize_checkpoint(good, root / "quantized", QuantSpec(4, 64))
+    made["quantized_cut"] = root / "quantized_cut"
+    shutil.copytree(made["quantized"], made["quantized_cut"])
+    qshard = made["quantized_cut"] / shard.name
+    qshard.write_bytes(qshard.read_bytes()[: qshard.stat().st_size // 2])
     # A LoRA adapter of the good checkpoint (saved with a trainer state, as finetune does) and damaged copies.
     adapter = root / "adapter"
     config = LoRAConfig(4, 8.0, ("wq", "wv"), ModelShape.of(args))
