@@ -226,7 +226,7 @@ class Engine:
                     self._drop_cancelled()
                     while self.waiting and len(self.running) + len(self.admitting) < self.max_batch_size:
                         self.admitting.append(self.waiting.popleft())
-                for request in self.admitting:
+                for request in list(self.admitting):
                     self._join(request)
                 with self.lock:
                     self.admitting = []
@@ -255,10 +255,14 @@ class Engine:
             (seq,) = self.decoder.join([request.prompt], request.max_tokens, set(request.stop_ids),
                                        sampling=[request.sampling])
         except Exception as e:  # noqa: BLE001 - this request fails alone; the others go on
+            with self.lock:
+                self.admitting.remove(request)
             self._fail_one(request, e)
             return
         stream = TextStream(self.decode_text, request.stop)
-        self.running[seq.row] = (request, seq, stream)
+        with self.lock:  # from admitting to running in one move, so that no count sees it twice
+            self.running[seq.row] = (request, seq, stream)
+            self.admitting.remove(request)
         self._advance(request, seq, stream, batch=1)
 
     def _step(self) -> None:
