@@ -6,7 +6,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, TypedDict
+from typing import Any, Callable, Iterator, Optional, Sequence, TypedDict
 
 import torch
 
@@ -136,7 +136,8 @@ class Llama:
                               device=target,
                               resident=not opts.offload and target.type == "cuda", cuda_graphs=opts.cuda_graphs,
                               prefill_chunk=opts.prefill_chunk, cpu_blocks=opts.cpu_blocks,
-                              lanes=preflight.plan.lanes, cpu_threads=preflight.cpu_threads)
+                              lanes=preflight.plan.lanes, cpu_threads=preflight.cpu_threads,
+                              host_kernel=preflight.plan.host_kernel and preflight.plan.host_kernel.kernel)
         if parallel.is_rank0():
             print(f"llama_offload: loaded in {time.perf_counter() - start:.2f} s", file=sys.stderr)
         chat_format = (opts.chat_format or read_checkpoint_meta(ckpt_dir).get("chat_format")
@@ -199,18 +200,26 @@ class Llama:
         *,
         stop_ids: Optional[set[int]] = None,
         seed: Optional[int] = None,
+        on_done: Optional[Callable[[int, list[int], Optional[list[float]]], None]] = None,
     ) -> tuple[list[list[int]], Optional[list[list[float]]]]:
         """Generated token ids per prompt (cut at the first stop token), and their log-probabilities.
-        With ``echo`` the prompt comes first, and its log-probabilities start with 0 for the first token."""
+        With ``echo`` the prompt comes first, and its log-probabilities start with 0 for the first token.
+        ``on_done(i, tokens, logprobs)`` is called for prompt i as soon as it is finished, while the others go on:
+        a batch lasts as long as its longest answer, and the finished ones need not wait for it."""
         start = self._start_stats()
         seqs: list[Decoding] = []
+        finished: set[int] = set()
+        out = lambda s: ((s.prompt if echo else []) + s.tokens,  # noqa: E731
+                         ([0.0] + s.prompt_logprobs if echo else []) + s.logprobs if logprobs else None)
         for seqs in self.stream(prompt_tokens, max_gen_len, temperature, top_p, stop_ids=stop_ids, seed=seed,
                                 logprobs=logprobs, echo_logprobs=logprobs and echo):
-            pass
-        out_tokens = [(s.prompt if echo else []) + s.tokens for s in seqs]
-        out_logprobs = [([0.0] + s.prompt_logprobs if echo else []) + s.logprobs for s in seqs]
+            for i, s in enumerate(seqs):
+                if on_done is not None and s.done and i not in finished:
+                    finished.add(i)
+                    on_done(i, *out(s))
         self._end_stats(start, sum(len(s.tokens) for s in seqs))
-        return out_tokens, (out_logprobs if logprobs else None)
+        results = [out(s) for s in seqs]
+        return [t for t, _ in results], ([lp for _, lp in results] if logprobs else None)
 
     def _start_stats(self) -> float:
         if self.device.type == "cuda":
@@ -234,12 +243,15 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
         seed: Optional[int] = None,
+        *,
+        on_result: Optional[Callable[[int, CompletionPrediction], None]] = None,
     ) -> list[CompletionPrediction]:
+        """Meta's text completion; ``on_result(i, prediction)``: prompt i's result as soon as it is finished."""
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        make = lambda i, t, lp: self._prediction(t, lp, {"generation": self.tokenizer.decode(t)})  # noqa: E731
         tokens, lps = self.generate(prompt_tokens, self._default_gen_len(max_gen_len), temperature, top_p,
-                                    logprobs, echo, seed=seed)
-        return [self._prediction(t, lps[i] if lps else None, {"generation": self.tokenizer.decode(t)})
-                for i, t in enumerate(tokens)]
+                                    logprobs, echo, seed=seed, on_done=_reporting(make, on_result))
+        return [make(i, t, lps[i] if lps else None) for i, t in enumerate(tokens)]
 
     def chat_completion(
         self,
@@ -249,18 +261,22 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         seed: Optional[int] = None,
+        *,
+        on_result: Optional[Callable[[int, ChatPrediction], None]] = None,
     ) -> list[ChatPrediction]:
+        """Meta's chat completion; ``on_result(i, prediction)``: dialog i's answer as soon as it is finished."""
         # Meta answers a dialog that smuggles in special tags with an error result instead of failing the batch.
         unsafe = [self.chat_format.contains_special_tags(d) for d in dialogs]
         prompt_tokens = [self.chat_format.encode_dialog_prompt(d) for d in dialogs]
-        tokens, lps = self.generate(prompt_tokens, self._default_gen_len(max_gen_len), temperature, top_p,
-                                    logprobs, stop_ids=self.chat_format.stop_ids, seed=seed)
-        results: list[ChatPrediction] = []
-        for i, t in enumerate(tokens):
+
+        def make(i: int, t: list[int], lp: Optional[list[float]]) -> ChatPrediction:
             content = SPECIAL_TAGS_ERROR if unsafe[i] else self.tokenizer.decode(t)
-            results.append(self._prediction(t, lps[i] if lps else None,
-                                            {"generation": {"role": "assistant", "content": content}}))
-        return results
+            return self._prediction(t, lp, {"generation": {"role": "assistant", "content": content}})
+
+        tokens, lps = self.generate(prompt_tokens, self._default_gen_len(max_gen_len), temperature, top_p,
+                                    logprobs, stop_ids=self.chat_format.stop_ids, seed=seed,
+                                    on_done=_reporting(make, on_result))
+        return [make(i, t, lps[i] if lps else None) for i, t in enumerate(tokens)]
 
     def _prediction(self, toks: list[int], lps: Optional[list[float]], result: dict) -> dict:
         if lps is not None:
@@ -302,3 +318,11 @@ class Llama:
             return
         yield from self.stream_text(self.chat_format.encode_dialog_prompt(dialog),
                                     stop_ids=self.chat_format.stop_ids, **kwargs)
+
+
+def _reporting(make: Callable[[int, list[int], Optional[list[float]]], Any],
+               on_result: Optional[Callable[[int, Any], None]]) -> Optional[Callable[..., None]]:
+    """generate's ``on_done`` that hands ``on_result`` the finished prediction (None: nothing to report)."""
+    if on_result is None:
+        return None
+    return lambda i, tokens, lps: on_result(i, make(i, tokens, lps))

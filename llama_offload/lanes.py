@@ -30,7 +30,7 @@ import torch
 from .args import ModelArgs
 from .block_graphs import BlockGraphs
 from .model import KVCache, TransformerBlock
-from .plan import LaneTimes
+from .plan import HostKernel, LaneTimes
 from .cpu_kernels import kernels_for, set_cpu_kernel
 from .quant import LINEAR_NAMES, QuantLinear, QuantSpec, quantize_matrix
 from .step import StepShape, attention_mask
@@ -300,6 +300,10 @@ def _write_cache(path: Path, key: str, lanes: LaneTimes) -> None:
     data[key] = {"pcie_gbps": lanes.pcie_gbps, "cpu_ms": [list(p) for p in lanes.cpu_ms], "threads": lanes.threads,
                  "cpu_kernel": lanes.cpu_kernel, "kernel_ms": [list(p) for p in lanes.kernel_ms],
                  "gpu_block_ms": lanes.gpu_block_ms, "pcie_loaded_gbps": lanes.pcie_loaded_gbps}
+    _write_json(path, data)
+
+
+def _write_json(path: Path, data: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -352,6 +356,91 @@ def calibrate(args: ModelArgs, dtype: torch.dtype, device: torch.device, *, thre
               file=sys.stderr)
     _write_cache(path, key, lanes)
     return lanes
+
+
+# --- a run without a GPU ----------------------------------------------------------------------------------
+
+
+def stored_block_format(state_dict: dict[str, torch.Tensor]) -> Optional[dict[str, dict[str, tuple]]]:
+    """How a quantized checkpoint stores its first block's matrices: for each of LINEAR_NAMES the (shape, dtype)
+    of its codes, scales and mins, read from the tensors' headers (a memory-mapped shard: no weight is read).
+    None when that block is not quantized."""
+    found = {}
+    for name in LINEAR_NAMES:
+        prefix = f"layers.0.{name}"
+        if f"{prefix}.scales" not in state_dict:
+            return None
+        found[name] = {part: (tuple(state_dict[f"{prefix}.{part}"].shape), state_dict[f"{prefix}.{part}"].dtype)
+                       for part in ("weight", "scales", "mins") if f"{prefix}.{part}" in state_dict}
+    return found
+
+
+def _stored_format_name(stored: dict[str, dict[str, tuple]]) -> str:
+    # The cache key's name for a stored format: codes, group size, scale dtype and mins of every matrix.
+    parts = []
+    for name, t in stored.items():
+        (rows, cols), codes = t["weight"]
+        n_in = cols * (2 if codes == torch.uint8 else 1)
+        parts.append(f"{name}:{rows}x{n_in}:{codes}:{n_in // t['scales'][0][1]}:{t['scales'][1]}:{'mins' in t}")
+    return ",".join(parts)
+
+
+def host_block(args: ModelArgs, dtype: torch.dtype, spec: Optional[QuantSpec] = None,
+               stored: Optional[dict[str, dict[str, tuple]]] = None) -> TransformerBlock:
+    """One block of the run's shape and format on the CPU with random values: quantized as the checkpoint stores
+    it (``stored``, see stored_block_format: codes, scales and mins of the same shapes and dtypes), else as
+    ``spec`` says, else ``dtype`` throughout."""
+    if stored is None:
+        return random_block(args, dtype, spec)
+    block = random_block(args, dtype)
+    for name, t in stored.items():
+        (rows, cols), codes = t["weight"]
+        weight = torch.randint(-128 if codes == torch.int8 else 0, 128 if codes == torch.int8 else 256, (rows, cols),
+                               dtype=torch.int16).to(codes)
+        scales = torch.empty(t["scales"][0]).uniform_(1e-4, 1e-3).to(t["scales"][1])
+        mins = torch.empty(t["mins"][0]).uniform_(-1e-2, 0.0).to(t["mins"][1]) if "mins" in t else None
+        block.set_submodule(name, QuantLinear(weight, scales, mins))
+    return block.eval()
+
+
+def choose_host_kernel(args: ModelArgs, dtype: torch.dtype, *, spec: Optional[QuantSpec] = None,
+                       stored: Optional[dict[str, dict[str, tuple]]] = None, threads: Optional[int] = None,
+                       use_cache: bool = True, verbose: bool = True) -> Optional[HostKernel]:
+    """For a run without a GPU: the kernel (cpu_kernels.py) that computes a block of this model fastest at one token
+    on this machine, timed on a random block of its shape and format (``stored``: a quantized checkpoint's own,
+    else ``spec``'s, else ``dtype``), once per machine and format, then read from the lanes cache. None where only
+    one kernel applies (a float32 model: torch's)."""
+    quantized = stored is not None or spec is not None
+    candidates = kernels_for(dtype, quantized=quantized)
+    if len(candidates) < 2:
+        return None
+    threads = threads or torch.get_num_threads()
+    fmt = _stored_format_name(stored) if stored is not None else None if spec is None else spec.name
+    key = "host-" + hashlib.sha1(json.dumps([_machine_key(args, dtype, spec, threads, torch.device("cpu")),
+                                             fmt]).encode()).hexdigest()[:16]
+    path = _cache_path()
+    entry = _read_cache(path).get(key) if use_cache else None
+    if entry is not None:
+        try:
+            timed = tuple((str(k), float(ms)) for k, ms in entry["block_ms"])
+            if {k for k, _ in timed} == set(candidates):
+                return HostKernel(min(timed, key=lambda t: t[1])[0], timed, threads)
+        except (KeyError, TypeError, ValueError):
+            pass  # an entry from another version: measure again
+    start = time.perf_counter()
+    block = host_block(args, dtype, spec, stored)
+    timed = []
+    for name in candidates:
+        set_cpu_kernel(block, name)
+        timed.append((name, measure_cpu_block(block, threads, token_counts=(1,), budget_s=0.1)[0][1]))
+    choice = HostKernel(min(timed, key=lambda t: t[1])[0], tuple(timed), threads)
+    if verbose:
+        print(f"llama_offload: timed the CPU kernels on one block in {time.perf_counter() - start:.1f} s: "
+              f"{choice.describe()} (cached in {path})", file=sys.stderr)
+    data = _read_cache(path)
+    data[key] = {"block_ms": [list(t) for t in timed]}
+    _write_json(path, data)
+    return choice
 
 
 def lanes_for_run(cpu_blocks: Optional[int], cpu_threads: Optional[int], args: ModelArgs, dtype: torch.dtype,

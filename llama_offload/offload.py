@@ -15,6 +15,7 @@ from torch import nn
 
 from . import parallel
 from .graphs import DecodeGraphs
+from .cpu_kernels import set_cpu_kernel
 from .hybrid import HybridOffloadModel
 from .lanes import cpu_threads_for
 from .model import Transformer, head
@@ -118,6 +119,7 @@ def offload(
     cpu_blocks: Optional[int] = 0,
     lanes: Optional[LaneTimes] = None,
     cpu_threads: Optional[int] = None,
+    host_kernel: Optional[str] = None,
 ) -> OffloadedTransformer:
     """Turn a loaded CPU ``Transformer`` into packed blocks, paged by OffloadModel on a GPU.
 
@@ -129,6 +131,8 @@ def offload(
     ``prefill_chunk`` (positions per prefill pass) sizes the plan's activation estimate. ``cpu_blocks`` of the
     blocks left off the GPU are computed by the host's cores in decode steps (hybrid.py; None: as many as
     ``lanes``, the calibration, says is fastest), on ``cpu_threads`` threads (default: lanes.py's choice).
+    ``host_kernel``: how the matrices multiply when the model runs on the CPU (cpu_kernels.py; the plan's
+    measured choice, lanes.choose_host_kernel; None: torch's).
     The model's own blocks are reused, so it must not be run on its own afterwards. A model split over N
     ranks (model parallelism) is planned and paged per rank: ``gpu_memory_gb`` is each rank's budget.
     """
@@ -158,8 +162,11 @@ def offload(
     context = StepContext()
     packed = [PackedBlock(layer, context) for layer in model.layers]
     if device.type == "cpu":
+        if host_kernel is not None:
+            set_cpu_kernel(model, host_kernel)  # every matrix, the output head's included, and the attention
         if parallel.is_rank0():
-            print("llama_offload: no CUDA device, so the packed blocks run unoffloaded on the CPU.", file=sys.stderr)
+            how = f", their matrices multiplied by the {host_kernel} kernel" if host_kernel else ""
+            print(f"llama_offload: no CUDA device, so the packed blocks run unoffloaded on the CPU{how}.", file=sys.stderr)
         return OffloadedTransformer(model, packed, None, context, device, plan, cuda_graphs=False).eval()
     if stock:
         paged = OffloadModel(nn.Sequential(*packed), device=device, num_slices=plan.num_slices or len(packed))

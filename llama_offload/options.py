@@ -31,7 +31,7 @@ from . import parallel
 from .chat_format import Dialog, default_chat_format_name, get_chat_format, validate_dialog
 from .convert import read_checkpoint_meta
 from .default_model import resolve_paths
-from .generation import Llama
+from .generation import ChatPrediction, CompletionPrediction, Llama
 from .text_input import a_type, check_dialog, check_texts
 from .run_options import DTYPES, RunOptions, parse_dtype
 from .tokenizer import load_tokenizer
@@ -307,39 +307,57 @@ def _docstring_with_fields(doc: str, names: Sequence[str]) -> str:
     return "\n".join(lines[:end] + added + lines[end:])
 
 
-def _batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+def _batches(items: Sequence[T], size: int) -> Iterator[tuple[int, Sequence[T]]]:
     for start in range(0, len(items), size):
-        yield items[start : start + size]
+        yield start, items[start : start + size]
 
 
 RULE = "\n==================================\n"
 
 
+def _announce(start: int, batch: Sequence[Any], total: int, what: str) -> None:
+    # A CPU run takes seconds to minutes per batch: say what is under way before the first answer comes.
+    which = f"{start + 1}" if len(batch) == 1 else f"{start + 1}-{start + len(batch)}"
+    print(f"llama_offload: generating {what} {which} of {total}; each is printed as soon as it is finished",
+          file=sys.stderr, flush=True)
+
+
 def run_text_completion(
     llama: Llama, prompts: Sequence[str], *, temperature: float, top_p: float, max_gen_len: Optional[int]
 ) -> None:
-    """Complete ``prompts`` in batches of max_batch_size, printing each result, then each batch's stats."""
-    for batch in _batches(prompts, llama.max_batch_size):
-        results = llama.text_completion(list(batch), temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
-        for prompt, result in zip(batch, results):
-            print(prompt)
+    """Complete ``prompts`` in batches of max_batch_size, printing each prompt with its completion as soon as it
+    is finished (numbered, since a short one finishes before a long one), then each batch's stats."""
+    for start, batch in _batches(prompts, llama.max_batch_size):
+        _announce(start, batch, len(prompts), "completion")
+
+        def show(i: int, result: CompletionPrediction) -> None:
+            print(f"[{start + i + 1}/{len(prompts)}] {batch[i]}")
             print(f"> {result['generation']}")
-            print(RULE)
+            print(RULE, flush=True)
+
+        llama.text_completion(list(batch), temperature=temperature, top_p=top_p, max_gen_len=max_gen_len,
+                              on_result=show)
         print(llama.last_stats.summary(), flush=True)
 
 
 def run_chat_completion(
     llama: Llama, dialogs: Sequence[Dialog], *, temperature: float, top_p: float, max_gen_len: Optional[int]
 ) -> None:
-    """Answer ``dialogs`` in batches of max_batch_size, printing each dialog and answer, then each batch's stats."""
-    for batch in _batches(dialogs, llama.max_batch_size):
-        results = llama.chat_completion(list(batch), temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
-        for dialog, result in zip(batch, results):
-            for msg in dialog:
+    """Answer ``dialogs`` in batches of max_batch_size, printing each dialog with its answer as soon as it is
+    finished (numbered, since a short answer finishes before a long one), then each batch's stats."""
+    for start, batch in _batches(dialogs, llama.max_batch_size):
+        _announce(start, batch, len(dialogs), "answer")
+
+        def show(i: int, result: ChatPrediction) -> None:
+            print(f"[{start + i + 1}/{len(dialogs)}]")
+            for msg in batch[i]:
                 print(f"{msg['role'].capitalize()}: {msg['content']}\n")
             answer = result["generation"]
             print(f"> {answer['role'].capitalize()}: {answer['content']}")
-            print(RULE)
+            print(RULE, flush=True)
+
+        llama.chat_completion(list(batch), temperature=temperature, top_p=top_p, max_gen_len=max_gen_len,
+                              on_result=show)
         print(llama.last_stats.summary(), flush=True)
 
 

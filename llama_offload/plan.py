@@ -178,6 +178,24 @@ class LaneTimes:
 
 
 @dataclass(frozen=True)
+class HostKernel:
+    """How a run without a GPU multiplies its matrices: the kernel (cpu_kernels.py) that computed one block of the
+    model's shape and format fastest at one token on this machine (lanes.choose_host_kernel), beside what the
+    others took. A quantized block read through its codes ("gemv") moves 4-8 times fewer bytes than one
+    dequantized every step, and a decode step on the CPU is bound by those bytes."""
+
+    kernel: str
+    block_ms: tuple[tuple[str, float], ...]  # (kernel, ms for one block at 1 token), every candidate timed
+    threads: int
+
+    def describe(self) -> str:
+        ms = dict(self.block_ms)
+        others = ", ".join(f"{k} {v:.2f} ms" for k, v in self.block_ms if k != self.kernel)
+        return (f"{self.kernel}: {ms[self.kernel]:.2f} ms a block at 1 token on {self.threads} threads "
+                f"({others}; measured on this machine)")
+
+
+@dataclass(frozen=True)
 class OffloadPlan:
     n_layers: int
     resident_layers: int  # blocks 0 .. resident_layers - 1 live on the GPU
@@ -189,6 +207,7 @@ class OffloadPlan:
     quantization: Optional[str] = None  # the blocks' format when quantized, e.g. "int4 g64"
     cpu_layers: int = 0  # of the non-resident blocks, this many are computed by the host's cores (hybrid.py)
     lanes: Optional[LaneTimes] = None  # what calibration measured: sizes the split and the expected step time
+    host_kernel: Optional[HostKernel] = None  # a run without a GPU: how its matrices multiply (None: torch's)
 
     @property
     def paged_layers(self) -> int:
@@ -267,6 +286,8 @@ class OffloadPlan:
         if self.lanes is not None and expected is not None:
             lines.append(f"  {'expected decode':<22} {expected:8.1f} ms per token at batch 1 "
                          f"({self.lanes.describe(self.block_bytes)})")
+        if self.host_kernel is not None:
+            lines.append(f"  {'CPU kernel':<22} {self.host_kernel.describe()}")
         lines.append(f"  {'prefill chunk':<22} {self.prefill_chunk:8d} positions per pass (longer prompts take several)")
         if self.model_parallel_size > 1:
             lines.append(f"  (per rank: each of {self.model_parallel_size} ranks holds 1/{self.model_parallel_size} "

@@ -16,15 +16,16 @@ from typing import Any, Optional
 
 import torch
 
+from . import parallel
 from .args import ModelArgs
 from .chat_format import default_chat_format_name, get_chat_format
 from .checkpoint import already_quantized_message, check_shard_sizes, checkpoint_context_length, find_shards
 from .convert import read_checkpoint_meta
 from .drafts import draft_gpu_bytes
-from .lanes import lanes_for_run
+from .lanes import choose_host_kernel, lanes_for_run, stored_block_format
 from .train.lora import lora_cpu_blocks
 from .train.merge import check_lora
-from .plan import GiB, HostPlan, OffloadPlan, WeightBytes, linear_shapes, check_host_memory, plan_host, plan_offload, weight_bytes
+from .plan import GiB, HostKernel, HostPlan, OffloadPlan, WeightBytes, linear_shapes, check_host_memory, plan_host, plan_offload, weight_bytes
 from .quant import LINEAR_NAMES, QuantSpec, format_name
 from .quant_load import quantized_prefixes, read_quantization
 from .run_options import RunOptions, check_device_name
@@ -127,6 +128,9 @@ def check_before_load(ckpt_dir: str | Path, tokenizer_path: str | Path, options:
                         all_resident=not opts.offload and not on_cpu, sizes=sizes,
                         cpu_layers=0 if on_cpu else cpu_blocks, lanes=lanes)
     if on_cpu:
+        # How the matrices multiply on this CPU: timed once per machine and format (a quantized checkpoint's
+        # blocks read through their codes are several times faster than dequantized every step).
+        plan = dataclasses.replace(plan, host_kernel=host_kernel(ckpt_dir, shards[0], args, dtype, opts.quant_spec))
         cpu_plan = plan_offload(args, dtype, max_batch_size=opts.max_batch_size, max_seq_len=opts.max_seq_len,
                                 model_parallel_size=model_parallel_size, prefill_chunk=opts.prefill_chunk,
                                 all_resident=True, sizes=sizes)
@@ -139,6 +143,18 @@ def check_before_load(ckpt_dir: str | Path, tokenizer_path: str | Path, options:
         check_host_memory(host)
     return Preflight(args, tokenizer, chat_format, device, dtype, itemsize, len(shards), context, source, plan, host,
                      threads if plan.cpu_layers else None, lora)
+
+
+def host_kernel(ckpt_dir: str | Path, shard: Path, args: ModelArgs, dtype: torch.dtype,
+                spec: Optional[QuantSpec]) -> Optional[HostKernel]:
+    """How a run on the CPU multiplies its matrices (lanes.choose_host_kernel): timed on a random block in the
+    format the run computes with, a quantized checkpoint's own read from ``shard``'s tensor headers."""
+    stored = None
+    if spec is None and read_quantization(ckpt_dir) is not None:
+        from .checkpoint import _load_shard
+
+        stored = stored_block_format(_load_shard(shard))
+    return choose_host_kernel(args, dtype, spec=spec, stored=stored, verbose=parallel.is_rank0())
 
 
 def stored_spec(ckpt_dir: str | Path, spec: Optional[QuantSpec]) -> Optional[QuantSpec]:

@@ -57,6 +57,10 @@ EXAMPLE_DIALOGS: list[Dialog] = [
     ],
 ]
 
+# The example dialogs' answers, most of them a few sentences, end by this length: without a limit one answer that
+# runs on would hold the whole batch until max_seq_len. User dialogs keep Meta's default (no limit but the context).
+EXAMPLE_MAX_GEN_LEN = 256
+
 
 # Meta's flags first, in Meta's order, with Meta's defaults; then our run options (offload, dtype, ...).
 @run_options_command(defaults=dict(max_seq_len=512, max_batch_size=4), leading=META_FLAGS)
@@ -76,13 +80,16 @@ def main(
         temperature: 0 means greedy.
         top_p: nucleus sampling threshold.
         max_batch_size: dialogs run together; more are run in several batches.
-        max_gen_len: most new tokens per answer (default: until the end of the answer or of max_seq_len).
+        max_gen_len: most new tokens per answer (default: until the end of the answer or of max_seq_len; for
+            the example dialogs 256).
         dialogs: a JSON list of dialogs, each a list of {"role", "content"} messages, instead of the examples.
         chat_format: overrides the format the checkpoint records: llama2, chatml or llama3.
     """
     start_model_parallel()  # under torchrun --nproc_per_node N > 1: split the model over N GPUs; else nothing
     temperature, top_p = check_generation_flags(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
     chats = EXAMPLE_DIALOGS if dialogs is None else parse_dialogs(dialogs)
+    if dialogs is None and max_gen_len is None:
+        max_gen_len = EXAMPLE_MAX_GEN_LEN
     generator = build_llama(options, dialogs=chats)
     run_chat_completion(generator, chats, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
 

@@ -1,0 +1,136 @@
+"""A run without a GPU multiplies its matrices with the kernel measured fastest on this machine (lanes.choose_host_kernel):
+the choice is the fastest candidate, cached per machine and format, planned before loading and carried out by
+offload(); the native kernel on a quantized model's codes gives the dequantized model's logits to fp32 rounding,
+and its greedy tokens wherever the reference's top two are further apart than that rounding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_offload import lanes
+from llama_offload.args import ModelArgs
+from llama_offload.checkpoint import load_model
+from llama_offload.cpu_kernels import gemv_available
+from llama_offload.offload import offload
+from llama_offload.plan import HostKernel
+from llama_offload.preflight import check_before_load
+from llama_offload.quant import QuantLinear, QuantSpec
+from llama_offload.quantize_checkpoint import quantize_checkpoint
+from llama_offload.run_options import RunOptions
+
+ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32)
+MAX_SEQ, MAX_BATCH = 32, 2
+needs_gemv = pytest.mark.skipif(not gemv_available(verbose=False), reason="the native CPU kernels do not build here")
+
+
+@pytest.fixture
+def cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.setenv("LLAMA_OFFLOAD_CACHE", str(tmp_path))
+    return tmp_path / "lanes.json"
+
+
+@pytest.fixture(scope="module")
+def q4_ckpt(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # int4 in groups of 32 with minimums: the layout of GGUF's Q4_1, the default model's blocks.
+    return quantize_checkpoint(tiny_ckpt, tmp_path_factory.mktemp("q") / "tiny-q4", QuantSpec(4, 32))
+
+
+def fake_times(monkeypatch: pytest.MonkeyPatch, ms: dict[str, float]) -> list[str]:
+    """Make measure_cpu_block report ``ms`` for whichever kernel the block's matrices were set to."""
+    timed: list[str] = []
+
+    def measure(block: torch.nn.Module, threads: int, token_counts: tuple[int, ...] = (1,), **_: object):
+        kernel = next(m.cpu_kernel for m in block.modules() if isinstance(m, QuantLinear))
+        timed.append(kernel)
+        return tuple((t, ms[kernel]) for t in token_counts)
+
+    monkeypatch.setattr(lanes, "measure_cpu_block", measure)
+    return timed
+
+
+def test_a_float32_model_has_one_kernel_and_nothing_to_choose(cache: Path) -> None:
+    assert lanes.choose_host_kernel(ARGS, torch.float32) is None
+    assert not cache.exists()
+
+
+@needs_gemv
+@pytest.mark.parametrize("ms, fastest", [({"dequantize": 5.0, "torch": 3.0, "gemv": 1.0}, "gemv"),
+                                         ({"dequantize": 5.0, "torch": 0.5, "gemv": 1.0}, "torch")])
+def test_the_fastest_kernel_is_chosen_then_read_from_the_cache(monkeypatch: pytest.MonkeyPatch, cache: Path,
+                                                               ms: dict[str, float], fastest: str) -> None:
+    timed = fake_times(monkeypatch, ms)
+    choice = lanes.choose_host_kernel(ARGS, torch.float32, spec=QuantSpec(4, 32), threads=2, verbose=False)
+    assert choice is not None and choice.kernel == fastest
+    assert sorted(timed) == ["dequantize", "gemv", "torch"]
+    assert dict(choice.block_ms) == ms and choice.threads == 2
+    assert choice.describe().startswith(f"{fastest}: {ms[fastest]:.2f} ms a block at 1 token on 2 threads")
+    # Once measured, the machine's choice is read back without timing anything.
+    monkeypatch.setattr(lanes, "measure_cpu_block", lambda *a, **k: pytest.fail("measured again"))
+    assert lanes.choose_host_kernel(ARGS, torch.float32, spec=QuantSpec(4, 32), threads=2) == choice
+    # Another format is another entry.
+    fake_times(monkeypatch, {"dequantize": 1.0, "torch": 3.0, "gemv": 2.0})
+    assert lanes.choose_host_kernel(ARGS, torch.float32, spec=QuantSpec(8), threads=2).kernel == "dequantize"
+
+
+@needs_gemv
+def test_a_stored_format_is_timed_in_its_own_layout(q4_ckpt: Path) -> None:
+    from llama_offload.checkpoint import _load_shard
+
+    stored = lanes.stored_block_format(_load_shard(q4_ckpt / "consolidated.00.pth"))
+    assert stored is not None and set(stored) == set(lanes.LINEAR_NAMES)
+    block = lanes.host_block(ARGS, torch.float32, stored=stored)
+    for name, t in stored.items():
+        m = block.get_submodule(name)
+        assert isinstance(m, QuantLinear)
+        assert (tuple(m.weight.shape), m.weight.dtype) == t["weight"]
+        assert (tuple(m.scales.shape), m.scales.dtype) == t["scales"]
+        assert m.mins is not None and (tuple(m.mins.shape), m.mins.dtype) == t["mins"]
+
+
+@needs_gemv
+def test_a_cpu_run_multiplies_with_the_planned_kernel(monkeypatch: pytest.MonkeyPatch, cache: Path, q4_ckpt: Path,
+                                                       tiny_ckpt: Path) -> None:
+    from llama_offload.generation import Llama
+
+    fake_times(monkeypatch, {"dequantize": 5.0, "torch": 3.0, "gemv": 1.0})
+    tok = tiny_ckpt.parent / "tokenizer.model"
+    options = RunOptions.from_flags(dict(max_seq_len=MAX_SEQ, max_batch_size=MAX_BATCH, device="cpu"))
+    planned = check_before_load(q4_ckpt, tok, options).plan.host_kernel
+    assert isinstance(planned, HostKernel) and planned.kernel == "gemv"
+    assert "CPU kernel" in check_before_load(q4_ckpt, tok, options).plan.describe()
+    llama = Llama.build(q4_ckpt, tok, MAX_SEQ, MAX_BATCH, device="cpu")
+    kernels = {m.cpu_kernel for m in llama.model.modules() if isinstance(m, QuantLinear)}
+    assert kernels == {"gemv"}
+    # An unquantized float32 checkpoint keeps torch's kernels: nothing is planned.
+    assert check_before_load(tiny_ckpt, tok, options).plan.host_kernel is None
+
+
+def steps(model: torch.nn.Module) -> list[torch.Tensor]:
+    """A prefill and four decode steps of two rows: every step's logits."""
+    g = torch.Generator().manual_seed(3)
+    prompt, tokens = torch.randint(0, 512, (MAX_BATCH, 7), generator=g), torch.randint(0, 512, (MAX_BATCH, 4), generator=g)
+    out, pos = [model(prompt, 0)], prompt.shape[1]
+    for t in tokens.unbind(1):
+        out.append(model(t[:, None], pos))
+        pos += 1
+    return [x[:, -1] for x in out]
+
+
+@needs_gemv
+def test_the_native_kernel_gives_the_dequantized_models_logits_and_greedy_tokens(q4_ckpt: Path) -> None:
+    def run(kernel: str) -> list[torch.Tensor]:
+        model = load_model(q4_ckpt, max_seq_len=MAX_SEQ, max_batch_size=MAX_BATCH, show_progress=False)
+        return steps(offload(model, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ, device="cpu", host_kernel=kernel))
+
+    ref, native = run("dequantize"), run("gemv")
+    for r, n in zip(ref, native):
+        diff = (r - n).abs().max().item()
+        assert diff <= 1e-5 * r.abs().max().item() + 1e-6, diff
+        top2 = r.topk(2, dim=-1).values  # (bs, 2)
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * diff
+        assert clear.any()  # the check below must have something to check
+        assert torch.equal(r.argmax(-1)[clear], n.argmax(-1)[clear])
