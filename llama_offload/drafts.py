@@ -65,6 +65,50 @@ def check_draft_tokenizer(draft_dir: Path, target: Tokenizer) -> Path:
     return path
 
 
+# Why ``--draft auto`` drafts nothing on the CPU, and an explicit draft there gets a note. On a GPU a paged pass is
+# bound by streaming the weights, so it scores K + 1 positions for the price of one, and a resident draft costs a
+# fraction of it: 2.70x with the int8 self-draft on the paged default model (README, Speculative decoding). On the
+# CPU the model is already in memory and each pass is bound by the cores reading it once per tile of a few tokens:
+# a pass over K + 1 positions costs several single passes, and a model draft costs about as much as the model.
+# BENCHMARKS.md, "The first minutes", gives the CPU's figures (scripts/bench_cpu_default.py).
+CPU_DRAFT_NOTE = ("on the CPU, drafts measured slower than plain decoding (a pass over K + 1 positions costs several "
+                  "single passes there, and a model draft about as much as the model; BENCHMARKS.md, \"The first "
+                  "minutes\"). Drop --draft, or give --draft auto to let the run choose.")
+
+
+def choose_draft(opts: RunOptions, ckpt_dir: str | Path, device: torch.device) -> RunOptions:
+    """``opts`` with ``--draft auto`` resolved for a run on ``device``, saying once what it chose and why; an
+    explicit draft on the CPU is kept, with a note that it measured slower there. On a GPU that pages the model
+    (``--offload``, the default) the int8 self-draft, which measured fastest (2.70x on the paged default model),
+    where the checkpoint is unquantized and the draft leaves at least half of a ``--gpu_memory_gb`` budget to the
+    model, else ngram; on the CPU, or with every block resident, none."""
+    from .quant_load import read_quantization
+    from .run_options import AUTO_DRAFT
+
+    if opts.draft != AUTO_DRAFT:
+        if opts.draft is not None and device.type == "cpu":
+            print(f"llama_offload: note: --draft {opts.draft} {CPU_DRAFT_NOTE}", file=sys.stderr)
+        return opts
+    if device.type == "cpu":
+        chosen, why = None, "plain decoding: on the CPU drafts measured slower than plain decoding"
+    elif not opts.offload:
+        chosen, why = None, "plain decoding: with every block resident a pass is cheap, and drafts were not measured faster"
+    elif read_quantization(ckpt_dir) is not None:
+        chosen, why = "ngram", "ngram: the checkpoint is already quantized, so it has no cheaper self-draft"
+    else:
+        chosen, why = "int8", "int8: the model's own int8 copy measured fastest on a paged model"
+        args = ModelArgs.from_json(Path(ckpt_dir) / "params.json", max_seq_len=opts.max_seq_len,
+                                   max_batch_size=opts.max_batch_size)
+        if args.vocab_size > 0 and opts.gpu_memory_gb is not None:
+            held = draft_gpu_bytes(dataclasses.replace(opts, draft="int8"), ckpt_dir, args,
+                                   opts.torch_dtype or torch.float16)
+            if held > opts.gpu_memory_gb * 2**30 / 2:
+                chosen, why = "ngram", (f"ngram: the int8 self-draft would take {held / 2**30:.2f} GiB, more than half "
+                                        f"of --gpu_memory_gb {opts.gpu_memory_gb:g}")
+    print(f"llama_offload: --draft auto chose {why}.", file=sys.stderr)
+    return dataclasses.replace(opts, draft=chosen, num_draft_tokens=opts.num_draft_tokens if chosen else None)
+
+
 def draft_gpu_bytes(opts: RunOptions, ckpt_dir: str | Path, args: ModelArgs, dtype: torch.dtype) -> int:
     """What a model draft will hold on the GPU (weights, dequantization scratch, KV caches), from params.json
     alone: ``preflight`` takes it out of the budget before anything is loaded. 0 for no draft or ngram."""

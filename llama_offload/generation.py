@@ -15,10 +15,10 @@ from .chat_format import SPECIAL_TAGS_ERROR, ChatFormat, Dialog, Message, defaul
 from .checkpoint import load_model
 from .convert import read_checkpoint_meta
 from .decode import BatchDecoder, Decoding, sample_top_p  # noqa: F401  (sample_top_p: part of the API)
-from .drafts import budget_after_draft, build_draft, check_draft_tokenizer
+from .drafts import budget_after_draft, build_draft, check_draft_tokenizer, choose_draft
 from .offload import offload as offload_model
 from .plan import DEFAULT_PREFILL_CHUNK
-from .preflight import check_before_load
+from .preflight import check_before_load, resolve_device
 from .run_options import RunOptions
 from .speculative import Draft, SpeculativeDecoder
 from .tokenizer import Tokenizer, check_vocab_size
@@ -102,6 +102,7 @@ class Llama:
         opts = RunOptions.from_flags({**sizes, **flags, "ckpt_dir": str(ckpt_dir), "tokenizer_path": str(tokenizer_path)},
                                      base=options)
         start = time.perf_counter()
+        opts = choose_draft(opts, ckpt_dir, resolve_device(opts.device))  # --draft auto, before the checks
         if parallel.requested_world_size() > 1:
             parallel.init_model_parallel()
             torch.manual_seed(opts.seed)  # as Meta's reference does: every rank draws the same numbers

@@ -68,8 +68,10 @@ class RunOptions:
                                       "Default: none.")
     draft: Optional[str] = _flag(None, "speculative decoding: ngram (drafts copied from earlier text), int4 or int8 "
                                        "(the model's own quantized copy, kept on the GPU), or a draft checkpoint "
-                                       "directory with the same tokenizer (kept on the GPU). Output is the model's "
-                                       "own; several tokens per pass when drafts are kept. Default: none.")
+                                       "directory with the same tokenizer (kept on the GPU); auto: the draft that "
+                                       "measured fastest for this kind of run (none on the CPU, where drafts are "
+                                       "slower than plain decoding). Output is the model's own; several tokens per "
+                                       "pass when drafts are kept. Default: none.")
     num_draft_tokens: Optional[int] = _flag(None, "with --draft, tokens drafted per sequence and pass (default 8).")
     cpu_blocks: Optional[int] = _flag(None, "of the blocks not resident on the GPU, how many the host's cores compute "
                                             "while the others stream over PCIe (0: stream them all). Default: the "
@@ -182,17 +184,19 @@ class RunOptions:
 
 
 SELF_DRAFTS = ("ngram", "int4", "int8")
+AUTO_DRAFT = "auto"  # resolved per run by drafts.choose_draft, before anything is loaded
 
 
 def check_draft_name(draft: str) -> str:
-    """``--draft``: ngram, int4, int8, or a directory that exists (what it holds is checked when it is loaded)."""
+    """``--draft``: auto, ngram, int4, int8, or a directory that exists (what it holds is checked when it is loaded)."""
     from pathlib import Path
 
-    if draft in SELF_DRAFTS or Path(draft).expanduser().is_dir():
+    if draft in SELF_DRAFTS or draft == AUTO_DRAFT or Path(draft).expanduser().is_dir():
         return draft
-    raise ValueError(f"--draft {draft!r} is neither {', '.join(SELF_DRAFTS)} nor an existing directory: expected "
-                     "ngram (prompt lookup), int4 or int8 (the model's own quantized copy), or the directory of a "
-                     "draft checkpoint that shares the model's tokenizer.")
+    raise ValueError(f"--draft {draft!r} is neither {AUTO_DRAFT}, {', '.join(SELF_DRAFTS)} nor an existing directory: "
+                     "expected auto (the draft that measured fastest for the run), ngram (prompt lookup), int4 or int8 "
+                     "(the model's own quantized copy), or the directory of a draft checkpoint that shares the model's "
+                     "tokenizer.")
 
 
 def check_lora_dir(lora: Any) -> str:

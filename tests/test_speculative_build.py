@@ -58,7 +58,7 @@ def test_a_draft_with_another_tokenizer_is_refused_before_loading(tiny_ckpt: Pat
 
 
 def test_draft_flags_are_checked(tiny_ckpt: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="neither ngram, int4, int8 nor an existing directory"):
+    with pytest.raises(ValueError, match="neither auto, ngram, int4, int8 nor an existing directory"):
         completions(tiny_ckpt, draft=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="--num_draft_tokens applies to --draft"):
         completions(tiny_ckpt, num_draft_tokens=4)
