@@ -542,9 +542,11 @@ def info(*, options: RunOptions) -> None:
         raise FileNotFoundError(f"a run would be refused: no tokenizer was found for {ckpt}. Pass --tokenizer_path "
                                 "with the tokenizer that came with the checkpoint.")
     try:
-        check_before_load(ckpt, tok, options, check_memory=True)
+        preflight = check_before_load(ckpt, tok, options, check_memory=True)
     except (ValueError, RuntimeError, OSError) as e:
         raise ValueError(f"a run with these flags would be refused: {e}") from None
+    if preflight.plan.host_kernel is not None:  # the run is on the CPU: how its matrices multiply here
+        print(f"CPU kernel     {preflight.plan.host_kernel.describe()}")
 
 
 def convert(source: str, out: str, dtype: Optional[str] = None, force: bool = False) -> None:

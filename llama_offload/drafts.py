@@ -78,13 +78,17 @@ CPU_DRAFT_NOTE = ("on the CPU, drafts measured slower than plain decoding (a pas
 
 def choose_draft(opts: RunOptions, ckpt_dir: str | Path, device: torch.device) -> RunOptions:
     """``opts`` with ``--draft auto`` resolved for a run on ``device``, saying once what it chose and why; an
-    explicit draft on the CPU is kept, with a note that it measured slower there. On a GPU that pages the model
+    explicit draft on the CPU is kept, with a note that it measured slower there; a self-draft of a quantized
+    checkpoint is refused here, before anything is loaded. On a GPU that pages the model
     (``--offload``, the default) the int8 self-draft, which measured fastest (2.70x on the paged default model),
     where the checkpoint is unquantized and the draft leaves at least half of a ``--gpu_memory_gb`` budget to the
     model, else ngram; on the CPU, or with every block resident, none."""
     from .quant_load import read_quantization
     from .run_options import AUTO_DRAFT
 
+    if opts.draft in SELF_DRAFT_SPECS and read_quantization(ckpt_dir) is not None:
+        raise ValueError(f"--draft {opts.draft}: {ckpt_dir} is already quantized, so its quantized copy would be the "
+                         "model itself. Use --draft ngram, auto or a draft checkpoint directory.")
     if opts.draft != AUTO_DRAFT:
         if opts.draft is not None and device.type == "cpu":
             print(f"llama_offload: note: --draft {opts.draft} {CPU_DRAFT_NOTE}", file=sys.stderr)
@@ -162,11 +166,6 @@ def build_draft(opts: RunOptions, ckpt_dir: str | Path, tokenizer: Tokenizer,
 
     max_seq_len = opts.max_seq_len + opts.draft_tokens + 1
     if opts.draft in SELF_DRAFT_SPECS:
-        from .quant_load import read_quantization
-
-        if read_quantization(ckpt_dir) is not None:
-            raise ValueError(f"--draft {opts.draft}: {ckpt_dir} is already quantized, so its quantized copy would be "
-                             "the model itself. Use --draft ngram or a draft checkpoint directory.")
         source, quantize = Path(ckpt_dir), SELF_DRAFT_SPECS[opts.draft]
     else:
         source, quantize, lora = Path(opts.draft).expanduser(), None, None

@@ -70,3 +70,13 @@ def test_auto_is_a_draft_name_and_a_misspelling_is_refused() -> None:
     assert options(draft="auto").checked().draft == "auto"
     with pytest.raises(ValueError, match="neither auto, ngram, int4, int8 nor an existing directory"):
         options(draft="atuo").checked()
+
+
+@pytest.mark.parametrize("draft", ["int8", "int4"])
+def test_a_self_draft_of_a_quantized_checkpoint_is_refused_before_loading(int8_ckpt: Path, tiny_ckpt: Path, draft: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import llama_offload.generation as generation
+
+    monkeypatch.setattr(generation, "load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    with pytest.raises(ValueError, match=f"--draft {draft}: .* is already quantized"):
+        generation.Llama.build(int8_ckpt, tiny_ckpt.parent / "tokenizer.model", 32, 1, device="cpu", draft=draft)
