@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -135,7 +135,10 @@ def test_vocab_mismatch_names_the_tokenizer_file(tokenizers: dict[str, Tokenizer
     assert "tokenizer that came with this checkpoint (the tokenizer.json shipped with it)" in msg
 
 
-# --- the commands, in subprocesses ------------------------------------------------------------------------
+# --- the commands -----------------------------------------------------------------------------------------
+# One run goes through a real interpreter (argv bytes decoded by Python itself); the others run the same entry
+# point in this process (conftest.run_cli), with argv as Python decodes it (surrogateescape) and stdin a UTF-8
+# stream over the same bytes, with the locale's error handler or a strict one.
 
 
 @pytest.fixture(scope="module")
@@ -147,14 +150,25 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return e
 
 
-def run(args: list[bytes | str], env: dict[str, str], stdin: Optional[bytes] = None) -> subprocess.CompletedProcess:
+@pytest.fixture
+def run(run_cli, env: dict[str, str]):
+    """``run(args, stdin=None, strict=False)``: the command in this process, under the isolated ``env``."""
+    isolated = {key: env[key] for key in ("LLAMA_OFFLOAD_CHECKPOINTS", "LLAMA_OFFLOAD_DEFAULT_MODEL")}
+
+    def go(args: list[bytes | str], stdin: Optional[bytes] = None, strict: bool = False):
+        return run_cli(*args, stdin=stdin or b"", env=isolated, strict_stdin=strict)
+
+    return go
+
+
+def run_process(args: list[bytes | str], env: dict[str, str], stdin: Optional[bytes] = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "llama_offload.cli", *args]
     p = subprocess.run(cmd, input=stdin or b"", capture_output=True, env=env, cwd=REPO, timeout=120)
     p.stdout, p.stderr = (p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace"))
     return p
 
 
-def refused(p: subprocess.CompletedProcess, *fragments: str) -> str:
+def refused(p: Any, *fragments: str) -> str:
     assert p.returncode == 1, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
     assert "Traceback" not in p.stderr, p.stderr
     for fragment in fragments:
@@ -163,36 +177,35 @@ def refused(p: subprocess.CompletedProcess, *fragments: str) -> str:
     return p.stderr
 
 
-def test_complete_stdin_line(tiny_ckpt: Path, env: dict[str, str]) -> None:
-    p = run(["complete", "--ckpt_dir", str(tiny_ckpt)], env, stdin=b"The sea is\n\n" + LATIN1 + b"\n")
+def test_complete_stdin_line(tiny_ckpt: Path, run) -> None:
+    p = run(["complete", "--ckpt_dir", str(tiny_ckpt)], stdin=b"The sea is\n\n" + LATIN1 + b"\n")
     refused(p, "llama-offload: error: stdin line 3 is not valid UTF-8: byte 0xe9", HINT)
 
 
-def test_complete_argument(tiny_ckpt: Path, env: dict[str, str]) -> None:
-    p = run(["complete", "The sea is", LATIN1, "--ckpt_dir", str(tiny_ckpt)], env)
+def test_complete_argument_in_a_subprocess(tiny_ckpt: Path, env: dict[str, str]) -> None:
+    # The raw bytes reach a real interpreter's argv: Python's own decoding, then ours.
+    p = run_process(["complete", "The sea is", LATIN1, "--ckpt_dir", str(tiny_ckpt)], env)
     refused(p, "llama-offload: error: argument 2 is not valid UTF-8: byte 0xe9 at character 3", HINT)
 
 
-def test_complete_stdin_under_a_strict_locale(tiny_ckpt: Path, env: dict[str, str]) -> None:
+def test_complete_stdin_under_a_strict_locale(tiny_ckpt: Path, run) -> None:
     # Under most UTF-8 locales stdin decodes strictly: the same message, not a UnicodeDecodeError.
-    strict = dict(env, PYTHONIOENCODING="utf-8:strict")
-    p = run(["complete", "--ckpt_dir", str(tiny_ckpt)], strict, stdin=LATIN1 + b"\n")
+    p = run(["complete", "--ckpt_dir", str(tiny_ckpt)], stdin=LATIN1 + b"\n", strict=True)
     refused(p, "stdin line 1 is not valid UTF-8: byte 0xe9")
 
 
-def test_tokenize_text(tiny_ckpt: Path, env: dict[str, str]) -> None:
-    p = run(["tokenize", "--ckpt_dir", str(tiny_ckpt), "--text", LATIN1], env)
+def test_tokenize_text(tiny_ckpt: Path, run) -> None:
+    p = run(["tokenize", "--ckpt_dir", str(tiny_ckpt), "--text", LATIN1])
     refused(p, "llama-offload: error: --text is not valid UTF-8: byte 0xe9", HINT)
     dialog = b'[{"role": "user", "content": "' + LATIN1 + b'"}]'
-    p = run(["tokenize", "--ckpt_dir", str(tiny_ckpt), "--dialog", dialog], env)
+    p = run(["tokenize", "--ckpt_dir", str(tiny_ckpt), "--dialog", dialog])
     refused(p, "--dialog message 0 content is not valid UTF-8")
 
 
 @pytest.mark.parametrize("strict", [False, True])
-def test_chat_repl_goes_on_after_a_bad_line(tiny_ckpt: Path, env: dict[str, str], strict: bool) -> None:
-    run_env = dict(env, PYTHONIOENCODING="utf-8:strict") if strict else env
-    p = run(["chat", "--ckpt_dir", str(tiny_ckpt), "--max_gen_len", "4", "--temperature", "0"], run_env,
-            stdin=LATIN1 + b"\nThe sea is\n/exit\n")
+def test_chat_repl_goes_on_after_a_bad_line(tiny_ckpt: Path, run, strict: bool) -> None:
+    p = run(["chat", "--ckpt_dir", str(tiny_ckpt), "--max_gen_len", "4", "--temperature", "0"],
+            stdin=LATIN1 + b"\nThe sea is\n/exit\n", strict=strict)
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr, p.stderr
     assert "That line is not valid UTF-8: byte 0xe9 at character 3" in p.stdout
@@ -200,8 +213,8 @@ def test_chat_repl_goes_on_after_a_bad_line(tiny_ckpt: Path, env: dict[str, str]
     assert p.stdout.count("tokens/s") == 1  # the good line after it was answered
 
 
-def test_version(env: dict[str, str]) -> None:
-    p = run(["--version"], env)
+def test_version(run) -> None:
+    p = run(["--version"])
     assert p.returncode == 0 and p.stdout == f"llama-offload {version()}\n", p
     assert version()[:1].isdigit()
 
@@ -228,12 +241,12 @@ def _eos_model(ckpt: Path, tokenizer: Path, *, chat_format: Optional[str]) -> No
 
 
 @pytest.mark.parametrize("chat_format", ["llama2", None])
-def test_empty_completion_hint(tmp_path: Path, sp_tokenizer_path: Path, env: dict[str, str],
+def test_empty_completion_hint(tmp_path: Path, sp_tokenizer_path: Path, run,
                                chat_format: Optional[str]) -> None:
     ckpt = tmp_path / "eos"
     _eos_model(ckpt, sp_tokenizer_path, chat_format=chat_format)
     p = run(["complete", "What is the capital of France?", "--ckpt_dir", str(ckpt), "--temperature", "0",
-             "--max_gen_len", "4"], env)
+             "--max_gen_len", "4"])
     assert p.returncode == 0, p.stderr
     assert "> \n" in p.stdout  # the completion is empty
     hint = "llama-offload: note: the completion came back empty: this is a chat model (chat format llama2)"
