@@ -6,9 +6,6 @@ flags before loading. The same code pages on a GPU (tests/test_cuda_quant.py che
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,6 @@ from llama_offload.offload import offload
 from llama_offload.quant import QuantEmbedding, QuantLinear, QuantSpec
 from llama_offload.quantize_checkpoint import quantize_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_SEQ, MAX_BATCH = 32, 2
 SPECS = [QuantSpec(8), QuantSpec(4, 32), QuantSpec(4, 64), QuantSpec(4, 64, True)]
 
@@ -80,10 +76,10 @@ def test_a_quantized_checkpoint_equals_quantizing_at_load(tiny_ckpt: Path, tmp_p
 # --- the run commands ---------------------------------------------------------------------------------
 
 
-def cli(*argv: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA_OFFLOAD_TRACEBACK"}
-    return subprocess.run([sys.executable, "-m", "llama_offload.cli", *argv], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=120)
+@pytest.fixture
+def cli(run_cli):
+    """``llama-offload ARGV`` in this process (conftest.run_cli): returncode, stdout, stderr."""
+    return run_cli
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +87,7 @@ def int4_ckpt(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return quantize_checkpoint(tiny_ckpt, tmp_path_factory.mktemp("q") / "tiny-int4", QuantSpec(4, 64))
 
 
-def test_complete_with_quantize_at_load(tiny_ckpt: Path) -> None:
+def test_complete_with_quantize_at_load(tiny_ckpt: Path, cli) -> None:
     tok = str(tiny_ckpt.parent / "tokenizer.model")
     p = cli("complete", "Once upon a time", "--ckpt_dir", str(tiny_ckpt), "--tokenizer_path", tok, "--quantize", "int4",
             "--max_gen_len", "6", "--temperature", "0", "--device", "cpu")
@@ -100,7 +96,7 @@ def test_complete_with_quantize_at_load(tiny_ckpt: Path) -> None:
     assert p.stdout.strip()
 
 
-def test_info_shows_the_quantized_block_bytes(tiny_ckpt: Path, int4_ckpt: Path) -> None:
+def test_info_shows_the_quantized_block_bytes(tiny_ckpt: Path, int4_ckpt: Path, cli) -> None:
     tok = str(tiny_ckpt.parent / "tokenizer.model")
     stored = cli("info", "--ckpt_dir", str(int4_ckpt), "--tokenizer_path", tok)
     at_load = cli("info", "--ckpt_dir", str(tiny_ckpt), "--tokenizer_path", tok, "--quantize", "int4")
@@ -115,13 +111,13 @@ def test_info_shows_the_quantized_block_bytes(tiny_ckpt: Path, int4_ckpt: Path) 
     assert "int4" not in line(full)
 
 
-def test_quantize_flag_on_a_quantized_checkpoint_is_refused(tiny_ckpt: Path, int4_ckpt: Path) -> None:
+def test_quantize_flag_on_a_quantized_checkpoint_is_refused(tiny_ckpt: Path, int4_ckpt: Path, cli) -> None:
     p = cli("complete", "Hi", "--ckpt_dir", str(int4_ckpt), "--quantize", "int8", "--device", "cpu")
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "already quantized" in p.stderr and "Drop --quantize" in p.stderr, p.stderr
 
 
-def test_a_newer_quantization_format_is_refused(int4_ckpt: Path, tmp_path: Path) -> None:
+def test_a_newer_quantization_format_is_refused(int4_ckpt: Path, tmp_path: Path, cli) -> None:
     import shutil
 
     newer = tmp_path / "newer"
@@ -141,7 +137,8 @@ def test_a_newer_quantization_format_is_refused(int4_ckpt: Path, tmp_path: Path)
     (["--group_size", "64"], "--group_size applies to --quantize int8|int4"),
     (["--quantize", "int4", "--group_size", "48"], "--group_size must be one of 32, 64, 128"),
 ])
-def test_bad_quantize_flags_are_refused_before_loading(tiny_ckpt: Path, flags: list[str], message: str) -> None:
+def test_bad_quantize_flags_are_refused_before_loading(tiny_ckpt: Path, flags: list[str], message: str,
+                                                       cli) -> None:
     p = cli("complete", "Hi", "--ckpt_dir", str(tiny_ckpt), "--tokenizer_path", str(tiny_ckpt.parent / "tokenizer.model"),
             "--device", "cpu", *flags)
     assert p.returncode in (1, 2) and "Traceback" not in p.stderr
