@@ -3,10 +3,7 @@ without a draft for each draft source; a draft whose tokenizer differs is refuse
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,6 @@ from llama_offload.generation import Llama
 from llama_offload.speculative import SpeculativeDecoder
 from llama_offload.tokenizer import BUNDLED_CORPUS_PATH, train_sentencepiece
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["Once upon a time there was a planet. Once upon a time", "The Sun sits at the centre of the solar system"]
 
 
@@ -66,19 +62,16 @@ def test_draft_flags_are_checked(tiny_ckpt: Path, tmp_path: Path) -> None:
         completions(tiny_ckpt, draft="ngram", num_draft_tokens=0)
 
 
-def test_complete_command_with_a_draft(tiny_ckpt: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA_OFFLOAD_TRACEBACK"}
-    base = [sys.executable, "-m", "llama_offload.cli", "complete", PROMPTS[0], "--ckpt_dir", str(tiny_ckpt),
-            "--tokenizer_path", str(tiny_ckpt.parent / "tokenizer.model"), "--max_gen_len", "12", "--temperature", "0",
-            "--device", "cpu"]
-    without = subprocess.run(base, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
-    with_draft = subprocess.run(base + ["--draft", "ngram"], capture_output=True, text=True, env=env, cwd=REPO,
-                                timeout=120)
+def test_complete_command_with_a_draft(tiny_ckpt: Path, run_cli) -> None:
+    base = ["complete", PROMPTS[0], "--ckpt_dir", str(tiny_ckpt), "--tokenizer_path",
+            str(tiny_ckpt.parent / "tokenizer.model"), "--max_gen_len", "12", "--temperature", "0", "--device", "cpu"]
+    without = run_cli(*base)
+    with_draft = run_cli(*base, "--draft", "ngram")
     assert without.returncode == 0 and with_draft.returncode == 0, with_draft.stderr
     text = lambda p: [x for x in p.stdout.splitlines() if "tokens/s" not in x]  # noqa: E731  (timings differ)
     assert text(with_draft) == text(without) and text(without)
     assert "tokens per pass" in with_draft.stderr + with_draft.stdout
-    bad = subprocess.run(base + ["--draft", "int3"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    bad = run_cli(*base, "--draft", "int3")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "--draft 'int3'" in bad.stderr
 
 
