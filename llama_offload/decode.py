@@ -23,15 +23,37 @@ class StepModel(Protocol):
     def step(self, step: Step) -> torch.Tensor: ...
 
 
+# Top-p looks first at this many most likely tokens: a full sort of a 49k-128k vocabulary took 12.8 ms a step at
+# batch 4 on a 2-core CPU (a third of the default model's step there), where a nucleus of p = 0.9 rarely holds more
+# than a few hundred tokens. Where it does not fit, the whole vocabulary is sorted as before.
+TOP_P_CANDIDATES = 1024
+
+
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Sample from the smallest set of tokens whose probabilities add up to more than ``p``."""
+    """Sample from the smallest set of tokens whose probabilities add up to more than ``p`` (Meta's rule).
+
+    Where the nucleus lies among the ``TOP_P_CANDIDATES`` most likely tokens, only those are sorted, and the draw
+    is torch.multinomial's own (one Exp(1) variate per vocabulary entry, the argmax of probability over variate),
+    made over the full row so that it consumes the generator exactly as multinomial over the sorted vocabulary
+    does: the tokens and the generator's next state are the same as with the full sort."""
+    if probs.shape[-1] > TOP_P_CANDIDATES:
+        top, idx = torch.topk(probs, TOP_P_CANDIDATES, dim=-1)  # (bs, candidates), descending
+        if bool((top.sum(dim=-1) > p).all()):  # the first token left out would be past every nucleus
+            kept = _nucleus(top, p)
+            q = torch.empty_like(probs).exponential_(1, generator=generator)  # (bs, vocab), as multinomial draws
+            choice = (kept / q[:, :TOP_P_CANDIDATES]).argmax(dim=-1, keepdim=True)  # (bs, 1)
+            return torch.gather(idx, -1, choice)  # (bs, 1)
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (bs, vocab)
+    next_token = torch.multinomial(_nucleus(probs_sort, p), num_samples=1, generator=generator)  # (bs, 1)
+    return torch.gather(probs_idx, -1, next_token)  # (bs, 1)
+
+
+def _nucleus(probs_sort: torch.Tensor, p: float) -> torch.Tensor:
+    """Sorted probabilities with the tokens past the nucleus zeroed, renormalised (in place)."""
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     mask = probs_sum - probs_sort > p  # tokens after the nucleus is already complete
     probs_sort[mask] = 0.0
-    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (bs, 1)
-    return torch.gather(probs_idx, -1, next_token)  # (bs, 1)
+    return probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
 
 
 @dataclass(frozen=True)
