@@ -364,7 +364,14 @@ def test_serve_command_starts_answers_and_stops_on_sigterm(tiny_ckpt: Path) -> N
         s.bind(("127.0.0.1", port))
 
 
-def test_serve_refuses_bad_flags_before_loading(tiny_ckpt: Path) -> None:
+def test_serve_refuses_bad_flags_before_loading(tiny_ckpt: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this process (conftest.run_cli): a flag that got through would load the model, which fails here."""
+    import llama_offload.cli as cli
+
+    def loaded(options):
+        raise AssertionError("the model was loaded: the flags were not refused first")
+
+    monkeypatch.setattr(cli, "build_llama", loaded)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -372,6 +379,5 @@ def test_serve_refuses_bad_flags_before_loading(tiny_ckpt: Path) -> None:
         for flags, expected in ((["--port", "70000"], "--port must be a TCP port"),
                                 (["--port", str(port)], "Another server may be using the port"),
                                 (["--max_queue", "-1"], "--max_queue must be")):
-            r = subprocess.run([sys.executable, "-m", "llama_offload.entry", "serve", "--ckpt_dir", str(tiny_ckpt),
-                                *flags], capture_output=True, text=True, timeout=120)
+            r = run_cli("serve", "--ckpt_dir", str(tiny_ckpt), *flags)
             assert r.returncode != 0 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr
