@@ -35,3 +35,16 @@ def test_the_same_tokens_and_generator_state_as_metas_sort(scale: float) -> None
         assert took_candidates == 0
     if scale == 8.0:
         assert took_candidates == 40
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_same_tokens_and_generator_state_on_the_gpu() -> None:
+    # torch.multinomial draws the same way on a GPU (one Exp(1) variate per entry); its generator is Philox.
+    vocab = 32 * TOP_P_CANDIDATES
+    for seed in range(20):
+        probs = torch.softmax(torch.randn(4, vocab, device="cuda") * 8, dim=-1)
+        ours = torch.Generator(device="cuda").manual_seed(seed)
+        meta = torch.Generator(device="cuda").manual_seed(seed)
+        assert torch.equal(sample_top_p(probs.clone(), 0.9, ours), meta_sample_top_p(probs.clone(), 0.9, meta))
+        assert torch.equal(torch.rand(4, generator=ours, device="cuda"), torch.rand(4, generator=meta, device="cuda"))
