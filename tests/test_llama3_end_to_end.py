@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -44,23 +42,18 @@ def test_build_chooses_llama3_and_stops_on_its_tokens(llama3_ckpt: Path, llama3_
     assert answer["role"] == "assistant" and isinstance(answer["content"], str)
 
 
-def run(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=REPO, timeout=180)
-
-
-def test_scripts_and_cli_treat_it_like_any_checkpoint(llama3_ckpt: Path, llama3_tokenizer_path: Path) -> None:
+def test_scripts_and_cli_treat_it_like_any_checkpoint(llama3_ckpt: Path, llama3_tokenizer_path: Path, run_cli) -> None:
+    """The scripts and the commands, each through its real entry point, in this process (conftest.run_cli)."""
     common = ["--ckpt_dir", str(llama3_ckpt), "--tokenizer_path", str(llama3_tokenizer_path), "--max_gen_len", "6",
               "--temperature", "0", "--max_seq_len", "96"]
-    chat = run(str(REPO / "scripts" / "example_chat_completion.py"), *common, "--dialogs", json.dumps([DIALOG]))
+    chat = run_cli(*common, "--dialogs", json.dumps([DIALOG]), script=REPO / "scripts" / "example_chat_completion.py")
     assert chat.returncode == 0, chat.stderr
     assert "What is the capital of France?" in chat.stdout and "tokens/s" in chat.stdout
-    text = run(str(REPO / "scripts" / "example_text_completion.py"), *common, "--prompts", '["Once upon a time"]')
+    text = run_cli(*common, "--prompts", '["Once upon a time"]', script=REPO / "scripts" / "example_text_completion.py")
     assert text.returncode == 0, text.stderr
-    info = run("-m", "llama_offload.cli", "info", "--ckpt_dir", str(llama3_ckpt), "--tokenizer_path",
-               str(llama3_tokenizer_path))
+    info = run_cli("info", "--ckpt_dir", str(llama3_ckpt), "--tokenizer_path", str(llama3_tokenizer_path))
     assert info.returncode == 0, info.stderr
     assert "vocab 128256" in info.stdout and "rope_theta 500000, scaled RoPE" in info.stdout
-    ids = run("-m", "llama_offload.cli", "tokenize", "--tokenizer_path", str(llama3_tokenizer_path),
-              "--text", "Hello, world!")
+    ids = run_cli("tokenize", "--tokenizer_path", str(llama3_tokenizer_path), "--text", "Hello, world!")
     assert ids.returncode == 0, ids.stderr
     assert json.loads(ids.stdout) == [128000, 9906, 11, 1917, 0]
