@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import io
 import runpy
 import shutil
@@ -57,42 +58,42 @@ class Ran:
     stderr: str
 
 
-@pytest.fixture
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> Callable[..., Ran]:
-    """``run_cli(*argv, stdin=b"", env={...}, script=None, strict_stdin=False)``: ``llama-offload ARGV`` (or
-    ``python SCRIPT ARGV``) in this process. stdin is a UTF-8 text stream over the given bytes, its error handler
-    ``surrogateescape`` as under a C.UTF-8 locale, or ``strict`` (PYTHONIOENCODING=utf-8:strict). ``env`` entries
-    are set (a value of None removes the variable); LLAMA_OFFLOAD_TRACEBACK and WORLD_SIZE are always removed."""
-
-    def run(*argv: Any, stdin: bytes | str = b"", env: Optional[dict[str, Optional[str]]] = None,
-            script: Optional[Path] = None, strict_stdin: bool = False) -> Ran:
-        with monkeypatch.context() as m:
-            for key in ("LLAMA_OFFLOAD_TRACEBACK", "WORLD_SIZE"):
+def run_in_process(*argv: Any, stdin: bytes | str = b"", env: Optional[dict[str, Optional[str]]] = None,
+                   script: Optional[Path] = None, strict_stdin: bool = False) -> Ran:
+    """``llama-offload ARGV`` (or ``python SCRIPT ARGV``) in this process, its output captured. stdin is a UTF-8
+    text stream over the given bytes, its error handler ``surrogateescape`` as under a C.UTF-8 locale, or
+    ``strict`` (PYTHONIOENCODING=utf-8:strict). ``env`` entries are set (a value of None removes the variable);
+    LLAMA_OFFLOAD_TRACEBACK and WORLD_SIZE are always removed. Everything is restored afterwards."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for key in ("LLAMA_OFFLOAD_TRACEBACK", "WORLD_SIZE"):
+            m.delenv(key, raising=False)
+        for key, value in (env or {}).items():
+            if value is None:
                 m.delenv(key, raising=False)
-            for key, value in (env or {}).items():
-                if value is None:
-                    m.delenv(key, raising=False)
-                else:
-                    m.setenv(key, value)
-            data = stdin.encode() if isinstance(stdin, str) else stdin
-            m.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8",
-                                                     errors="strict" if strict_stdin else "surrogateescape"))
-            # Python decodes argv with surrogateescape: bytes arrive as the same str a shell's argument would.
-            args = [a.decode("utf-8", "surrogateescape") if isinstance(a, bytes) else str(a) for a in argv]
-            capsys.readouterr()
-            code = 0
-            try:
-                if script is not None:
-                    m.setattr(sys, "argv", [str(script), *args])
-                    runpy.run_path(str(script), run_name="__main__")
-                else:
-                    from llama_offload.cli import main
+            else:
+                m.setenv(key, value)
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        m.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8",
+                                                 errors="strict" if strict_stdin else "surrogateescape"))
+        # Python decodes argv with surrogateescape: bytes arrive as the same str a shell's argument would.
+        args = [a.decode("utf-8", "surrogateescape") if isinstance(a, bytes) else str(a) for a in argv]
+        code = 0
+        try:
+            if script is not None:
+                m.setattr(sys, "argv", [str(script), *args])
+                runpy.run_path(str(script), run_name="__main__")
+            else:
+                from llama_offload.cli import main
 
-                    m.setattr(sys, "argv", ["llama-offload", *args])
-                    main()
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            out, err = capsys.readouterr()
-        return Ran(code, out, err)
+                m.setattr(sys, "argv", ["llama-offload", *args])
+                main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return Ran(code, out.getvalue(), err.getvalue())
 
-    return run
+
+@pytest.fixture
+def run_cli() -> Callable[..., Ran]:
+    """conftest.run_in_process, as a fixture."""
+    return run_in_process

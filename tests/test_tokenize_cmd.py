@@ -1,7 +1,7 @@
 """``llama-offload tokenize``: the ids printed equal what the Python API gives, for every tokenizer kind.
 
-The subprocess runs (``python -m llama_offload.cli tokenize ...``) start together, so the file costs about
-one interpreter start per CPU core; error cases run in this process through ``main()``.
+One run is a real process (``python -m llama_offload.cli tokenize ...``, an error: its exit status and stderr);
+the others run ``main()`` in this process (conftest.run_in_process), as do the error cases below.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import llama_offload.cli as cli
+from conftest import run_in_process
 from llama_offload.chat_format import Dialog, default_chat_format_name, get_chat_format
 from llama_offload.tokenizer import load_tokenizer
 from test_llama3_chat import DIALOG as LLAMA3_DIALOG
@@ -71,12 +72,19 @@ def _finish(procs: dict[str, subprocess.Popen]) -> dict[str, tuple[int, str, str
 
 @pytest.fixture(scope="module")
 def runs(tokenizers: dict[str, Path]) -> dict[str, tuple[int, str, str]]:
-    procs = {}
+    """The text and dialog of each kind through main() in this process; the error through a real process."""
+    error = _start("--tokenizer_path", str(tokenizers["tiktoken"]), "--dialog", "[{")  # runs while the rest do
+    out = {}
     for kind, path in tokenizers.items():
-        procs[f"{kind}-text"] = _start("--tokenizer_path", str(path), "--text", TEXT)
-        procs[f"{kind}-dialog"] = _start("--tokenizer_path", str(path), "--dialog", json.dumps(DIALOG))
-    procs["error"] = _start("--tokenizer_path", str(tokenizers["tiktoken"]), "--dialog", "[{")
-    return _finish(procs)
+        out[f"{kind}-text"] = _in_process("--tokenizer_path", str(path), "--text", TEXT)
+        out[f"{kind}-dialog"] = _in_process("--tokenizer_path", str(path), "--dialog", json.dumps(DIALOG))
+    out.update(_finish({"error": error}))
+    return out
+
+
+def _in_process(*args: str) -> tuple[int, str, str]:
+    ran = run_in_process("tokenize", *args)
+    return ran.returncode, ran.stdout, ran.stderr
 
 
 def one_json_line(stdout: str) -> list[int]:
@@ -122,8 +130,8 @@ def test_error_in_a_subprocess(runs) -> None:
 
 def test_real_llama3_file(llama3_tokenizer_path: Path) -> None:
     path = str(llama3_tokenizer_path)
-    got = _finish({"text": _start("--tokenizer_path", path, "--text", "Hello, world!"),
-                   "dialog": _start("--tokenizer_path", path, "--dialog", json.dumps(LLAMA3_DIALOG))})
+    got = {"text": _in_process("--tokenizer_path", path, "--text", "Hello, world!"),
+           "dialog": _in_process("--tokenizer_path", path, "--dialog", json.dumps(LLAMA3_DIALOG))}
     assert got["text"][0] == 0 and got["dialog"][0] == 0, got
     assert one_json_line(got["text"][1]) == [128000, 9906, 11, 1917, 0]
     assert one_json_line(got["dialog"][1]) == GOLDEN_DIALOG_IDS
