@@ -4,8 +4,8 @@ bad values are refused in one line before anything is loaded.
 
 The command-line runs go through the real entry points (``cli.main()``, the scripts run as ``__main__``,
 fire included) in this process, with ``Llama.build`` and the path resolution replaced by recorders, so they
-load nothing. The help screens are read from subprocesses, as a user sees them; the API round trip builds
-the tiny checkpoint for real.
+load nothing. The help screens are read the same way, one of them also from a real process (as a user sees
+it); the API round trip builds the tiny checkpoint for real.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from llama_offload.args import ModelArgs
 from llama_offload.generation import Llama
 from llama_offload.options import build_llama, run_options_command
 from llama_offload.run_options import RunOptions
+
+from conftest import run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"text script": REPO / "scripts" / "example_text_completion.py",
@@ -339,18 +341,20 @@ def _normalise(text: str) -> str:
 @pytest.fixture(scope="module")
 def helps() -> dict[str, str]:
     """Each entry point's ``-- --help``, as fire_main prints it to a pipe: on stdout, without a pager (fire pages
-    only when stdin, stdout and stderr are all terminals; PAGER=cat in case)."""
+    only when stdin, stdout and stderr are all terminals; PAGER=cat in case). Read in this process
+    (conftest.run_in_process); one real process, started first, shows that a user sees the same screen."""
     env = dict(os.environ, PAGER="cat", PYTHONPATH=str(REPO))
-    cmds = {entry: [sys.executable, str(SCRIPTS[entry])] if entry in SCRIPTS
-            else [sys.executable, "-m", "llama_offload.cli", entry] for entry in ENTRIES}
-    procs = {entry: subprocess.Popen([*cmd, "--", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
-             for entry, cmd in cmds.items()}
+    proc = subprocess.Popen([sys.executable, "-m", "llama_offload.cli", "complete", "--", "--help"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            env=env, cwd=REPO)
     out = {}
-    for entry, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 0 and "FLAGS" in stdout, f"{entry}: {stdout}{stderr}"  # help is output
-        out[entry] = stdout
+    for entry in ENTRIES:
+        argv = ["--", "--help"] if entry in SCRIPTS else [entry, "--", "--help"]
+        ran = run_in_process(*argv, env={"PAGER": "cat"}, script=SCRIPTS.get(entry))
+        assert ran.returncode == 0 and "FLAGS" in ran.stdout, f"{entry}: {ran.stdout}{ran.stderr}"  # help is output
+        out[entry] = ran.stdout
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and stdout == out["complete"], stderr
     return out
 
 
