@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native_build
+from . import cpu_block, native_build
 
 DENSE_KERNELS = ("torch", "gemv")
 QUANT_KERNELS = ("dequantize", "torch", "gemv")
@@ -171,15 +171,19 @@ class CpuLinear(nn.Linear):
 def set_cpu_kernel(module: nn.Module, kernel: str) -> None:
     """How the matrices under ``module`` multiply when they run on the CPU: quantized ones (quant.QuantLinear)
     take the kernel by name; plain 16-bit linears become CpuLinear over the same weights. Its attention layers
-    attend with the native kernel on the CPU wherever it is available, whatever ``kernel``."""
+    attend with the native kernel on the CPU wherever it is available, whatever ``kernel``. With "gemv", a block
+    of quantized matrices takes its decode steps on the host in one native call (cpu_block.py)."""
     if kernel not in QUANT_KERNELS:
         raise ValueError(f"internal: unknown CPU kernel {kernel!r}")
     # Loads the native kernels. Where a cached calibration names them but they no longer build, torch's run.
     use_gemv = kernel == "gemv" and gemv_available()
     host_attend = native("attend") if attention_available() else None  # the host KV cache's layout: unchecked
+    fused = use_gemv and cpu_block.available()
     for name, m in list(module.named_modules()):
         if hasattr(m, "host_attend"):  # model.Attention
             m.host_attend = host_attend
+        if hasattr(m, "host_step"):  # model.TransformerBlock
+            m.host_step = cpu_block.block_step if fused and cpu_block.applies(m) else None
         if name and type(m) is nn.Linear and m.bias is None:
             m = CpuLinear.wrap(m)
             module.set_submodule(name, m)

@@ -278,10 +278,19 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, model_parallel_size)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        # The same math as one native call on the host (cpu_block.block_step, set by cpu_kernels.set_cpu_kernel):
+        # a small model's decode step on a CPU costs more in per-op overhead than in its weights. It returns None
+        # for the steps it does not take. None: the modules everywhere.
+        self.host_step: Optional[Callable[..., Optional[torch.Tensor]]] = None
 
     def forward(self, x: torch.Tensor, shape: StepShape, input_pos: torch.Tensor, freqs_cis: torch.Tensor,
                 mask: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``out``: where to write the result (a packed block passes its packet's hidden state: no extra copy)."""
+        if (self.host_step is not None and x.device.type == "cpu" and not self.attention.explicit
+                and not torch.is_grad_enabled()):
+            result = self.host_step(self, x, shape, input_pos, freqs_cis, out)  # the causal mask from input_pos
+            if result is not None:
+                return result
         h = x + self.attention(self.attention_norm(x), shape, input_pos, freqs_cis, mask)
         if out is None or torch.is_grad_enabled():  # autograd cannot record a write into `out`
             result = h + self.feed_forward(self.ffn_norm(h))

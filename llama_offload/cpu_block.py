@@ -1,0 +1,74 @@
+"""A quantized block's decode step on the host as one native call (csrc/cpu_block.cpp).
+
+On a CPU, a small model's decode step costs more in per-op overhead than in its weights: SmolLM2-135M's blocks
+ran about 45 torch ops and Python module calls each a token, 10 of its 25 ms a token on two cores, against
+15 ms of matrix products. ``block_step`` hands the block's tensors to one operator that computes Meta's block
+math (model.TransformerBlock.forward) with the gemv kernels' products (fp32 activations, the same products as
+``QuantLinear`` with the "gemv" kernel) and the native attention, and writes the KV cache where
+``KVCache.update`` writes.
+
+``cpu_kernels.set_cpu_kernel(module, "gemv")`` sets it on every block it applies to (``applies``); the block
+takes it for steps of at most ``MAX_TOKENS`` tokens a row whose activations and KV cache are fp32 on the host,
+and runs its modules otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import native_build
+from .step import StepShape
+
+MAX_TOKENS = 4  # tokens a row: decode, and the verification of a few drafts; a prefill runs the modules
+# Meta's names of a block's seven matrices, in the operator's order (quant.LINEAR_NAMES').
+MATRICES = (("attention", "wq"), ("attention", "wk"), ("attention", "wv"), ("attention", "wo"),
+            ("feed_forward", "w1"), ("feed_forward", "w2"), ("feed_forward", "w3"))
+
+_op: list[Callable[..., None]] = []
+
+
+def available() -> bool:
+    """Whether the fused operator is built and loaded here (building it on first call)."""
+    if not _op and native_build.load("cpu_block", verbose=False) is None:
+        _op.append(torch.ops.llama_offload_cpu_block.block_decode.default)
+    return bool(_op)
+
+
+def applies(block: nn.Module) -> bool:
+    """A block the operator computes: its seven matrices int8/int4 ``QuantLinear`` of one process (not split
+    over ranks), its norms fp32."""
+    from .quant import QuantLinear  # quant imports cpu_kernels, which imports this module
+
+    mats = [getattr(getattr(block, part), name) for part, name in MATRICES]
+    return (all(type(m) is QuantLinear and m.parallel is None and m.bits in (4, 8) for m in mats)
+            and block.attention_norm.weight.dtype == torch.float32 and block.ffn_norm.weight.dtype == torch.float32)
+
+
+def block_step(block: nn.Module, x: torch.Tensor, shape: StepShape, input_pos: torch.Tensor,
+               freqs_cis: torch.Tensor, out: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``block(x, shape, input_pos, freqs_cis, mask, out)`` in one native call, or None where the step is not one
+    the operator takes (then the caller runs the modules, which also raise the errors a bad step deserves).
+    x: (bs, seqlen, dim) fp32 on the host; freqs_cis: (bs, seqlen, head_dim/2) complex64."""
+    attention = block.attention
+    cache = attention.cache
+    if cache is None or x.dtype != torch.float32 or not x.is_contiguous() or shape.seqlen > MAX_TOKENS:
+        return None
+    k, v = cache.k, cache.v
+    rows, positions = k.shape[:2]
+    if (k.device.type != "cpu" or k.dtype != torch.float32 or shape.row0 + shape.bsz > rows
+            or shape.kv_len > positions or freqs_cis.ndim != 3 or x.shape[:2] != (shape.bsz, shape.seqlen)):
+        return None
+    if out is None:
+        out = torch.empty_like(x)
+    elif out.dtype != torch.float32 or not out.is_contiguous() or out.shape != x.shape:
+        return None
+    mats = [getattr(getattr(block, part), name) for part, name in MATRICES]
+    if mats[0].weight.device.type != "cpu":  # a CPU lane block streamed to the GPU for a large step
+        return None
+    _op[0](x, out, block.attention_norm.weight, block.attention_norm.eps, block.ffn_norm.weight, block.ffn_norm.eps,
+           [m.weight for m in mats], [m.scales for m in mats], [m.mins for m in mats], k, v, cache.row_start,
+           shape.row0, input_pos, torch.view_as_real(freqs_cis), shape.kv_len, attention.n_local_heads)
+    return out
