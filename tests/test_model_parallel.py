@@ -41,6 +41,8 @@ from llama_offload.convert import write_checkpoint_meta
 from llama_offload.quant import QuantSpec
 from llama_offload.quant_load import quantize_state_dict
 
+from conftest import run_in_process
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, rope_theta=1e6)
 MAX_SEQ, MAX_BATCH, STEPS = 32, 2, 4
@@ -423,12 +425,6 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 120) -> subprocess.Com
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
 
 
-def single(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(LOOPBACK)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
-
-
 @pytest.fixture(scope="module")
 def script_ckpt(tmp_path_factory, sp_tokenizer_path) -> tuple[Path, Path]:
     args = ModelArgs(**{**TINY, "vocab_size": 512})
@@ -442,7 +438,9 @@ def test_text_script_under_torchrun_prints_once_what_one_process_prints(script_c
     flags = ["--ckpt_dir", str(ckpt), "--tokenizer_path", str(tokenizer), "--prompts",
              '["Once upon a time", "The sea is"]', "--max_gen_len", "8", "--temperature", "0"]
     script = str(REPO / "scripts" / "example_text_completion.py")
-    one, two = single(script, *flags), torchrun(script, *flags)
+    two = torchrun(script, *flags)
+    # One process: the script as __main__ in this one (conftest.run_in_process), on the CPU as the ranks are.
+    one = run_in_process(*flags, "--device", "cpu", script=Path(script))
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     strip = lambda out: re.sub(r".*tokens/s.*\n", "", out)  # noqa: E731  (timings differ)
