@@ -183,7 +183,7 @@ def set_cpu_kernel(module: nn.Module, kernel: str) -> None:
         if hasattr(m, "host_attend"):  # model.Attention
             m.host_attend = host_attend
         if hasattr(m, "host_step"):  # model.TransformerBlock
-            m.host_step = cpu_block.block_step if fused and cpu_block.applies(m) else None
+            m.host_step = cpu_block.BlockStep(m) if fused and cpu_block.applies(m) else None
         if name and type(m) is nn.Linear and m.bias is None:
             m = CpuLinear.wrap(m)
             module.set_submodule(name, m)

@@ -278,7 +278,7 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, model_parallel_size)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        # The same math as one native call on the host (cpu_block.block_step, set by cpu_kernels.set_cpu_kernel):
+        # The same math as one native call on the host (cpu_block.BlockStep, set by cpu_kernels.set_cpu_kernel):
         # a small model's decode step on a CPU costs more in per-op overhead than in its weights. It returns None
         # for the steps it does not take. None: the modules everywhere.
         self.host_step: Optional[Callable[..., Optional[torch.Tensor]]] = None

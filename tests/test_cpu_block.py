@@ -68,19 +68,22 @@ def close(ref: torch.Tensor, got: torch.Tensor) -> None:
 def test_the_fused_step_gives_the_modules_output_and_cache(fmt: str) -> None:
     fused = quantized_model(fmt)
     set_cpu_kernel(fused, "gemv")
-    assert all(layer.host_step is cpu_block.block_step for layer in fused.layers)
+    assert all(isinstance(layer.host_step, cpu_block.BlockStep) for layer in fused.layers)
     ref = copy.deepcopy(fused)
+    assert ref.layers[0].host_step.mats[0] is ref.layers[0].attention.wq  # a copy's step reads the copy's matrices
     set_cpu_kernel(ref, "dequantize")  # Meta's math over the dequantized matrices, module by module
     assert all(layer.host_step is None for layer in ref.layers)
     taken = []
 
-    def counted(*args, **kwargs):
-        result = cpu_block.block_step(*args, **kwargs)
-        taken.append(result is not None)
-        return result
+    def counted(host_step: cpu_block.BlockStep):
+        def call(*args, **kwargs):
+            result = host_step(*args, **kwargs)
+            taken.append(result is not None)
+            return result
+        return call
 
     for layer in fused.layers:
-        layer.host_step = counted
+        layer.host_step = counted(layer.host_step)
     g = torch.Generator().manual_seed(2)
     tokens = lambda bs, n: torch.randint(0, 96, (bs, n), generator=g)  # noqa: E731
     # Rows of different lengths: two prompts (the modules: too long for one call), then steps of both rows at their
