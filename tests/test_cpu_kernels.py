@@ -284,22 +284,20 @@ print("ok")
 
 
 @pytest.mark.parametrize("flags,isa", [("-mno-avx512f", "avx2"), ("-mno-avx512f -mno-avx2 -mno-fma", "scalar")])
-def test_the_avx2_and_plain_builds_equal_the_product(flags: str, isa: str, tmp_path) -> None:
+def test_the_avx2_and_plain_builds_equal_the_product(flags: str, isa: str, isa_builds) -> None:
     """The same source built for CPUs without AVX-512 (and without AVX2), in a process of its own (a process
-    registers the operators once), against float64 products."""
-    import os
-    import subprocess
-    import sys
-
+    registers the operators once), against float64 products. The process (conftest.isa_builds, built with
+    ``flags``) also runs test_cpu_attention's check, and runs beside the other instruction set's."""
     import platform
 
+    from conftest import ISA_FLAGS
+
+    assert ISA_FLAGS[isa] == flags
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86 flags")
     if isa == "avx2" and " avx2" not in native_build._cpu_flags():
         pytest.skip("this CPU cannot run the AVX2 build")
     if native_build._compiler() is None:
         pytest.skip("no C++ compiler here")
-    env = dict(os.environ, LLAMA_OFFLOAD_CACHE=str(tmp_path), LLAMA_OFFLOAD_CXXFLAGS=flags)
-    done = subprocess.run([sys.executable, "-c", _CHECK_BUILD, isa], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    done = isa_builds(isa, "cpu_gemv")
+    assert done["error"] is None and done["stdout"].strip() == "ok", done
