@@ -415,13 +415,12 @@ def test_force_refuses_to_delete_the_source(source: tuple[ModelArgs, Transformer
 
 
 def test_script(small_gguf: Path, tmp_path: Path) -> None:
-    import subprocess
-    import sys
+    from conftest import run_in_process
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "convert.py"
 
-    def run(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
+    def run(*argv: str):
+        return run_in_process(*argv, script=script)  # the script as __main__, in this process
 
     r = run("gguf", str(small_gguf), "--out", str(tmp_path / "c"), "--dtype", "float32")
     assert r.returncode == 0, r.stderr
@@ -485,11 +484,10 @@ def smollm2_gguf(cache: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_real_smollm2_knows_the_capital_of_france(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+def test_real_smollm2_knows_the_capital_of_france(smollm2_kept: Path) -> None:
     from llama_offload.generation import Llama
 
-    path = smollm2_gguf(request.config.cache.mkdir("smollm2"))
-    out = convert_gguf(path, tmp_path / "smollm2-135m-instruct")
+    out = smollm2_kept  # convert_gguf of the wheel's GGUF, its blocks kept (conftest, shared)
 
     args = ModelArgs.from_json(out / "params.json")
     assert (args.n_layers, args.dim, args.n_heads, args.kv_heads, args.vocab_size) == (30, 576, 9, 3, 49152)

@@ -8,10 +8,7 @@ every refusal must come before any matrix is quantized and leave the output dire
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +23,8 @@ from llama_offload.convert import META_FILENAME
 from llama_offload.quant import LINEAR_NAMES, QuantSpec
 from llama_offload.quantize_checkpoint import estimated_bytes, quantize_checkpoint, spec_from_flags
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_in_process
+
 
 # in_features 128 and 384 (w2): every group size divides them. tiny_ckpt's w2 has 192 inputs, which 128 does not.
 WIDE = ModelArgs(dim=128, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=128)
@@ -213,11 +211,9 @@ def test_chunks_whose_scales_overflow_fp16_are_joined_in_fp32(monkeypatch: pytes
 
 def test_cli_end_to_end(tiny_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "tiny-int8"
-    env = dict(os.environ)
-    env.pop("LLAMA_OFFLOAD_TRACEBACK", None)
-    p = subprocess.run([sys.executable, "-m", "llama_offload.cli", "quantize", "--ckpt_dir", str(tiny_ckpt),
-                        "--out", str(out), "--bits", "8", "--quantize_embeddings"],
-                       capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    # The command's entry point (fire included) in this process: conftest.run_in_process.
+    p = run_in_process("quantize", "--ckpt_dir", str(tiny_ckpt), "--out", str(out), "--bits", "8",
+                       "--quantize_embeddings")
     assert p.returncode == 0, p.stderr
     assert f"-> {out}" in p.stdout
     # 8 + 16 / in per matrix: 8.25 for in = 64, 8.08 for w2's 192 (a 7B model: 8.00)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,8 +23,6 @@ from llama_offload.convert import META_FILENAME  # noqa: E402
 from llama_offload.convert_gguf import convert_gguf  # noqa: E402
 from test_convert_gguf import N_VOCAB, gguf_tensors_from_meta, write_gguf  # noqa: E402
 from tiny import tiny_args, tiny_model  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +138,8 @@ def test_force_replaces_only_our_checkpoints_cli(gguf_file: Path, tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "user"]
 
 
-def test_misspelled_flag_fails_before_writing(gguf_file: Path, tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "llama_offload.cli", "convert", str(gguf_file), "--out",
-                        str(tmp_path / "D"), "--forse"], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert r.returncode == 2, r.stderr
-    assert "--forse" in r.stderr and "did you mean --force?" in r.stderr and "Traceback" not in r.stderr
+def test_misspelled_flag_fails_before_writing(gguf_file: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    code, _, err = run_cli(monkeypatch, capsys, "convert", str(gguf_file), "--out", str(tmp_path / "D"), "--forse")
+    assert code == 2, err
+    assert "--forse" in err and "did you mean --force?" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
