@@ -288,7 +288,8 @@ class TransformerBlock(nn.Module):
         """``out``: where to write the result (a packed block passes its packet's hidden state: no extra copy)."""
         if (self.host_step is not None and x.device.type == "cpu" and not self.attention.explicit
                 and not torch.is_grad_enabled()):
-            result = self.host_step(self, x, shape, input_pos, freqs_cis, out)  # the causal mask from input_pos
+            # The mask is always step.attention_mask(input_pos): the native step derives it from the positions.
+            result = self.host_step(self, x, shape, input_pos, freqs_cis, out)
             if result is not None:
                 return result
         h = x + self.attention(self.attention_norm(x), shape, input_pos, freqs_cis, mask)
