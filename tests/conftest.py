@@ -90,6 +90,8 @@ def run_in_process(*argv: Any, stdin: bytes | str = b"", env: Optional[dict[str,
                 main()
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, (int, type(None))):  # as the interpreter does: the message on stderr
+                print(e.code, file=sys.stderr)
     return Ran(code, out.getvalue(), err.getvalue())
 
 

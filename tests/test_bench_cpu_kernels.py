@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
+from conftest import run_in_process
 from scripts_loader import load_script
 
 from llama_offload.cpu_kernels import gemv_available
@@ -25,6 +24,6 @@ def test_every_kernel_is_timed_on_every_format() -> None:
 
 
 def test_bad_flags_are_refused_in_one_line() -> None:
-    done = subprocess.run([sys.executable, str(SCRIPT), "--tokens", "1,x"], capture_output=True, text=True, timeout=120)
+    done = run_in_process("--tokens", "1,x", script=SCRIPT)  # the script as __main__, in this process
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "--tokens must be positive integers" in done.stderr

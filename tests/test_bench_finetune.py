@@ -4,19 +4,19 @@ fitting length, its table and JSON). The figures need a GPU and are produced the
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from conftest import run_in_process
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_tiny_run_checks_gradients_and_writes_its_table(tmp_path: Path) -> None:
     out, js = tmp_path / "ft.md", tmp_path / "ft.json"
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_finetune.py"), "--device", "cpu",
-                          "--preset", "tiny", "--seq_lens", "32", "--budgets", "2", "--long_preset", "tiny",
-                          "--long_budget", "2", "--long_seq_lens", "32,64", "--check_grads", "--check_seq_len", "16",
-                          "--out", str(out), "--json_out", str(js)], capture_output=True, text=True, timeout=300)
+    # The script as __main__, in this process (conftest.run_in_process).
+    run = run_in_process("--device", "cpu", "--preset", "tiny", "--seq_lens", "32", "--budgets", "2", "--long_preset",
+                         "tiny", "--long_budget", "2", "--long_seq_lens", "32,64", "--check_grads", "--check_seq_len",
+                         "16", "--out", str(out), "--json_out", str(js), script=REPO / "scripts" / "bench_finetune.py")
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(js.read_text())
     assert result["grads"]["bit_equal"] and result["grads"]["max_abs_diff"] == 0.0
