@@ -33,6 +33,7 @@ from . import cpu_block, native_build
 DENSE_KERNELS = ("torch", "gemv")
 QUANT_KERNELS = ("dequantize", "torch", "gemv")
 GEMV_DTYPES = (torch.float16, torch.bfloat16)  # the 16-bit weights the native kernel reads
+NATIVE_SOURCES = ("cpu_gemv", "cpu_attention", "cpu_block")  # csrc/*.cpp: the products, the attention, a fused block
 
 
 def gemv_available(verbose: bool = True) -> bool:
@@ -140,6 +141,9 @@ def attend_host(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask
 def kernels_for(dtype: torch.dtype, quantized: bool) -> tuple[str, ...]:
     """The kernels calibration times for a block of ``dtype`` (quantized or not) on this machine."""
     names = QUANT_KERNELS if quantized else DENSE_KERNELS
+    if quantized or dtype in GEMV_DTYPES:
+        # The "gemv" kernel's blocks use all three libraries: built side by side the first time, not one by one.
+        native_build.build_together(NATIVE_SOURCES, verbose=True)
     gemv = (quantized or dtype in GEMV_DTYPES) and gemv_available()
     return tuple(k for k in names if k != "gemv" or gemv)
 

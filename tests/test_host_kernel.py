@@ -134,3 +134,32 @@ def test_the_native_kernel_gives_the_dequantized_models_logits_and_greedy_tokens
         clear = (top2[:, 0] - top2[:, 1]) > 2 * diff
         assert clear.any()  # the check below must have something to check
         assert torch.equal(r.argmax(-1)[clear], n.argmax(-1)[clear])
+
+
+def test_missing_libraries_are_built_side_by_side_and_a_failure_is_remembered(monkeypatch: pytest.MonkeyPatch,
+                                                                               tmp_path: Path) -> None:
+    import threading
+
+    from llama_offload import native_build
+
+    if native_build._compiler() is None:
+        pytest.skip("no C++ compiler here")
+    monkeypatch.setenv("LLAMA_OFFLOAD_CACHE", str(tmp_path))
+    monkeypatch.setattr(native_build, "_loaded", {})
+    started, both = [], threading.Barrier(2, timeout=10)
+
+    def build(source: Path, target: Path, cxx: str) -> str | None:
+        started.append(source.stem)
+        both.wait()  # returns only once the other build runs too: they run side by side
+        if source.stem == "cpu_attention":
+            return "an error"
+        target.write_bytes(b"")
+        return None
+
+    monkeypatch.setattr(native_build, "_build", build)
+    native_build.build_together(["cpu_gemv", "cpu_attention"], verbose=False)
+    assert sorted(started) == ["cpu_attention", "cpu_gemv"]
+    assert native_build._loaded == {"cpu_attention": "the build failed: an error"}
+    assert native_build.load("cpu_attention", verbose=False) == "the build failed: an error"
+    native_build.build_together(["cpu_gemv"], verbose=False)  # built already: nothing to do
+    assert len(started) == 2
