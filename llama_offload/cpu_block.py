@@ -40,11 +40,17 @@ def available() -> bool:
 def applies(block: nn.Module) -> bool:
     """A block the operator computes: its seven matrices int8/int4 ``QuantLinear`` of one process (not split
     over ranks), its norms fp32."""
-    from .quant import QuantLinear  # quant imports cpu_kernels, which imports this module
-
     mats = [getattr(getattr(block, part), name) for part, name in MATRICES]
-    return (all(type(m) is QuantLinear and m.parallel is None and m.bits in (4, 8) for m in mats)
+    return (all(_one_process_codes(m) for m in mats)
             and block.attention_norm.weight.dtype == torch.float32 and block.ffn_norm.weight.dtype == torch.float32)
+
+
+def _one_process_codes(m: nn.Module) -> bool:
+    # quant.QuantLinear of one process, known by its buffers rather than its class: quant sits above the kernels
+    # (it imports cpu_kernels, which imports this module). A wrapper around one (LoRA's) has no scales of its own.
+    w, scales = m._buffers.get("weight"), m._buffers.get("scales")
+    return (scales is not None and w is not None and w.dtype in (torch.int8, torch.uint8)
+            and getattr(m, "parallel", "") is None)
 
 
 class BlockStep:
