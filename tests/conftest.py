@@ -62,7 +62,8 @@ def run_in_process(*argv: Any, stdin: bytes | str = b"", env: Optional[dict[str,
                    script: Optional[Path] = None, strict_stdin: bool = False) -> Ran:
     """``llama-offload ARGV`` (or ``python SCRIPT ARGV``) in this process, its output captured. stdin is a UTF-8
     text stream over the given bytes, its error handler ``surrogateescape`` as under a C.UTF-8 locale, or
-    ``strict`` (PYTHONIOENCODING=utf-8:strict). ``env`` entries are set (a value of None removes the variable);
+    ``strict`` (PYTHONIOENCODING=utf-8:strict). ``env`` entries are set (a value of None removes the variable;
+    LLAMA_OFFLOAD_CHECKPOINTS also moves default_model.CHECKPOINTS_DIR, which a process reads at import);
     LLAMA_OFFLOAD_TRACEBACK and WORLD_SIZE are always removed. Everything is restored afterwards."""
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -73,6 +74,10 @@ def run_in_process(*argv: Any, stdin: bytes | str = b"", env: Optional[dict[str,
                 m.delenv(key, raising=False)
             else:
                 m.setenv(key, value)
+        if (env or {}).get("LLAMA_OFFLOAD_CHECKPOINTS"):  # read once, at import: here, as a new process would
+            from llama_offload import default_model
+
+            m.setattr(default_model, "CHECKPOINTS_DIR", Path(env["LLAMA_OFFLOAD_CHECKPOINTS"]))
         data = stdin.encode() if isinstance(stdin, str) else stdin
         m.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8",
                                                  errors="strict" if strict_stdin else "surrogateescape"))

