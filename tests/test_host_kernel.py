@@ -1,7 +1,7 @@
 """A run without a GPU multiplies its matrices with the kernel measured fastest on this machine (lanes.choose_host_kernel):
 the choice is the fastest candidate, cached per machine and format, planned before loading and carried out by
-offload(); the native kernel on a quantized model's codes gives the dequantized model's logits to fp32 rounding,
-and its greedy tokens wherever the reference's top two are further apart than that rounding.
+offload() (the "gemv" kernel's fused blocks against the dequantized model: tests/test_cpu_block.py); the native
+sources a run loads are built side by side.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ import torch
 
 from llama_offload import lanes
 from llama_offload.args import ModelArgs
-from llama_offload.checkpoint import load_model
 from llama_offload.cpu_kernels import gemv_available
-from llama_offload.offload import offload
 from llama_offload.plan import HostKernel
 from llama_offload.preflight import check_before_load
 from llama_offload.quant import QuantLinear, QuantSpec
@@ -107,33 +105,6 @@ def test_a_cpu_run_multiplies_with_the_planned_kernel(monkeypatch: pytest.Monkey
     assert kernels == {"gemv"}
     # An unquantized float32 checkpoint keeps torch's kernels: nothing is planned.
     assert check_before_load(tiny_ckpt, tok, options).plan.host_kernel is None
-
-
-def steps(model: torch.nn.Module) -> list[torch.Tensor]:
-    """A prefill and four decode steps of two rows: every step's logits."""
-    g = torch.Generator().manual_seed(3)
-    prompt, tokens = torch.randint(0, 512, (MAX_BATCH, 7), generator=g), torch.randint(0, 512, (MAX_BATCH, 4), generator=g)
-    out, pos = [model(prompt, 0)], prompt.shape[1]
-    for t in tokens.unbind(1):
-        out.append(model(t[:, None], pos))
-        pos += 1
-    return [x[:, -1] for x in out]
-
-
-@needs_gemv
-def test_the_native_kernel_gives_the_dequantized_models_logits_and_greedy_tokens(q4_ckpt: Path) -> None:
-    def run(kernel: str) -> list[torch.Tensor]:
-        model = load_model(q4_ckpt, max_seq_len=MAX_SEQ, max_batch_size=MAX_BATCH, show_progress=False)
-        return steps(offload(model, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ, device="cpu", host_kernel=kernel))
-
-    ref, native = run("dequantize"), run("gemv")
-    for r, n in zip(ref, native):
-        diff = (r - n).abs().max().item()
-        assert diff <= 1e-5 * r.abs().max().item() + 1e-6, diff
-        top2 = r.topk(2, dim=-1).values  # (bs, 2)
-        clear = (top2[:, 0] - top2[:, 1]) > 2 * diff
-        assert clear.any()  # the check below must have something to check
-        assert torch.equal(r.argmax(-1)[clear], n.argmax(-1)[clear])
 
 
 def test_missing_libraries_are_built_side_by_side_and_a_failure_is_remembered(monkeypatch: pytest.MonkeyPatch,
