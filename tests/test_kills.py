@@ -6,7 +6,8 @@ directory or half download. A SIGKILLed run's leftover is removed by the next ru
 
 The moments are taken from what the process shows, not from the clock alone, so that a loaded machine
 cannot turn "during the conversion" into "during the imports": the GGUF is large enough (about 50 MB)
-that each stage lasts a while. The runs of one test go in parallel, to keep the file fast.
+that each stage lasts a while, and every conversion pauses 3 s before it publishes its output. The runs of one
+test go in parallel, to keep the file fast.
 """
 
 from __future__ import annotations
@@ -162,13 +163,14 @@ def test_kills_during_convert_leave_nothing(big_gguf: Path, tmp_path: Path) -> N
     }
     runs = {}
     for name, (sig, when, code, early) in cases.items():
-        # One run at a time: on a loaded 2-core machine, parallel runs starve the thread that watches for
-        # the moment to send the signal, and the signal lands after the conversion has finished.
+        # All at once: each run is mostly its interpreter importing torch, which the two cores share. Every
+        # conversion waits 3 s written but not yet published (LLAMA_OFFLOAD_PAUSE_BEFORE_PUBLISH), so a watcher
+        # thread slowed by the parallel runs on a loaded machine still sends its signal mid-conversion.
         (tmp_path / name).mkdir(exist_ok=True)
         force = ["--force"] if name == "writing" else []
-        # Written but not yet published for 3 s: the signal lands mid-conversion however loaded the machine is.
         env = dict(os.environ, LLAMA_OFFLOAD_PAUSE_BEFORE_PUBLISH="3")
         runs[name] = Run(convert_argv(big_gguf, tmp_path / name / "out") + force, sig=sig, when=when, env=env)
+    for name, (sig, when, code, early) in cases.items():
         if code is None:
             runs[name].wait()
             continue
