@@ -429,7 +429,7 @@ def choose_host_kernel(args: ModelArgs, dtype: torch.dtype, *, spec: Optional[Qu
     if entry is not None:
         try:
             timed = tuple((str(k), float(ms)) for k, ms in entry["block_ms"])
-            if {k for k, _ in timed} == set(candidates):
+            if timed and {k for k, _ in timed} | set(entry.get("left_out", ())) == set(candidates):
                 return HostKernel(min(timed, key=lambda t: t[1])[0], timed, threads)
         except (KeyError, TypeError, ValueError):
             pass  # an entry from another version: measure again
@@ -438,14 +438,22 @@ def choose_host_kernel(args: ModelArgs, dtype: torch.dtype, *, spec: Optional[Qu
     timed = []
     for name in candidates:
         set_cpu_kernel(block, name)
-        timed.append((name, measure_cpu_block(block, threads, token_counts=(1,), budget_s=0.1, min_runs=5,
-                                              fastest=True)[0][1]))
+        try:
+            timed.append((name, measure_cpu_block(block, threads, token_counts=(1,), budget_s=0.1, min_runs=5,
+                                                  fastest=True)[0][1]))
+        except (RuntimeError, AttributeError, NotImplementedError) as e:
+            # A kernel this torch or CPU lacks (torch's int4 CPU kernel came in 2.5) is no candidate: the others run.
+            if verbose:
+                print(f"llama_offload: the {name} CPU kernel does not run here ({str(e).splitlines()[0][:120]}); "
+                      "it is left out.", file=sys.stderr)
+    if not timed:
+        return None
     choice = HostKernel(min(timed, key=lambda t: t[1])[0], tuple(timed), threads)
     if verbose:
         print(f"llama_offload: timed the CPU kernels on one block in {time.perf_counter() - start:.1f} s: "
               f"{choice.describe()} (cached in {path})", file=sys.stderr)
     data = _read_cache(path)
-    data[key] = {"block_ms": [list(t) for t in timed]}
+    data[key] = {"block_ms": [list(t) for t in timed], "left_out": [k for k in candidates if k not in dict(timed)]}
     _write_json(path, data)
     return choice
 

@@ -134,3 +134,24 @@ def test_missing_libraries_are_built_side_by_side_and_a_failure_is_remembered(mo
     assert native_build.load("cpu_attention", verbose=False) == "the build failed: an error"
     native_build.build_together(["cpu_gemv"], verbose=False)  # built already: nothing to do
     assert len(started) == 2
+
+
+@needs_gemv
+def test_a_kernel_that_fails_here_is_left_out(monkeypatch: pytest.MonkeyPatch, cache: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    timed = fake_times(monkeypatch, {"dequantize": 5.0, "torch": 0.5, "gemv": 1.0})
+    fake = lanes.measure_cpu_block
+
+    def measure(block: torch.nn.Module, threads: int, **kw: object):
+        if next(m.cpu_kernel for m in block.modules() if isinstance(m, QuantLinear)) == "torch":
+            raise RuntimeError("_weight_int4pack_mm_for_cpu: not in this torch")
+        return fake(block, threads, **kw)
+
+    monkeypatch.setattr(lanes, "measure_cpu_block", measure)
+    choice = lanes.choose_host_kernel(ARGS, torch.float32, spec=QuantSpec(4, 32), threads=2)
+    assert choice is not None and choice.kernel == "gemv" and [k for k, _ in choice.block_ms] == ["dequantize", "gemv"]
+    assert "the torch CPU kernel does not run here (_weight_int4pack_mm_for_cpu: not in this torch)" in capsys.readouterr().err
+    assert timed == ["dequantize", "gemv"]
+    # The kernel left out is remembered with the others' times: the next run reads the choice back.
+    monkeypatch.setattr(lanes, "measure_cpu_block", lambda *a, **k: pytest.fail("measured again"))
+    assert lanes.choose_host_kernel(ARGS, torch.float32, spec=QuantSpec(4, 32), threads=2) == choice
