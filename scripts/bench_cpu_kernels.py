@@ -24,9 +24,9 @@ except ImportError:  # run from a checkout without installing
 import torch
 import torch.nn.functional as F
 
-from llama_offload.cpu_kernels import gemv_available, gemv_isa, gemv_linear, gemv_quant, gemv_unavailable_reason
-from llama_offload.lanes import cpu_threads_for
-from llama_offload.quant import quantize_matrix
+from llama_offload.kernels.cpu import gemv_available, gemv_isa, gemv_linear, gemv_quant, gemv_unavailable_reason
+from llama_offload.offload.lanes import cpu_threads_for
+from llama_offload.model.quant import quantize_matrix
 
 
 def block_shapes(dim: int, hidden: int) -> list[tuple[int, int]]:

@@ -35,9 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_random_checkpoi
 
 import torch
 
-from llama_offload.args import ModelArgs
-from llama_offload.model import Transformer
-from llama_offload.train import budget, lora, paged
+from llama_offload.model.args import ModelArgs
+from llama_offload.model.transformer import Transformer
+from llama_offload.train import budget, paged
+from llama_offload.model import lora
 from llama_offload.train.loss import chunked_cross_entropy
 from make_random_checkpoint import PRESETS
 
@@ -212,7 +213,7 @@ def main() -> None:
     device = torch.device(a.device)
     pcie = None
     if device.type == "cuda":
-        from llama_offload.lanes import measure_pcie
+        from llama_offload.offload.lanes import measure_pcie
 
         pcie = measure_pcie(device)
         log(f"pinned H2D {pcie:.1f} GB/s")

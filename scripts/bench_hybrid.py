@@ -37,12 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_quant, bench_l
 
 import torch
 
-from llama_offload.args import ModelArgs
-from llama_offload.cpu_kernels import gemv_isa
-from llama_offload.lanes import calibrate, cpu_threads_for, measure_pcie
-from llama_offload.offload import offload
-from llama_offload.quant import QuantSpec
-from llama_offload.quant_load import quantize_model
+from llama_offload.model.args import ModelArgs
+from llama_offload.kernels.cpu import gemv_isa
+from llama_offload.offload.lanes import calibrate, cpu_threads_for, measure_pcie
+from llama_offload.offload.offloaded import offload
+from llama_offload.model.quant import QuantSpec
+from llama_offload.checkpoint.quant_load import quantize_model
 
 Row = dict[str, Any]
 PROMPT_LEN = 16
@@ -55,7 +55,7 @@ def log(msg: str) -> None:
 
 def seven_b_state_dict(args: ModelArgs) -> dict[str, torch.Tensor]:
     """N(0, 0.02) weights (norms 1) of the 7B shape in fp16, drawn on the GPU, kept on the CPU."""
-    from llama_offload.model import Transformer
+    from llama_offload.model.transformer import Transformer
 
     with torch.device("meta"):
         model = Transformer(args).half()
@@ -71,7 +71,7 @@ def seven_b_state_dict(args: ModelArgs) -> dict[str, torch.Tensor]:
 
 
 def cpu_model(sd: dict[str, torch.Tensor], args: ModelArgs):
-    from llama_offload.model import Transformer
+    from llama_offload.model.transformer import Transformer
 
     with torch.device("meta"):
         model = Transformer(args)
@@ -99,7 +99,7 @@ def decode_ms(model: Any, vocab_size: int, batch: int, steps: int, repeats: int 
 def profiled(model: Any, vocab_size: int, steps: int) -> Optional[dict[str, float]]:
     """One more decode run at batch 1 with hybrid.LaneClock attached: where the host thread's time goes (ms per
     step) and how long the copy lane was busy. None for a model without a CPU lane."""
-    from llama_offload.hybrid import HybridOffloadModel, LaneClock
+    from llama_offload.offload.hybrid import HybridOffloadModel, LaneClock
 
     if not isinstance(model.paged, HybridOffloadModel):
         return None
@@ -129,7 +129,7 @@ def ours(name: str, sd: dict[str, torch.Tensor], args: ModelArgs, budget: float,
         model = offload(model, max_batch_size=8, max_seq_len=args.max_seq_len,
                         gpu_memory_gb=budget or None, **kw)
         plan = model.plan
-        row.update(resident=plan.resident_layers, paged=plan.paged_layers, cpu=plan.cpu_layers,
+        row.update(resident=plan.resident_layers, paged=plan.paged_layers, cpu=plan.cpu_blocks,
                    max_cpu_tokens=plan.max_cpu_tokens, expected_ms=plan.expected_decode_ms())
         for b in (1, 8):
             row[f"b{b}_ms"] = decode_ms(model, args.vocab_size, b, steps)

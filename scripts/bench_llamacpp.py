@@ -57,7 +57,7 @@ import torch
 
 import bench_peers
 from bench_peers import GiB, _failure, _result
-from llama_offload.args import ModelArgs
+from llama_offload.model.args import ModelArgs
 
 __all__ = [
     "DEFAULT_BIN_DIR",

@@ -58,7 +58,7 @@ import torch
 
 import bench_peers
 from bench_peers import DECODE_PROMPT_LEN, PREFILL_LEN, WARMUP_LEN, _failure, _GpuPeak, _result
-from llama_offload.args import ModelArgs
+from llama_offload.model.args import ModelArgs
 
 __all__ = ["LLAMA_MODELS", "META_MODULE", "meta_reference", "meta_model_args", "model_parallel_group",
            "build_meta_model", "meta_logits", "bench_meta"]
@@ -197,7 +197,7 @@ def _forward(model: torch.nn.Module):
 
 
 def _load(ckpt_dir: Path, args: ModelArgs) -> dict[str, torch.Tensor]:
-    from llama_offload.checkpoint import load_state_dict
+    from llama_offload.checkpoint.load import load_state_dict
 
     return load_state_dict(ckpt_dir, args, show_progress=False)
 

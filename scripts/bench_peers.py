@@ -15,7 +15,7 @@ larger than the GPU, on the *same* weights, with one protocol (:func:`measure_pe
 
 Both read a Hugging Face Llama directory; :func:`write_hf_checkpoint` writes one from a Meta state dict
 (the q/k rows permuted as Hugging Face's ``convert_llama_weights_to_hf.py`` does, so the model is the same:
-``tests/test_bench_peers.py`` checks that transformers' logits equal ``llama_offload.model.Transformer``'s).
+``tests/test_bench_peers.py`` checks that transformers' logits equal ``llama_offload.model.transformer.Transformer``'s).
 It also writes a minimal word-level ``tokenizer.json`` covering the vocabulary: AirLLM's constructor calls
 ``AutoTokenizer.from_pretrained(hf_dir)`` unconditionally, and fails without one. Ids are random in the
 benchmark, so the tokenizer is never used to encode anything.
@@ -82,7 +82,7 @@ except ImportError:  # run from a checkout without installing: python scripts/be
 
 import torch
 
-from llama_offload.args import ModelArgs
+from llama_offload.model.args import ModelArgs
 
 __all__ = [
     "hf_tensors",
@@ -641,11 +641,11 @@ def bench_airllm(hf_dir: Path, *, steps: int = 8, seed: int = 0, device: str = "
 
 
 def _meta_state_dict(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], ModelArgs]:
-    from llama_offload.checkpoint import load_state_dict
+    from llama_offload.checkpoint.load import load_state_dict
 
     args = ModelArgs.from_json(ckpt_dir / "params.json")
     if args.vocab_size == -1:
-        from llama_offload.tokenizer import load_tokenizer
+        from llama_offload.text.tokenizer import load_tokenizer
 
         for place in (ckpt_dir, ckpt_dir.parent):
             try:

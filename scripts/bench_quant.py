@@ -57,14 +57,17 @@ except ImportError:  # run from a checkout without installing
 
 import fire
 
-from llama_offload import quant, quant_triton
-from llama_offload.args import ModelArgs
-from llama_offload.checkpoint import load_model, random_state_dict
-from llama_offload.model import Transformer
-from llama_offload.offload import InferenceOffloadModel, offload
-from llama_offload.plan import GiB
-from llama_offload.quant import QuantSpec
-from llama_offload.quant_load import matrix_names, quantize_model, quantize_state_dict, swap_quantized_modules
+from llama_offload.model import quant
+from llama_offload.kernels import quant_triton
+from llama_offload.model.args import ModelArgs
+from llama_offload.checkpoint.load import load_model, random_state_dict
+from llama_offload.model.transformer import Transformer
+from llama_offload.offload.offloaded import InferenceOffloadModel, offload
+from llama_offload.offload.plan import GiB
+from llama_offload.model.quant import QuantSpec
+from llama_offload.checkpoint.quant_load import (
+    matrix_names, quantize_model, quantize_state_dict, swap_quantized_modules,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark.py and the peers beside this script
 import benchmark  # noqa: E402

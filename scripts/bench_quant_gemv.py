@@ -27,8 +27,9 @@ except ImportError:  # run from a checkout without installing
 import torch
 import torch.nn.functional as F
 
-from llama_offload import quant, quant_gemv, quant_triton
-from llama_offload.quant import QuantLinear
+from llama_offload.model import quant
+from llama_offload.kernels import quant_gemv, quant_triton
+from llama_offload.model.quant import QuantLinear
 
 DEVICE = "cuda"
 # (block_rows, block_bytes, num_warps) tried by --sweep; the first is quant_gemv's default.

@@ -104,7 +104,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     import torch
     import uvicorn
 
-    from llama_offload.options import build_llama
+    from llama_offload.cli.options import build_llama
     from llama_offload.serve.app import create_app
     from llama_offload.serve.server import engine_for, served_from
 
@@ -142,13 +142,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     floor_s, floor_note = None, ""
     plan = getattr(llama.model, "plan", None)
     if plan is not None and llama.device.type == "cuda" and plan.streamed_bytes:
-        from llama_offload.lanes import measure_pcie
+        from llama_offload.offload.lanes import measure_pcie
 
         gbps = measure_pcie(llama.device)
         floor_s = plan.streamed_bytes / (gbps * 1e9)
         floor_note = (f"; pinned H2D {gbps:.1f} GB/s measured after the levels, so a pass, which streams "
                       f"{plan.streamed_bytes / 1e9:.2f} GB, has a PCIe floor of {floor_s * 1e3:.0f} ms")
-    where = (f"{plan.resident_layers} blocks resident, {plan.paged_layers} paged, {plan.cpu_layers} on the CPU lane"
+    where = (f"{plan.resident_layers} blocks resident, {plan.paged_layers} paged, {plan.cpu_blocks} on the CPU lane"
              if plan is not None and llama.device.type == "cuda" else "unoffloaded on the CPU")
     head = (f"{Path(llama.options.ckpt_dir or 'default').name} ({llama.model.dtype if hasattr(llama.model, 'dtype') else ''}), "
             f"{device}, {where}; greedy, {a.max_tokens} new tokens a request, {a.rounds} requests per client "

@@ -41,14 +41,14 @@ except ImportError:  # run from a checkout without installing
 
 import fire
 
-from llama_offload.args import ModelArgs
-from llama_offload.checkpoint import random_state_dict
-from llama_offload.decode import BatchDecoder
-from llama_offload.generation import Llama
-from llama_offload.offload import offload
-from llama_offload.quant import QuantSpec
-from llama_offload.quant_load import quantize_model
-from llama_offload.speculative import ModelDraft, NgramDraft, SpeculativeDecoder
+from llama_offload.model.args import ModelArgs
+from llama_offload.checkpoint.load import random_state_dict
+from llama_offload.generate.decode import BatchDecoder
+from llama_offload.generate.generation import Llama
+from llama_offload.offload.offloaded import offload
+from llama_offload.model.quant import QuantSpec
+from llama_offload.checkpoint.quant_load import quantize_model
+from llama_offload.generate.speculative import ModelDraft, NgramDraft, SpeculativeDecoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks beside this script
 import bench_quant  # noqa: E402

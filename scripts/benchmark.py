@@ -28,10 +28,10 @@ except ImportError:  # run from a checkout without installing
 
 import fire
 
-from llama_offload.args import ModelArgs
-from llama_offload.checkpoint import load_model, random_state_dict, save_checkpoint
-from llama_offload.offload import offload
-from llama_offload.plan import GiB
+from llama_offload.model.args import ModelArgs
+from llama_offload.checkpoint.load import load_model, random_state_dict, save_checkpoint
+from llama_offload.offload.offloaded import offload
+from llama_offload.offload.plan import GiB
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the peers beside this script
 import bench_peers  # noqa: E402
@@ -159,7 +159,7 @@ def resident(ckpt_dir: Path) -> Callable[[], tuple[object, int, str]]:
 def read_per_step(args: ModelArgs, positions: int) -> int:
     """Bytes a batch-1 decode step must read from device memory: every block, the final norm and the output
     head, and the keys/values of ``positions`` cached tokens (the embedding contributes one row)."""
-    from llama_offload.plan import block_bytes
+    from llama_offload.offload.plan import block_bytes
 
     kv = 2 * args.n_layers * positions * args.kv_heads * args.head_dim * 2
     return args.n_layers * block_bytes(args, torch.float16) + (args.vocab_size + 1) * args.dim * 2 + kv
@@ -177,7 +177,7 @@ def prefill_long(ckpt_dir: Path, tokens: int, budget: float, vocab_size: int) ->
     except ValueError as e:  # the plan's minimum is above the budget: reported, not fatal
         print(f"{name}: {e}", flush=True)
         return {"name": name, "note": str(e)}
-    from llama_offload.decode import BatchDecoder
+    from llama_offload.generate.decode import BatchDecoder
 
     prompt = torch.randint(0, vocab_size, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     decoder = BatchDecoder(model, max_batch_size=1, max_seq_len=tokens + 16, device=torch.device("cuda"),
@@ -364,7 +364,7 @@ def main(shape: str = "7b", budgets: str = "6,8,12", peers: str = "meta,llamacpp
 
 def _peer_row(r: dict, bandwidth: float, args: ModelArgs) -> dict:
     # Peers stream whatever they keep off the GPU; the floor is taken as every block, an optimistic bound for them.
-    from llama_offload.plan import block_bytes
+    from llama_offload.offload.plan import block_bytes
 
     streamed = r.pop("streamed_bytes", args.n_layers * block_bytes(args, torch.float16))
     r["streamed_gib"] = streamed / GiB

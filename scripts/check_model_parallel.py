@@ -40,10 +40,10 @@ except ImportError:  # run from a checkout without installing
 import torch
 import torch.distributed as dist
 
-from llama_offload.args import ModelArgs
-from llama_offload.checkpoint import load_model, random_state_dict, save_checkpoint
-from llama_offload.offload import offload
-from llama_offload.options import fire_main, parse_dtype, start_model_parallel
+from llama_offload.model.args import ModelArgs
+from llama_offload.checkpoint.load import load_model, random_state_dict, save_checkpoint
+from llama_offload.offload.offloaded import offload
+from llama_offload.cli.options import fire_main, parse_dtype, start_model_parallel
 
 SHAPES = {
     "tiny": dict(params=dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,

@@ -20,10 +20,10 @@ try:  # Ctrl-C while torch is imported (a second or two) ends quietly too
     if (_ROOT / "llama_offload" / "__init__.py").is_file():
         sys.path.insert(0, str(_ROOT))
 
-    from llama_offload.cleanup import exit_on_signal
-    from llama_offload.convert_gguf import convert_gguf
-    from llama_offload.convert_hf import convert_hf
-    from llama_offload.options import fire_main
+    from llama_offload.files.cleanup import exit_on_signal
+    from llama_offload.convert.gguf import convert_gguf
+    from llama_offload.convert.hf import convert_hf
+    from llama_offload.cli.options import fire_main
 except KeyboardInterrupt:
     print("\nconvert: stopped by SIGINT; nothing was written.", file=sys.stderr)
     sys.exit(128 + signal.SIGINT)

@@ -30,12 +30,12 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama_offload.chat_format import Dialog
-from llama_offload.options import (
+from llama_offload.text.chat_format import Dialog
+from llama_offload.cli.options import (
     build_llama, check_generation_flags, fire_main, parse_dialogs, run_chat_completion, run_options_command,
     start_model_parallel,
 )
-from llama_offload.run_options import RunOptions
+from llama_offload.generate.run_options import RunOptions
 
 META_FLAGS = ("ckpt_dir", "tokenizer_path", "temperature", "top_p", "max_seq_len", "max_batch_size", "max_gen_len",
               "dialogs")

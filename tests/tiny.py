@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from llama_offload.args import ModelArgs
-from llama_offload.model import Transformer
+from llama_offload.model.args import ModelArgs
+from llama_offload.model.transformer import Transformer
 
 
 def tiny_args(**overrides) -> ModelArgs:

@@ -29,20 +29,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..decode import Sampling
-from .engine import Delta, Engine, EngineStopped, Event, Failure, QueueFull, Request
-from .protocol import (
-    ChatCompletionRequest,
-    ChatMessage,
-    CompletionRequest,
-    TokenLogprob,
-    chat_logprobs,
-    chunk_body,
-    completion_body,
-    error_body,
-    legacy_logprobs,
+from llama_offload.generate.decode import Sampling
+from llama_offload.serve.engine import Delta, Engine, EngineStopped, Event, Failure, QueueFull, Request
+from llama_offload.serve.protocol import (
+    ChatCompletionRequest, ChatMessage, CompletionRequest, TokenLogprob, chat_logprobs, chunk_body, completion_body,
+    error_body, legacy_logprobs,
 )
-from .tools import Call, FunctionSpec, Llama3Tools, ToolMode, Turn, system_text, tool_mode
+from llama_offload.serve.tools import Call, FunctionSpec, Llama3Tools, ToolMode, Turn, system_text, tool_mode
 
 log = logging.getLogger("llama_offload.serve")
 

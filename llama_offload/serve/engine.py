@@ -26,8 +26,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 
-from ..decode import BatchDecoder, Decoding, Sampling
-from .protocol import TokenLogprob
+from llama_offload.generate.decode import BatchDecoder, Decoding, Sampling
+from llama_offload.serve.protocol import TokenLogprob
 
 log = logging.getLogger("llama_offload.serve")
 

@@ -10,11 +10,11 @@ from typing import Optional
 
 import uvicorn
 
-from ..chat_format import Llama3ChatFormat
-from ..generation import Llama
-from .app import DEFAULT_MAX_BODY_MB, Served, create_app
-from .engine import Engine
-from .tools import Llama3Tools
+from llama_offload.text.chat_format import Llama3ChatFormat
+from llama_offload.generate.generation import Llama
+from llama_offload.serve.app import DEFAULT_MAX_BODY_MB, Served, create_app
+from llama_offload.serve.engine import Engine
+from llama_offload.serve.tools import Llama3Tools
 
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 # What uvicorn's own shutdown wait adds after the engine's drain: by then every response has its end (an answer or

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from ..chat_format import EOM, Llama3ChatFormat
+from llama_offload.text.chat_format import EOM, Llama3ChatFormat
 
 PYTHON_TAG = "<|python_tag|>"
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..args import ModelArgs
+from llama_offload.model.args import ModelArgs
 
 GiB = 1024**3
 LOGIT_CHUNK_BYTES = 256 * 1024**2  # fp32 logits per loss chunk: small against a block, large enough to keep GEMMs big

@@ -45,17 +45,11 @@ from typing import Any
 
 import torch
 
-from llama_offload.chat_format import (
-    ROLES,
-    ChatFormat,
-    ChatMLFormat,
-    Llama2ChatFormat,
-    Llama3ChatFormat,
-    Message,
-    validate_dialog,
+from llama_offload.text.chat_format import (
+    ROLES, ChatFormat, ChatMLFormat, Llama2ChatFormat, Llama3ChatFormat, Message, validate_dialog,
 )
-from llama_offload.text_input import a_type, check_dialog, check_text, read_lines
-from llama_offload.tokenizer import Tokenizer
+from llama_offload.text.text_input import a_type, check_dialog, check_text, read_lines
+from llama_offload.text.tokenizer import Tokenizer
 
 __all__ = ["IGNORE_INDEX", "Example", "pack", "read_examples", "render_chat", "render_text"]
 

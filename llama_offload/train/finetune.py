@@ -29,16 +29,18 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from ..args import ModelArgs
-from ..chat_format import default_chat_format_name, get_chat_format
-from ..checkpoint import checkpoint_context_length, load_model
-from ..convert import read_checkpoint_meta
-from ..default_model import resolve_paths
-from ..run_options import parse_dtype
-from ..tokenizer import check_vocab_size, load_tokenizer
-from . import budget, data, lora, paged
-from .loss import chunked_cross_entropy
-from .progress import Progress
+from llama_offload.model.args import ModelArgs
+from llama_offload.text.chat_format import default_chat_format_name, get_chat_format
+from llama_offload.checkpoint.load import checkpoint_context_length, load_model
+from llama_offload.checkpoint.meta import read_checkpoint_meta
+from llama_offload.convert.default_model import resolve_paths
+from llama_offload.generate.run_options import parse_dtype
+from llama_offload.text.tokenizer import check_vocab_size, load_tokenizer
+from llama_offload.train import budget, data, paged
+from llama_offload.checkpoint import adapter
+from llama_offload.model import lora
+from llama_offload.train.loss import chunked_cross_entropy
+from llama_offload.train.progress import Progress
 
 STATE_VERSION = 1
 
@@ -172,11 +174,11 @@ def prepare(opts: FinetuneOptions, device: torch.device) -> Prepared:
     out = Path(opts.out).expanduser()
     state = None
     if opts.resume:
-        if not (out / lora.STATE_FILE).is_file():
-            raise FileNotFoundError(f"--resume: {out} holds no saved run ({lora.STATE_FILE} is missing). Start the "
+        if not (out / adapter.STATE_FILE).is_file():
+            raise FileNotFoundError(f"--resume: {out} holds no saved run ({adapter.STATE_FILE} is missing). Start the "
                                     "run without --resume, or point --out at the directory of the run to resume.")
-        lora.read_config(out)  # the saved adapter's config and weights file, whole
-        state = _read_state(out / lora.STATE_FILE)
+        adapter.read_config(out)  # the saved adapter's config and weights file, whole
+        state = _read_state(out / adapter.STATE_FILE)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} already exists and is not empty; nothing in it is overwritten. Pass "
                               "--resume to continue the run saved there, or choose another --out.")
@@ -264,10 +266,10 @@ def check_out_room(out: Path, config: lora.LoRAConfig, *, resuming: bool) -> int
     for the previous save: at the moment of the swap both are on disk, so the disk must hold two saves (one
     more when resuming, the run's own save being there already). Leftovers of killed runs beside --out are
     removed by the probe (cleanup.remove_stale), before the free space is measured."""
-    from ..cleanup import new_temp_dir, remove_tree
-    from ..convert import _existing_ancestor
+    from llama_offload.files.cleanup import new_temp_dir, remove_tree
+    from llama_offload.checkpoint.output_dir import _existing_ancestor
 
-    one = lora.save_bytes(config)
+    one = adapter.save_bytes(config)
     need = one if resuming else 2 * one
     where = _existing_ancestor(out)
     try:
@@ -390,7 +392,7 @@ class Trainer:
         state = {"version": STATE_VERSION, "step": step, "identity": prep.opts.identity(), "world_size": self.world,
                  "data_sha256": prep.data_sha256, "optimizer": self.optimizer.state_dict(),
                  "adapter": self.adapter.tensors(), "history": self.history}
-        return lora.save_adapter(self.adapter, Path(prep.opts.out).expanduser(), state)
+        return adapter.save_adapter(self.adapter, Path(prep.opts.out).expanduser(), state)
 
 
 def _stored_bytes(prep: Prepared) -> tuple[int, int]:
@@ -434,7 +436,7 @@ def finetune(opts: FinetuneOptions, *, show_progress: bool = True) -> Path:
                 trainer.save(step)
                 print(f"\nllama_offload finetune: interrupted; saved step {step} in {opts.out}; continue with "
                       "--resume", file=sys.stderr)
-            except lora.SaveError as e:  # the signal still decides the exit; the reason the save failed is shown
+            except adapter.SaveError as e:  # the signal still decides the exit; the reason the save failed is shown
                 print(f"\nllama_offload finetune: interrupted; step {step} was not saved: {e}", file=sys.stderr)
         raise
     out = trainer.save(step) if rank == 0 else Path(opts.out)

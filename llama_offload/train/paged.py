@@ -28,8 +28,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ..model import Transformer, TransformerBlock, precompute_freqs_cis
-from ..quant import QuantLinear
+from llama_offload.model.transformer import Transformer, TransformerBlock, precompute_freqs_cis
+from llama_offload.model.quant import QuantLinear
 
 
 class Checkpoints:
@@ -185,7 +185,7 @@ class BlockRunner:
             block.to(device)
         self.pager = None
         if self.resident < n:
-            from ..pager import InferenceOffloadModel
+            from llama_offload.offload.pager import InferenceOffloadModel
 
             paged = nn.Sequential(*self.blocks[self.resident :])
             self.pager = BlockPager(InferenceOffloadModel(paged, device, len(paged)))

@@ -1,0 +1,255 @@
+"""One typed home for the flags that say how a model is loaded and run.
+
+``RunOptions`` is what ``llama-offload complete|chat|info``, the example scripts and ``Llama.build`` share: a
+new flag is one field here, with its help line in ``metadata["help"]``. The command-line layer builds the
+flags and their help from these fields, and ``Llama.build`` takes the object (or the same names as keywords).
+Sampling flags (temperature, top_p, max_gen_len) belong to each call, not to the loaded model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from llama_offload.text.chat_format import CHAT_FORMATS
+from llama_offload.offload.plan import DEFAULT_PREFILL_CHUNK
+from llama_offload.model.quant import QuantSpec
+
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+def _flag(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    ckpt_dir: Optional[str] = _flag(None, "Meta checkpoint directory (params.json, consolidated.NN.pth); unset: "
+                                          "the default model.")
+    tokenizer_path: Optional[str] = _flag(None, "tokenizer.model or tokenizer.json; unset: looked for in ckpt_dir, "
+                                                "then in its parent.")
+    max_seq_len: int = _flag(512, "prompt + completion length the KV cache is sized for.")
+    max_batch_size: int = _flag(4, "sequences run together (the KV cache holds this many).")
+    offload: bool = _flag(True, "page blocks through the GPU (False: the whole model on the GPU).")
+    num_slices: Optional[int] = _flag(None, "groups the blocks are paged in (default: one block per slice, the "
+                                            "least GPU memory).")
+    gpu_memory_gb: Optional[float] = _flag(None, "GPU memory budget in GiB: as many blocks as fit stay resident, "
+                                                 "the rest are paged (instead of num_slices).")
+    device: Optional[str] = _flag(None, "cuda, cuda:N or cpu (default: cuda if available).")
+    dtype: Optional[str] = _flag(None, "float16, bfloat16 or float32 (default: the checkpoint's on a GPU, "
+                                       "float32 on the CPU).")
+    seed: int = _flag(1, "sampling seed.")
+    chat_format: Optional[str] = _flag(None, "llama2, chatml or llama3 (default: what the checkpoint records, else "
+                                             "what the tokenizer implies).")
+    cuda_graphs: bool = _flag(True, "replay decode steps as CUDA graphs (False: launch every kernel, for "
+                                    "debugging).")
+    prefill_chunk: Optional[int] = _flag(None, "prompt positions per prefill pass; longer prompts are prefilled "
+                                               "in chunks, bounding activation memory (default: min(max_seq_len, "
+                                               "2048)).")
+    quantize: Optional[str] = _flag(None, "int8 or int4: quantize the blocks' matrices while loading (fewer bytes "
+                                          "paged per token; a checkpoint written by llama-offload quantize needs "
+                                          "no flag). Default: the checkpoint as stored.")
+    group_size: Optional[int] = _flag(None, "weights per int4 group (32, 64 or 128; default 64); int8 is scaled per "
+                                            "output channel.")
+    quantize_embeddings: bool = _flag(False, "with --quantize, the embedding and output head in int8 too (default: "
+                                             "they keep 16 bits).")
+    lora: Optional[str] = _flag(None, "a LoRA adapter directory (adapter_config.json, adapter.safetensors, as "
+                                      "llama-offload finetune writes it), merged into the 16-bit weights while "
+                                      "loading, before --quantize and offloading. Needs an unquantized checkpoint "
+                                      "in one process (else: llama-offload merge, then run the merged checkpoint). "
+                                      "Default: none.")
+    draft: Optional[str] = _flag(None, "speculative decoding: ngram (drafts copied from earlier text), int4 or int8 "
+                                       "(the model's own quantized copy, kept on the GPU), or a draft checkpoint "
+                                       "directory with the same tokenizer (kept on the GPU); auto: the draft that "
+                                       "measured fastest for this kind of run (none on the CPU, where drafts are "
+                                       "slower than plain decoding). Output is the model's own; several tokens per "
+                                       "pass when drafts are kept. Default: none.")
+    num_draft_tokens: Optional[int] = _flag(None, "with --draft, tokens drafted per sequence and pass (default 8).")
+    cpu_blocks: Optional[int] = _flag(None, "of the blocks not resident on the GPU, how many the host's cores compute "
+                                            "while the others stream over PCIe (0: stream them all). Default: the "
+                                            "split a short calibration of this machine finds fastest.")
+    cpu_threads: Optional[int] = _flag(None, "threads computing the CPU blocks (default: every core but one).")
+    allow_long_context: bool = _flag(False, "accept a max_seq_len above the context length the model was trained "
+                                            "for (its llama_offload.json, or known from its architecture): the "
+                                            "model was not trained for it, and its output degrades past that "
+                                            "length. Default: refused.")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_flags(cls, flags: dict[str, Any], base: Optional["RunOptions"] = None) -> "RunOptions":
+        """Options from keyword flags (unknown names refused), checked and normalised."""
+        unknown = sorted(set(flags) - set(cls.names()))
+        if unknown:
+            raise ValueError(f"Unknown run option(s) {', '.join(unknown)}: expected some of {', '.join(cls.names())}.")
+        return dataclasses.replace(base or cls(), **flags).checked()
+
+    def replace(self, **flags: Any) -> "RunOptions":
+        return RunOptions.from_flags(flags, base=self)
+
+    def checked(self) -> "RunOptions":
+        """Refuse values no run can use, before anything is loaded; normalise fire's loose types."""
+        _positive_int("max_seq_len", self.max_seq_len)
+        _positive_int("max_batch_size", self.max_batch_size)
+        if self.num_slices is not None:
+            _positive_int("num_slices", self.num_slices)
+        if self.prefill_chunk is not None:
+            _positive_int("prefill_chunk", self.prefill_chunk)
+        if self.gpu_memory_gb is not None:
+            g = self.gpu_memory_gb
+            if isinstance(g, bool) or not isinstance(g, (int, float)) or g <= 0:
+                raise ValueError(f"--gpu_memory_gb must be a positive number of GiB, found {g!r}.")
+            if self.num_slices is not None:
+                raise ValueError("Give either --gpu_memory_gb or --num_slices, not both: the budget decides how "
+                                 "many blocks stay resident and how the rest is paged.")
+        switches = {name: _bool_flag(name, getattr(self, name))
+                    for name in ("offload", "cuda_graphs", "allow_long_context", "quantize_embeddings")}
+        spec = self._quant_spec(switches["quantize_embeddings"])
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"--seed must be an integer, found {self.seed!r}.")
+        if self.num_draft_tokens is not None:
+            _positive_int("num_draft_tokens", self.num_draft_tokens)
+            if self.draft is None:
+                raise ValueError("--num_draft_tokens applies to --draft, which was not given. Add --draft ngram (or "
+                                 "int4, int8, a draft checkpoint directory), or drop --num_draft_tokens.")
+        if self.draft is not None:
+            check_draft_name(str(self.draft))
+        if self.lora is not None:
+            check_lora_dir(self.lora)
+        if self.cpu_blocks is not None and (isinstance(self.cpu_blocks, bool) or not isinstance(self.cpu_blocks, int)
+                                            or self.cpu_blocks < 0):
+            raise ValueError(f"--cpu_blocks must be a whole number of blocks, 0 or more, found {self.cpu_blocks!r} "
+                             "(leave it unset for the calibrated split).")
+        if self.cpu_threads is not None:
+            _positive_int("cpu_threads", self.cpu_threads)
+            if self.cpu_blocks == 0:
+                raise ValueError("--cpu_threads sets the CPU lane's threads, but --cpu_blocks 0 turns the lane off. "
+                                 "Drop one of them.")
+        torch_dtype = parse_dtype(self.dtype)
+        text = {n: getattr(self, n) for n in ("ckpt_dir", "tokenizer_path", "device", "chat_format", "draft", "lora")}
+        if self.device is not None:
+            check_device_name(str(self.device))
+        if self.chat_format is not None and str(self.chat_format) not in CHAT_FORMATS:
+            raise ValueError(f"Unknown --chat_format {self.chat_format!r}: expected one of "
+                             f"{', '.join(sorted(CHAT_FORMATS))} (or leave it unset for the checkpoint's own).")
+        return dataclasses.replace(
+            self, gpu_memory_gb=None if self.gpu_memory_gb is None else float(self.gpu_memory_gb),
+            dtype=None if torch_dtype is None else str(torch_dtype).removeprefix("torch."), **switches,
+            quantize=None if spec is None else f"int{spec.bits}", group_size=None if spec is None else spec.group_size,
+            **{n: None if v is None else str(v) for n, v in text.items()},
+        )
+
+    def _quant_spec(self, embeddings: bool) -> Optional[QuantSpec]:
+        if self.quantize is None:
+            if self.group_size is not None or embeddings:
+                flag = "--group_size" if self.group_size is not None else "--quantize_embeddings"
+                raise ValueError(f"{flag} applies to --quantize int8|int4, which was not given. Add --quantize int4 "
+                                 f"(or int8), or drop {flag}.")
+            return None
+        return QuantSpec.parse(self.quantize, self.group_size, embeddings)
+
+    @property
+    def quant_spec(self) -> Optional[QuantSpec]:
+        """``--quantize`` as a QuantSpec; None: the checkpoint as stored."""
+        return self._quant_spec(self.quantize_embeddings)
+
+    @property
+    def torch_dtype(self) -> Optional[torch.dtype]:
+        return parse_dtype(self.dtype)
+
+    @property
+    def draft_tokens(self) -> int:
+        """Tokens drafted per sequence and pass under --draft."""
+        from llama_offload.generate.speculative import DEFAULT_DRAFT_TOKENS
+
+        return self.num_draft_tokens or DEFAULT_DRAFT_TOKENS
+
+    def chunk(self) -> int:
+        """Prompt positions per prefill pass."""
+        return min(self.max_seq_len, self.prefill_chunk or DEFAULT_PREFILL_CHUNK)
+
+
+SELF_DRAFTS = ("ngram", "int4", "int8")
+AUTO_DRAFT = "auto"  # resolved per run by drafts.choose_draft, before anything is loaded
+
+
+def check_draft_name(draft: str) -> str:
+    """``--draft``: auto, ngram, int4, int8, or a directory that exists (what it holds is checked when it is loaded)."""
+    from pathlib import Path
+
+    if draft in SELF_DRAFTS or draft == AUTO_DRAFT or Path(draft).expanduser().is_dir():
+        return draft
+    raise ValueError(f"--draft {draft!r} is neither {AUTO_DRAFT}, {', '.join(SELF_DRAFTS)} nor an existing directory: "
+                     "expected auto (the draft that measured fastest for the run), ngram (prompt lookup), int4 or int8 "
+                     "(the model's own quantized copy), or the directory of a draft checkpoint that shares the model's "
+                     "tokenizer.")
+
+
+def check_lora_dir(lora: Any) -> str:
+    """``--lora``: a directory holding an adapter whose config reads and checks (its shape is checked against the
+    checkpoint's in preflight, its tensors when it is loaded)."""
+    from pathlib import Path
+
+    from llama_offload.checkpoint.adapter import read_config
+
+    if isinstance(lora, bool) or not isinstance(lora, (str, int, float, Path)) or not str(lora).strip():
+        raise ValueError(f"--lora takes a LoRA adapter directory (as llama-offload finetune writes it), found "
+                         f"{lora!r}. For example --lora checkpoints/my-adapter.")
+    read_config(str(lora))  # missing directory, missing files, a damaged or foreign config: one line each
+    return str(lora)
+
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def check_device_name(device: str) -> str:
+    """``--device`` as written: cpu, cuda or cuda:N (whether that GPU exists is checked when a model is built)."""
+    if not _DEVICE.match(device):
+        raise ValueError(f"--device {device!r} is not a device this runs on: expected cpu, cuda or cuda:N "
+                         "(N the GPU's index), or leave it unset for cuda if available, else cpu.")
+    return device
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"--{name} must be a positive integer, found {value!r}.")
+    return value
+
+
+_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _bool_flag(name: str, value: Any) -> bool:
+    """True or False; also the words fire leaves as text (``--cuda_graphs false``) and 0/1."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, str)) and str(value).strip().lower() in _WORDS:
+        return _WORDS[str(value).strip().lower()]
+    raise ValueError(f"--{name} must be True or False (or --no{name}), found {value!r}.")
+
+
+def parse_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
+    """``--dtype`` as a torch dtype; None keeps the default (the checkpoint's on a GPU, float32 on the CPU)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(
+            f"Unknown --dtype {dtype!r}: expected float16, bfloat16 or float32 (or fp16, bf16, fp32). "
+            "Leave it unset for the default: the checkpoint's own dtype on a GPU, float32 on the CPU."
+        )
+    return DTYPES[key]
