@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from llama_offload.model.lora import _OWNER, FORMAT, LoRAAdapter, LoRAConfig, ModelShape, parse_targets
+from llama_offload.model.lora import FORMAT, TARGET_OWNERS, LoRAAdapter, LoRAConfig, ModelShape, parse_targets
 
 
 
@@ -179,7 +179,7 @@ def check_weights_file(path: Path, config: LoRAConfig) -> None:
         for i in range(config.shape.n_layers):
             for t in config.targets:
                 out_features, in_features = config.shape.matrix(t)
-                name = f"layers.{i}.{_OWNER[t]}.{t}"
+                name = f"layers.{i}.{TARGET_OWNERS[t]}.{t}"
                 expected[f"{name}.lora_A"] = [config.rank, in_features]
                 expected[f"{name}.lora_B"] = [out_features, config.rank]
         found = {k: v for k, v in header.items() if k != "__metadata__"}

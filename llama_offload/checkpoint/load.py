@@ -580,8 +580,9 @@ def _load_quantized(ckpt_dir: str | Path, args: ModelArgs, show_progress: bool, 
     return state_dict, vocab_parallel
 
 
-def _compact(t: torch.Tensor) -> torch.Tensor:
-    # torch.save writes a view's whole storage; copy unless the tensor already owns exactly its bytes.
+def compact_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU, owning exactly its bytes: ready for torch.save, which writes a view's whole storage."""
+    # Copy unless the tensor already owns exactly its bytes.
     t = t.detach().cpu()
     if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
         return t
@@ -644,7 +645,7 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, ckpt_d
             shard = {}
             for key, t in state_dict.items():
                 d = split[key]
-                shard[key] = _compact(t if d is None else t.chunk(num_shards, dim=d)[i])
+                shard[key] = compact_tensor(t if d is None else t.chunk(num_shards, dim=d)[i])
             torch.save(shard, tmp / f"consolidated.{i:02d}.pth")
             del shard
         (tmp / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
@@ -774,4 +775,5 @@ def checkpoint_context_length(ckpt_dir: str | Path, args: ModelArgs) -> tuple[Op
     return infer_context_length(args)
 
 
-__all__ += ["check_shard_sizes", "checkpoint_context_length", "describe_quantization", "expected_shard_elements"]
+__all__ += ["check_shard_sizes", "checkpoint_context_length", "compact_tensor", "describe_quantization",
+            "expected_shard_elements"]

@@ -19,7 +19,8 @@ from llama_offload.checkpoint.meta import META_FILENAME
 from llama_offload.files.cleanup import deferred_signals, interruptible, new_temp_dir, remove_tree
 
 
-def _is_inside(path: Path, parent: Path) -> bool:
+def is_inside(path: Path, parent: Path) -> bool:
+    """Whether ``path`` (resolved) is ``parent`` (resolved) or lies under it."""
     try:
         path.resolve().relative_to(parent.resolve())
         return True
@@ -68,14 +69,14 @@ def _check_existing(out_dir: Path, *, force: bool, sources: Iterable[str | Path]
             "Pass --force (force=True) to replace it, or choose another output directory."
         )
     for src in sources:
-        if _is_inside(Path(src), out_dir):
+        if is_inside(Path(src), out_dir):
             raise ValueError(
                 f"{src} lies inside the output directory {out_dir}, which --force would delete. "
                 "Choose an output directory that does not hold the model being converted."
             )
 
 
-def _existing_ancestor(out_dir: Path) -> Path:
+def existing_ancestor(out_dir: Path) -> Path:
     """The directory the conversion writes in (out_dir's parent), or its nearest ancestor that exists."""
     parent = out_dir.absolute().parent
     while not parent.exists():
@@ -90,7 +91,7 @@ def check_free_space(out_dir: str | Path, needed_bytes: Optional[int]) -> None:
     if not needed_bytes:
         return
     out_dir = Path(out_dir).expanduser()
-    where = _existing_ancestor(out_dir)
+    where = existing_ancestor(out_dir)
     free = shutil.disk_usage(where).free
     need = int(needed_bytes * 1.02) + (16 << 20)
     if free < need:
@@ -113,7 +114,7 @@ def check_out_dir(out_dir: str | Path, *, force: bool, sources: Iterable[str | P
     sources = list(sources)
     out_dir = Path(out_dir).expanduser()
     _check_existing(out_dir, force=force, sources=sources)
-    where = _existing_ancestor(out_dir)
+    where = existing_ancestor(out_dir)
     try:
         remove_tree(new_temp_dir(where, out_dir.name))
     except OSError as e:

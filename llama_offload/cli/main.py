@@ -31,10 +31,10 @@ from llama_offload.checkpoint.load import checkpoint_context_length, describe_qu
 from llama_offload.checkpoint.meta import describe_source, read_checkpoint_meta
 from llama_offload.convert.gguf import convert_gguf
 from llama_offload.convert.hf import convert_hf
-from llama_offload.convert.default_model import _find_tokenizer, resolve_paths
+from llama_offload.convert.default_model import find_tokenizer, resolve_paths
 from llama_offload.generate.generation import Llama
 from llama_offload.cli.options import (
-    _load_json, build_llama, check_generation_flags, fire_main, run_options_command, run_text_completion,
+    build_llama, check_generation_flags, fire_main, load_json_flag, run_options_command, run_text_completion,
 )
 from llama_offload.offload.plan import available_host_bytes, plan_host, plan_offload
 from llama_offload.offload.lanes import lanes_for_run
@@ -645,7 +645,7 @@ def _text_flag(text: object) -> str:
 
 
 def _dialog_flag(dialog: object) -> Dialog:
-    value = _load_json(dialog, "--dialog", _DIALOG_EXAMPLE)
+    value = load_json_flag(dialog, "--dialog", _DIALOG_EXAMPLE)
     if isinstance(value, tuple):
         value = list(value)
     if isinstance(value, dict):
@@ -688,7 +688,7 @@ def token_ids(
         if not ckpt.is_dir():
             raise FileNotFoundError(f"--ckpt_dir {ckpt} is not a directory. Pass the checkpoint directory, or "
                                     "--tokenizer_path with the tokenizer file itself.")
-        found = _find_tokenizer(ckpt)
+        found = find_tokenizer(ckpt)
         if found is None:
             raise FileNotFoundError(
                 f"No tokenizer (tokenizer.model or tokenizer.json) was found in {ckpt}, nor tokenizer.model in its "

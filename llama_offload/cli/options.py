@@ -45,6 +45,7 @@ __all__ = [
     "check_generation_flags",
     "check_prompts",
     "fire_main",
+    "load_json_flag",
     "parse_dialogs",
     "parse_dtype",
     "parse_prompts",
@@ -61,7 +62,8 @@ USER_ERRORS = (ValueError, OSError, RuntimeError)
 T = TypeVar("T")
 
 
-def _load_json(value: Any, flag: str, example: str) -> Any:
+def load_json_flag(value: Any, flag: str, example: str) -> Any:
+    """A JSON-valued flag: the string parsed as JSON (or the value fire already parsed); ``example`` in the error."""
     if not isinstance(value, str):
         return value  # fire already parsed it as a Python literal
     try:
@@ -77,7 +79,7 @@ def _load_json(value: Any, flag: str, example: str) -> Any:
 def parse_prompts(value: Any) -> list[str]:
     """``--prompts``: a JSON list of strings (or the list fire already parsed)."""
     example = """a JSON list of strings, e.g. --prompts '["Once upon a time", "The capital of France is"]'"""
-    prompts = _load_json(value, "--prompts", example)
+    prompts = load_json_flag(value, "--prompts", example)
     if isinstance(prompts, tuple):
         prompts = list(prompts)
     if not isinstance(prompts, list):
@@ -93,7 +95,7 @@ def parse_prompts(value: Any) -> list[str]:
 def parse_dialogs(value: Any) -> list[Dialog]:
     """``--dialogs``: a JSON list of dialogs, each a list of {"role", "content"} messages."""
     example = """a JSON list of dialogs, e.g. --dialogs '[[{"role": "user", "content": "Hi!"}]]'"""
-    dialogs = _load_json(value, "--dialogs", example)
+    dialogs = load_json_flag(value, "--dialogs", example)
     if isinstance(dialogs, tuple):
         dialogs = list(dialogs)
     if not isinstance(dialogs, list) or not dialogs:

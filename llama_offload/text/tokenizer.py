@@ -27,6 +27,7 @@ from llama_offload.text.text_input import check_text
 __all__ = [
     "BUNDLED_CORPUS_PATH",
     "DEFAULT_TOKENIZER_FILENAME",
+    "HF_SIDECAR_FILENAMES",
     "HF_TOKENIZER_FILENAME",
     "HFTokenizer",
     "LLAMA3_PAT_STR",
@@ -38,6 +39,7 @@ __all__ = [
     "TiktokenTokenizer",
     "Tokenizer",
     "check_vocab_size",
+    "tokenizer_copy_files",
     "tokenizer_file",
     "detect_tokenizer_format",
     "load_tokenizer",
@@ -49,6 +51,8 @@ __all__ = [
 DEFAULT_TOKENIZER_FILENAME = "tokenizer.model"
 # Hugging Face's name for a `tokenizers` file; GGUF conversion writes one too.
 HF_TOKENIZER_FILENAME = "tokenizer.json"
+# Files a tokenizer.json is read with (HFTokenizer), copied along with it when a checkpoint is written.
+HF_SIDECAR_FILENAMES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 # Small original English text shipped with the package, enough to train a tiny
 # vocabulary for tests and for the toy default model without any download.
@@ -542,6 +546,17 @@ def tokenizer_file(tokenizer: Tokenizer) -> Optional[Path]:
     """The file ``tokenizer`` was read from (tokenizer.model or tokenizer.json), None if it does not say."""
     path = getattr(tokenizer, "model_path", None) or getattr(tokenizer, "path", None)
     return Path(path) if isinstance(path, (str, os.PathLike)) else None
+
+
+def tokenizer_copy_files(tok: str | Path) -> tuple[str, dict[str, Path]]:
+    """What a checkpoint written from the tokenizer file ``tok`` holds of it: the tokenizer's name there, and the
+    files to copy (name -> source): a tokenizer.json with the files it is read with, when present beside it."""
+    tok = Path(tok)
+    if detect_tokenizer_format(tok) == "json":
+        files = {HF_TOKENIZER_FILENAME: tok}
+        files.update({n: tok.parent / n for n in HF_SIDECAR_FILENAMES if (tok.parent / n).is_file()})
+        return HF_TOKENIZER_FILENAME, files
+    return DEFAULT_TOKENIZER_FILENAME, {DEFAULT_TOKENIZER_FILENAME: tok}
 
 
 def train_sentencepiece(text_path: str | Path, model_prefix: str | Path, vocab_size: int) -> Path:

@@ -267,11 +267,11 @@ def check_out_room(out: Path, config: lora.LoRAConfig, *, resuming: bool) -> int
     more when resuming, the run's own save being there already). Leftovers of killed runs beside --out are
     removed by the probe (cleanup.remove_stale), before the free space is measured."""
     from llama_offload.files.cleanup import new_temp_dir, remove_tree
-    from llama_offload.checkpoint.output_dir import _existing_ancestor
+    from llama_offload.checkpoint.output_dir import existing_ancestor
 
     one = adapter.save_bytes(config)
     need = one if resuming else 2 * one
-    where = _existing_ancestor(out)
+    where = existing_ancestor(out)
     try:
         remove_tree(new_temp_dir(where, out.name))  # a real write: permissions, a read-only mount, root or not
     except OSError as e:
