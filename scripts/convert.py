@@ -11,15 +11,9 @@ from __future__ import annotations
 
 import signal
 import sys
-from pathlib import Path
 from typing import Optional
 
 try:  # Ctrl-C while torch is imported (a second or two) ends quietly too
-    # The checkout this script belongs to comes first, installed or not (python scripts/NAME.py).
-    _ROOT = Path(__file__).resolve().parent.parent
-    if (_ROOT / "llama_offload" / "__init__.py").is_file():
-        sys.path.insert(0, str(_ROOT))
-
     from llama_offload.files.cleanup import exit_on_signal
     from llama_offload.convert.gguf import convert_gguf
     from llama_offload.convert.hf import convert_hf

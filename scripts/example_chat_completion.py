@@ -21,14 +21,8 @@ stops the others: the run ends with a non-zero status instead of hanging.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Optional
-
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama_offload.text.chat_format import Dialog
 from llama_offload.cli.options import (

@@ -22,14 +22,8 @@ stops the others: the run ends with a non-zero status instead of hanging.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Optional
-
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama_offload.cli.options import (
     build_llama, check_generation_flags, fire_main, parse_prompts, run_options_command, run_text_completion,

@@ -14,14 +14,6 @@ The flags are those of `llama-offload finetune` (`python scripts/finetune.py -- 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from llama_offload.cli.options import fire_main
 from llama_offload.train.command import finetune_command
 

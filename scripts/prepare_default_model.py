@@ -17,11 +17,6 @@ import sys
 from pathlib import Path
 
 try:  # Ctrl-C while torch is imported (a second or two) ends quietly too
-    # The checkout this script belongs to comes first, installed or not (python scripts/NAME.py).
-    _ROOT = Path(__file__).resolve().parent.parent
-    if (_ROOT / "llama_offload" / "__init__.py").is_file():
-        sys.path.insert(0, str(_ROOT))
-
     from llama_offload.files.cleanup import exit_on_signal
     from llama_offload.convert.default_model import prepare_default_model
     from llama_offload.cli.options import fire_main

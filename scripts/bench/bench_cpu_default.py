@@ -1,6 +1,6 @@
 """The default model on the CPU, in one run: decode tokens/s at batch 1 against the floor of host-memory bandwidth.
 
-    python scripts/bench_cpu_default.py --out BENCHMARKS.md
+    python scripts/bench/bench_cpu_default.py --out BENCHMARKS.md
 
 Variants, each built as a user's run builds it (``Llama.build`` on the CPU, float32 compute):
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,19 +34,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from llama_offload.text.chat_format import Dialog
 from llama_offload.convert.default_model import CHECKPOINTS_DIR, prepare_default_model, resolve_paths
 from llama_offload.generate.generation import Llama
 from llama_offload.cli.options import fire_main
 from llama_offload.model.quant import QuantLinear
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from example_chat_completion import EXAMPLE_DIALOGS  # noqa: E402
+from common import example_dialogs
 
 MARK_START = "<!-- bench_cpu_default:start -->"
 MARK_END = "<!-- bench_cpu_default:end -->"
@@ -201,7 +194,7 @@ def main(max_gen_len: int = 128, ckpt_dir: Optional[str] = None, fp32_dir: Optio
     fp32 = fp32_conversion(fp32_dir)
     gbps = host_read_gbps()
     print(json.dumps({"host_read_gbps": round(gbps, 2), "threads": torch.get_num_threads()}), flush=True)
-    dialogs = list(EXAMPLE_DIALOGS)
+    dialogs = example_dialogs()
     ref_row, reference = bench_variant("float32 (the GGUF converted with --dtype float32)", fp32, tokenizer, dialogs,
                                        max_gen_len, gbps)
     rows = [bench_variant("default (Q4_1 blocks, Q8_0 head, kept)", kept, tokenizer, dialogs, max_gen_len, gbps,
@@ -212,7 +205,7 @@ def main(max_gen_len: int = 128, ckpt_dir: Optional[str] = None, fp32_dir: Optio
     if drafts:
         rows.append(bench_variant("default, --draft ngram", kept, tokenizer, dialogs, max_gen_len, gbps, reference,
                                   draft="ngram")[0])
-    meta = {"command": "python scripts/bench_cpu_default.py" + (f" --max_gen_len {max_gen_len}" if max_gen_len != 128
+    meta = {"command": "python scripts/bench/bench_cpu_default.py" + (f" --max_gen_len {max_gen_len}" if max_gen_len != 128
                                                                 else ""),
             "date": datetime.date.today().isoformat(), "cpu": _cpu_name(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "gbps": gbps, "answers": len(dialogs), "max_gen_len": max_gen_len}

@@ -4,22 +4,15 @@ activations), ms per block and the weight bytes read per second.
 
 Usage (on the machine whose CPU lane you want to know; 7B shape, every core but one)::
 
-    python scripts/bench_cpu_kernels.py
-    python scripts/bench_cpu_kernels.py --dim 8192 --hidden 28672 --threads 31 --tokens 1,4,8
+    python scripts/bench/bench_cpu_kernels.py
+    python scripts/bench/bench_cpu_kernels.py --dim 8192 --hidden 28672 --threads 31 --tokens 1,4,8
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from typing import Callable, Optional
-
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 import torch.nn.functional as F

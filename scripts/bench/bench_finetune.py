@@ -11,7 +11,7 @@ the 7B shape at ``--check_seq_len`` tokens: max |difference| (0 means bit-equal)
 
 Usage, on the GPU machine::
 
-    python scripts/bench_finetune.py --out /tmp/finetune.md --json_out /tmp/finetune.json
+    python scripts/bench/bench_finetune.py --out /tmp/finetune.md --json_out /tmp/finetune.json
 
 ``--device cpu --preset tiny`` runs the same code in seconds (the CPU test does that); its figures mean nothing.
 """
@@ -27,12 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_random_checkpoint, beside this file
-
 import torch
 
 from llama_offload.model.args import ModelArgs
@@ -40,7 +34,7 @@ from llama_offload.model.transformer import Transformer
 from llama_offload.train import budget, paged
 from llama_offload.model import lora
 from llama_offload.train.loss import chunked_cross_entropy
-from make_random_checkpoint import PRESETS
+from llama_offload.model.presets import PRESETS
 
 GiB = 1024**3
 

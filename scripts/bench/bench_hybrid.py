@@ -13,7 +13,7 @@ Rows, for each ``--budgets`` entry (0: nothing resident):
 
 Usage, on the GPU machine::
 
-    python scripts/bench_hybrid.py --budgets 0,4,8 --out /tmp/hybrid.md --json_out /tmp/hybrid.json
+    python scripts/bench/bench_hybrid.py --budgets 0,4,8 --out /tmp/hybrid.md --json_out /tmp/hybrid.json
 
 Timings are the best of two whole decode runs after a warm-up run; a row that fails says why in its note.
 ``--profile`` adds one more batch-1 run per hybrid row with ``hybrid.LaneClock``: where the host thread's time went
@@ -28,12 +28,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
-
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_quant, bench_llamacpp, beside this file
 
 import torch
 
@@ -148,7 +142,7 @@ def llamacpp(sd: dict[str, torch.Tensor], args: ModelArgs, layers: list[int], bi
              threads: int, qtypes: tuple[str, ...] = ("F16", "Q4_0")) -> list[Row]:
     import bench_llamacpp
 
-    if bench_llamacpp._binary(bin_dir, "llama-bench") is None:
+    if bench_llamacpp.find_binary(bin_dir, "llama-bench") is None:
         return [{"name": "llama.cpp", "note": f"skipped: no llama-bench in {bin_dir}"}]
     rows: list[Row] = []
     f16, q4 = work / "7b-f16.gguf", work / "7b-q4_0.gguf"

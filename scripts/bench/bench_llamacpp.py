@@ -15,12 +15,12 @@ pack`` puts in ``.peers/llamacpp-src.tgz`` (``llamacpp-peer.sh build`` compiles 
   feeds random ids, so it is never used to encode text. Tensors are streamed: the header and tensor table are
   written first, then one tensor at a time, so a 13 GB model needs no second copy in memory.
 - :func:`bench_llamacpp` runs ``llama-bench -m GGUF -ngl N -t T -p 512 -n 32 -o json`` and turns its JSON into
-  a peer row (``scripts/bench_peers.py``'s keys): ``decode_ms_b1`` from the ``tg32`` test (``avg_ns`` / 32),
+  a peer row (``common.PEER_KEYS``, the keys of every peer): ``decode_ms_b1`` from the ``tg32`` test (``avg_ns`` / 32),
   ``prefill_s_512`` from the ``pp512`` test (``avg_ns``), and a note with the build, the backends and the
   flags. ``llama-bench`` decodes one sequence, so there is no ``decode_ms_b8``. Failures (no binary, a
   crash, output that is not llama-bench's JSON) come back as a row whose note says what happened.
 
-Protocol differences from :func:`bench_peers.measure_peer` (say them next to the figures): ``llama-bench``
+Protocol differences from ``common.measure_peer`` (say them next to the figures): ``llama-bench``
 warms up once, then repeats each test ``reps`` times (default 5) and reports the mean; its decode test
 starts from an empty KV cache (``-n 32`` at depth 0, where ours decodes after a 16-token prompt; ``n_depth=16``
 gives ``-d 16``), and each step feeds a random token, not the argmax, so no logits leave the GPU.
@@ -28,7 +28,7 @@ gives ``-d 16``), and each step feeds a random token, not the argmax, so no logi
 Usage, on the GPU machine::
 
     bash ../shared/tools/llamacpp-peer.sh build
-    python scripts/bench_llamacpp.py --ckpt_dir /tmp/llama_offload_bench/meta-7b --gguf /tmp/7b-f16.gguf \\
+    python scripts/bench/bench_llamacpp.py --ckpt_dir /tmp/llama_offload_bench/meta-7b --gguf /tmp/7b-f16.gguf \\
         --bin_dir /tmp/llamacpp/llama.cpp/build/bin --ngl 99,15,0
 
 From Python: ``write_gguf``, ``bench_llamacpp``, ``parse_llama_bench_json``, ``quantize_gguf``.
@@ -47,17 +47,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_peers, beside this file
-
 import torch
 
-import bench_peers
-from bench_peers import GiB, _failure, _result
 from llama_offload.model.args import ModelArgs
+
+from common import GiB, failure, meta_state_dict, result
 
 __all__ = [
     "DEFAULT_BIN_DIR",
@@ -68,6 +62,7 @@ __all__ = [
     "bench_llamacpp",
     "n_gpu_layers_for_budget",
     "quantize_gguf",
+    "find_binary",
 ]
 
 DEFAULT_BIN_DIR = Path("/tmp/llamacpp/llama.cpp/build/bin")  # where llamacpp-peer.sh build puts it
@@ -385,7 +380,9 @@ class _DeviceMemoryPoller:
 # --- running llama-bench --------------------------------------------------------------------------------------
 
 
-def _binary(bin_dir: str | Path | None, name: str) -> Optional[Path]:
+def find_binary(bin_dir: str | Path | None, name: str) -> Optional[Path]:
+    """The llama.cpp program ``name`` (llama-bench, llama-quantize) in ``bin_dir``, the usual build directories or
+    the PATH; None when there is none (bench_quant and bench_hybrid then leave llama.cpp's rows out)."""
     for d in ([Path(bin_dir)] if bin_dir else []) + [DEFAULT_BIN_DIR, Path("/tmp/llamacpp/build/bin")]:
         if (d / name).is_file() and os.access(d / name, os.X_OK):
             return d / name
@@ -416,7 +413,7 @@ def bench_llamacpp(gguf_path: str | Path, bin_dir: str | Path | None = DEFAULT_B
                    threads: int = 15, n_gen: int = 32, n_prompt: int = 512, *, reps: int = 5,
                    n_depth: int = 0, extra_args: Sequence[str] = (), timeout_s: float = 1800, name: Optional[str] = None,
                    gpu_index: int = 0) -> dict[str, Any]:
-    """llama.cpp's ``llama-bench`` on ``gguf_path`` as a peer row (``bench_peers.PEER_KEYS`` and a few more).
+    """llama.cpp's ``llama-bench`` on ``gguf_path`` as a peer row (``common.PEER_KEYS`` and a few more).
 
     ``n_gpu_layers`` layers go to the GPU (99: all of them, output included; fewer: the rest runs on the CPU
     with ``threads`` threads, which is how llama.cpp runs a model bigger than the GPU). ``n_depth`` 16 decodes
@@ -426,12 +423,12 @@ def bench_llamacpp(gguf_path: str | Path, bin_dir: str | Path | None = DEFAULT_B
     the row's note starts with "skipped" or "FAILED" and says why, with the end of llama-bench's stderr.
     """
     label = name or f"llama.cpp llama-bench (-ngl {n_gpu_layers})"
-    binary = _binary(bin_dir, "llama-bench")
+    binary = find_binary(bin_dir, "llama-bench")
     if binary is None:
-        return _result(label, f"skipped: no llama-bench in {bin_dir} (build it with ../shared/tools/llamacpp-peer.sh "
+        return result(label, f"skipped: no llama-bench in {bin_dir} (build it with ../shared/tools/llamacpp-peer.sh "
                               "build) nor on PATH")
     if not Path(gguf_path).is_file():
-        return _result(label, f"skipped: GGUF file {gguf_path} not found (write it with write_gguf)")
+        return result(label, f"skipped: GGUF file {gguf_path} not found (write it with write_gguf)")
     cmd = llama_bench_command(binary, gguf_path, n_gpu_layers=n_gpu_layers, threads=threads, n_gen=n_gen,
                               n_prompt=n_prompt, reps=reps, n_depth=n_depth, extra_args=extra_args)
     poller = _DeviceMemoryPoller(gpu_index)
@@ -443,7 +440,7 @@ def bench_llamacpp(gguf_path: str | Path, bin_dir: str | Path | None = DEFAULT_B
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         return _partial(label, out, f"FAILED: timed out after {timeout_s:g} s", cmd, n_gpu_layers, threads)
     except OSError as e:
-        return _result(label, f"FAILED: could not run {binary}: {_failure(e)}")
+        return result(label, f"FAILED: could not run {binary}: {failure(e)}")
     wall_s = time.perf_counter() - start
     stderr_tail = " | ".join(proc.stderr.strip().splitlines()[-3:])[-400:]
     if proc.returncode != 0:
@@ -452,7 +449,7 @@ def bench_llamacpp(gguf_path: str | Path, bin_dir: str | Path | None = DEFAULT_B
     try:
         records = parse_llama_bench_json(proc.stdout)
     except ValueError as e:
-        return _result(label, f"FAILED: {e}; stderr: {stderr_tail}")
+        return result(label, f"FAILED: {e}; stderr: {stderr_tail}")
     figures = llama_bench_figures(records)
     note = _note(records, n_gpu_layers, threads) + f"; wall {wall_s:.1f} s"
     if poller.gib is not None:
@@ -461,7 +458,7 @@ def bench_llamacpp(gguf_path: str | Path, bin_dir: str | Path | None = DEFAULT_B
                if want and k not in figures]
     if missing:
         note = f"FAILED: no figure for {', '.join(missing)} in llama-bench's output; " + note
-    row = _result(label, note, peak_gpu_gib=poller.gib, **figures)
+    row = result(label, note, peak_gpu_gib=poller.gib, **figures)
     row["command"] = " ".join(cmd)
     return row
 
@@ -471,8 +468,8 @@ def _partial(label: str, stdout: str, why: str, cmd: list[str], n_gpu_layers: in
     try:
         records = parse_llama_bench_json(stdout)
     except ValueError:
-        return _result(label, why)
-    row = _result(label, f"{why}; {_note(records, n_gpu_layers, threads)}", **llama_bench_figures(records))
+        return result(label, why)
+    row = result(label, f"{why}; {_note(records, n_gpu_layers, threads)}", **llama_bench_figures(records))
     row["command"] = " ".join(cmd)
     return row
 
@@ -494,7 +491,7 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str = "Q8_0", bin_dir
                   *, threads: int = 15, timeout_s: float = 1800) -> Path:
     """``llama-quantize SRC DST QTYPE THREADS`` (built beside llama-bench): a Q8_0 / Q4_0 / ... copy of an F16
     GGUF. Raises RuntimeError with the end of its output if it fails."""
-    binary = _binary(bin_dir, "llama-quantize")
+    binary = find_binary(bin_dir, "llama-quantize")
     if binary is None:
         raise RuntimeError(f"no llama-quantize in {bin_dir} nor on PATH (../shared/tools/llamacpp-peer.sh build)")
     proc = subprocess.run([str(binary), str(src), str(dst), qtype, str(threads)], capture_output=True, text=True,
@@ -527,7 +524,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if a.ckpt_dir is None:
             p.error(f"{a.gguf} does not exist; pass --ckpt_dir to write it from a Meta checkpoint")
         start = time.perf_counter()
-        state_dict, args = bench_peers._meta_state_dict(a.ckpt_dir)
+        state_dict, args = meta_state_dict(a.ckpt_dir)
         write_gguf(state_dict, args, a.gguf, a.dtype)
         del state_dict
         print(f"wrote {a.gguf} in {time.perf_counter() - start:.1f} s", file=sys.stderr)

@@ -19,7 +19,7 @@ How it is run here, as Meta's ``Llama3.build`` does but in-process and without t
   ``torch.set_default_device`` / ``set_default_dtype``), so the KV cache and RoPE table are made there; the
   weights are then assigned from the checkpoint tensor by tensor (``load_state_dict(assign=True)``), so the
   model is never held twice;
-- ``forward(tokens, start_pos)`` is Meta's; :func:`bench_meta` times it with ``bench_peers.measure_peer``
+- ``forward(tokens, start_pos)`` is Meta's; :func:`bench_meta` times it with ``common.measure_peer``
   (the position plays the part of ``past_key_values``), exactly the protocol of the other peers.
 
 On the GPU machine the wheel comes from ``.whl/`` (``pip install --no-index --no-deps --target /tmp/site
@@ -28,7 +28,7 @@ On the GPU machine the wheel comes from ``.whl/`` (``pip install --no-index --no
 
 Usage::
 
-    python scripts/bench_meta.py --ckpt_dir /tmp/llama_offload_bench/meta-7b --steps 8
+    python scripts/bench/bench_meta.py --ckpt_dir /tmp/llama_offload_bench/meta-7b --steps 8
 
 From Python: ``bench_meta``, ``meta_logits``, ``build_meta_model``, ``meta_reference``.
 """
@@ -38,6 +38,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.machinery
+import importlib.util
 import io
 import json
 import os
@@ -48,17 +50,14 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any, Iterator, Optional
 
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_peers, beside this file
-
 import torch
 
-import bench_peers
-from bench_peers import DECODE_PROMPT_LEN, PREFILL_LEN, WARMUP_LEN, _failure, _GpuPeak, _result
 from llama_offload.model.args import ModelArgs
+
+from common import (
+    DECODE_BATCHES, DECODE_PROMPT_LEN, PREFILL_LEN, WARMUP_LEN, GpuPeak, baseline_note, failure, free_device,
+    measure_peer, meta_state_dict, result, sync,
+)
 
 __all__ = ["LLAMA_MODELS", "META_MODULE", "meta_reference", "meta_model_args", "model_parallel_group",
            "build_meta_model", "meta_logits", "bench_meta"]
@@ -83,7 +82,7 @@ def meta_reference(ref_path: str | Path | None = None) -> ModuleType:
             return importlib.import_module(META_MODULE)
         except ImportError as e:
             raise ImportError(f"Meta's reference model ({META_MODULE}, from {LLAMA_MODELS}) is not importable: "
-                              f"{_failure(e)}. Install it: {_INSTALL_HINT}") from e
+                              f"{failure(e)}. Install it: {_INSTALL_HINT}") from e
     root = str(Path(ref_path).expanduser().resolve())
     if not (Path(root) / "llama_models" / "llama3" / "model.py").is_file():
         raise ImportError(f"{root} holds no llama_models/llama3/model.py (set {ENV_VAR} to an unzipped "
@@ -94,11 +93,21 @@ def meta_reference(ref_path: str | Path | None = None) -> ModuleType:
     # Another copy may be imported already: import this one afresh.
     for name in [m for m in sys.modules if m == "llama_models" or m.startswith("llama_models.")]:
         del sys.modules[name]
-    sys.path.insert(0, root)
+    # The package from ``root`` by its spec, then its submodules through the package's own __path__: nothing
+    # is added to the interpreter's import path.
+    spec = importlib.machinery.PathFinder.find_spec("llama_models", [root])
+    if spec is None:
+        raise ImportError(f"{root}/llama_models is not importable as a package")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["llama_models"] = package
     try:
+        if spec.loader is not None:  # None: a namespace package (no __init__.py), nothing to run
+            spec.loader.exec_module(package)
         return importlib.import_module(META_MODULE)
-    finally:
-        sys.path.remove(root)
+    except BaseException:
+        for name in [m for m in sys.modules if m == "llama_models" or m.startswith("llama_models.")]:
+            del sys.modules[name]
+        raise
 
 
 def meta_model_args(module: ModuleType, args: ModelArgs, *, max_batch_size: int, max_seq_len: int) -> Any:
@@ -181,7 +190,7 @@ def build_meta_model(state_dict: dict[str, torch.Tensor], args: ModelArgs, *, de
 
 def _free(device: torch.device) -> None:
     if device.type == "cuda":  # on the CPU, reference counting frees the model; a full gc.collect is slow
-        bench_peers._free(device)
+        free_device(device)
 
 
 def _forward(model: torch.nn.Module):
@@ -244,7 +253,7 @@ def meta_logits(ckpt_dir: str | Path, args: ModelArgs, tokens: torch.Tensor, *, 
 def bench_meta(ckpt_dir: str | Path, args: ModelArgs, steps: int = 8, *, seed: int = 0,
                device: torch.device | str = "cuda", dtype: torch.dtype = torch.float16, max_batch_size: int = 8,
                ref_path: str | Path | None = None) -> dict[str, Any]:
-    """Meta's reference model, all resident on ``device``, timed with :func:`bench_peers.measure_peer`.
+    """Meta's reference model, all resident on ``device``, timed with ``common.measure_peer``.
 
     Figures: ``prefill_s_512`` (one forward of 512 tokens), ``decode_ms_b1`` and ``decode_ms_b8`` (a 16-token
     prompt, then ``steps`` single-token forwards each feeding back the argmax; ``b8`` only when
@@ -255,15 +264,15 @@ def bench_meta(ckpt_dir: str | Path, args: ModelArgs, steps: int = 8, *, seed: i
     name = "Meta reference (llama-models)"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        return _result(name, "skipped: CUDA is not available")
+        return result(name, "skipped: CUDA is not available")
     try:
         module = meta_reference(ref_path)
     except ImportError as e:
-        return _result(name, f"not installed: {e}")
+        return result(name, f"not installed: {e}")
     figures: dict[str, Any] = {}
     note = ""
     model = None
-    peak = _GpuPeak(dev)
+    peak = GpuPeak(dev)
     try:
         with model_parallel_group(), peak:
             start = time.perf_counter()
@@ -271,22 +280,22 @@ def bench_meta(ckpt_dir: str | Path, args: ModelArgs, steps: int = 8, *, seed: i
             model = build_meta_model(sd, args, device=dev, dtype=dtype, max_batch_size=max_batch_size,
                                      max_seq_len=_seq_len_for(steps), module=module)
             del sd
-            bench_peers._sync(dev)
+            sync(dev)
             load_s = time.perf_counter() - start
             version = _version()
             note = (f"llama-models {version} llama3/model.py, {str(dtype).removeprefix('torch.')} on {dev.type}, "
                     f"all resident; explicit attention math, KV cache {max_batch_size}x{_seq_len_for(steps)}; "
                     f"load {load_s:.1f} s")
-            batches = tuple(b for b in bench_peers.DECODE_BATCHES if b <= max_batch_size)
-            bench_peers.measure_peer(_forward(model), args.vocab_size, dev, steps=steps, seed=seed,
+            batches = tuple(b for b in DECODE_BATCHES if b <= max_batch_size)
+            measure_peer(_forward(model), args.vocab_size, dev, steps=steps, seed=seed,
                                      figures=figures, batches=batches)
-            if len(batches) < len(bench_peers.DECODE_BATCHES):
+            if len(batches) < len(DECODE_BATCHES):
                 note += f"; no decode_ms_b8: max_batch_size {max_batch_size}"
             peak.read()
-        return _result(name, note + bench_peers._baseline_note(peak), peak_gpu_gib=peak.gib, **figures)
+        return result(name, note + baseline_note(peak), peak_gpu_gib=peak.gib, **figures)
     except Exception as e:  # noqa: BLE001 - a peer failing is a result to report
         stage = "" if figures else "building/warm-up: "
-        return _result(name, "; ".join(x for x in (f"FAILED {stage}{_failure(e)}", note) if x), **figures)
+        return result(name, "; ".join(x for x in (f"FAILED {stage}{failure(e)}", note) if x), **figures)
     finally:
         del model
         _free(dev)
@@ -312,8 +321,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the row here")
     a = p.parse_args(argv)
     args = ModelArgs.from_json(a.ckpt_dir / "params.json")
-    if args.vocab_size == -1:  # take it from the tokenizer, as bench_peers does
-        args = bench_peers._meta_state_dict(a.ckpt_dir)[1]
+    if args.vocab_size == -1:  # take it from the tokenizer (common.meta_state_dict)
+        args = meta_state_dict(a.ckpt_dir)[1]
     row = bench_meta(a.ckpt_dir, args, a.steps, device=a.device, dtype=getattr(torch, a.dtype),
                      max_batch_size=a.max_batch_size, ref_path=a.ref_path)
     print(json.dumps(row), flush=True)

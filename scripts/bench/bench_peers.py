@@ -1,7 +1,7 @@
 """Peer baselines for the benchmark: Hugging Face accelerate's CPU offload and AirLLM, on our weights.
 
-``scripts/benchmark.py`` measures our offloading; this module measures two other ways of running a model
-larger than the GPU, on the *same* weights, with one protocol (:func:`measure_peer`):
+``scripts/bench/benchmark.py`` measures our offloading; this module measures two other ways of running a model
+larger than the GPU, on the *same* weights, with one protocol (``common.measure_peer``):
 
 - **accelerate**: ``AutoModelForCausalLM.from_pretrained(hf_dir, device_map="auto", max_memory={0: G, "cpu": big})``.
   The blocks that do not fit in ``G`` GiB stay in CPU memory and are copied to the GPU by accelerate's
@@ -21,7 +21,7 @@ It also writes a minimal word-level ``tokenizer.json`` covering the vocabulary: 
 benchmark, so the tokenizer is never used to encode anything.
 
 The "HBM floor" of a step whose weights are all on the GPU is :func:`decode_read_bytes` (every weight read
-once, plus the KV cache) divided by :func:`hbm_bandwidth` (a device-to-device copy, measured in the same run).
+once, plus the KV cache) divided by ``common.hbm_bandwidth`` (a device-to-device copy, measured in the same run).
 Two more peers live beside this file, with the same row keys: ``bench_llamacpp.py`` (llama.cpp's
 ``llama-bench`` on a GGUF of the same weights) and ``bench_meta.py`` (Meta's reference ``llama_models`` code).
 
@@ -52,55 +52,42 @@ needs ~13.5 GB for the Meta checkpoint + 13.5 GB for the HF directory + 13.5 GB 
 
 Usage
 -----
-    python scripts/bench_peers.py --ckpt_dir checkpoints/random-7b --hf_dir /tmp/random-7b-hf \\
+    python scripts/bench/bench_peers.py --ckpt_dir checkpoints/random-7b --hf_dir /tmp/random-7b-hf \\
         --gpu_gb 8 --peers accelerate,airllm --json peers.json
 
 converts the Meta checkpoint to ``--hf_dir`` (if that does not hold a ``config.json`` yet) and prints one
 JSON object per peer. From Python: ``write_hf_checkpoint``, ``bench_accelerate``, ``bench_airllm``,
-``hbm_bandwidth``, ``decode_read_bytes``.
+``decode_read_bytes``; the protocol, the rows and ``hbm_bandwidth`` are in ``common.py``, shared with the other peers.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 # Before transformers / huggingface_hub are imported anywhere (they read it at import time).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing: python scripts/bench_peers.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
 from llama_offload.model.args import ModelArgs
 
+from common import GiB, GpuPeak, baseline_note, failure, free_device, measure_peer, meta_state_dict, result
+
 __all__ = [
     "hf_tensors",
     "write_hf_checkpoint",
-    "measure_peer",
     "bench_accelerate",
     "bench_airllm",
-    "hbm_bandwidth",
     "decode_read_bytes",
-    "PEER_KEYS",
 ]
 
-GiB = 2**30
-PEER_KEYS = ("name", "decode_ms_b1", "decode_ms_b8", "prefill_s_512", "peak_gpu_gib", "note")
-PREFILL_LEN = 512
-DECODE_PROMPT_LEN = 16
-DECODE_BATCHES = (1, 8)
-WARMUP_LEN = 8
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 _LAYER_NAMES = [  # Meta name -> Hugging Face name, in the order HF's LlamaDecoderLayer holds them
@@ -300,170 +287,17 @@ def write_hf_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, ou
         raise
 
 
-# --- the measurement protocol --------------------------------------------------------------------------------
-
-
-def _failure(e: BaseException) -> str:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _result(name: str, note: str = "", **figures: Optional[float]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: None for k in PEER_KEYS}
-    out.update(name=name, note=note, **figures)
-    return out
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def measure_peer(forward: Callable[..., Any], vocab_size: int, device: torch.device | str, *, steps: int = 8,
-                 seed: int = 0, figures: Optional[dict[str, Any]] = None,
-                 batches: tuple[int, ...] = DECODE_BATCHES) -> dict[str, Optional[float]]:
-    """The common protocol, on ``forward(input_ids=, past_key_values=, use_cache=)`` -> output with
-    ``.logits`` and ``.past_key_values`` (a transformers causal LM, or anything that calls one).
-
-    1. warm-up: one forward of a (1, 8) prompt;
-    2. ``prefill_s_512``: one forward of a (1, 512) prompt with a fresh cache, seconds;
-    3. ``decode_ms_b{1,8}``: a (b, 16) prompt prefilled (not timed), then ``steps`` single-token forwards
-       feeding back the argmax, with the KV cache; milliseconds per step. The whole of 3 runs twice and only
-       the second is timed: the first loads the kernels of the new shapes (and lets a model capture them).
-    ``batches`` are the decode batch sizes (1 and 8; fewer for a model whose cache holds fewer sequences). Ids
-    are uniform in [0, vocab_size) from ``seed``. Times are wall clock between ``torch.cuda.synchronize()``
-    calls. Figures go into ``figures`` as soon as they are measured, so a caller that catches an exception
-    keeps the ones taken before it. Returns ``figures``.
-    """
-    device = torch.device(device)
-    figures = {} if figures is None else figures
-    gen = torch.Generator().manual_seed(seed)
-
-    def ids(b: int, n: int) -> torch.Tensor:
-        return torch.randint(0, vocab_size, (b, n), generator=gen).to(device)
-
-    with torch.inference_mode():
-        forward(input_ids=ids(1, WARMUP_LEN), past_key_values=None, use_cache=True)
-        _sync(device)
-
-        prompt = ids(1, PREFILL_LEN)
-        _sync(device)
-        start = time.perf_counter()
-        out = forward(input_ids=prompt, past_key_values=None, use_cache=True)
-        _sync(device)
-        figures["prefill_s_512"] = time.perf_counter() - start
-        del out, prompt
-
-        for b in batches:
-            for timed in (False, True):  # the first pass warms up: kernels of a new shape, lazily loaded
-                out = forward(input_ids=ids(b, DECODE_PROMPT_LEN), past_key_values=None, use_cache=True)
-                cache = out.past_key_values
-                if cache is None:
-                    raise RuntimeError("the model returned no past_key_values with use_cache=True")
-                token = out.logits[:, -1].argmax(-1, keepdim=True)
-                del out
-                _sync(device)
-                start = time.perf_counter()
-                for _ in range(steps):
-                    out = forward(input_ids=token, past_key_values=cache, use_cache=True)
-                    cache = out.past_key_values
-                    token = out.logits[:, -1].argmax(-1, keepdim=True)
-                    del out
-                _sync(device)
-                if timed:
-                    figures[f"decode_ms_b{b}"] = (time.perf_counter() - start) / steps * 1e3
-                del cache, token
-    return figures
-
-
-class _GpuPeak:
-    """Peak memory allocated by torch on one CUDA device over a ``with`` block, beyond what was already allocated."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.gib: Optional[float] = None
-        self.baseline = 0
-
-    def __enter__(self) -> "_GpuPeak":
-        if self.device.type == "cuda":
-            gc.collect()
-            torch.cuda.empty_cache()
-            self.baseline = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def read(self) -> Optional[float]:
-        if self.device.type == "cuda":
-            self.gib = (torch.cuda.max_memory_allocated(self.device) - self.baseline) / GiB
-        return self.gib
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _baseline_note(peak: _GpuPeak) -> str:
-    if peak.baseline:
-        return f"; peak excludes {peak.baseline / GiB:.2f} GiB already allocated before the peer was built"
-    return ""
-
-
 def _read_config(hf_dir: Path) -> dict[str, Any]:
     return json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8"))
 
 
-# --- the device-memory floor --------------------------------------------------------------------------------
-
-
-def hbm_bandwidth(nbytes: int = GiB, reps: int = 10, *, device: torch.device | str = "cuda") -> float:
-    """Device-memory bandwidth in bytes/s: the best of ``reps`` device-to-device copies of ``nbytes``.
-
-    A copy reads ``nbytes`` and writes ``nbytes``, so each counts ``2 * nbytes``. On CUDA each copy is timed
-    with a pair of CUDA events (after one untimed warm-up copy); the answer is what a memory-bound kernel
-    can hope for, so ``bytes read per decode step / hbm_bandwidth()`` is the "HBM floor" of a step whose
-    weights are all resident (see :func:`decode_read_bytes`). ``device="cpu"`` times a host memcpy with
-    ``perf_counter`` (tests only). Raises RuntimeError when a CUDA device is asked for and there is none.
-    """
-    dev = torch.device(device)
-    if nbytes <= 0 or reps <= 0:
-        raise ValueError(f"nbytes and reps must be positive, found {nbytes} and {reps}.")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("hbm_bandwidth needs a CUDA GPU: PyTorch sees none here.")
-    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    src.fill_(1)  # touch every page before timing
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # warm-up
-    best = float("inf")
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        stream = torch.cuda.current_stream(dev)
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            dst.copy_(src)
-            end.record(stream)
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            best = min(best, time.perf_counter() - t0)
-    del src, dst
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    return 2 * nbytes / best
+# --- the device-memory floor (divided by common.hbm_bandwidth) ---------------------------------------------------
 
 
 def decode_read_bytes(args: ModelArgs, *, itemsize: int = 2, batch: int = 1, context_len: int = 0) -> int:
     """Bytes one decode step must read from device memory: every weight matrix and norm once (the
     embedding table only for the ``batch`` rows looked up), plus ``context_len`` cached keys and values per
-    sequence and layer, all at ``itemsize`` bytes. Divide by :func:`hbm_bandwidth` for the HBM floor."""
+    sequence and layer, all at ``itemsize`` bytes. Divide by ``common.hbm_bandwidth`` for the HBM floor."""
     d, hd, kv, f = args.dim, args.head_dim, args.kv_heads, args.ffn_hidden_dim
     per_layer = d * d * 2 + 2 * kv * hd * d + 3 * f * d + 2 * d
     weights = args.n_layers * per_layer + d + args.vocab_size * d + batch * d
@@ -535,12 +369,12 @@ def bench_accelerate(hf_dir: Path, gpu_memory_gb: float, *, steps: int = 8, seed
     """
     name = f"accelerate ({gpu_memory_gb:g} GiB)"
     if not torch.cuda.is_available():
-        return _result(name, "skipped: CUDA is not available (accelerate's GPU offload needs a GPU)")
+        return result(name, "skipped: CUDA is not available (accelerate's GPU offload needs a GPU)")
     device = torch.device("cuda", 0)
     figures: dict[str, Any] = {}
     model = None
     note = ""
-    peak = _GpuPeak(device)
+    peak = GpuPeak(device)
     try:
         with peak:
             import transformers
@@ -562,13 +396,13 @@ def bench_accelerate(hf_dir: Path, gpu_memory_gb: float, *, steps: int = 8, seed
                 note += "; WARNING: nothing was offloaded, the whole model fit in the budget"
             measure_peer(model, model.config.vocab_size, device, steps=steps, seed=seed, figures=figures)
             peak.read()
-        return _result(name, note + _baseline_note(peak), peak_gpu_gib=peak.gib, **figures)
+        return result(name, note + baseline_note(peak), peak_gpu_gib=peak.gib, **figures)
     except Exception as e:  # noqa: BLE001 - a peer failing is a result to report, not a crash
         stage = "" if figures else "building/warm-up: "
-        return _result(name, "; ".join(x for x in (f"FAILED {stage}{_failure(e)}", note) if x), **figures)
+        return result(name, "; ".join(x for x in (f"FAILED {stage}{failure(e)}", note) if x), **figures)
     finally:
         del model
-        _free(device)
+        free_device(device)
 
 
 # --- AirLLM --------------------------------------------------------------------------------------------------
@@ -588,12 +422,12 @@ def bench_airllm(hf_dir: Path, *, steps: int = 8, seed: int = 0, device: str = "
     name = "airllm"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        return _result(name, "skipped: CUDA is not available")
+        return result(name, "skipped: CUDA is not available")
     hf_dir = Path(hf_dir)
     figures: dict[str, Any] = {}
     model = None
     note = ""
-    peak = _GpuPeak(dev)
+    peak = GpuPeak(dev)
     split_root = Path(shards_dir) if shards_dir is not None else hf_dir
     split_existed = (split_root / "splitted_model").exists()
     try:
@@ -602,7 +436,7 @@ def bench_airllm(hf_dir: Path, *, steps: int = 8, seed: int = 0, device: str = "
                 import airllm
                 from airllm import AutoModel
             except ImportError as e:
-                return _result(name, f"not installed: {_failure(e)} (pip install --no-index --no-deps "
+                return result(name, f"not installed: {failure(e)} (pip install --no-index --no-deps "
                                      ".whl/airllm-4.0.0-py3-none-any.whl)")
             version = getattr(airllm, "__version__", None)
             if version is None:
@@ -623,39 +457,21 @@ def bench_airllm(hf_dir: Path, *, steps: int = 8, seed: int = 0, device: str = "
                     + ("" if split_existed else " (includes splitting the checkpoint)"))
             measure_peer(model, int(model.config.vocab_size), dev, steps=steps, seed=seed, figures=figures)
             peak.read()
-        return _result(name, note + _baseline_note(peak), peak_gpu_gib=peak.gib, **figures)
+        return result(name, note + baseline_note(peak), peak_gpu_gib=peak.gib, **figures)
     except Exception as e:  # noqa: BLE001
         stage = "" if figures else "building/warm-up: "
-        return _result(name, "; ".join(x for x in (f"FAILED {stage}{_failure(e)}", note) if x), **figures)
+        return result(name, "; ".join(x for x in (f"FAILED {stage}{failure(e)}", note) if x), **figures)
     finally:
         executor = getattr(model, "_executor", None)
         if executor is not None:
             executor.shutdown(wait=True)
         del model
-        _free(dev)
+        free_device(dev)
         if not keep_split and not split_existed:
             shutil.rmtree(split_root / "splitted_model", ignore_errors=True)
 
 
 # --- command line --------------------------------------------------------------------------------------------
-
-
-def _meta_state_dict(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], ModelArgs]:
-    from llama_offload.checkpoint.load import load_state_dict
-
-    args = ModelArgs.from_json(ckpt_dir / "params.json")
-    if args.vocab_size == -1:
-        from llama_offload.text.tokenizer import load_tokenizer
-
-        for place in (ckpt_dir, ckpt_dir.parent):
-            try:
-                args.vocab_size = load_tokenizer(place).n_words
-                break
-            except (FileNotFoundError, ValueError):
-                continue
-        else:
-            raise ValueError(f"{ckpt_dir}/params.json has vocab_size -1 and no tokenizer was found to fill it in.")
-    return load_state_dict(ckpt_dir, args), args
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -675,7 +491,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if a.ckpt_dir is None:
             p.error(f"{a.hf_dir} has no config.json; pass --ckpt_dir to convert a Meta checkpoint into it")
         start = time.perf_counter()
-        state_dict, args = _meta_state_dict(a.ckpt_dir)
+        state_dict, args = meta_state_dict(a.ckpt_dir)
         write_hf_checkpoint(state_dict, args, a.hf_dir)
         del state_dict
         print(f"wrote {a.hf_dir} in {time.perf_counter() - start:.1f} s", file=sys.stderr)

@@ -1,12 +1,12 @@
 """Quantized paging: decode speed of int8 and int4 blocks against fp16, the PCIe floor and llama.cpp, in one process.
 
-    python scripts/bench_quant.py --shapes 7b,13b --budgets70 4,8,24 --out BENCHMARKS.md --json_out /tmp/bench_quant.json
+    python scripts/bench/bench_quant.py --shapes 7b,13b --budgets70 4,8,24 --out BENCHMARKS.md --json_out /tmp/bench_quant.json
 
 What it measures, all on random N(0, 0.02) weights (the norms 1 + N(0, 0.02), as ``random_state_dict`` draws them):
 
-- 7B- and 13B-shaped models (``benchmark.SHAPES``), every block paged from pinned host memory, in fp16, in int8
+- 7B- and 13B-shaped models (``SHAPES``), every block paged from pinned host memory, in fp16, in int8
   (per output channel) and in int4 (groups of 64, fp16 scale and minimum): decode ms/token at batch 1 and 8,
-  measured by ``benchmark.run_variant`` (its protocol: a warm-up, a 512-token prefill, then decode steps that feed
+  measured by ``run_variant`` (its protocol: a warm-up, a 512-token prefill, then decode steps that feed
   the greedy token back). The floor of a step is the bytes it streams (``model.plan.streamed_bytes``: codes and
   scales for a quantized model) over the pinned host-to-device bandwidth measured once in the same run; the
   speed-up is over fp16's batch-1 step of the same shape in the same run. "load s" is building the model from
@@ -26,7 +26,7 @@ What it measures, all on random N(0, 0.02) weights (the norms 1 + N(0, 0.02), as
   blocks are moved back to the CPU, so host memory never holds a second copy.
 
 Weights are built in memory (no checkpoint is written) unless ``--from_disk``: then a Meta checkpoint is written
-under ``--workdir`` with ``benchmark.make_checkpoint`` and every row loads it with ``load_model``, file reading
+under ``--workdir`` with ``make_checkpoint`` and every row loads it with ``load_model``, file reading
 included in "load s" (7B: 13 GB, 13B: 26 GB of disk, one at a time). The GGUF files are deleted after use.
 Each row is printed as a JSON line when it completes, a markdown table at the end; ``--out FILE`` writes the
 section between ``<!-- bench_quant:start -->`` and ``<!-- bench_quant:end -->`` in FILE (appended when absent).
@@ -41,24 +41,15 @@ import datetime
 import gc
 import io
 import json
-import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import fire
-
-from llama_offload.model import quant
 from llama_offload.kernels import quant_triton
+from llama_offload.cli.options import fire_main
 from llama_offload.model.args import ModelArgs
 from llama_offload.checkpoint.load import load_model, random_state_dict
 from llama_offload.model.transformer import Transformer
@@ -66,11 +57,14 @@ from llama_offload.offload.offloaded import InferenceOffloadModel, offload
 from llama_offload.offload.plan import GiB
 from llama_offload.model.quant import QuantSpec
 from llama_offload.checkpoint.quant_load import (
-    matrix_names, quantize_model, quantize_state_dict, swap_quantized_modules,
+    matrix_names, quantize_model, quantize_state_dict,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark.py and the peers beside this script
-import benchmark  # noqa: E402
+from common import (
+    DECODE_PROMPT_LEN, MAX_BATCH, MAX_SEQ_LEN, SHAPES, cell, emit, failed, free_all, list_arg, make_checkpoint,
+    model_from_state_dict, pinned_bandwidth, run_variant, shape_args, timed,
+)
+from common import command_line as common_command_line, replace_section as common_replace_section
 
 MARK_START = "<!-- bench_quant:start -->"
 MARK_END = "<!-- bench_quant:end -->"
@@ -78,11 +72,11 @@ SPECS: dict[str, Optional[QuantSpec]] = {"fp16": None, "int8": QuantSpec(8), "in
 REFERENCE = "ours fp16, everything paged"  # the row every speed-up of a shape is taken against
 # Llama 2 70B's params.json: ffn_hidden_dim = 4096 * ceil(int(1.3 * int(2 * 4 * 8192 / 3)) / 4096) = 28672.
 ARGS_70B = ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, ffn_dim_multiplier=1.3,
-                     multiple_of=4096, max_batch_size=1, max_seq_len=benchmark.MAX_SEQ_LEN)
+                     multiple_of=4096, max_batch_size=1, max_seq_len=MAX_SEQ_LEN)
 SPEC_70B = QuantSpec(4, 64)
 # llama-bench: decode only (our table has no prefill column), after as many cached tokens as our decode rows.
 # A hung run must not eat the whole session: a CPU decode of 16 Q8_0 7B tokens takes seconds, not minutes.
-LLAMA_BENCH = dict(n_gen=16, n_prompt=0, reps=3, n_depth=benchmark.DECODE_PROMPT_LEN, timeout_s=180)
+LLAMA_BENCH = dict(n_gen=16, n_prompt=0, reps=3, n_depth=DECODE_PROMPT_LEN, timeout_s=180)
 QUANTIZE_TIMEOUT_S = 300
 LLAMACPP_PAIRS = (("Q4_0", "int4 g64"), ("Q8_0", "int8"))  # GGUF type -> our spec of about the same bits
 
@@ -94,36 +88,7 @@ def log(msg: str) -> None:
     print(f"# {msg}", flush=True)
 
 
-def emit(row: Row) -> Row:
-    print(json.dumps(row), flush=True)
-    return row
-
-
-def failure(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [""])[0][:300]
-    return f"FAILED: {type(e).__name__}: {first}" if first else f"FAILED: {type(e).__name__}"
-
-
-def free_all() -> None:
-    # The dequantization scratch is global (quant.SCRATCH) and outlives the model that sized it: dropped here so
-    # each variant's peak GPU memory counts its own, and a smaller model does not keep a larger one's buffer.
-    quant.SCRATCH.buffers.clear()
-    benchmark.free_gpu()
-
-
 # --- where the 7B/13B weights come from --------------------------------------------------------------------
-
-
-def model_from_state_dict(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> Transformer:
-    """What ``load_model`` does once it has the (possibly quantized) state dict: build on the meta device, swap in
-    the quantized modules, assign the tensors. Fresh aliases are assigned, so the pager re-pointing the model's
-    tensors at pinned memory leaves ``state_dict`` as it was (it can build the next variant)."""
-    with torch.device("meta"):
-        model = Transformer(args, model_parallel_size=1)
-    swap_quantized_modules(model, state_dict, state_dict["norm.weight"].dtype)
-    model.load_state_dict({k: v.detach() for k, v in state_dict.items()}, assign=True, strict=True)
-    model.requires_grad_(False)
-    return model.eval()
 
 
 class MemorySource:
@@ -159,7 +124,7 @@ class DiskSource:
         self.last_quantize_s: Optional[float] = None  # inside load_model: not separable, part of load s
 
     def load(self, spec: Optional[QuantSpec]) -> Transformer:
-        return load_model(self.ckpt_dir, max_seq_len=benchmark.MAX_SEQ_LEN, max_batch_size=benchmark.MAX_BATCH,
+        return load_model(self.ckpt_dir, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH,
                           show_progress=False, quantize=spec)
 
     def drop_quantized(self) -> None:
@@ -171,7 +136,7 @@ def ours(source: Any, spec: Optional[QuantSpec], seen: dict[str, Any], **offload
     def build() -> tuple[object, int, str]:
         cpu = source.load(spec)
         seen["quantize_s"] = source.last_quantize_s
-        model = offload(cpu, max_batch_size=benchmark.MAX_BATCH, max_seq_len=benchmark.MAX_SEQ_LEN, **offload_kwargs)
+        model = offload(cpu, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ_LEN, **offload_kwargs)
         plan = seen["plan"] = model.plan
         return model, plan.streamed_bytes, f"{plan.resident_layers} resident, {plan.paged_layers} paged"
     return build
@@ -179,15 +144,15 @@ def ours(source: Any, spec: Optional[QuantSpec], seen: dict[str, Any], **offload
 
 def variant(shape: str, name: str, build: Build, seen: dict[str, Any], args: ModelArgs, steps: int,
             bandwidth: float, ref_ms: Optional[float]) -> Row:
-    """benchmark.run_variant, made total: any exception becomes a row saying what failed. Its own partial JSON
+    """run_variant, made total: any exception becomes a row saying what failed. Its own partial JSON
     line is held back: the row printed here is the completed one (speed-up, resident layers added)."""
     free_all()
     captured = io.StringIO()
     try:
         with contextlib.redirect_stdout(captured):
-            row = benchmark.run_variant(f"[{shape}] {name}", build, args.vocab_size, steps, bandwidth)
+            row = run_variant(f"[{shape}] {name}", build, args.vocab_size, steps, bandwidth)
     except Exception as e:  # noqa: BLE001 - e.g. torch.OutOfMemoryError; the run goes on
-        row = {"name": f"[{shape}] {name}", "note": failure(e)}
+        row = {"name": f"[{shape}] {name}", "note": failed(e)}
     for line in captured.getvalue().splitlines():
         if not line.startswith("{"):
             log(line)
@@ -210,9 +175,9 @@ def add_speedup(row: Row, ref_ms: Optional[float]) -> None:
 def llamacpp_rows(state_dict: dict[str, torch.Tensor], args: ModelArgs, shape: str, work: Path, bin_dir: Path,
                   resident: dict[str, Optional[int]], ref_ms: Optional[float]) -> list[Row]:
     """Q4_0 and Q8_0 GGUFs of these weights, llama-bench at -ngl 0 and at our budget rows' resident layers."""
-    import bench_llamacpp  # scripts/bench_llamacpp.py
+    import bench_llamacpp  # scripts/bench/bench_llamacpp.py
 
-    if bench_llamacpp._binary(bin_dir, "llama-bench") is None:
+    if bench_llamacpp.find_binary(bin_dir, "llama-bench") is None:
         return [emit({"name": f"[{shape}] llama.cpp", "shape": shape,
                       "note": f"skipped: no llama-bench in {bin_dir} nor on PATH "
                               "(build it with ../shared/tools/llamacpp-peer.sh build)"})]
@@ -238,7 +203,7 @@ def llamacpp_rows(state_dict: dict[str, torch.Tensor], args: ModelArgs, shape: s
                 rows.append(emit({"name": f"[{shape}] llama.cpp {qtype}, -ngl as ours {ours_spec}", "shape": shape,
                                   "note": f"skipped: the ours {ours_spec} budget row has no plan"}))
     except Exception as e:  # noqa: BLE001 - writing or quantizing the GGUF failed
-        rows.append(emit({"name": f"[{shape}] llama.cpp", "shape": shape, "note": failure(e)}))
+        rows.append(emit({"name": f"[{shape}] llama.cpp", "shape": shape, "note": failed(e)}))
     finally:
         for path in [f16, f16.with_name(f16.name + ".partial"), *files.values()]:
             path.unlink(missing_ok=True)
@@ -270,18 +235,12 @@ def llamacpp_row(bench_llamacpp: Any, gguf: Path, bin_dir: Path, shape: str, qty
 # --- one 7B/13B shape --------------------------------------------------------------------------------------
 
 
-def shape_args(shape: str) -> ModelArgs:
-    base = benchmark.SHAPES[shape]
-    return ModelArgs(**{**base.to_params(), "max_batch_size": benchmark.MAX_BATCH,
-                        "max_seq_len": benchmark.MAX_SEQ_LEN})
-
-
 def make_source(shape: str, args: ModelArgs, work: Path, from_disk: bool) -> tuple[Any, dict[str, torch.Tensor]]:
     """The source rows load from, and the fp16 state dict (for the GGUF)."""
     start = time.perf_counter()
     if from_disk:
         ckpt = work / f"meta-{shape}"
-        sd = benchmark.make_checkpoint(args, ckpt)
+        sd = make_checkpoint(args, ckpt)
         if not sd:  # written by an earlier run: its file-backed tensors
             sd = torch.load(ckpt / "consolidated.00.pth", mmap=True, weights_only=True)
         log(f"{shape} checkpoint ready in {time.perf_counter() - start:.1f} s at {ckpt}")
@@ -386,20 +345,20 @@ def pinned_bytes(model: Any) -> int:
 
 
 def decode_seconds(model: Any, vocab_size: int, steps: int) -> float:
-    """Seconds per batch-1 decode step after a 16-token prompt, greedy tokens fed back (benchmark.measure's
+    """Seconds per batch-1 decode step after a 16-token prompt, greedy tokens fed back (common.measure's
     decode, without its prefill and batch-8 runs: a 70B step takes most of a second); the first run warms up."""
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab_size, (1, benchmark.DECODE_PROMPT_LEN), generator=g).cuda()
+    prompt = torch.randint(0, vocab_size, (1, DECODE_PROMPT_LEN), generator=g).cuda()
 
     def decode() -> None:
         tok = prompt[:, -1:]
         for i in range(steps):
-            tok = model(tok, benchmark.DECODE_PROMPT_LEN + i)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+            tok = model(tok, DECODE_PROMPT_LEN + i)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
 
     seconds = 0.0
     for _ in range(2):
         model(prompt, 0)
-        seconds = benchmark.timed(decode)
+        seconds = timed(decode)
     return seconds / steps
 
 
@@ -441,7 +400,7 @@ def run_70b(model: Transformer, budget: Optional[float], steps: int, bandwidth: 
                        f"pinned; offload {row['offload_s']:.1f} s; peak RSS "
                        + (f"{row['peak_host_rss_gib']:.1f} GiB" if row["peak_host_rss_gib"] else "n/a"))
     except Exception as e:  # noqa: BLE001 - a budget below the plan's minimum, out of memory: reported, not fatal
-        row["note"] = failure(e)
+        row["note"] = failed(e)
     del off
     gc.collect()
     send_home(model)
@@ -455,7 +414,7 @@ def bench_70b(budgets: list[float], steps: int, bandwidth: float) -> tuple[list[
     try:
         model, seconds = build_70b()
     except Exception as e:  # noqa: BLE001
-        return [], emit({"name": "70b int4 g64, quantization", "shape": "70b", "note": failure(e)})
+        return [], emit({"name": "70b int4 g64, quantization", "shape": "70b", "note": failed(e)})
     built = {"name": "70b int4 g64, quantization", "shape": "70b", "quantize_s": seconds,
              "codes_gib": sum(t.numel() * t.element_size() for t in model.buffers()) / GiB,  # codes, scales, mins
              "fp16_gib": sum(t.numel() * t.element_size() for t in model.parameters()) / GiB,
@@ -483,7 +442,7 @@ def table(rows: list[Row]) -> str:
                    f"| {_f(r.get('streamed_gib'), '.2f')} | {_f(r.get('floor_ms'), '.1f')} "
                    f"| {_f(r.get('ratio_b1'), '.2f')} | {_f(r.get('speedup_vs_fp16'), '.2f')} "
                    f"| {_f(r.get('peak_gpu_gib'), '.2f')} | {_f(r.get('build_s'), '.1f')} "
-                   f"| {_cell(r.get('note', ''))} |")
+                   f"| {cell(r.get('note', ''))} |")
     return "\n".join(out)
 
 
@@ -495,27 +454,13 @@ def table_70b(rows: list[Row]) -> str:
         out.append(f"| {budget} | {_f(r.get('s_per_token'), '.3f')} | {_f(r.get('floor_s'), '.3f')} "
                    f"| {_f(r.get('ratio'), '.2f')} | {_f(r.get('peak_gpu_gib'), '.2f')} "
                    f"| {_f(r.get('host_rss_gib'), '.1f')} | {_f(r.get('resident_layers'), 'd')} "
-                   f"| {_cell(r.get('note', ''))} |")
+                   f"| {cell(r.get('note', ''))} |")
     return "\n".join(out)
 
 
-def _cell(text: Any) -> str:
-    # A note may hold a "|" (llama-bench's stderr) or a newline: either would break the table row.
-    return str(text or "").replace("|", "\\|").replace("\n", " ")
-
-
-def command_line(params: dict[str, Any], script: str = "scripts/bench_quant.py") -> str:
-    """The command that reproduces a run: ``python SCRIPT`` with every argument it used."""
-    parts = ["python", script]
-    for key, value in params.items():
-        if value is None or value is False:
-            continue  # None: not given; False: the flag's default
-        if value is True:
-            parts.append(f"--{key}")
-        else:
-            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-            parts += [f"--{key}", shlex.quote(text)]
-    return " ".join(parts)
+def command_line(params: dict[str, Any]) -> str:
+    """The command that reproduces a run of this script (``common.command_line``)."""
+    return common_command_line(params, "scripts/bench/bench_quant.py")
 
 
 def section(info: dict[str, Any], rows: list[Row], rows70: list[Row], built70: Optional[Row]) -> str:
@@ -558,18 +503,9 @@ def section(info: dict[str, Any], rows: list[Row], rows70: list[Row], built70: O
     return "\n".join(lines)
 
 
-def replace_section(text: str, new_section: str, mark_start: str = MARK_START, mark_end: str = MARK_END) -> str:
-    """``text`` with its section between the two markers (bench_quant's by default) replaced by ``new_section``
-    (appended when it has none)."""
-    start = text.find(mark_start)
-    if start < 0:
-        if mark_end in text:
-            raise ValueError(f"found {mark_end} without {mark_start}: fix the markers by hand")
-        return (text.rstrip("\n") + "\n\n" if text.strip() else "") + new_section + "\n"
-    end = text.find(mark_end, start)
-    if end < 0:
-        raise ValueError(f"found {mark_start} without {mark_end} after it: fix the markers by hand")
-    return text[:start] + new_section + text[end + len(mark_end):]
+def replace_section(text: str, new_section: str) -> str:
+    """``text`` with its bench_quant section replaced by ``new_section`` (``common.replace_section``)."""
+    return common_replace_section(text, new_section, MARK_START, MARK_END)
 
 
 def write_section(path: Path, new_section: str) -> None:
@@ -590,18 +526,18 @@ def main(shapes: str = "7b,13b", steps: int = 8, budgets70: str = "4,8,24",
     real checkpoint files instead of building the weights in memory."""
     if not torch.cuda.is_available():
         raise SystemExit("bench_quant.py needs a CUDA GPU: PyTorch sees none here.")
-    shape_list, budget_list = benchmark._list(shapes), [float(b) for b in benchmark._list(budgets70)]
-    unknown = [s for s in shape_list if s not in benchmark.SHAPES]
+    shape_list, budget_list = list_arg(shapes), [float(b) for b in list_arg(budgets70)]
+    unknown = [s for s in shape_list if s not in SHAPES]
     if unknown:
-        raise SystemExit(f"unknown shape(s) {unknown}: choose from {', '.join(benchmark.SHAPES)}")
+        raise SystemExit(f"unknown shape(s) {unknown}: choose from {', '.join(SHAPES)}")
     params = dict(shapes=shape_list, steps=steps, budgets70=[f"{b:g}" for b in budget_list], llamacpp_bin=llamacpp_bin,
-                  peers=",".join(benchmark._list(peers)) or "none", workdir=workdir, json_out=json_out, out=out,
+                  peers=",".join(list_arg(peers)) or "none", workdir=workdir, json_out=json_out, out=out,
                   skip70=skip70, steps70=steps70, llamacpp_budget=f"{llamacpp_budget:g}", from_disk=from_disk)
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     run_start = time.perf_counter()
 
-    bandwidth = benchmark.pinned_bandwidth()
+    bandwidth = pinned_bandwidth()
     free_all()
     info: dict[str, Any] = {"command": command_line(params), "device": torch.cuda.get_device_name(),
                             "torch": torch.__version__, "date": datetime.date.today().isoformat(),
@@ -610,7 +546,7 @@ def main(shapes: str = "7b,13b", steps: int = 8, budgets70: str = "4,8,24",
     log(f"pinned host-to-device bandwidth: {bandwidth / 1e9:.1f} GB/s; {info['device']}, torch {info['torch']}")
 
     rows: list[Row] = []
-    llamacpp = "llamacpp" in benchmark._list(peers)
+    llamacpp = "llamacpp" in list_arg(peers)
     for shape in shape_list:
         rows += bench_shape(shape, steps, bandwidth, work, from_disk, llamacpp and shape == "7b",
                             Path(llamacpp_bin), llamacpp_budget)
@@ -631,4 +567,4 @@ def main(shapes: str = "7b,13b", steps: int = 8, budgets70: str = "4,8,24",
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main, name=Path(__file__).name)  # one-line errors, and help printed without a pager

@@ -8,21 +8,14 @@ hide the kernels' own time; ``--eager`` times plain launches instead.
 
 Usage (on a CUDA machine; 7B shapes by default)::
 
-    python scripts/bench_quant_gemv.py
-    python scripts/bench_quant_gemv.py --tokens 1,8 --sweep     # also try other tiles for the fused kernel
+    python scripts/bench/bench_quant_gemv.py
+    python scripts/bench/bench_quant_gemv.py --tokens 1,8 --sweep     # also try other tiles for the fused kernel
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Callable
-
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 import torch.nn.functional as F

@@ -6,9 +6,9 @@ are OpenAI's own Python client, one thread each. Every level runs ``--rounds`` r
 warm-up request; requests are greedy with ``max_tokens`` new tokens (fewer where a sequence ends on its stop
 token: the token counts come from each response's usage, so the rates stay honest).
 
-    python scripts/bench_serve.py --ckpt_dir checkpoints/random-7b --tokenizer_path T --clients 1,4,8,16 \\
+    python scripts/bench/bench_serve.py --ckpt_dir checkpoints/random-7b --tokenizer_path T --clients 1,4,8,16 \\
         --max_tokens 32 --out /tmp/serve.md
-    python scripts/bench_serve.py --dtype float32 --clients 1,4,8 --max_tokens 16    # the default model, CPU
+    python scripts/bench/bench_serve.py --dtype float32 --clients 1,4,8 --max_tokens 16    # the default model, CPU
 """
 
 from __future__ import annotations
@@ -22,10 +22,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "In a distant galaxy",
            "The recipe calls for", "My favourite book is", "Dear diary, today", "The weather in spring"]

@@ -1,7 +1,7 @@
 """Speculative decoding on the GPU: tokens per pass, ms per pass and tokens/s of each draft against plain greedy
 decoding of the same paged model, in one process.
 
-    python scripts/bench_speculative.py --ckpt_dir /tmp/smollm2-fp16 --out BENCHMARKS.md --json_out /tmp/bench_spec.json
+    python scripts/bench/bench_speculative.py --ckpt_dir /tmp/smollm2-fp16 --out BENCHMARKS.md --json_out /tmp/bench_spec.json
 
 Two parts:
 
@@ -27,20 +27,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import fire
-
+from llama_offload.cli.options import fire_main
 from llama_offload.model.args import ModelArgs
 from llama_offload.checkpoint.load import random_state_dict
 from llama_offload.generate.decode import BatchDecoder
@@ -50,9 +43,10 @@ from llama_offload.model.quant import QuantSpec
 from llama_offload.checkpoint.quant_load import quantize_model
 from llama_offload.generate.speculative import ModelDraft, NgramDraft, SpeculativeDecoder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks beside this script
-import bench_quant  # noqa: E402
-import benchmark  # noqa: E402
+from common import (
+    DECODE_PROMPT_LEN, SHAPES, cell, command_line, emit, failed, free_all, model_from_state_dict, pinned_bandwidth,
+    replace_section, shape_args,
+)
 
 MARK_START = "<!-- bench_speculative:start -->"
 MARK_END = "<!-- bench_speculative:end -->"
@@ -150,9 +144,9 @@ def bench_real(ckpt_dir: str, tokenizer_path: str, drafts: Sequence[str], ks: Se
         raise ValueError(f"the longest prompt is {longest} tokens: --max_seq_len {max_seq_len} cannot hold it and "
                          f"--max_gen_len {max_gen_len}; raise --max_seq_len to {longest + max_gen_len}.")
     plain_row, want = run_real(plain, "plain", None, prompts, max_gen_len, None)
-    rows = [bench_quant.emit(plain_row)]
+    rows = [emit(plain_row)]
     del plain
-    bench_quant.free_all()
+    free_all()
     for draft in drafts:
         for k in ks:
             try:
@@ -160,11 +154,11 @@ def bench_real(ckpt_dir: str, tokenizer_path: str, drafts: Sequence[str], ks: Se
                 row, _ = run_real(llama, draft, k, prompts, max_gen_len, want)
                 del llama
             except (ValueError, RuntimeError) as e:  # e.g. out of memory: a row that says why
-                row = {"part": "real", "variant": draft, "k": k, "note": bench_quant.failure(e)}
-            bench_quant.free_all()
+                row = {"part": "real", "variant": draft, "k": k, "note": failed(e)}
+            free_all()
             if row.get("tokens_per_s") and plain_row["tokens_per_s"]:
                 row["speedup"] = row["tokens_per_s"] / plain_row["tokens_per_s"]
-            rows.append(bench_quant.emit(row))
+            rows.append(emit(row))
     return rows
 
 
@@ -208,19 +202,19 @@ def first_difference(got: list[int], want: list[int]) -> Optional[int]:
 
 
 def bench_shape(shape: str, ks: Sequence[int], steps: int, bandwidth: float, real: list[Row]) -> list[Row]:
-    args = bench_quant.shape_args(shape)
-    max_seq = benchmark.DECODE_PROMPT_LEN + steps + max(ks) + 8
+    args = shape_args(shape)
+    max_seq = DECODE_PROMPT_LEN + steps + max(ks) + 8
     log(f"{shape}: drawing random fp16 weights")
     sd = random_7b(args)
-    target = offload(bench_quant.model_from_state_dict(sd, args), max_batch_size=1, max_seq_len=max_seq)
+    target = offload(model_from_state_dict(sd, args), max_batch_size=1, max_seq_len=max_seq)
     floor_ms = 1e3 * target.plan.streamed_bytes / bandwidth
-    prompt = torch.randint(0, args.vocab_size, (benchmark.DECODE_PROMPT_LEN,),
+    prompt = torch.randint(0, args.vocab_size, (DECODE_PROMPT_LEN,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     kw = dict(max_batch_size=1, max_seq_len=max_seq, device=torch.device("cuda"), temperature=0)
     margins: list[float] = []
     want, seconds, passes = shape_decode(target, BatchDecoder(target, **kw), prompt, steps, margins)
     plain_ms = 1e3 * seconds / passes
-    rows = [bench_quant.emit({"part": shape, "variant": "plain", "k": None, "ms_per_pass": plain_ms,
+    rows = [emit({"part": shape, "variant": "plain", "k": None, "ms_per_pass": plain_ms,
                               "floor_ms": floor_ms, "tokens_per_pass": 1.0, "tokens_per_s": 1e3 / plain_ms,
                               "identical": None})]
     measured = {(r["variant"], r["k"]): r.get("tokens_per_pass") for r in real}
@@ -228,7 +222,7 @@ def bench_shape(shape: str, ks: Sequence[int], steps: int, bandwidth: float, rea
         draft_model = None
         if name == "int4":
             log(f"{shape}: quantizing the int4 g64 self-draft on the GPU")
-            draft_model = quantize_model(bench_quant.model_from_state_dict(sd, args), QuantSpec(4, 64), device="cuda")
+            draft_model = quantize_model(model_from_state_dict(sd, args), QuantSpec(4, 64), device="cuda")
             draft_model = offload(draft_model, max_batch_size=1, max_seq_len=max_seq + max(ks) + 1, resident=True)
         for k in ks:
             draft = NgramDraft() if draft_model is None else ModelDraft(draft_model)
@@ -245,11 +239,11 @@ def bench_shape(shape: str, ks: Sequence[int], steps: int, bandwidth: float, rea
                 row["tokens_per_pass"] = real_tpp
                 row["tokens_per_s"] = 1e3 * real_tpp / row["ms_per_pass"]
                 row["speedup"] = row["tokens_per_s"] * plain_ms / 1e3
-            rows.append(bench_quant.emit(row))
+            rows.append(emit(row))
         del draft_model
-        bench_quant.free_all()
+        free_all()
     del target, sd
-    bench_quant.free_all()
+    free_all()
     return rows
 
 
@@ -271,7 +265,7 @@ def table_real(rows: list[Row]) -> str:
         lines.append("| " + " | ".join([
             r["variant"], _f(r.get("k"), "d"), _f(r.get("tokens_per_pass"), ".2f"), _f(r.get("ms_per_pass"), ".2f"),
             _f(r.get("tokens_per_s"), ".1f"), _f(r.get("speedup"), ".2f"), _yes(r.get("identical")),
-            bench_quant._cell(r.get("note"))]) + " |")
+            cell(r.get("note"))]) + " |")
     return "\n".join(lines)
 
 
@@ -284,7 +278,7 @@ def table_shape(rows: list[Row]) -> str:
             r["variant"], _f(r.get("k"), "d"), _f(r["ms_per_pass"], ".1f"), _f(r["floor_ms"], ".1f"),
             _f(r["ms_per_pass"] / r["floor_ms"], ".2f"), _f(r.get("random_tokens_per_pass"), ".2f"),
             _yes(r.get("identical")), _f(r.get("tokens_per_pass"), ".2f"), _f(r.get("tokens_per_s"), ".1f"),
-            _f(r.get("speedup"), ".2f"), bench_quant._cell(r.get("note"))]) + " |")
+            _f(r.get("speedup"), ".2f"), cell(r.get("note"))]) + " |")
     return "\n".join(lines)
 
 
@@ -306,7 +300,7 @@ def section(info: dict[str, Any], real: list[Row], shaped: list[Row]) -> str:
                   "", table_real(real)]
     if shaped:
         lines += ["", f"{info['shape']}-shaped, random N(0, 0.02) fp16 weights, every block paged, batch 1, "
-                      f"{info['steps']} decode steps after a {benchmark.DECODE_PROMPT_LEN}-token prompt. Floor: the "
+                      f"{info['steps']} decode steps after a {DECODE_PROMPT_LEN}-token prompt. Floor: the "
                       "paged bytes of one pass over the pinned bandwidth. Random weights reject most drafts, so "
                       "tokens/pass there says nothing about a real model: the projection uses the real model's "
                       "tokens/pass of the same draft and K over this row's ms/pass.",
@@ -324,7 +318,7 @@ def section(info: dict[str, Any], real: list[Row], shaped: list[Row]) -> str:
 
 def write_section(path: Path, new_section: str) -> None:
     old = path.read_text(encoding="utf-8") if path.exists() else ""
-    path.write_text(bench_quant.replace_section(old, new_section, MARK_START, MARK_END), encoding="utf-8")
+    path.write_text(replace_section(old, new_section, MARK_START, MARK_END), encoding="utf-8")
 
 
 def _ints(value: Any, flag: str) -> list[int]:
@@ -356,8 +350,8 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, d
     params = dict(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, drafts=drafts, ks=ks, max_gen_len=max_gen_len,
                   max_seq_len=max_seq_len, shape=shape, steps=steps, real_from=real_from, out=out, json_out=json_out)
     draft_names, k_values = _names(drafts), _ints(ks, "ks")
-    if shape != "none" and shape not in benchmark.SHAPES:
-        raise ValueError(f"--shape takes one of {', '.join(benchmark.SHAPES)} or none, found {shape!r}.")
+    if shape != "none" and shape not in SHAPES:
+        raise ValueError(f"--shape takes one of {', '.join(SHAPES)} or none, found {shape!r}.")
     if ckpt_dir is not None and real_from is not None:
         raise ValueError("Give either --ckpt_dir (run the real-model part) or --real_from (reuse its rows), not both.")
     if ckpt_dir is None and real_from is None and shape == "none":
@@ -379,8 +373,8 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, d
     if not torch.cuda.is_available():
         raise RuntimeError("bench_speculative.py needs a CUDA GPU; none is visible.")
     start = time.perf_counter()
-    bandwidth = benchmark.pinned_bandwidth()
-    info = {"command": bench_quant.command_line(params, "scripts/bench_speculative.py"),
+    bandwidth = pinned_bandwidth()
+    info = {"command": command_line(params, "scripts/bench/bench_speculative.py"),
             "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "bandwidth_gbps": bandwidth / 1e9,
             "model": Path(ckpt_dir).name if ckpt_dir else None, "max_gen_len": max_gen_len, "shape": shape,
@@ -402,13 +396,5 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, d
         Path(json_out).write_text(json.dumps({"info": info, "real": real, "shape": shaped}, indent=1))
 
 
-def cli() -> None:
-    try:
-        fire.Fire(main)
-    except (ValueError, RuntimeError) as e:
-        print(f"bench_speculative.py: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    cli()
+    fire_main(main, name=Path(__file__).name)  # one-line errors, and help printed without a pager

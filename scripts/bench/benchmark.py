@@ -1,6 +1,6 @@
 """Decode and prefill speed of llama_offload against the PCIe floor and against peers, in one process.
 
-    python scripts/benchmark.py --shape 7b --budgets 6,8,12 --peers accelerate,airllm --out BENCHMARKS.md
+    python scripts/bench/benchmark.py --shape 7b --budgets 6,8,12 --peers accelerate,airllm --out BENCHMARKS.md
 
 Everything runs on one random-weight fp16 checkpoint (N(0, 0.02)), written once under --workdir in the
 Meta layout (and in the Hugging Face layout for the peers). For each variant it reports decode ms/token
@@ -12,131 +12,24 @@ measured in the same run. Needs a CUDA GPU.
 from __future__ import annotations
 
 import datetime
-import gc
+import functools
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import fire
-
+from llama_offload.cli.options import fire_main
 from llama_offload.model.args import ModelArgs
-from llama_offload.checkpoint.load import load_model, random_state_dict, save_checkpoint
+from llama_offload.checkpoint.load import load_model
 from llama_offload.offload.offloaded import offload
 from llama_offload.offload.plan import GiB
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the peers beside this script
-import bench_peers  # noqa: E402
-
-SHAPES = {
-    "7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256),
-    "13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256),
-}
-PREFILL_LEN = 512
-DECODE_PROMPT_LEN = 16
-MAX_BATCH = 8
-MAX_SEQ_LEN = PREFILL_LEN + 32
-
-
-def pinned_bandwidth(nbytes: int = GiB, reps: int = 5) -> float:
-    """Host-to-device bytes/s from pinned memory: the link every offloaded step is bound by."""
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return nbytes / best
-
-
-def timed(fn: Callable[[], object]) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def measure(model, vocab_size: int, steps: int) -> dict:
-    """The shared protocol: warm-up, a 512-token prefill, then decode steps at batch 1 and 8."""
-    g = torch.Generator().manual_seed(0)
-
-    def ids(bs: int, n: int) -> torch.Tensor:
-        return torch.randint(0, vocab_size, (bs, n), generator=g).cuda()
-
-    model(ids(1, 4), 0)  # warm-up: kernels, cuBLAS handles, allocator
-    result = {"prefill_s_512": timed(lambda: model(ids(1, PREFILL_LEN), 0))}
-    for bs in (1, 8):
-        first = ids(bs, 1)
-
-        def decode() -> None:
-            # Like generation: each step feeds the previous step's greedy token, and nothing waits for
-            # the GPU in between, so work queued behind a step (a prefetch) overlaps the next one.
-            tok = first
-            for i in range(steps):
-                tok = model(tok, DECODE_PROMPT_LEN + i)[:, -1].argmax(-1, keepdim=True)  # (bs, 1)
-
-        for timing in (False, True):  # the first run warms up: lazily loaded kernels, CUDA graph captures
-            model(ids(bs, DECODE_PROMPT_LEN), 0)
-            seconds = timed(decode)
-        result[f"decode_ms_b{bs}"] = 1e3 * seconds / steps
-    return result
-
-
-def free_gpu() -> None:
-    gc.collect()
-    if torch.cuda.is_available():  # the benchmarks' CPU tests free their models too
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
-def run_variant(name: str, build: Callable[[], tuple[object, int, str]], vocab_size: int, steps: int,
-                bandwidth: float, hbm_floor_ms: Optional[float] = None) -> dict:
-    """Build a variant (returns model, bytes streamed per step, a note), measure it, free it."""
-    free_gpu()
-    before = torch.cuda.memory_allocated()  # whatever earlier variants left: not this variant's
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    try:
-        model, streamed, note = build()
-    except ValueError as e:  # e.g. a budget below the plan's minimum: reported in the table, not fatal
-        print(f"{name}: {e}", flush=True)
-        return {"name": name, "note": str(e).split(":")[0]}
-    build_s = time.perf_counter() - start
-    row = {"name": name, "build_s": build_s, "streamed_gib": streamed / GiB, "note": note}
-    with torch.inference_mode():
-        row.update(measure(model, vocab_size, steps))
-    row["peak_gpu_gib"] = (torch.cuda.max_memory_allocated() - before) / GiB
-    row["floor_ms"] = 1e3 * streamed / bandwidth if streamed else None
-    row["ratio_b1"] = row["decode_ms_b1"] / row["floor_ms"] if streamed else None
-    row["b8_over_b1"] = row["decode_ms_b8"] / row["decode_ms_b1"]
-    if not streamed and hbm_floor_ms:
-        row["hbm_floor_ms"] = hbm_floor_ms
-        row["ratio_hbm"] = row["decode_ms_b1"] / hbm_floor_ms
-    print(json.dumps(row), flush=True)
-    del model
-    free_gpu()
-    return row
-
-
-def make_checkpoint(args: ModelArgs, ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    if not (ckpt_dir / "params.json").exists():
-        sd = random_state_dict(args, dtype=torch.float16, device="cuda")
-        save_checkpoint(sd, args, ckpt_dir)
-        return sd
-    return {}
+from common import (
+    DECODE_PROMPT_LEN, MAX_BATCH, MAX_SEQ_LEN, SHAPES, free_gpu, list_arg, make_checkpoint, pinned_bandwidth,
+    hbm_bandwidth, run_variant, timed,
+)
 
 
 def ours(ckpt_dir: Path, **offload_kwargs) -> Callable[[], tuple[object, int, str]]:
@@ -183,7 +76,9 @@ def prefill_long(ckpt_dir: Path, tokens: int, budget: float, vocab_size: int) ->
     decoder = BatchDecoder(model, max_batch_size=1, max_seq_len=tokens + 16, device=torch.device("cuda"),
                            temperature=0, prefill_chunk=model.plan.prefill_chunk)
     loaded = torch.cuda.memory_allocated() - before
-    seconds = timed(lambda: decoder.join([prompt], 1, {-1}))
+    # The prompt's prefill and one sampled token; bound now (a partial, not a lambda reading `decoder` when
+    # called), as `decoder` is deleted below.
+    seconds = timed(functools.partial(decoder.join, [prompt], 1, {-1}))
     row = {"name": name, "prefill_s": seconds, "peak_gpu_gib": (torch.cuda.max_memory_allocated() - before) / GiB,
            "plan_gib": model.plan.gpu_bytes / GiB, "chunk": model.plan.prefill_chunk,
            "note": f"{model.plan.resident_layers} resident, {model.plan.paged_layers} paged, chunks of "
@@ -214,12 +109,6 @@ def load_speed(ckpt_dir: Path) -> dict:
     del model, cpu
     free_gpu()
     return {"checkpoint_gib": nbytes / GiB, "mmap_s": mapped, "to_pinned_s": total, "gib_per_s": nbytes / GiB / total}
-
-
-def _list(value) -> list[str]:
-    # fire turns "4,8" into a tuple and "4" into an int; a plain string comes through as is.
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    return [str(x).strip() for x in items if str(x).strip()]
 
 
 def table(rows: list[dict]) -> str:
@@ -289,7 +178,7 @@ def main(shape: str = "7b", budgets: str = "6,8,12", peers: str = "meta,llamacpp
     info["load"] = load_speed(ckpt)
     print(json.dumps(info["load"]), flush=True)
 
-    hbm = bench_peers.hbm_bandwidth()
+    hbm = hbm_bandwidth()
     hbm_floor_ms = 1e3 * read_per_step(args, DECODE_PROMPT_LEN + steps) / hbm
     info["hbm_gbps"], info["hbm_floor_ms"] = hbm / 1e9, hbm_floor_ms
     info["read_gib"] = read_per_step(args, DECODE_PROMPT_LEN + steps) / GiB
@@ -301,16 +190,16 @@ def main(shape: str = "7b", budgets: str = "6,8,12", peers: str = "meta,llamacpp
                             hbm_floor_ms))
     rows.append(run_variant("ours, all resident, --cuda_graphs false", ours(ckpt, resident=True, cuda_graphs=False),
                             v, steps, bandwidth, hbm_floor_ms))
-    if "meta" in _list(peers):
-        import bench_meta  # scripts/bench_meta.py
+    if "meta" in list_arg(peers):
+        import bench_meta  # scripts/bench/bench_meta.py
 
         r = bench_meta.bench_meta(ckpt, args, steps=steps)
         if r.get("decode_ms_b1"):
             r["hbm_floor_ms"], r["ratio_hbm"] = hbm_floor_ms, r["decode_ms_b1"] / hbm_floor_ms
         print(json.dumps(r), flush=True)
         rows.append(r)
-    if "llamacpp" in _list(peers):
-        import bench_llamacpp  # scripts/bench_llamacpp.py
+    if "llamacpp" in list_arg(peers):
+        import bench_llamacpp  # scripts/bench/bench_llamacpp.py
 
         gguf = work / f"{shape}-f16.gguf"
         if not gguf.exists():
@@ -325,15 +214,16 @@ def main(shape: str = "7b", budgets: str = "6,8,12", peers: str = "meta,llamacpp
     row = run_variant("ours, everything paged", ours(ckpt), v, steps, bandwidth)
     row["budget_gib"] = row["peak_gpu_gib"]
     rows.append(row)
-    for b in map(float, _list(budgets)):
+    for b in map(float, list_arg(budgets)):
         row = run_variant(f"ours, budget {b:g} GiB", ours(ckpt, gpu_memory_gb=b), v, steps, bandwidth)
         if "decode_ms_b1" in row:
             row["budget_gib"] = b
         rows.append(row)
-    info["long_prefill"] = [prefill_long(ckpt, long_prompt, float(b), v) for b in _list(long_budgets)]
+    info["long_prefill"] = [prefill_long(ckpt, long_prompt, float(b), v) for b in list_arg(long_budgets)]
 
-    peer_names = _list(peers)
+    peer_names = list_arg(peers)
     if set(peer_names) - {"meta", "llamacpp"}:
+        import bench_peers  # scripts/bench/bench_peers.py: accelerate and AirLLM
 
         hf_dir = work / f"hf-{shape}"
         if not (hf_dir / "config.json").exists():
@@ -380,7 +270,7 @@ def write_markdown(path: Path, info: dict, text: str, png: Optional[str]) -> Non
     lines = [
         "# Benchmarks",
         "",
-        f"Command: `python scripts/benchmark.py --shape {info['shape']} ...` (see the scripts' docstring)  ",
+        f"Command: `python scripts/bench/benchmark.py --shape {info['shape']} ...` (see the scripts' docstring)  ",
         f"Device: {info['device']}, torch {info['torch']}, {info['date']}  ",
         f"Pinned host-to-device bandwidth measured in the same run: {info['bandwidth_gbps']:.1f} GB/s  ",
         f"Device memory bandwidth measured in the same run: {info['hbm_gbps']:.0f} GB/s, so a batch-1 decode step, "
@@ -405,4 +295,4 @@ def write_markdown(path: Path, info: dict, text: str, png: Optional[str]) -> Non
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_main(main, name=Path(__file__).name)  # one-line errors, and help printed without a pager

@@ -1,7 +1,7 @@
 """Does a small host-to-device copy wait behind a large one on another stream? The CPU lane sends its hidden
 state (a few KB) back to the GPU on the compute stream while the copy stream moves pages (hundreds of MB).
 
-On a CUDA machine: ``python scripts/probe_copy_queue.py`` (the probe BENCHMARKS.md's fifth CPU-lane run quotes).
+On a CUDA machine: ``python scripts/bench/probe_copy_queue.py`` (the probe BENCHMARKS.md's fifth CPU-lane run quotes).
 For a 405 MiB page copied whole and in 64/16/4 MiB pieces, it prints the page's copy time, when the 8 KB copy
 (queued 1 ms into the page) started on the compute stream and how long it then took, both from the page's start.
 """

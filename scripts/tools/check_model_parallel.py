@@ -1,8 +1,8 @@
 """Check model parallelism with offload against one process: logits, greedy tokens and decode speed.
 
-    torchrun --nproc_per_node 2 scripts/check_model_parallel.py --shape 7b          # two GPUs
-    torchrun --nproc_per_node 2 scripts/check_model_parallel.py --shape 7b --gpu_memory_gb 4
-    torchrun --nproc_per_node 2 scripts/check_model_parallel.py --shape tiny        # GPUs, or CPU over gloo
+    torchrun --nproc_per_node 2 scripts/tools/check_model_parallel.py --shape 7b          # two GPUs
+    torchrun --nproc_per_node 2 scripts/tools/check_model_parallel.py --shape 7b --gpu_memory_gb 4
+    torchrun --nproc_per_node 2 scripts/tools/check_model_parallel.py --shape tiny        # GPUs, or CPU over gloo
 
 Rank 0 writes a checkpoint of random N(0, --std) weights (kept for the next run, under --ckpt_dir or
 <tmp>/llama_offload_check/), or uses --ckpt_dir as it is when it already holds a checkpoint. Then:
@@ -25,17 +25,11 @@ from __future__ import annotations
 
 import gc
 import statistics
-import sys
 import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Optional
-
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 import torch.distributed as dist
@@ -111,7 +105,7 @@ def main(
     rank, world = start_model_parallel()
     if world < 2:
         raise ValueError("Run this under torchrun with several processes: torchrun --nproc_per_node 2 "
-                         "scripts/check_model_parallel.py --shape tiny")
+                         "scripts/tools/check_model_parallel.py --shape tiny")
     if shape not in SHAPES:
         raise ValueError(f"--shape must be one of {sorted(SHAPES)}, found {shape!r}.")
     if not isinstance(steps, int) or steps < 1:

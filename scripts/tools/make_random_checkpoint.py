@@ -1,8 +1,8 @@
 """Write a Meta-format checkpoint of random weights at real LLaMA shapes, for tests and benchmarks.
 
-    python scripts/make_random_checkpoint.py --ckpt_dir checkpoints/random-7b --preset 7b --dtype float16
-    python scripts/make_random_checkpoint.py --ckpt_dir /tmp/tiny --preset tiny --num_shards 2
-    python scripts/make_random_checkpoint.py --ckpt_dir /tmp/x --dim 256 --n_layers 4 --n_heads 8 --vocab_size 1000
+    python scripts/tools/make_random_checkpoint.py --ckpt_dir checkpoints/random-7b --preset 7b --dtype float16
+    python scripts/tools/make_random_checkpoint.py --ckpt_dir /tmp/tiny --preset tiny --num_shards 2
+    python scripts/tools/make_random_checkpoint.py --ckpt_dir /tmp/x --dim 256 --n_layers 4 --n_heads 8 --vocab_size 1000
 
 Weights are N(0, 0.02), never zeros, so timings and numerics look like a real model's. The whole
 state dict is held in memory in the chosen dtype while it is written (7B in fp16: ~13.5 GB).
@@ -15,32 +15,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-try:
-    import llama_offload  # noqa: F401
-except ImportError:  # run from a checkout without installing: python scripts/make_random_checkpoint.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
 from llama_offload.model.args import ModelArgs
 from llama_offload.checkpoint.load import random_state_dict, save_checkpoint
-
-# Llama 2 shapes (Meta's params.json), with the vocab size of its tokenizer filled in.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, rope_theta=1e6),
-    "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256),
-    "13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256),
-    "70b": dict(
-        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, multiple_of=4096, ffn_dim_multiplier=1.3
-    ),
-    # Llama 3.x (params.json as Meta ships them): 128256-token vocabulary, theta 5e5, scaled RoPE from 3.1 on.
-    "llama3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
-                        ffn_dim_multiplier=1.3, rope_theta=500000.0, use_scaled_rope=True),
-    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
-                        ffn_dim_multiplier=1.5, rope_theta=500000.0, use_scaled_rope=True),
-    "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, multiple_of=256,
-                        ffn_dim_multiplier=1.0, rope_theta=500000.0, use_scaled_rope=True),
-}
+from llama_offload.model.presets import PRESETS
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

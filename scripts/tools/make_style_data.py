@@ -1,7 +1,7 @@
 """Write the small style data set the README's "Fine-tuning" example trains on: data/style_{train,eval}.jsonl.
 
-    python3 scripts/make_style_data.py                 # writes data/style_train.jsonl and data/style_eval.jsonl
-    python3 scripts/make_style_data.py --out_dir DIR   # the same files into DIR
+    python3 scripts/tools/make_style_data.py                 # writes data/style_train.jsonl and data/style_eval.jsonl
+    python3 scripts/tools/make_style_data.py --out_dir DIR   # the same files into DIR
 
 Every line is one chat example, {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}, whose answer
 is in one fixed style that a base model never uses by itself: it starts with "Aye, ", states the fact in one short
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: scripts/tools/ is two levels down
 PREFIX, SUFFIX = "Aye, ", " Fair winds!"
 HOLD_OUT_EVERY, HOLD_OUT_AT = 7, 3  # row i of a table goes to eval when i % 7 == 3
 
@@ -172,10 +172,6 @@ def main(out_dir: Optional[str] = None) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    if str(ROOT) not in sys.path:  # run from a checkout without installing the package
-        sys.path.insert(0, str(ROOT))
     from llama_offload.cli.options import fire_main
 
     fire_main(main, name="make_style_data.py")  # one-line errors, and help printed without a pager

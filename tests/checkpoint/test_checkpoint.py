@@ -361,7 +361,7 @@ def test_make_random_checkpoint_script(tmp_path):
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO.resolve()]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     r = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "make_random_checkpoint.py"), "--ckpt_dir", str(d),
+        [sys.executable, str(REPO / "scripts" / "tools" / "make_random_checkpoint.py"), "--ckpt_dir", str(d),
          "--preset", "tiny", "--num_shards", "2", "--dtype", "float16", "--seed", "3"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )

@@ -2,7 +2,7 @@
 
 Two processes talk over gloo on the loopback interface only. The 1-process model is the reference: the
 2-rank logits equal its logits up to summation order (the all-reduce adds the ranks' partial sums).
-The GPU section at the end runs scripts/check_model_parallel.py on two GPUs; it is skipped without them:
+The GPU section at the end runs scripts/tools/check_model_parallel.py on two GPUs; it is skipped without them:
 ``python -m pytest -m cuda -s tests/test_model_parallel.py`` on a machine with two GPUs.
 """
 
@@ -444,7 +444,7 @@ def test_text_script_under_torchrun_prints_once_what_one_process_prints(script_c
 
 
 def test_check_script_tiny_on_cpu(tmp_path):
-    r = torchrun(str(REPO / "scripts" / "check_model_parallel.py"), "--shape", "tiny", "--steps", "4",
+    r = torchrun(str(REPO / "scripts" / "tools" / "check_model_parallel.py"), "--shape", "tiny", "--steps", "4",
                  "--ckpt_dir", str(tmp_path / "tiny"), "--num_shards", "2")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "OK: offloading changes nothing" in r.stdout
@@ -455,7 +455,7 @@ def test_check_script_tiny_on_cpu(tmp_path):
 
 def test_a_failing_rank_ends_the_run_instead_of_hanging(tmp_path):
     start = time.perf_counter()
-    r = torchrun(str(REPO / "scripts" / "check_model_parallel.py"), "--shape", "tiny", "--steps", "2",
+    r = torchrun(str(REPO / "scripts" / "tools" / "check_model_parallel.py"), "--shape", "tiny", "--steps", "2",
                  "--ckpt_dir", str(tmp_path / "tiny"), "--fail_rank", "1", timeout=90)
     assert r.returncode != 0
     assert "[rank 1] check_model_parallel.py: error: rank 1 fails on purpose" in r.stderr
@@ -484,7 +484,7 @@ def test_check_script_on_two_gpus(shape, timeout, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
                                                             "CUDA_VISIBLE_DEVICES")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(REPO / "scripts" / "check_model_parallel.py"),
+           "127.0.0.1", "--master_port", str(free_port()), str(REPO / "scripts" / "tools" / "check_model_parallel.py"),
            "--shape", shape, "--ckpt_dir", str(tmp_path / shape)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
     print(r.stdout)

@@ -1,4 +1,4 @@
-"""scripts/bench_cpu_default.py on tiny checkpoints: every variant's row adds up (bytes, floor, ratio), the quantized
+"""scripts/bench/bench_cpu_default.py on tiny checkpoints: every variant's row adds up (bytes, floor, ratio), the quantized
 checkpoint's answers are compared with its float32 original's, the section lands between its markers, and bad
 arguments are refused. The figures themselves come from the real model (BENCHMARKS.md)."""
 

@@ -1,4 +1,4 @@
-"""scripts/bench_cpu_kernels.py on a small block: a row for every kernel that applies, and its flag errors."""
+"""scripts/bench/bench_cpu_kernels.py on a small block: a row for every kernel that applies, and its flag errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from scripts_loader import load_script
 from llama_offload.kernels.cpu import gemv_available
 
 bk = load_script("bench_cpu_kernels")
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_cpu_kernels.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "bench_cpu_kernels.py"
 
 
 def test_every_kernel_is_timed_on_every_format() -> None:

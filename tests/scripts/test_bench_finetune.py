@@ -1,4 +1,4 @@
-"""scripts/bench_finetune.py on the CPU with a tiny shape: the whole run (gradient check, rows, the longest
+"""scripts/bench/bench_finetune.py on the CPU with a tiny shape: the whole run (gradient check, rows, the longest
 fitting length, its table and JSON). The figures need a GPU and are produced there."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def test_tiny_run_checks_gradients_and_writes_its_table(tmp_path: Path) -> None:
     # The script as __main__, in this process (conftest.run_in_process).
     run = run_in_process("--device", "cpu", "--preset", "tiny", "--seq_lens", "32", "--budgets", "2", "--long_preset",
                          "tiny", "--long_budget", "2", "--long_seq_lens", "32,64", "--check_grads", "--check_seq_len",
-                         "16", "--out", str(out), "--json_out", str(js), script=REPO / "scripts" / "bench_finetune.py")
+                         "16", "--out", str(out), "--json_out", str(js), script=REPO / "scripts" / "bench" / "bench_finetune.py")
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(js.read_text())
     assert result["grads"]["bit_equal"] and result["grads"]["max_abs_diff"] == 0.0

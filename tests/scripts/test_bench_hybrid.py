@@ -1,4 +1,4 @@
-"""scripts/bench_hybrid.py on the CPU: its table (ratios to the floor and to llama.cpp, the split, failures) and
+"""scripts/bench/bench_hybrid.py on the CPU: its table (ratios to the floor and to llama.cpp, the split, failures) and
 its decode timer on a tiny model. The benchmark itself needs a GPU (and runs there, not here)."""
 
 from __future__ import annotations

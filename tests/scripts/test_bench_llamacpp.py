@@ -1,4 +1,4 @@
-"""scripts/bench_llamacpp.py on the CPU: the GGUF it writes holds our weights, and llama-bench's JSON is read right.
+"""scripts/bench/bench_llamacpp.py on the CPU: the GGUF it writes holds our weights, and llama-bench's JSON is read right.
 
 llama.cpp itself is built and run on the GPU machine (``../shared/tools/llamacpp-peer.sh build``). Here:
 
@@ -41,7 +41,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 from scripts_loader import load_script  # noqa: E402
 
-load_script("bench_peers")
 bl = load_script("bench_llamacpp")
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32)
@@ -327,7 +326,7 @@ def test_bench_llamacpp_row(tiny_gguf: Path, tmp_path: Path) -> None:
 
 
 def _peer_keys() -> tuple[str, ...]:
-    return sys.modules["bench_peers"].PEER_KEYS
+    return load_script("common").PEER_KEYS
 
 
 def test_bench_llamacpp_failures_are_rows(tiny_gguf: Path, tmp_path: Path) -> None:

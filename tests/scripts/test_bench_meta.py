@@ -1,4 +1,4 @@
-"""scripts/bench_meta.py on the CPU: Meta's reference model, loaded our way from our checkpoint, is our model.
+"""scripts/bench/bench_meta.py on the CPU: Meta's reference model, loaded our way from our checkpoint, is our model.
 
 Meta's code is ``llama_models/llama3/model.py`` of the PyPI wheel llama-models==0.3.0, the wheel the tokenizer
 tests already fetch (see test_tiktoken.py). It is taken, in order, from: LLAMA_OFFLOAD_META_REF (a directory
@@ -39,7 +39,7 @@ MEMBERS = ("llama_models/__init__.py", "llama_models/llama3/__init__.py", "llama
 
 from scripts_loader import load_script  # noqa: E402
 
-bp = load_script("bench_peers")
+common = load_script("common")
 bm = load_script("bench_meta")
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, vocab_size=96, multiple_of=32)
@@ -153,7 +153,7 @@ def test_bench_meta_protocol_on_cpu(meta_ref, tmp_path: Path) -> None:
     args = ARGS[0]
     save_checkpoint(random_state_dict(args), args, tmp_path / "ckpt")
     row = bm.bench_meta(tmp_path / "ckpt", args, steps=2, device="cpu", dtype=torch.float32, ref_path=meta_ref)
-    assert set(bp.PEER_KEYS) <= set(row)
+    assert set(common.PEER_KEYS) <= set(row)
     assert "FAILED" not in row["note"], row["note"]
     assert all(isinstance(row[k], float) and row[k] > 0 for k in ("decode_ms_b1", "decode_ms_b8", "prefill_s_512"))
     assert row["peak_gpu_gib"] is None  # no GPU, no memory figure

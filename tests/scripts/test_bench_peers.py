@@ -1,4 +1,5 @@
-"""scripts/bench_peers.py on the CPU: the Hugging Face checkpoint it writes is our model, and the protocol runs.
+"""scripts/bench/bench_peers.py on the CPU: the Hugging Face checkpoint it writes is our model, and the protocol runs
+(``common.measure_peer``, ``common.hbm_bandwidth``: scripts/bench/common.py, shared by the peers).
 
 The peers themselves (accelerate's GPU offload, AirLLM) are measured on the GPU machine. What can be
 proved here is that they would run the same model: transformers' LlamaForCausalLM loaded from
@@ -8,9 +9,7 @@ transformers is not a dependency of the project: those tests skip without it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,18 +22,10 @@ from llama_offload.model.args import ModelArgs  # noqa: E402
 from llama_offload.checkpoint.load import load_state_dict, random_state_dict  # noqa: E402
 from llama_offload.model.transformer import Transformer  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
+from scripts_loader import load_script  # noqa: E402
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_peers", REPO / "scripts" / "bench_peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_peers"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bp = _load_script()
+common = load_script("common")
+bp = load_script("bench_peers")
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32)
 # Grouped-query attention with the brief's shapes, and plain multi-head attention with another RoPE base and eps.
@@ -201,7 +192,7 @@ def test_measure_peer_protocol(tiny) -> None:
         calls.append((tuple(kw["input_ids"].shape), kw["past_key_values"] is None))
         return model(**kw)
 
-    figures = bp.measure_peer(forward, args.vocab_size, "cpu", steps=2)
+    figures = common.measure_peer(forward, args.vocab_size, "cpu", steps=2)
     assert set(figures) == {"prefill_s_512", "decode_ms_b1", "decode_ms_b8"}
     assert all(isinstance(v, float) and v > 0 for v in figures.values())
     assert calls == [((1, 8), True), ((1, 512), True),
@@ -213,9 +204,9 @@ def test_measure_peer_protocol(tiny) -> None:
 def test_accelerate_without_gpu_reports_instead_of_faking(tiny) -> None:
     _, _, hf_dir = tiny
     r = bp.bench_accelerate(hf_dir, 1.0, steps=1)
-    assert set(r) == set(bp.PEER_KEYS)
+    assert set(r) == set(common.PEER_KEYS)
     assert r["name"] == "accelerate (1 GiB)" and "CUDA is not available" in r["note"]
-    assert all(r[k] is None for k in bp.PEER_KEYS if k not in ("name", "note"))
+    assert all(r[k] is None for k in common.PEER_KEYS if k not in ("name", "note"))
 
 
 def test_airllm(tiny, tmp_path: Path) -> None:
@@ -247,25 +238,25 @@ def test_airllm(tiny, tmp_path: Path) -> None:
 def test_hbm_bandwidth_counts_a_read_and_a_write(monkeypatch: pytest.MonkeyPatch) -> None:
     # On the CPU the copy is timed with perf_counter: fake a clock where every copy takes 0.5 s.
     ticks = iter(x * 0.5 for x in range(100))
-    monkeypatch.setattr(bp.time, "perf_counter", lambda: next(ticks))
-    assert bp.hbm_bandwidth(1000, reps=3, device="cpu") == pytest.approx(2 * 1000 / 0.5)
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(ticks))
+    assert common.hbm_bandwidth(1000, reps=3, device="cpu") == pytest.approx(2 * 1000 / 0.5)
     monkeypatch.undo()
-    assert bp.hbm_bandwidth(2**20, reps=2, device="cpu") > 1e6  # a real copy: at least 1 MB/s
+    assert common.hbm_bandwidth(2**20, reps=2, device="cpu") > 1e6  # a real copy: at least 1 MB/s
     with pytest.raises(ValueError):
-        bp.hbm_bandwidth(0, device="cpu")
+        common.hbm_bandwidth(0, device="cpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
 def test_hbm_bandwidth_needs_a_gpu() -> None:
     with pytest.raises(RuntimeError, match="CUDA"):
-        bp.hbm_bandwidth(2**20)
+        common.hbm_bandwidth(2**20)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_hbm_bandwidth_on_the_gpu() -> None:
     # H100 SXM: ~3.35 TB/s peak, H200: ~4.8 TB/s; a copy reaches most of it. Anything above PCIe speeds is HBM.
-    assert 3e11 < bp.hbm_bandwidth(2**28, reps=3) < 6e12
+    assert 3e11 < common.hbm_bandwidth(2**28, reps=3) < 6e12
 
 
 @pytest.mark.parametrize("args", ARGS, ids=["gqa", "mha"])

@@ -1,4 +1,4 @@
-"""scripts/bench_quant.py's pure helpers on the CPU: the markdown section it writes into a file, its tables, the
+"""scripts/bench/bench_quant.py's pure helpers on the CPU: the markdown section it writes into a file, its tables, the
 command line it records. The benchmark itself needs a GPU (and runs there, not here)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 from scripts_loader import load_script
 
 bq = load_script("bench_quant")
+common = load_script("common")
 
 SECTION = f"{bq.MARK_START}\nnew\n{bq.MARK_END}"
 
@@ -81,20 +82,20 @@ def test_command_line_records_every_argument_used_and_parses_back():
     params = dict(shapes=["7b", "13b"], steps=8, budgets70=["4", "8", "24"], peers="llamacpp",
                   workdir="/tmp/with space", json_out=None, out="BENCHMARKS.md", skip70=False, from_disk=True)
     cmd = bq.command_line(params)
-    assert cmd.startswith("python scripts/bench_quant.py --shapes 7b,13b --steps 8 --budgets70 4,8,24 ")
+    assert cmd.startswith("python scripts/bench/bench_quant.py --shapes 7b,13b --steps 8 --budgets70 4,8,24 ")
     words = shlex.split(cmd)
     assert words[words.index("--workdir") + 1] == "/tmp/with space"
     assert "--json_out" not in words and "--skip70" not in words and "--from_disk" in words
 
 
 def test_section_holds_the_run_facts_and_both_tables():
-    info = {"command": "python scripts/bench_quant.py --steps 8", "device": "NVIDIA H200", "torch": "2.11",
+    info = {"command": "python scripts/bench/bench_quant.py --steps 8", "device": "NVIDIA H200", "torch": "2.11",
             "date": "2025-01-01", "bandwidth_gbps": 53.2, "steps": 8, "steps70": 4, "from_disk": False,
             "triton": True}
     built = {"quantize_s": 12.0, "codes_gib": 35.9, "fp16_gib": 1.0, "host_rss_gib": 40.0, "peak_host_rss_gib": 41.0}
     text = bq.section(info, _rows(), [{"budget_gib": 4.0, "s_per_token": 0.7, "note": ""}], built)
     assert text.startswith(bq.MARK_START + "\n") and text.endswith("\n" + bq.MARK_END)
-    for fact in ("`python scripts/bench_quant.py --steps 8`", "NVIDIA H200", "torch 2.11", "2025-01-01", "53.2 GB/s",
+    for fact in ("`python scripts/bench/bench_quant.py --steps 8`", "NVIDIA H200", "torch 2.11", "2025-01-01", "53.2 GB/s",
                  "| variant |", "| budget |", "| 4 GiB | 0.700 |", "Quantized in 12.0 s", "llama.cpp rows:"):
         assert fact in text
     assert "| budget |" not in bq.section(info, _rows(), [], None)  # --skip70: no 70B table
@@ -133,8 +134,8 @@ def test_memory_source_builds_what_load_model_builds_and_keeps_its_copy(tiny_ckp
     from llama_offload.model.args import ModelArgs
 
     spec = bq.SPECS[label]
-    args = ModelArgs.from_json(tiny_ckpt / "params.json", max_seq_len=bq.benchmark.MAX_SEQ_LEN,
-                               max_batch_size=bq.benchmark.MAX_BATCH)
+    args = ModelArgs.from_json(tiny_ckpt / "params.json", max_seq_len=common.MAX_SEQ_LEN,
+                               max_batch_size=common.MAX_BATCH)
     source = bq.MemorySource(torch.load(tiny_ckpt / "consolidated.00.pth", weights_only=True), args)
     expected = bq.DiskSource(tiny_ckpt).load(spec).state_dict()
     first = source.load(spec)

@@ -1,4 +1,4 @@
-"""scripts/bench_serve.py: its statistics and table, and one small run against the tiny model on the CPU."""
+"""scripts/bench/bench_serve.py: its statistics and table, and one small run against the tiny model on the CPU."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""scripts/bench_speculative.py on the CPU: its real-model part on a tiny checkpoint (every draft's greedy tokens
+"""scripts/bench/bench_speculative.py on the CPU: its real-model part on a tiny checkpoint (every draft's greedy tokens
 equal plain greedy decoding's, and the row's counts add up), its tables and the section it writes, and its
 argument errors. The 7B-shaped part and the timings need a GPU (and run there, not here)."""
 
@@ -26,7 +26,7 @@ def test_real_part_checks_every_draft_against_plain_greedy(tiny_ckpt: Path) -> N
         assert 1.0 <= r["tokens_per_pass"] <= 3.0  # at most K + 1 per pass
         assert r["passes"] <= plain["passes"]
         assert r["speedup"] > 0
-    text = bs.section({"command": "python scripts/bench_speculative.py", "device": "cpu", "torch": "x",
+    text = bs.section({"command": "python scripts/bench/bench_speculative.py", "device": "cpu", "torch": "x",
                        "date": "2026-12-04", "bandwidth_gbps": 50.0, "model": "tiny", "max_gen_len": 12,
                        "shape": "7b", "steps": 4}, rows, [])
     assert text.startswith(bs.MARK_START) and text.endswith(bs.MARK_END)

@@ -1,4 +1,4 @@
-"""scripts/make_style_data.py: the shipped data/style_*.jsonl are exactly what it writes, in the style it promises."""
+"""scripts/tools/make_style_data.py: the shipped data/style_*.jsonl are exactly what it writes, in the style it promises."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "make_style_data.py"
+SCRIPT = ROOT / "scripts" / "tools" / "make_style_data.py"
 FILES = ("style_train.jsonl", "style_eval.jsonl")
 
 
@@ -28,7 +28,7 @@ def _examples(path: Path) -> list[dict]:
 @pytest.mark.parametrize("name", FILES)
 def test_shipped_files_are_what_the_script_writes(generated: Path, name: str) -> None:
     assert (generated / name).read_bytes() == (ROOT / "data" / name).read_bytes(), (
-        f"data/{name} differs from what scripts/make_style_data.py writes: run python3 scripts/make_style_data.py")
+        f"data/{name} differs from what scripts/tools/make_style_data.py writes: run python3 scripts/tools/make_style_data.py")
 
 
 @pytest.mark.parametrize("name", FILES)
