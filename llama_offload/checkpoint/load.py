@@ -43,6 +43,9 @@ from llama_offload.model.args import ModelArgs
 from llama_offload.files.cleanup import deferred_signals, new_temp_dir, remove_tree
 from llama_offload.model.transformer import Transformer, check_model_parallel_sizes
 from llama_offload.model.quant import QuantSpec
+from llama_offload.checkpoint.record import (  # noqa: F401  (find_shards, DROPPED_KEYS: re-exported)
+    DROPPED_KEYS, CheckpointInfo, as_checkpoint, context_length, find_shards, open_shard,
+)
 from llama_offload.checkpoint.quant_load import (
     check_quantized_state_dict, dequantize_embeddings, quantize_state_dict, read_quantization, slice_for_rank,
     swap_quantized_modules,
@@ -67,17 +70,10 @@ SHARD_DIMS: list[tuple[str, ShardDim]] = [
     (r"^(layers\.\d+\.(attention_norm|ffn_norm)|norm)\.weight$", None),
 ]
 
-# Keys found in some Meta checkpoints that the model recomputes instead of loading.
-DROPPED_KEYS: list[str] = [
-    r"^rope\.freqs$",  # Llama 1 saved its RoPE table; setup_caches() builds it from rope_theta
-]
-
 # A single-shard checkpoint cannot show how its embedding was split; from this vocabulary size on it is
 # taken to be a Llama 3 model, whose reference code splits the embedding by token.
 VOCAB_PARALLEL_MIN_VOCAB = 128_000
 
-_SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
-_CKPT_LAYOUT = "A Meta checkpoint directory holds params.json, consolidated.00.pth (.01, ... for sharded models) and usually tokenizer.model."
 
 
 def _shard_dim(key: str) -> ShardDim:
@@ -92,10 +88,6 @@ def _candidates(dim: ShardDim) -> tuple[int, ...]:
     if dim is None:
         return ()
     return dim if isinstance(dim, tuple) else (dim,)
-
-
-def _is_dropped(key: str) -> bool:
-    return any(re.match(pattern, key) for pattern in DROPPED_KEYS)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -137,60 +129,6 @@ def local_shapes(args: ModelArgs, world_size: int = 1, vocab_parallel_embedding:
     return out
 
 
-def find_shards(ckpt_dir: str | Path) -> list[Path]:
-    """``consolidated.NN.pth`` files of ``ckpt_dir`` in shard order, checked to be 00..N-1 without gaps."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.exists():
-        raise FileNotFoundError(f"Checkpoint directory {ckpt_dir} does not exist. {_CKPT_LAYOUT}")
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"Expected a checkpoint directory at {ckpt_dir}, found a file. {_CKPT_LAYOUT}")
-
-    numbered: dict[int, Path] = {}
-    for path in ckpt_dir.glob("consolidated.*.pth"):
-        m = _SHARD_RE.match(path.name)
-        if m is None:
-            raise ValueError(
-                f"{path} looks like a shard but is not named consolidated.NN.pth with NN a number. "
-                "Rename or remove it."
-            )
-        n = int(m.group(1))
-        if n in numbered:
-            raise ValueError(
-                f"{numbered[n].name} and {path.name} in {ckpt_dir} both claim to be shard {n}. Remove one of them."
-            )
-        numbered[n] = path
-    if not numbered:
-        present = sorted(p.name for p in ckpt_dir.iterdir())[:10]
-        raise FileNotFoundError(
-            f"No consolidated.*.pth shards in {ckpt_dir} (it holds: {present or 'nothing'}). {_CKPT_LAYOUT}"
-        )
-    missing = sorted(set(range(max(numbered) + 1)) - set(numbered))
-    if missing:
-        names = ", ".join(f"consolidated.{n:02d}.pth" for n in missing)
-        raise ValueError(
-            f"{ckpt_dir} has shards {sorted(numbered)} but lacks shard(s) {missing} ({names}); "
-            "shards must be numbered 00..N-1 without gaps. Re-download the missing files."
-        )
-    return [numbered[n] for n in sorted(numbered)]
-
-
-def _load_shard(path: Path) -> dict[str, torch.Tensor]:
-    size = path.stat().st_size
-    try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # torch.load fails with RuntimeError, EOFError, UnpicklingError, ... on bad files
-        raise RuntimeError(
-            f"Could not read shard {path} ({_fmt_bytes(size)}): {type(e).__name__}: {e}. "
-            "The file is truncated, corrupt or not a torch zip checkpoint: re-download or re-convert it."
-        ) from e
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise RuntimeError(
-            f"Shard {path} ({_fmt_bytes(size)}) does not hold a flat dict of tensors, found {type(sd).__name__}. "
-            "Meta checkpoints are plain state dicts: re-download or re-convert it."
-        )
-    return {k: v for k, v in sd.items() if not _is_dropped(k)}
-
-
 def _fmt_keys(keys: set[str] | list[str], limit: int = 8) -> str:
     keys = sorted(keys)
     more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
@@ -228,7 +166,7 @@ def open_float_shards(paths: list[Path], args: ModelArgs, *, quantized: Callable
     """A 16-bit or fp32 checkpoint's shards, memory-mapped and checked (keys, shapes, split dims) for a tool that
     rewrites them shard by shard: (shards, each key's concat dim, the stored dtype). ``quantized`` makes the error
     for a quantized checkpoint from a description of it; ``hint`` ends the error for integer weights."""
-    shards = [_load_shard(p) for p in paths]  # memory-mapped: only the index is read
+    shards = [open_shard(p) for p in paths]  # memory-mapped: only the index is read
     scaled = sorted(k for k in shards[0] if k.endswith(".scales"))
     if scaled:
         raise quantized(f"{paths[0]} holds quantized tensors ({scaled[0]} and {len(scaled) - 1} more)")
@@ -342,7 +280,7 @@ def _rank_part(
 
 
 def load_state_dict(
-    ckpt_dir: str | Path,
+    ckpt_dir: CheckpointInfo | str | Path,
     args: ModelArgs,
     *,
     show_progress: bool = True,
@@ -360,7 +298,7 @@ def load_state_dict(
 
 
 def _load_state_dict(
-    ckpt_dir: str | Path,
+    ckpt_dir: CheckpointInfo | str | Path,
     args: ModelArgs,
     show_progress: bool,
     rank: int,
@@ -374,13 +312,14 @@ def _load_state_dict(
         raise ValueError(f"rank must be an integer in [0, {world_size}), found {rank!r}.")
     check_model_parallel_sizes(args, world_size)  # before reading gigabytes
     start = time.perf_counter()
-    paths = find_shards(ckpt_dir)
+    ckpt = as_checkpoint(ckpt_dir)
+    paths = ckpt.shards
     expected = expected_shapes(args)
 
     shards = []
     for i, path in enumerate(paths):
         _log(show_progress, f"loading {path.name} ({i + 1}/{len(paths)}, {_fmt_bytes(path.stat().st_size)})")
-        shards.append(_load_shard(path))
+        shards.append(ckpt.take_shard(len(shards)))
     _check_keys(shards, paths, expected)
 
     # Validate every key's shards and find how they join; the embedding's join shows the checkpoint's layout.
@@ -444,10 +383,9 @@ def load_model(
     checkpoint keeps its codes and gets the adapter attached beside them (train/lora.py); refused under model
     parallelism.
     """
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        find_shards(ckpt_dir)  # raises the directory-level error with the layout explained
-    args = ModelArgs.from_json(ckpt_dir / "params.json", max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    ckpt = as_checkpoint(ckpt_dir)
+    ckpt_dir = ckpt.path
+    args = ckpt.model_args(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     if args.vocab_size == -1:
         if vocab_size is None:
             raise ValueError(
@@ -463,7 +401,7 @@ def load_model(
 
     n = parallel.model_parallel_world_size() if model_parallel_size is None else model_parallel_size
     rank = parallel.model_parallel_rank() if n > 1 else 0
-    stored_quantization = read_quantization(ckpt_dir)
+    stored_quantization = read_quantization(ckpt)
     if stored_quantization is not None and quantize is not None:
         raise ValueError(already_quantized_message(ckpt_dir, quantize))
     if lora is not None:
@@ -476,9 +414,9 @@ def load_model(
         adapter = lora if isinstance(lora, torch.nn.Module) else load_adapter(lora, "cpu")  # type: ignore[arg-type]
         check_shape(adapter.config.shape, ModelShape.of(args), "the LoRA adapter")
     if stored_quantization is not None:
-        state_dict, vocab_parallel = _load_quantized(ckpt_dir, args, show_progress, rank, n, vocab_parallel_embedding)
+        state_dict, vocab_parallel = _load_quantized(ckpt, args, show_progress, rank, n, vocab_parallel_embedding)
     else:
-        state_dict, vocab_parallel = _load_state_dict(ckpt_dir, args, show_progress, rank, n, vocab_parallel_embedding)
+        state_dict, vocab_parallel = _load_state_dict(ckpt, args, show_progress, rank, n, vocab_parallel_embedding)
         if lora is not None:  # into the weights as stored: what llama-offload merge writes, then quantized
             state_dict = merge_state_dict(state_dict, adapter, show_progress=show_progress)
         if quantize is not None:
@@ -556,17 +494,17 @@ def _plain_embeddings(spec: QuantSpec) -> QuantSpec:
     return dataclasses.replace(spec, embeddings=False)
 
 
-def _load_quantized(ckpt_dir: str | Path, args: ModelArgs, show_progress: bool, rank: int, world_size: int,
+def _load_quantized(ckpt: CheckpointInfo, args: ModelArgs, show_progress: bool, rank: int, world_size: int,
                     vocab_parallel_embedding: Optional[bool]) -> tuple[dict[str, torch.Tensor], bool]:
     """A quantized checkpoint's one shard, checked, and this rank's part of it."""
     check_model_parallel_sizes(args, world_size)
     start = time.perf_counter()
-    paths = find_shards(ckpt_dir)
+    paths, ckpt_dir = ckpt.shards, ckpt.path
     if len(paths) != 1:
         raise RuntimeError(f"{ckpt_dir} is quantized but has {len(paths)} shards; a quantized checkpoint is one "
                            "consolidated.00.pth. Re-quantize the original with llama-offload quantize.")
     _log(show_progress, f"loading {paths[0].name} (quantized, {_fmt_bytes(paths[0].stat().st_size)})")
-    state_dict = _load_shard(paths[0])
+    state_dict = ckpt.take_shard(0)
     check_quantized_state_dict(state_dict, expected_shapes(args), str(paths[0]))
     vocab_parallel = (args.vocab_size >= VOCAB_PARALLEL_MIN_VOCAB if vocab_parallel_embedding is None
                       else vocab_parallel_embedding)
@@ -729,11 +667,11 @@ def _shard_data_bytes(path: Path) -> int:
     return sum(i.file_size for i in infos if "/data/" in i.filename and not i.filename.endswith("/"))
 
 
-def check_shard_sizes(ckpt_dir: str | Path, args: ModelArgs) -> int:
+def check_shard_sizes(ckpt_dir: CheckpointInfo | str | Path, args: ModelArgs) -> int:
     """Compare the tensor bytes each shard holds (read from its zip directory, not its weights) with what
     params.json implies; return the bytes per element it was stored with (2: float16 or bfloat16, 4:
     float32). A truncated download, a wrong params.json or a file from another model is refused, sizes named."""
-    paths = find_shards(ckpt_dir)
+    paths = as_checkpoint(ckpt_dir).shards
     elements = expected_shard_elements(args, len(paths))
     slack = 64 * 1024 + elements // 100  # keys the loader drops (Llama 1/2's rope.freqs)
     found: Optional[int] = None
@@ -754,25 +692,9 @@ def check_shard_sizes(ckpt_dir: str | Path, args: ModelArgs) -> int:
     return found
 
 
-def checkpoint_context_length(ckpt_dir: str | Path, args: ModelArgs) -> tuple[Optional[int], str]:
-    """The context length the model was trained for, and where that comes from: a converted checkpoint's
-    llama_offload.json (context_length), a ``max_seq_len`` that params.json records, else what its shape
-    shows (Llama 2: 4096, Llama 3: 8192, Llama 3.1+: 131072). (None, "") when it is not known."""
-    from llama_offload.model.args import infer_context_length
-    from llama_offload.checkpoint.meta import META_FILENAME, read_checkpoint_meta
-
-    ckpt_dir = Path(ckpt_dir)
-    recorded = read_checkpoint_meta(ckpt_dir).get("context_length")
-    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
-        return recorded, f"{ckpt_dir / META_FILENAME} (context_length)"
-    try:
-        params = json.loads((ckpt_dir / "params.json").read_text())
-    except (OSError, ValueError):
-        params = {}
-    value = params.get("max_seq_len") if isinstance(params, dict) else None
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value, f"{ckpt_dir / 'params.json'} (max_seq_len)"
-    return infer_context_length(args)
+def checkpoint_context_length(ckpt_dir: CheckpointInfo | str | Path, args: ModelArgs) -> tuple[Optional[int], str]:
+    """The context length the model was trained for and where that comes from (record.context_length)."""
+    return context_length(as_checkpoint(ckpt_dir), args)
 
 
 __all__ += ["check_shard_sizes", "checkpoint_context_length", "compact_tensor", "describe_quantization",

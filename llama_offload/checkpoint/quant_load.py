@@ -20,6 +20,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from llama_offload.checkpoint.meta import META_FILENAME, read_checkpoint_meta
+from llama_offload.checkpoint.record import CheckpointInfo
+from llama_offload.model import parallel
 from llama_offload.model.args import ModelArgs
 from llama_offload.model.quant import (
     EMBEDDING_NAMES, FORMAT_VERSION, LINEAR_NAMES, QuantEmbedding, QuantLinear, QuantSpec, dequantize, in_features,
@@ -29,11 +32,13 @@ from llama_offload.model.quant import (
 QUANT_PARTS = ("weight", "scales", "mins")
 
 
-def read_quantization(ckpt_dir: str | Path) -> Optional[dict[str, Any]]:
+def read_quantization(ckpt_dir: CheckpointInfo | str | Path) -> Optional[dict[str, Any]]:
     """The checkpoint's "quantization" record (None: not quantized); a format newer than this reader is refused."""
-    from llama_offload.checkpoint.meta import META_FILENAME, read_checkpoint_meta
-
-    record = read_checkpoint_meta(ckpt_dir).get("quantization")
+    if isinstance(ckpt_dir, CheckpointInfo):
+        meta, ckpt_dir = ckpt_dir.meta, ckpt_dir.path
+    else:
+        meta = read_checkpoint_meta(ckpt_dir)
+    record = meta.get("quantization")
     if record is None:
         return None
     if not isinstance(record, dict):
@@ -162,8 +167,6 @@ def dequantize_embeddings(state_dict: dict[str, torch.Tensor], dtype: torch.dtyp
 
 def swap_quantized_modules(model: nn.Module, state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     """Replace each quantized matrix's module (built on the meta device) by its quantized form, same name."""
-    from llama_offload.model import parallel
-
     for prefix in quantized_prefixes(state_dict):
         shapes = {part: (state_dict[f"{prefix}.{part}"].shape, state_dict[f"{prefix}.{part}"].dtype)
                   for part in QUANT_PARTS if f"{prefix}.{part}" in state_dict}

@@ -23,12 +23,10 @@ from typing import Callable, Optional
 
 import torch
 
-from llama_offload.model.args import ModelArgs
 from llama_offload.text.chat_format import (
     SPECIAL_TAGS_ERROR, Dialog, default_chat_format_name, get_chat_format, validate_dialog,
 )
-from llama_offload.checkpoint.load import checkpoint_context_length, describe_quantization, find_shards
-from llama_offload.checkpoint.meta import describe_source, read_checkpoint_meta
+from llama_offload.checkpoint.meta import read_checkpoint_meta
 from llama_offload.convert.gguf import convert_gguf
 from llama_offload.convert.hf import convert_hf
 from llama_offload.convert.default_model import find_tokenizer, resolve_paths
@@ -36,21 +34,17 @@ from llama_offload.generate.generation import Llama
 from llama_offload.cli.options import (
     build_llama, check_generation_flags, fire_main, load_json_flag, run_options_command, run_text_completion,
 )
-from llama_offload.offload.plan import available_host_bytes, plan_host, plan_offload
-from llama_offload.offload.lanes import lanes_for_run
-from llama_offload.checkpoint.quant_load import read_quantization
-from llama_offload.model.lora import lora_cpu_blocks
-from llama_offload.checkpoint.lora_merge import check_lora, describe as describe_lora
-from llama_offload.generate.preflight import check_before_load, check_context_length, stored_spec, stored_weight_bytes
+from llama_offload.generate.run_plan import check_context_length, plan_run
+from llama_offload.checkpoint.record import read_checkpoint
+from llama_offload.offload.plan import check_host_memory
 from llama_offload.generate.run_options import RunOptions
 from llama_offload.text.text_input import (
     TextInputError, a_type, check_dialog, check_text, decode_text, read_stdin_lines, tolerate_undecodable_stdin,
 )
-from llama_offload.text.tokenizer import check_vocab_size, load_tokenizer
+from llama_offload.text.tokenizer import load_tokenizer
 from llama_offload.train.command import finetune_command
 
-__all__ = ["chat", "chat_repl", "complete", "convert", "empty_completion_hint", "info", "main", "merge",
-           "param_counts", "quantize", "serve", "token_ids", "tokenize", "version"]
+__all__ = ["chat", "chat_repl", "complete", "convert", "empty_completion_hint", "info", "main", "merge", "quantize", "serve", "token_ids", "tokenize", "version"]
 
 
 @run_options_command(defaults=dict(max_seq_len=128, max_batch_size=4))
@@ -340,216 +334,55 @@ def _check_port_free(host: str, port: int) -> None:
                              "stop it or give another --port.") from None
 
 
-def param_counts(args: ModelArgs, *, tied: bool = False) -> dict[str, int]:
-    """Parameters per part of the model, from the shapes alone (the bytes come from ``plan_offload``).
-
-    ``tied``: the output head is the token embedding (SmolLM2's tie_word_embeddings). ``total`` then counts
-    that matrix once, as the model's own parameter count does, while ``held`` still counts both copies: the
-    checkpoint stores the head as a matrix of its own, and that is what is loaded and takes memory.
-    Without ``tied`` the two are equal.
-    """
-    if args.vocab_size <= 0:
-        raise ValueError("Counting parameters needs the real vocab_size; fill params.json's -1 from the tokenizer.")
-    dim, hidden = args.dim, args.ffn_hidden_dim
-    q_out, kv_out = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
-    per_block = (
-        dim * q_out + 2 * dim * kv_out + q_out * dim  # wq, wk + wv, wo
-        + 3 * dim * hidden  # w1, w2, w3
-        + 2 * dim  # attention_norm, ffn_norm
-    )
-    resident = args.vocab_size * dim + dim + dim * args.vocab_size  # tok_embeddings, norm, output
-    blocks = args.n_layers * per_block
-    held = blocks + resident
-    total = held - args.vocab_size * dim if tied else held
-    return dict(per_block=per_block, blocks=blocks, resident=resident, total=total, held=held)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def _fmt_count(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n:,} ({n / scale:.2f} {unit})"
-    return f"{n:,}"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _checkpoint_dtype(ckpt_dir: Path) -> tuple[torch.dtype, int]:
-    """(dtype, number of shards), reading only shard 00's index: mmap leaves the weights on disk."""
-    shards = find_shards(ckpt_dir)
-    try:
-        sd = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # torch.load raises many types on a damaged file
-        raise RuntimeError(f"Could not read {shards[0]} ({type(e).__name__}: {e}). Re-download it, or pass "
-                           "--dtype to plan without reading the weights.") from e
-    tensors = [v for v in sd.values() if isinstance(v, torch.Tensor)] if isinstance(sd, dict) else []
-    if not tensors:
-        raise RuntimeError(f"{shards[0]} holds no tensors. Re-download it, or pass --dtype to plan without it.")
-    # The final norm: a quantized checkpoint's embedding may be int8, its norms keep the run's width.
-    return sd.get("norm.weight", tensors[0]).dtype, len(shards)
-
-
-# What info leaves out: it plans the offloaded run on a GPU, without loading anything.
-INFO_IGNORES = ("offload", "device", "seed", "chat_format", "cuda_graphs", "draft", "num_draft_tokens")
+# What info leaves out: none of these changes the plan.
+INFO_IGNORES = ("seed", "cuda_graphs")
 
 
 @run_options_command(exclude=INFO_IGNORES, leading=("ckpt_dir", "tokenizer_path"))
 def info(*, options: RunOptions) -> None:
-    """Model shape, parameter count and the memory an offloaded run needs, without loading the weights.
+    """The plan of a run with these flags on this machine, without loading the weights: the model's shape and
+    parameters, where each block runs (resident, paged, CPU lane), the GPU and host memory. ``Llama.build`` carries
+    out exactly this plan; info exits non-zero (after showing it) wherever a run would be refused.
 
-    Takes the run options that change the plan; not --offload, --device, --seed, --chat_format, --cuda_graphs,
-    --draft, --num_draft_tokens (a model draft's GPU memory is measured when it is loaded).
+    Takes the run options, except --seed and --cuda_graphs, which do not change the plan; --device cuda plans a
+    GPU run even on a machine without one.
 
     Args:
         ckpt_dir: Meta checkpoint directory; unset: the default model.
-        tokenizer_path: tokenizer.model (only read when params.json has vocab_size -1).
+        tokenizer_path: the tokenizer (default: the one that came with the checkpoint).
         max_seq_len: sizes the KV cache, as in complete/chat.
         max_batch_size: sizes the KV cache, as in complete/chat.
         num_slices: groups the blocks are paged in (default: one block per slice).
         gpu_memory_gb: plan for this GPU memory budget in GiB instead (resident blocks first, the rest paged).
-        dtype: float16, bfloat16 or float32 to plan for (default: the checkpoint's, read from shard 00).
+        dtype: float16, bfloat16 or float32 to plan for (default: the checkpoint's; float32 on the CPU).
         prefill_chunk: prompt positions per prefill pass, which size the activation estimate (default:
             min(max_seq_len, 2048)).
         cpu_blocks: blocks the host's cores compute while the others stream (default: the calibrated split,
             on a machine with a GPU).
         cpu_threads: the CPU lane's threads (default: every core but one).
     """
-    ckpt_dir, tokenizer_path, num_slices = options.ckpt_dir, options.tokenizer_path, options.num_slices
-    max_seq_len, max_batch_size = options.max_seq_len, options.max_batch_size
-    want_dtype = options.torch_dtype
-    if ckpt_dir is None:
-        ckpt, tok = resolve_paths(None, tokenizer_path)
-    else:
-        ckpt = Path(ckpt_dir).expanduser()
-        tok = None if tokenizer_path is None else Path(tokenizer_path).expanduser()
-        if not ckpt.is_dir():
-            find_shards(ckpt)  # the error that names the directory and explains the layout
-    args = ModelArgs.from_json(ckpt / "params.json", max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    vocab_note = ""
+    ckpt = read_checkpoint(resolve_paths(options.ckpt_dir, None)[0] if options.ckpt_dir is None
+                           else Path(options.ckpt_dir).expanduser())
+    tok = (Path(options.tokenizer_path).expanduser() if options.tokenizer_path is not None
+           else find_tokenizer(ckpt))
     if tok is None:
-        try:
-            _, tok = resolve_paths(ckpt, None)
-        except FileNotFoundError:
-            if args.vocab_size == -1:
-                raise  # params.json leaves the vocabulary to the tokenizer: nothing to plan without one
-    if tok is not None:  # its vocabulary must be the checkpoint's (checked without weights, like the run does)
-        tokenizer = load_tokenizer(tok)
-        if args.vocab_size == -1:
-            args = dataclasses.replace(args, vocab_size=tokenizer.n_words)
-            vocab_note = f" (params.json says -1: taken from {tok})"
-        else:
-            check_vocab_size(tokenizer, args.vocab_size, source=str(ckpt / "params.json"))
-    # --lora: its config and its shape against params.json; merged into 16-bit weights, beside quantized ones.
-    lora = None if options.lora is None else check_lora(options.lora, ckpt, args, merging=False)
-    attached = lora is not None and read_quantization(ckpt) is not None
-    # The shard files must be there with the sizes params.json implies (a quantized one: its tensors must fit it).
-    _, sizes = stored_weight_bytes(ckpt, args, options.quant_spec, want_dtype)
-    context, context_source = checkpoint_context_length(ckpt, args)
-    if want_dtype is None:
-        model_dtype, n_shards = _checkpoint_dtype(ckpt)
-        dtype_note = f"{_dtype_name(model_dtype)} (as stored in {n_shards} shard(s))"
-    else:
-        model_dtype, dtype_note = want_dtype, f"{_dtype_name(want_dtype)} (from --dtype)"
-    n_layers = args.n_layers
-    if num_slices is not None and num_slices > n_layers:
-        raise ValueError(f"--num_slices {num_slices} is more than the {n_layers} blocks there are to page; "
+        raise FileNotFoundError(f"no tokenizer was found for {ckpt.path}: a run would be refused. Pass "
+                                "--tokenizer_path with the tokenizer that came with the checkpoint.")
+    if options.num_slices is not None and options.num_slices > ckpt.model_args().n_layers:
+        n_layers = ckpt.model_args().n_layers
+        raise ValueError(f"--num_slices {options.num_slices} is more than the {n_layers} blocks there are to page; "
                          f"choose 1..{n_layers}.")
-    # The same plan offload() follows when the model is loaded with these flags; on a GPU machine the CPU lane's
-    # calibration (cached) gives the split and the expected time per token.
-    lanes = None
-    cpu_blocks = lora_cpu_blocks(options.cpu_blocks) if attached else options.cpu_blocks
-    if torch.cuda.is_available():
-        lanes, _ = lanes_for_run(cpu_blocks, options.cpu_threads, args, model_dtype, torch.device("cuda"),
-                                 offload=True, spec=stored_spec(ckpt, options.quant_spec))
-    plan = plan_offload(args, model_dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                        gpu_memory_gb=options.gpu_memory_gb, num_slices=num_slices, prefill_chunk=options.prefill_chunk,
-                        cpu_blocks=cpu_blocks, lanes=lanes,
-                        sizes=sizes if want_dtype is not None else stored_weight_bytes(ckpt, args, options.quant_spec,
-                                                                                        model_dtype)[1])
-    counts, size = param_counts(args, tied=bool(read_checkpoint_meta(ckpt).get("tied_embeddings"))), model_dtype.itemsize
-
-    meta = read_checkpoint_meta(ckpt)
-    quantization = read_quantization(ckpt)
-    print(f"checkpoint     {ckpt}")
-    if meta:
-        print(f"converted from {describe_source(meta.get('source'))}; chat format "
-              f"{meta.get('chat_format') or 'none recorded'}")
-    for merged in meta.get("lora_merged") or []:
-        if isinstance(merged, dict):
-            print(f"merged adapter LoRA rank {merged.get('rank', '?')}, targets "
-                  f"{','.join(map(str, merged.get('targets') or [])) or '?'}, from {merged.get('path', '?')}")
-    if lora is not None:
-        how = ("attached beside the quantized matrices (resident on the GPU; no CPU lane)" if attached else
-               "merged into the weights while loading" + (", before --quantize" if options.quant_spec is not None else ""))
-        print(f"adapter        {options.lora}: {describe_lora(lora)}; {how}")
-    if quantization is not None:
-        # The blocks' own bytes, measured from the shard's tensors: the storage a run reads, not the compute dtype.
-        measured = n_layers * plan.block_bytes * 8 / max(1, n_layers * counts["per_block"])
-        print(f"storage        {describe_quantization(quantization)}; {measured:.2f} bits/weight over the blocks, "
-              "measured")
-        source = "from --dtype" if want_dtype is not None else "the dtype its norms are stored in"
-        print(f"dtype          compute {_dtype_name(model_dtype)} ({source}); the quantized matrices are "
-              "dequantized to it as they are used")
-    else:
-        print(f"dtype          {dtype_note}")
-    print(f"model          dim {args.dim}, {n_layers} layers, {args.n_heads} heads, {args.kv_heads} kv heads, "
-          f"head_dim {args.head_dim}, ffn hidden {args.ffn_hidden_dim}, vocab {args.vocab_size}{vocab_note}, "
-          f"rope_theta {args.rope_theta:g}{', scaled RoPE' if args.use_scaled_rope else ''}")
-    print(f"parameters     {_fmt_count(counts['total'])}: {_fmt_count(counts['per_block'])} per block, "
-          f"{_fmt_count(counts['resident'])} in embedding + norm + output head")
-    held = (counts['held'] * size if plan.quantization is None
-            else n_layers * plan.block_bytes + plan.fixed_bytes["embedding"] + plan.fixed_bytes["output head + norm"])
-    quantized = f" ({plan.quantization})" if plan.quantization else ""
-    print(f"weights        {_fmt_bytes(plan.block_bytes)} per block{quantized}, {_fmt_bytes(n_layers * plan.block_bytes)} "
-          f"for all {n_layers} blocks, {_fmt_bytes(held)} in all")
-    print(f"run size       max_batch_size {max_batch_size} x max_seq_len {max_seq_len} (sizes the KV cache)")
-    print(f"paged          {plan.paged_layers} of {n_layers} blocks, in {plan.num_slices} slice(s), from "
-          f"{_fmt_bytes(plan.streamed_bytes)} of pinned host memory; {plan.resident_layers} block(s) resident")
-    if plan.cpu_blocks:
-        print(f"CPU lane       {plan.cpu_blocks} of {n_layers} blocks computed by the host's cores while the paged "
-              f"ones stream (placement: {''.join(w[0].upper() for w in plan.placement())}; R resident, P paged, C CPU)")
-    elif lanes is None and cpu_blocks is None:
-        print("CPU lane       not planned: the split is calibrated on a machine with a GPU (or give --cpu_blocks N)")
-    print("GPU memory plan (the CUDA context, a few hundred MiB, comes on top):")
-    print(plan.describe())
-    print(f"context        {f'{context} tokens, from {context_source}' if context else 'not known (nothing records it)'}")
-    try:  # info shows the plan anyway; the run's own check below refuses it
-        check_context_length(max_seq_len, context, context_source, options.allow_long_context)
-    except ValueError as e:
-        print(f"  warning: {e}")
-    cpu_dtype = options.torch_dtype or torch.float32
-    cpu_plan = plan_offload(args, cpu_dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                            prefill_chunk=options.prefill_chunk, all_resident=True,
-                            sizes=stored_weight_bytes(ckpt, args, options.quant_spec, cpu_dtype)[1])
-    available = available_host_bytes()
-    for title, host in (("offloaded on a GPU", plan_host(plan, on_cpu=False)),
-                        ("on the CPU, in float32 unless --dtype", plan_host(cpu_plan, on_cpu=True))):
-        print(f"Host memory plan, {title}:")
-        print(host.describe())
-        if available is not None and host.total_bytes > available:
-            print(f"  warning: more than the {available / 2**30:.2f} GiB available now (MemAvailable): "
-                  f"{host.advice()}")
-    if not torch.cuda.is_available():
-        print("note           PyTorch sees no CUDA GPU here: on this machine the blocks would run on the CPU.")
-    # The checks complete, chat and serve make before loading, with these flags on this machine: info exits
-    # non-zero (after showing the plan) wherever a run would be refused.
-    if tok is None:
-        raise FileNotFoundError(f"a run would be refused: no tokenizer was found for {ckpt}. Pass --tokenizer_path "
-                                "with the tokenizer that came with the checkpoint.")
+    options = dataclasses.replace(options, ckpt_dir=str(ckpt.path), tokenizer_path=str(tok))
+    run = plan_run(ckpt, tok, options, planning_only=True)
+    print(run.describe())
+    # Shown above as warnings; a run with these flags refuses them before loading.
     try:
-        preflight = check_before_load(ckpt, tok, options, check_memory=True)
-    except (ValueError, RuntimeError, OSError) as e:
+        check_context_length(run.options.max_seq_len, run.context_length, run.context_source,
+                             run.options.allow_long_context)
+        if run.device.type == "cpu" or torch.cuda.is_available():
+            check_host_memory(run.host)
+    except ValueError as e:
         raise ValueError(f"a run with these flags would be refused: {e}") from None
-    if preflight.plan.host_kernel is not None:  # the run is on the CPU: how its matrices multiply here
-        print(f"CPU kernel     {preflight.plan.host_kernel.describe()}")
 
 
 def convert(source: str, out: str, dtype: Optional[str] = None, force: bool = False) -> None:

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
+from llama_offload.checkpoint.record import CheckpointInfo
 from llama_offload.model.args import ModelArgs
 from llama_offload.checkpoint.load import find_shards, random_state_dict, save_checkpoint
 from llama_offload.files.cleanup import deferred_signals, interruptible, new_temp_dir, remove_tree, temp_dir
@@ -196,12 +197,15 @@ def _prepare(model: DefaultModel, ckpt_dir: Path, tokenizer_path: Path, force: b
     return ckpt_dir, tokenizer_path
 
 
-def find_tokenizer(ckpt_dir: Path) -> Optional[Path]:
-    """The tokenizer file of the checkpoint ``ckpt_dir``, or None when none is found."""
+def find_tokenizer(ckpt_dir: CheckpointInfo | Path) -> Optional[Path]:
+    """The tokenizer file of the checkpoint ``ckpt_dir`` (a record already read, or its directory), or None when
+    none is found."""
     # A converted checkpoint names its tokenizer in llama_offload.json. Meta's download puts
     # tokenizer.model beside the model folders (llama-2-7b/, llama-2-7b-chat/), re-packed checkpoints
     # often inside the folder: look in both.
-    recorded = read_checkpoint_meta(ckpt_dir).get("tokenizer")
+    meta = ckpt_dir.meta if isinstance(ckpt_dir, CheckpointInfo) else read_checkpoint_meta(ckpt_dir)
+    ckpt_dir = Path(ckpt_dir)
+    recorded = meta.get("tokenizer")
     candidates = [ckpt_dir / recorded] if recorded else []
     candidates += [ckpt_dir / DEFAULT_TOKENIZER_FILENAME, ckpt_dir / "tokenizer.json",
                    ckpt_dir.parent / DEFAULT_TOKENIZER_FILENAME]

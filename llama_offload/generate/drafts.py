@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from llama_offload.checkpoint.record import CheckpointInfo, as_checkpoint
 from llama_offload.model.args import ModelArgs
 from llama_offload.checkpoint.load import load_model
 from llama_offload.model.quant import QuantSpec
@@ -76,7 +77,7 @@ CPU_DRAFT_NOTE = ("on the CPU, drafts measured slower than plain decoding (a pas
                   "minutes\"). Drop --draft, or give --draft auto to let the run choose.")
 
 
-def choose_draft(opts: RunOptions, ckpt_dir: str | Path, device: torch.device) -> RunOptions:
+def choose_draft(opts: RunOptions, ckpt_dir: CheckpointInfo | str | Path, device: torch.device) -> RunOptions:
     """``opts`` with ``--draft auto`` resolved for a run on ``device``, saying once what it chose and why; an
     explicit draft on the CPU is kept, with a note that it measured slower there; a self-draft of a quantized
     checkpoint is refused here, before anything is loaded. On a GPU that pages the model
@@ -86,6 +87,7 @@ def choose_draft(opts: RunOptions, ckpt_dir: str | Path, device: torch.device) -
     from llama_offload.checkpoint.quant_load import read_quantization
     from llama_offload.generate.run_options import AUTO_DRAFT
 
+    ckpt_dir = as_checkpoint(ckpt_dir)
     if opts.draft in SELF_DRAFT_SPECS and read_quantization(ckpt_dir) is not None:
         raise ValueError(f"--draft {opts.draft}: {ckpt_dir} is already quantized, so its quantized copy would be the "
                          "model itself. Use --draft ngram, auto or a draft checkpoint directory.")
@@ -101,8 +103,7 @@ def choose_draft(opts: RunOptions, ckpt_dir: str | Path, device: torch.device) -
         chosen, why = "ngram", "ngram: the checkpoint is already quantized, so it has no cheaper self-draft"
     else:
         chosen, why = "int8", "int8: the model's own int8 copy measured fastest on a paged model"
-        args = ModelArgs.from_json(Path(ckpt_dir) / "params.json", max_seq_len=opts.max_seq_len,
-                                   max_batch_size=opts.max_batch_size)
+        args = as_checkpoint(ckpt_dir).model_args(max_seq_len=opts.max_seq_len, max_batch_size=opts.max_batch_size)
         if args.vocab_size > 0 and opts.gpu_memory_gb is not None:
             held = draft_gpu_bytes(dataclasses.replace(opts, draft="int8"), ckpt_dir, args,
                                    opts.torch_dtype or torch.float16)
@@ -113,7 +114,8 @@ def choose_draft(opts: RunOptions, ckpt_dir: str | Path, device: torch.device) -
     return dataclasses.replace(opts, draft=chosen, num_draft_tokens=opts.num_draft_tokens if chosen else None)
 
 
-def draft_gpu_bytes(opts: RunOptions, ckpt_dir: str | Path, args: ModelArgs, dtype: torch.dtype) -> int:
+def draft_gpu_bytes(opts: RunOptions, ckpt_dir: CheckpointInfo | str | Path, args: ModelArgs,
+                    dtype: torch.dtype) -> int:
     """What a model draft will hold on the GPU (weights, dequantization scratch, KV caches), from params.json
     alone: ``preflight`` takes it out of the budget before anything is loaded. 0 for no draft or ngram."""
     from llama_offload.offload.plan import weight_bytes
@@ -139,18 +141,7 @@ def draft_gpu_bytes(opts: RunOptions, ckpt_dir: str | Path, args: ModelArgs, dty
     return draft_args.n_layers * w.block + w.embedding + w.head + w.scratch + kv
 
 
-def budget_after_draft(opts: RunOptions, draft_bytes: int) -> Optional[float]:
-    """``--gpu_memory_gb`` less what the built draft holds on the GPU: what the model's blocks are planned in."""
-    if opts.gpu_memory_gb is None or not draft_bytes:
-        return opts.gpu_memory_gb
-    left = opts.gpu_memory_gb - draft_bytes / 2**30
-    if left <= 0:
-        raise ValueError(f"--draft {opts.draft} takes {draft_bytes / 2**30:.2f} GiB of the GPU, all of "
-                         f"--gpu_memory_gb {opts.gpu_memory_gb:g}. Raise --gpu_memory_gb, or use --draft ngram.")
-    return left
-
-
-def build_draft(opts: RunOptions, ckpt_dir: str | Path, tokenizer: Tokenizer,
+def build_draft(opts: RunOptions, ckpt_dir: CheckpointInfo | str | Path, tokenizer: Tokenizer,
                 device: torch.device, lora: Optional[object] = None) -> tuple[Optional[Draft], int]:
     """The draft ``opts.draft`` names (None without ``--draft``), its model loaded and placed on ``device``, and
     the GPU bytes it took (measured: ``draft_gpu_bytes`` is the estimate made before loading).
@@ -166,6 +157,7 @@ def build_draft(opts: RunOptions, ckpt_dir: str | Path, tokenizer: Tokenizer,
 
     max_seq_len = opts.max_seq_len + opts.draft_tokens + 1
     if opts.draft in SELF_DRAFT_SPECS:
+        # A fresh record: the model's load has released its shard mappings, and the draft quantizes its own copy.
         source, quantize = Path(ckpt_dir), SELF_DRAFT_SPECS[opts.draft]
     else:
         source, quantize, lora = Path(opts.draft).expanduser(), None, None

@@ -12,18 +12,19 @@ import torch
 
 from llama_offload.model import parallel
 from llama_offload.text.chat_format import (
-    SPECIAL_TAGS_ERROR, ChatFormat, Dialog, Message, default_chat_format_name, get_chat_format,
+    SPECIAL_TAGS_ERROR, ChatFormat, Dialog, Message, get_chat_format,
 )
 from llama_offload.checkpoint.load import load_model
-from llama_offload.checkpoint.meta import read_checkpoint_meta
 from llama_offload.generate.decode import BatchDecoder, Decoding, sample_top_p  # noqa: F401  (sample_top_p: part of the API)
-from llama_offload.generate.drafts import budget_after_draft, build_draft, check_draft_tokenizer, choose_draft
+from llama_offload.generate.drafts import build_draft, check_draft_tokenizer
 from llama_offload.offload.offloaded import offload as offload_model
 from llama_offload.offload.plan import DEFAULT_PREFILL_CHUNK
-from llama_offload.generate.preflight import check_before_load, resolve_device
+from llama_offload.generate.run_plan import RunPlan, plan_run
+from llama_offload.checkpoint.record import read_checkpoint
+from llama_offload.checkpoint.adapter import load_adapter
 from llama_offload.generate.run_options import RunOptions
 from llama_offload.generate.speculative import Draft, SpeculativeDecoder
-from llama_offload.text.tokenizer import Tokenizer, check_vocab_size
+from llama_offload.text.tokenizer import Tokenizer
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -72,6 +73,7 @@ class Llama:
     last_stats: GenerationStats = field(default_factory=GenerationStats)
     draft: Optional[Draft] = None  # --draft: decode passes verify drafted tokens (speculative.py)
     _decoder: Optional[BatchDecoder] = field(default=None, repr=False)  # the last stream's, for its stats
+    plan: Optional[RunPlan] = field(default=None, repr=False)  # what build carried out (run_plan.py)
 
     @staticmethod
     def build(
@@ -104,49 +106,34 @@ class Llama:
         opts = RunOptions.from_flags({**sizes, **flags, "ckpt_dir": str(ckpt_dir), "tokenizer_path": str(tokenizer_path)},
                                      base=options)
         start = time.perf_counter()
-        opts = choose_draft(opts, ckpt_dir, resolve_device(opts.device))  # --draft auto, before the checks
         if parallel.requested_world_size() > 1:
             parallel.init_model_parallel()
             torch.manual_seed(opts.seed)  # as Meta's reference does: every rank draws the same numbers
-        # Everything that needs no weights (device, tokenizer, chat format, context, shard sizes, the GPU and
-        # host memory plans) is checked before the shards are opened.
-        preflight = check_before_load(ckpt_dir, tokenizer_path, opts,
-                                      model_parallel_size=parallel.model_parallel_world_size())
-        target = preflight.device
-        # On the CPU float32 is both faster and closer to the reference than bf16 (see the README's CPU notes).
-        dtype = opts.torch_dtype or (torch.float32 if target.type == "cpu" else None)
-        tokenizer = preflight.tokenizer
+        # The one plan of this run (run_plan.py), made before a shard is read: every refusal comes from it, and
+        # what follows carries it out. The checkpoint directory is read once, into the record everything takes.
+        plan = plan_run(read_checkpoint(ckpt_dir), tokenizer_path, opts,
+                        model_parallel_size=parallel.model_parallel_world_size())
+        opts, target, tokenizer = plan.options, plan.device, plan.tokenizer
         if opts.draft not in (None, "ngram") and parallel.model_parallel_world_size() > 1:
             raise ValueError(f"--draft {opts.draft} is not supported with several processes yet; use --draft ngram, "
                              "or run the model in one process.")
         if opts.draft not in (None, "ngram", "int4", "int8"):
             check_draft_tokenizer(Path(opts.draft).expanduser(), tokenizer)  # before any weight is read
-        adapter = None
-        if opts.lora is not None:  # its tensors are read (and checked against its config) before the shards
-            from llama_offload.checkpoint.adapter import load_adapter
-
-            adapter = load_adapter(opts.lora, "cpu")
-        model = load_model(ckpt_dir, max_seq_len=opts.max_seq_len, max_batch_size=opts.max_batch_size, dtype=dtype,
-                           vocab_size=tokenizer.n_words, show_progress=parallel.is_rank0(),
+        # Its tensors are read (and checked against its config) before the shards.
+        adapter = load_adapter(opts.lora, "cpu") if opts.lora is not None else None
+        model = load_model(plan.checkpoint, max_seq_len=opts.max_seq_len, max_batch_size=opts.max_batch_size,
+                           dtype=plan.load_dtype, vocab_size=tokenizer.n_words, show_progress=parallel.is_rank0(),
                            vocab_parallel_embedding=vocab_parallel_embedding, quantize=opts.quant_spec,
                            quantize_device=target if target.type == "cuda" else None, lora=adapter)
-        check_vocab_size(tokenizer, model.vocab_size, source=str(Path(ckpt_dir) / "params.json"))
         if target.type == "cuda" and target.index is None and model.model_parallel_size > 1:
             target = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU: LOCAL_RANK
-        draft, draft_bytes = build_draft(opts, ckpt_dir, tokenizer, target, lora=adapter)
-        model = offload_model(model, max_batch_size=opts.max_batch_size, max_seq_len=opts.max_seq_len,
-                              num_slices=opts.num_slices, gpu_memory_gb=budget_after_draft(opts, draft_bytes),
-                              device=target,
-                              resident=not opts.offload and target.type == "cuda", cuda_graphs=opts.cuda_graphs,
-                              prefill_chunk=opts.prefill_chunk, cpu_blocks=opts.cpu_blocks,
-                              lanes=preflight.plan.lanes, cpu_threads=preflight.cpu_threads,
-                              host_kernel=preflight.plan.host_kernel and preflight.plan.host_kernel.kernel)
+        draft, _ = build_draft(opts, plan.checkpoint, tokenizer, target, lora=adapter)
+        model = offload_model(model, max_batch_size=opts.max_batch_size, max_seq_len=opts.max_seq_len, device=target,
+                              cuda_graphs=opts.cuda_graphs, plan=plan.offload, cpu_threads=plan.cpu_threads)
         if parallel.is_rank0():
             print(f"llama_offload: loaded in {time.perf_counter() - start:.2f} s", file=sys.stderr)
-        chat_format = (opts.chat_format or read_checkpoint_meta(ckpt_dir).get("chat_format")
-                       or default_chat_format_name(tokenizer))
-        return Llama(model, tokenizer, get_chat_format(chat_format, tokenizer), opts.max_seq_len, opts.max_batch_size,
-                     target, opts.seed, opts.chunk(), opts, draft=draft)
+        return Llama(model, tokenizer, get_chat_format(plan.chat_format, tokenizer), opts.max_seq_len,
+                     opts.max_batch_size, target, opts.seed, opts.chunk(), opts, draft=draft, plan=plan)
 
     def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int) -> None:
         if not prompt_tokens:

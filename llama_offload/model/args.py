@@ -96,25 +96,7 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides: Any) -> "ModelArgs":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"Expected the model's params.json at {path}, found nothing. "
-                "A Meta checkpoint directory holds params.json, consolidated.NN.pth and tokenizer.model."
-            )
-        try:
-            params = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON ({e}). Restore it from the original download.") from None
-        if not isinstance(params, dict):
-            raise ValueError(f"{path} should hold a JSON object of model parameters, found {type(params).__name__}.")
-        # Without these the defaults (Llama 2 7B's) would describe another model, and the shards' sizes get the blame.
-        missing = [k for k in REQUIRED_PARAMS if k not in params]
-        if missing:
-            raise ValueError(f"{path} lacks {', '.join(missing)}: every Meta params.json records "
-                             f"{', '.join(REQUIRED_PARAMS)}. Restore it from the original download (or re-run the "
-                             "conversion that wrote it).")
-        return cls.from_dict(params, source=str(path), **overrides)
+        return cls.from_dict(read_params(path), source=str(path), **overrides)
 
     def to_params(self) -> dict[str, Any]:
         """The params.json form: everything except the run-time sizes."""
@@ -147,3 +129,50 @@ def infer_context_length(args: ModelArgs) -> tuple[Optional[int], str]:
             and args.dim in _LLAMA2_DIMS and args.multiple_of in (256, 4096)):
         return 4096, "Llama 2 (its params.json shape)"
     return None, ""
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """A params.json as a dict, checked to be JSON and to name the model's shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Expected the model's params.json at {path}, found nothing. "
+            "A Meta checkpoint directory holds params.json, consolidated.NN.pth and tokenizer.model."
+        )
+    try:
+        params = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}). Restore it from the original download.") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} should hold a JSON object of model parameters, found {type(params).__name__}.")
+    # Without these the defaults (Llama 2 7B's) would describe another model, and the shards' sizes get the blame.
+    missing = [k for k in REQUIRED_PARAMS if k not in params]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: every Meta params.json records "
+                         f"{', '.join(REQUIRED_PARAMS)}. Restore it from the original download (or re-run the "
+                         "conversion that wrote it).")
+    return params
+
+
+def param_counts(args: ModelArgs, *, tied: bool = False) -> dict[str, int]:
+    """Parameters per part of the model, from the shapes alone (the bytes come from ``plan_offload``).
+
+    ``tied``: the output head is the token embedding (SmolLM2's tie_word_embeddings). ``total`` then counts
+    that matrix once, as the model's own parameter count does, while ``held`` still counts both copies: the
+    checkpoint stores the head as a matrix of its own, and that is what is loaded and takes memory.
+    Without ``tied`` the two are equal.
+    """
+    if args.vocab_size <= 0:
+        raise ValueError("Counting parameters needs the real vocab_size; fill params.json's -1 from the tokenizer.")
+    dim, hidden = args.dim, args.ffn_hidden_dim
+    q_out, kv_out = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+    per_block = (
+        dim * q_out + 2 * dim * kv_out + q_out * dim  # wq, wk + wv, wo
+        + 3 * dim * hidden  # w1, w2, w3
+        + 2 * dim  # attention_norm, ffn_norm
+    )
+    resident = args.vocab_size * dim + dim + dim * args.vocab_size  # tok_embeddings, norm, output
+    blocks = args.n_layers * per_block
+    held = blocks + resident
+    total = held - args.vocab_size * dim if tied else held
+    return dict(per_block=per_block, blocks=blocks, resident=resident, total=total, held=held)

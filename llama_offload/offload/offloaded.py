@@ -120,6 +120,7 @@ def offload(
     lanes: Optional[LaneTimes] = None,
     cpu_threads: Optional[int] = None,
     host_kernel: Optional[str] = None,
+    plan: Optional[OffloadPlan] = None,
 ) -> OffloadedTransformer:
     """Turn a loaded CPU ``Transformer`` into packed blocks, paged by OffloadModel on a GPU.
 
@@ -133,6 +134,9 @@ def offload(
     ``lanes``, the calibration, says is fastest), on ``cpu_threads`` threads (default: lanes.py's choice).
     ``host_kernel``: how the matrices multiply when the model runs on the CPU (cpu_kernels.py; the plan's
     measured choice, lanes.choose_host_kernel; None: torch's).
+    ``plan``: the placement a run planned before loading (generate/run_plan.py), carried out as it is: the sizing
+    flags above are then the plan's own (``num_slices``, ``gpu_memory_gb``, ``resident``, ``prefill_chunk``,
+    ``cpu_blocks``, ``lanes``, ``host_kernel`` are not read). Its weight bytes must be what the loaded model holds.
     The model's own blocks are reused, so it must not be run on its own afterwards. A model split over N
     ranks (model parallelism) is planned and paged per rank: ``gpu_memory_gb`` is each rank's budget.
     """
@@ -151,11 +155,15 @@ def offload(
         cpu_blocks = lora_cpu_blocks(cpu_blocks)
         for pair in pairs.values():
             pair.to(device)
-    plan = plan_offload(model.params, dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                        gpu_memory_gb=gpu_memory_gb, num_slices=num_slices,
-                        model_parallel_size=model.model_parallel_size, prefill_chunk=prefill_chunk,
-                        all_resident=resident, sizes=loaded_weight_bytes(model),
-                        cpu_blocks=cpu_blocks if device.type == "cuda" else 0, lanes=lanes)
+    if plan is None:
+        plan = plan_offload(model.params, dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                            gpu_memory_gb=gpu_memory_gb, num_slices=num_slices,
+                            model_parallel_size=model.model_parallel_size, prefill_chunk=prefill_chunk,
+                            all_resident=resident, sizes=loaded_weight_bytes(model),
+                            cpu_blocks=cpu_blocks if device.type == "cuda" else 0, lanes=lanes)
+    else:
+        _check_planned(plan, model, device, lora_attached=bool(pairs))
+        host_kernel = plan.host_kernel.kernel if plan.host_kernel is not None else None
     if plan.cpu_blocks:
         torch.set_num_threads(cpu_threads_for(cpu_threads, plan.model_parallel_size))
     model.setup_caches(max_batch_size, max_seq_len, device, dtype)
@@ -180,3 +188,21 @@ def offload(
     else:
         paged = InferenceOffloadModel(nn.Sequential(*rest), device, plan.num_slices) if rest else None
     return OffloadedTransformer(model, on_gpu, paged, context, device, plan, cuda_graphs).eval()
+
+
+def _check_planned(plan: OffloadPlan, model: Transformer, device: torch.device, *, lora_attached: bool) -> None:
+    """A plan made before loading must describe the model that was loaded: a difference is a bug in the planner
+    (its estimate of a size), caught here before a block is placed."""
+    loaded = loaded_weight_bytes(model)
+    problems = []
+    if plan.n_layers != len(model.layers):
+        problems.append(f"{plan.n_layers} blocks planned, {len(model.layers)} loaded")
+    if plan.block_bytes != loaded.block:
+        problems.append(f"{plan.block_bytes} bytes a block planned, {loaded.block} loaded")
+    if lora_attached and plan.cpu_blocks:
+        problems.append("an attached LoRA adapter with a CPU lane")
+    if device.type == "cpu" and plan.cpu_blocks:
+        problems.append("a CPU lane on a run without a GPU")
+    if problems:
+        raise RuntimeError(f"internal: the run plan does not fit the loaded model ({'; '.join(problems)}). Please "
+                           "report this with the command you ran.")

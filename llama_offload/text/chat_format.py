@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Callable, Literal, Optional, Protocol, TypedDict, get_args
+from typing import Any, Callable, Literal, Optional, Protocol, TypedDict, get_args
 
 from llama_offload.text.tokenizer import Tokenizer
 
@@ -347,6 +347,12 @@ CHAT_FORMATS: dict[str, Callable[[Tokenizer], ChatFormat]] = {
     Llama3ChatFormat.name: Llama3ChatFormat,
     ChatMLFormat.name: ChatMLFormat,
 }
+
+
+def chat_format_name(asked: Optional[str], meta: dict[str, Any], tokenizer: Tokenizer) -> str:
+    """The chat format a run uses: ``--chat_format``, else the one a converted checkpoint records in
+    llama_offload.json (``meta``), else the one the tokenizer implies (``default_chat_format_name``)."""
+    return str(asked or meta.get("chat_format") or default_chat_format_name(tokenizer))
 
 
 def default_chat_format_name(tokenizer: Tokenizer) -> str:

@@ -23,7 +23,8 @@ from conftest import Ran, run_in_process
 from llama_offload.model.args import ModelArgs
 from llama_offload.text.chat_format import Llama2ChatFormat
 from llama_offload.files.cleanup import Interrupted
-from llama_offload.cli.main import chat_repl, param_counts
+from llama_offload.cli.main import chat_repl
+from llama_offload.model.args import param_counts
 from llama_offload.generate.generation import GenerationStats
 from llama_offload.model.transformer import Transformer
 from llama_offload.cli.options import parse_dialogs, parse_dtype, parse_prompts
@@ -109,7 +110,16 @@ def test_info(tiny_ckpt: Path, env: dict[str, str]) -> None:
     n = sum(p.numel() for p in model.parameters())
     assert f"{n:,}" in out
     assert "dim 64, 2 layers, 4 heads, 2 kv heads, head_dim 16" in out
-    assert "float32" in out and "KV cache" in out and "expected GPU memory" in out
+    # info prints the plan a run with these flags carries out here: on this machine's device.
+    if torch.cuda.is_available():
+        assert "float32" in out and "KV cache" in out and "expected GPU memory" in out
+    else:
+        assert "float32" in out and "KV cache" in out and "expected host memory" in out
+        assert "device         cpu: every block computed by the host's cores" in out
+        # --device cuda plans a GPU run even where there is no GPU.
+        out = ok(cli("info", "--ckpt_dir", str(tiny_ckpt), "--max_seq_len", "64", "--max_batch_size", "2",
+                     "--device", "cuda", env=env))
+        assert "planned only: PyTorch sees no CUDA GPU here" in out and "expected GPU memory" in out
     assert "2 of 2 blocks, in 2 slice(s)" in out
 
 

@@ -210,7 +210,7 @@ def test_tied_embeddings(tmp_path: Path) -> None:
     assert converted.output.weight.untyped_storage().data_ptr() != converted.tok_embeddings.weight.untyped_storage().data_ptr()
     torch.testing.assert_close(logits(converted, TOKENS), logits(model, TOKENS), rtol=0, atol=0)
     assert read_checkpoint_meta(out)["tied_embeddings"] is True  # info counts the matrix once
-    from llama_offload.cli.main import param_counts
+    from llama_offload.model.args import param_counts
 
     counts = param_counts(args, tied=True)
     assert counts["held"] - counts["total"] == args.vocab_size * args.dim

@@ -25,7 +25,7 @@ from llama_offload.checkpoint.load import load_model, random_state_dict, save_ch
 from llama_offload.checkpoint.meta import META_FILENAME, read_checkpoint_meta
 from llama_offload.generate.generation import Llama
 from llama_offload.checkpoint.lora_merge import lora_deltas, merge_state_dict
-from llama_offload.generate.preflight import check_before_load
+from llama_offload.generate.run_plan import plan_run
 from llama_offload.model.quant import QuantSpec
 from llama_offload.convert.quantize import quantize_checkpoint
 from llama_offload.generate.run_options import RunOptions
@@ -296,7 +296,7 @@ def test_lora_on_a_quantized_checkpoint_runs_beside_the_codes(root: Path, tmp_pa
 def test_lora_under_model_parallelism_is_refused(root: Path) -> None:
     opts = RunOptions(max_seq_len=SEQ, max_batch_size=BATCH, device="cpu", lora=str(root / "adapter"))
     with pytest.raises(ValueError, match="several processes.*llama-offload merge"):
-        check_before_load(root / "base", root / "tokenizer.model", opts, model_parallel_size=2)
+        plan_run(root / "base", root / "tokenizer.model", opts, model_parallel_size=2)
     with pytest.raises(ValueError, match="several processes"):
         load(root / "base", lora=root / "adapter", model_parallel_size=2)
 

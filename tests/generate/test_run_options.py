@@ -71,11 +71,11 @@ class Built(Exception):
 
 
 class Planned(Exception):
-    """Raised by the stand-in for plan_offload (info): what it was asked to plan."""
+    """Raised by the stand-in for plan_run (info): the checkpoint, tokenizer and options it was asked to plan."""
 
-    def __init__(self, dtype: torch.dtype, kwargs: dict[str, Any]):
+    def __init__(self, ckpt: Any, tokenizer_path: Any, options: RunOptions):
         super().__init__("planned")
-        self.dtype, self.kwargs = dtype, kwargs
+        self.ckpt, self.tokenizer_path, self.options = ckpt, tokenizer_path, options
 
 
 @pytest.fixture
@@ -95,13 +95,13 @@ def recorders(monkeypatch: pytest.MonkeyPatch, tiny_ckpt: Path) -> list[tuple[An
         raise Built(ckpt_dir, tokenizer_path, options, dict(rest, max_seq_len=max_seq_len,
                                                              max_batch_size=max_batch_size))
 
-    def plan_offload(args: ModelArgs, dtype: torch.dtype, **kwargs: Any) -> Any:
-        raise Planned(dtype, kwargs)
+    def plan_run(ckpt: Any, tokenizer_path: Any, options: RunOptions, **kwargs: Any) -> Any:
+        raise Planned(ckpt, tokenizer_path, options)
 
     monkeypatch.setattr(Llama, "build", staticmethod(build))
     monkeypatch.setattr(options_module, "resolve_paths", resolve_paths)
     monkeypatch.setattr(cli, "resolve_paths", resolve_paths)
-    monkeypatch.setattr(cli, "plan_offload", plan_offload)
+    monkeypatch.setattr(cli, "plan_run", plan_run)
     monkeypatch.delenv("LLAMA_OFFLOAD_TRACEBACK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     return resolved
@@ -142,17 +142,9 @@ def options_of(monkeypatch: pytest.MonkeyPatch, entry: str, *argv: str) -> RunOp
         assert (str(got.ckpt_dir), str(got.tokenizer_path)) == (got.options.ckpt_dir, got.options.tokenizer_path)
         assert all(v is None for v in got.rest.values()), got.rest
         return got.options
-    return got  # type: ignore[return-value]
-
-
-def check_plan(got: Planned, want: RunOptions, tiny_ckpt: Path) -> None:
-    assert got.dtype == (want.torch_dtype or torch.float32)  # the tiny checkpoint is stored in float32
-    sizes = got.kwargs.pop("sizes")
-    assert got.kwargs == dict(max_batch_size=want.max_batch_size, max_seq_len=want.max_seq_len,
-                              gpu_memory_gb=want.gpu_memory_gb, num_slices=want.num_slices,
-                              prefill_chunk=want.prefill_chunk, cpu_blocks=want.cpu_blocks, lanes=None)
-    spec = want.quant_spec  # the plan counts the quantized bytes --quantize would page
-    assert sizes.quantization == (None if spec is None else spec.name)
+    # info plans the run it describes: the record of the resolved checkpoint, its tokenizer, the same options.
+    assert (str(got.ckpt.path), str(got.tokenizer_path)) == (got.options.ckpt_dir, got.options.tokenizer_path)
+    return got.options
 
 
 # --- the flags round-trip ----------------------------------------------------------------------------
@@ -184,9 +176,6 @@ def test_flags_round_trip(recorders: list, monkeypatch: pytest.MonkeyPatch, tiny
     flags.update(ckpt_dir=str(tiny_ckpt), tokenizer_path=str(tok))
     got = options_of(monkeypatch, entry, *as_argv(flags_for(entry, flags)))
     want = expected(entry, flags, tiny_ckpt, tok)
-    if isinstance(got, Planned):
-        check_plan(got, want, tiny_ckpt)
-        return
     for field in dataclasses.fields(RunOptions):
         assert getattr(got, field.name) == getattr(want, field.name), field.name
     assert got == want
@@ -197,10 +186,7 @@ def test_defaults_and_the_default_model(recorders: list, monkeypatch: pytest.Mon
                                         entry: str) -> None:
     got = options_of(monkeypatch, entry)
     want = expected(entry, {}, tiny_ckpt, tiny_ckpt.parent / "tokenizer.model")
-    if isinstance(got, Planned):
-        check_plan(got, want, tiny_ckpt)
-    else:
-        assert got == want
+    assert got == want
     assert recorders == [(None, None)]  # no --ckpt_dir: the default model, resolved once
 
 
@@ -452,3 +438,47 @@ def test_decorator_refuses_a_bad_setup() -> None:
     with pytest.raises(TypeError, match="come in through `options`"):
         def clash(seed: int = 1, *, options: RunOptions) -> None: ...
         run_options_command()(clash)
+
+
+# --- fire: only its public entry point; FinetuneOptions' fields written once -------------------------------
+
+
+def test_only_fire_public_entry_point_is_used() -> None:
+    """fire's private functions change between releases: the flag handling calls ``fire.Fire`` and nothing else."""
+    import re
+
+    source = Path(options_module.__file__).read_text()
+    assert set(re.findall(r"\bfire\.\w+(?:\.\w+)*", source)) <= {"fire.Fire"}, source
+    assert "fire.helptext" not in source and "fire.core" not in source
+
+
+def test_help_is_not_paged_and_leaves_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """On a terminal fire hands help to $PAGER: the screen comes back as output, and PAGER is the user's again."""
+    import signal
+
+    from fire.console import console_io
+
+    monkeypatch.setattr(console_io, "IsInteractive", lambda *a, **k: True)  # as on a terminal
+    monkeypatch.setenv("PAGER", "false")
+    handler = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(sys, "argv", ["llama-offload", "complete", "--", "--help"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    out, err = capsys.readouterr()
+    assert e.value.code == 0 and "NAME" in out and "--prefill_chunk" in out and "NAME" not in err
+    assert os.environ["PAGER"] == "false" and signal.getsignal(signal.SIGINT) == handler
+
+
+def test_finetune_flags_are_finetune_options_fields() -> None:
+    from llama_offload.train.command import finetune_command
+    from llama_offload.train.finetune import FinetuneOptions
+
+    fields = dataclasses.fields(FinetuneOptions)
+    params = inspect.signature(finetune_command).parameters
+    assert [(p.name, p.default) for p in params.values()] == [(f.name, f.default) for f in fields]
+    doc = _normalise(finetune_command.__doc__)
+    for f in fields:
+        assert f"{f.name}: {_normalise(f.metadata['help'])}" in doc, f.name
+    with pytest.raises(TypeError):
+        finetune_command(dta="x")

@@ -15,7 +15,7 @@ from llama_offload.offload import lanes
 from llama_offload.model.args import ModelArgs
 from llama_offload.kernels.cpu import gemv_available
 from llama_offload.offload.plan import HostKernel
-from llama_offload.generate.preflight import check_before_load
+from llama_offload.generate.run_plan import plan_run
 from llama_offload.model.quant import QuantLinear, QuantSpec
 from llama_offload.convert.quantize import quantize_checkpoint
 from llama_offload.generate.run_options import RunOptions
@@ -76,9 +76,9 @@ def test_the_fastest_kernel_is_chosen_then_read_from_the_cache(monkeypatch: pyte
 
 @needs_gemv
 def test_a_stored_format_is_timed_in_its_own_layout(q4_ckpt: Path) -> None:
-    from llama_offload.checkpoint.load import _load_shard
+    from llama_offload.checkpoint.record import open_shard
 
-    stored = lanes.stored_block_format(_load_shard(q4_ckpt / "consolidated.00.pth"))
+    stored = lanes.stored_block_format(open_shard(q4_ckpt / "consolidated.00.pth"))
     assert stored is not None and set(stored) == set(lanes.LINEAR_NAMES)
     block = lanes.host_block(ARGS, torch.float32, stored=stored)
     for name, t in stored.items():
@@ -97,14 +97,14 @@ def test_a_cpu_run_multiplies_with_the_planned_kernel(monkeypatch: pytest.Monkey
     fake_times(monkeypatch, {"dequantize": 5.0, "torch": 3.0, "gemv": 1.0})
     tok = tiny_ckpt.parent / "tokenizer.model"
     options = RunOptions.from_flags(dict(max_seq_len=MAX_SEQ, max_batch_size=MAX_BATCH, device="cpu"))
-    planned = check_before_load(q4_ckpt, tok, options).plan.host_kernel
+    planned = plan_run(q4_ckpt, tok, options).offload.host_kernel
     assert isinstance(planned, HostKernel) and planned.kernel == "gemv"
-    assert "CPU kernel" in check_before_load(q4_ckpt, tok, options).plan.describe()
+    assert "CPU kernel" in plan_run(q4_ckpt, tok, options).describe()
     llama = Llama.build(q4_ckpt, tok, MAX_SEQ, MAX_BATCH, device="cpu")
     kernels = {m.cpu_kernel for m in llama.model.modules() if isinstance(m, QuantLinear)}
     assert kernels == {"gemv"}
     # An unquantized float32 checkpoint keeps torch's kernels: nothing is planned.
-    assert check_before_load(tiny_ckpt, tok, options).plan.host_kernel is None
+    assert plan_run(tiny_ckpt, tok, options).offload.host_kernel is None
 
 
 def test_missing_libraries_are_built_side_by_side_and_a_failure_is_remembered(monkeypatch: pytest.MonkeyPatch,

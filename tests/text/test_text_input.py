@@ -19,7 +19,8 @@ import torch
 
 from llama_offload.model.args import ModelArgs
 from llama_offload.checkpoint.load import random_state_dict, save_checkpoint
-from llama_offload.cli.main import empty_completion_hint, param_counts, version
+from llama_offload.cli.main import empty_completion_hint, version
+from llama_offload.model.args import param_counts
 from llama_offload.model.transformer import Transformer
 from llama_offload.text.text_input import (
     TextInputError, a_type, check_dialog, check_text, check_texts, decode_text, read_lines, read_stdin_lines,
