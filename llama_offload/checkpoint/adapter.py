@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 
+from llama_offload.files.cleanup import deferred_signals, new_temp_dir, remove_tree
 from llama_offload.model.lora import FORMAT, TARGET_OWNERS, LoRAAdapter, LoRAConfig, ModelShape, parse_targets
 
 
@@ -63,8 +64,6 @@ def save_adapter(adapter: LoRAAdapter, out_dir: str | Path, state: Optional[dict
     fails or is interrupted, and by the next run when a hard kill left it. A write that fails (a full disk) raises
     :class:`SaveError` with what to do; the previous save in ``out_dir`` is then untouched."""
     from safetensors.torch import save_file
-
-    from llama_offload.files.cleanup import deferred_signals, new_temp_dir, remove_tree
 
     out = Path(out_dir)
     try:

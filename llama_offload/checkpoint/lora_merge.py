@@ -15,7 +15,10 @@ from typing import Any, Iterator
 
 import torch
 
+from llama_offload.checkpoint.adapter import read_config
+from llama_offload.checkpoint.quant_load import read_quantization
 from llama_offload.model.args import ModelArgs
+from llama_offload.model.lora import ModelShape, check_shape
 
 __all__ = ["check_lora", "describe", "lora_deltas", "merge_state_dict", "model_parallel_lora_message",
            "quantized_lora_message"]
@@ -45,10 +48,6 @@ def check_lora(lora_dir: str | Path, ckpt_dir: str | Path, args: ModelArgs, *, m
     """The adapter's config (``train.lora.LoRAConfig``), checked against the checkpoint without reading a weight:
     the config itself, the model shape it was trained on, one process, and (``merging``) an unquantized
     checkpoint. A run (``merging=False``) attaches the adapter beside a quantized checkpoint's codes instead."""
-    from llama_offload.checkpoint.quant_load import read_quantization
-    from llama_offload.model.lora import ModelShape, check_shape
-    from llama_offload.checkpoint.adapter import read_config
-
     config = read_config(lora_dir)
     check_shape(config.shape, ModelShape.of(args), f"{flag} {lora_dir}")
     if merging and read_quantization(ckpt_dir) is not None:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from llama_offload.files.cleanup import is_temp_dir_name
 
 
 
@@ -98,8 +99,6 @@ def describe_source(source: Any) -> str:
         return f"{fmt} {name} from {source['origin']}{title}{kept}"
     if not path:
         return f"{fmt} {name or '?'}{title}"
-    from llama_offload.files.cleanup import is_temp_dir_name
-
     where = Path(str(path))
     if is_temp_dir_name(where.parent.name):  # a download made for the conversion (earlier versions recorded it)
         return f"{fmt} {name}{title}, downloaded for the conversion and not kept"

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import sys
 
+from llama_offload.files.cleanup import install_signal_handlers, interrupt_exit_code, interrupt_message  # no torch
+
 
 def main() -> None:
-    from llama_offload.files.cleanup import install_signal_handlers, interrupt_exit_code, interrupt_message
-
     install_signal_handlers()  # SIGTERM raises like Ctrl-C from here on
     try:
+        # Late, deliberately: cli.main imports torch (seconds), and a signal during that import must be handled.
         from llama_offload.cli.main import main as cli_main
     except KeyboardInterrupt as e:
         print(file=sys.stderr)

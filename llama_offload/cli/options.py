@@ -31,6 +31,7 @@ from llama_offload.model import parallel
 from llama_offload.text.chat_format import Dialog, default_chat_format_name, get_chat_format, validate_dialog
 from llama_offload.checkpoint.meta import read_checkpoint_meta
 from llama_offload.convert.default_model import resolve_paths
+from llama_offload.files.cleanup import interrupt_exit_code, interrupt_message
 from llama_offload.generate.generation import ChatPrediction, CompletionPrediction, Llama
 from llama_offload.text.text_input import a_type, check_dialog, check_texts
 from llama_offload.generate.run_options import DTYPES, RunOptions, parse_dtype
@@ -465,8 +466,6 @@ def fire_main(component: Callable[..., Any] | dict[str, Callable[..., Any]], nam
     try:
         _fire(component, name)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM once cleanup.py's handler is installed
-        from llama_offload.files.cleanup import interrupt_exit_code, interrupt_message
-
         print(file=sys.stderr)
         print(interrupt_message(e, name), file=sys.stderr)
         sys.exit(interrupt_exit_code(e))

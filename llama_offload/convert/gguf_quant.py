@@ -39,6 +39,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from llama_offload.checkpoint.load import expected_shapes
+from llama_offload.checkpoint.quant_load import check_quantized_state_dict
 from llama_offload.model.args import ModelArgs
 from llama_offload.model.quant import FORMAT_VERSION
 
@@ -243,9 +245,6 @@ def save_quantized_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelAr
     """``consolidated.00.pth`` and ``params.json`` of a state dict with quantized matrices, into ``ckpt_dir``, an
     empty directory the caller publishes (convert.output_dir). One shard, as quant_load.py reads it: the
     multi-shard ``checkpoint.save_checkpoint`` takes plain tensors only."""
-    from llama_offload.checkpoint.load import expected_shapes
-    from llama_offload.checkpoint.quant_load import check_quantized_state_dict
-
     check_quantized_state_dict(state_dict, expected_shapes(args), "the converted state dict")
     ckpt_dir = Path(ckpt_dir)
     torch.save(state_dict, ckpt_dir / "consolidated.00.pth")

@@ -40,6 +40,8 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
+from llama_offload.text.tokenizer import SentencePieceTokenizer
+
 __all__ = [
     "GGUF_TOKEN_TYPES",
     "sentencepiece_chat_format",
@@ -308,8 +310,6 @@ def sentencepiece_chat_format(chat_format: Optional[str], *, say: Optional[Calla
     give a checkpoint whose chat fails to start. Such a format is reported and recorded as null (the user can
     pick one by hand); ``llama2`` (Llama 2 chat GGUFs) and null pass unchanged.
     """
-    from llama_offload.text.tokenizer import SentencePieceTokenizer
-
     if chat_format in (None, "llama2") or callable(getattr(SentencePieceTokenizer, "token_to_id", None)):
         return chat_format
     (say or _say)(f"the GGUF's chat template is {chat_format!r}, which this package's SentencePiece tokenizer cannot "

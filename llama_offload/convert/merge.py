@@ -25,9 +25,16 @@ from typing import Any, Optional
 import torch
 
 from llama_offload.model.args import ModelArgs
+from llama_offload.model.dtypes import dtype_name
+from llama_offload.checkpoint.adapter import load_adapter
+from llama_offload.checkpoint.load import compact_tensor, expected_shapes, find_shards, open_float_shards
 from llama_offload.checkpoint.lora_merge import (
     merged_weight, say, check_lora, describe, lora_deltas, quantized_lora_message,
 )
+from llama_offload.checkpoint.meta import META_FILENAME, read_checkpoint_meta, write_checkpoint_meta
+from llama_offload.checkpoint.output_dir import check_out_dir, is_inside, output_dir
+from llama_offload.text.tokenizer import check_vocab_size, load_tokenizer, tokenizer_copy_files
+from llama_offload.convert.default_model import resolve_paths
 
 __all__ = ["merge_checkpoint"]
 
@@ -41,14 +48,6 @@ def merge_checkpoint(ckpt_dir: str | Path, lora_dir: str | Path, out_dir: str | 
     into a temporary sibling and renamed into place when complete; an existing non-empty ``out_dir`` is replaced
     only with ``force`` and only when it holds a checkpoint llama_offload wrote (convert.output_dir). Everything
     is checked before a weight is read."""
-    from llama_offload.checkpoint.load import compact_tensor, expected_shapes, find_shards, open_float_shards
-    from llama_offload.checkpoint.meta import META_FILENAME, read_checkpoint_meta, write_checkpoint_meta
-    from llama_offload.checkpoint.output_dir import check_out_dir, is_inside, output_dir
-    from llama_offload.model.dtypes import dtype_name
-    from llama_offload.convert.default_model import resolve_paths
-    from llama_offload.text.tokenizer import check_vocab_size, load_tokenizer, tokenizer_copy_files
-    from llama_offload.checkpoint.adapter import load_adapter
-
     start = time.perf_counter()
     ckpt = Path(ckpt_dir).expanduser()
     out = Path(out_dir).expanduser()

@@ -30,6 +30,7 @@ import torch
 
 from llama_offload.generate.decode import BatchDecoder, Decoding, Sampling, StepModel
 from llama_offload.model.step import make_step, to_device
+from llama_offload.model.transformer import KVCache
 
 # Measured (BENCHMARKS.md, bench_speculative.py): best or near-best tokens/s for every draft on the default model,
 # and for the int4 self-draft projected onto a paged 7B.
@@ -94,8 +95,6 @@ def accept_greedy(target_argmax: Sequence[int], drafted: Sequence[int]) -> list[
 
 def kv_caches(model: torch.nn.Module) -> list:
     """Every block's KV cache in a model (plain or offloaded): KVCache objects hang off the attention modules."""
-    from llama_offload.model.transformer import KVCache
-
     found = []
     for m in model.modules():
         cache = getattr(m, "cache", None)

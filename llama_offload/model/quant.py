@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama_offload.kernels import cpu as cpu_kernels
+from llama_offload.kernels import quant_gemv, quant_triton
 
 # The seven matrices of a block that quantization applies to (Meta's names, relative to layers.N).
 LINEAR_NAMES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
@@ -134,8 +135,6 @@ def dequantize(weight: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.
     """The matrix a quantized ``weight`` stands for, (rows, in_features) in ``dtype`` (written into ``out`` if
     given). Works on any row range: pass the rows of weight, scales and mins together."""
     if weight.is_cuda and out is not None:
-        from llama_offload.kernels import quant_triton
-
         if quant_triton.available():
             return quant_triton.dequantize(weight, scales, mins, out)
     rows, n_in = weight.shape[0], in_features(weight)
@@ -371,8 +370,6 @@ class QuantLinear(_QuantTensors):
         """Whether ``forward`` on ``tokens`` tokens of ``dtype`` on ``device`` runs quant_gemv's kernel on the codes."""
         if device.type != "cuda" or torch.is_grad_enabled() or not 1 <= tokens <= FUSED_GEMV_MAX_TOKENS[self.bits]:
             return False
-        from llama_offload.kernels import quant_gemv, quant_triton
-
         return (quant_gemv.enabled and quant_triton.available()
                 and quant_gemv.check_format(self.weight, self.scales, self.mins, dtype) is None)
 
@@ -384,8 +381,6 @@ class QuantLinear(_QuantTensors):
             if self.cpu_kernel == "torch" and self.native_cpu():
                 return self._native_cpu_forward(x)
         if self.fused_gemv(x.numel() // self.in_features, x.dtype, x.device):
-            from llama_offload.kernels import quant_gemv
-
             return _parallel_output(quant_gemv.gemv(x, self.weight, self.scales, self.mins), self.parallel, self.gather_output)
         if torch.is_grad_enabled():
             # Training (a LoRA base): autograd keeps the weight for the backward pass, so it may not live in the

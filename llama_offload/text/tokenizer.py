@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Protocol, Sequence, runtime_checkable
 
 from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
 
+from llama_offload.checkpoint.meta import read_checkpoint_meta  # no torch: the tokenizer does not need it
 from llama_offload.text.text_input import check_text
 
 __all__ = [
@@ -441,8 +442,6 @@ def _tokenizer_in_dir(directory: Path) -> Path:
     # Meta download behaves as it always has, then Hugging Face's tokenizer.json.
     meta_path = directory / "llama_offload.json"
     if meta_path.is_file():
-        from llama_offload.checkpoint.meta import read_checkpoint_meta  # late: convert imports torch, the tokenizer does not need it
-
         name = read_checkpoint_meta(directory).get("tokenizer")
         if name:
             return directory / name

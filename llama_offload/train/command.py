@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from llama_offload.files.cleanup import exit_on_signal
 from llama_offload.train.finetune import FinetuneOptions, finetune
 
 
@@ -69,8 +70,6 @@ def finetune_command(
         chat_format: llama2, llama3 or chatml: overrides the checkpoint's.
         allow_long_context: allow --seq_len above the context the model was trained for.
     """
-    from llama_offload.files.cleanup import exit_on_signal
-
     opts = FinetuneOptions(
         data=data, out=out, ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, steps=steps, epochs=epochs, lr=lr,
         lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets, seq_len=seq_len,

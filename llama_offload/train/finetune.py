@@ -33,6 +33,8 @@ from llama_offload.model.args import ModelArgs
 from llama_offload.text.chat_format import default_chat_format_name, get_chat_format
 from llama_offload.checkpoint.load import checkpoint_context_length, load_model
 from llama_offload.checkpoint.meta import read_checkpoint_meta
+from llama_offload.checkpoint.output_dir import existing_ancestor
+from llama_offload.files.cleanup import new_temp_dir, remove_tree
 from llama_offload.convert.default_model import resolve_paths
 from llama_offload.generate.run_options import parse_dtype
 from llama_offload.text.tokenizer import check_vocab_size, load_tokenizer
@@ -266,9 +268,6 @@ def check_out_room(out: Path, config: lora.LoRAConfig, *, resuming: bool) -> int
     for the previous save: at the moment of the swap both are on disk, so the disk must hold two saves (one
     more when resuming, the run's own save being there already). Leftovers of killed runs beside --out are
     removed by the probe (cleanup.remove_stale), before the free space is measured."""
-    from llama_offload.files.cleanup import new_temp_dir, remove_tree
-    from llama_offload.checkpoint.output_dir import existing_ancestor
-
     one = adapter.save_bytes(config)
     need = one if resuming else 2 * one
     where = existing_ancestor(out)

@@ -30,6 +30,7 @@ from torch import nn
 
 from llama_offload.model.transformer import Transformer, TransformerBlock, precompute_freqs_cis
 from llama_offload.model.quant import QuantLinear
+from llama_offload.offload.pager import InferenceOffloadModel
 
 
 class Checkpoints:
@@ -185,8 +186,6 @@ class BlockRunner:
             block.to(device)
         self.pager = None
         if self.resident < n:
-            from llama_offload.offload.pager import InferenceOffloadModel
-
             paged = nn.Sequential(*self.blocks[self.resident :])
             self.pager = BlockPager(InferenceOffloadModel(paged, device, len(paged)))
         # Offloaded whenever asked, paged or not: the plan counts three checkpoints on the GPU, not n.
