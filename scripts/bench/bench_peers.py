@@ -15,7 +15,7 @@ larger than the GPU, on the *same* weights, with one protocol (``common.measure_
 
 Both read a Hugging Face Llama directory; :func:`write_hf_checkpoint` writes one from a Meta state dict
 (the q/k rows permuted as Hugging Face's ``convert_llama_weights_to_hf.py`` does, so the model is the same:
-``tests/test_bench_peers.py`` checks that transformers' logits equal ``llama_offload.model.transformer.Transformer``'s).
+``tests/scripts/test_bench_peers.py`` checks that transformers' logits equal ``llama_offload.model.transformer.Transformer``'s).
 It also writes a minimal word-level ``tokenizer.json`` covering the vocabulary: AirLLM's constructor calls
 ``AutoTokenizer.from_pretrained(hf_dir)`` unconditionally, and fails without one. Ids are random in the
 benchmark, so the tokenizer is never used to encode anything.

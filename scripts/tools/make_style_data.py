@@ -8,7 +8,7 @@ is in one fixed style that a base model never uses by itself: it starts with "Ay
 sentence, and ends with " Fair winds!". The facts come from small tables below (capitals, arithmetic, colours,
 opposites, animal sounds, legs, days and months); every 7th row of each table is held out for the eval file, so
 no eval question (nor its fact) is in the training file. Nothing is random and nothing is downloaded: the output
-is the same bytes on every run (tests/test_style_data.py checks it against the files in git).
+is the same bytes on every run (tests/train/test_style_data.py checks it against the files in git).
 """
 
 from __future__ import annotations
