@@ -23,12 +23,15 @@ from typing import Callable, Optional
 
 import torch
 
+import llama_offload
 from llama_offload.text.chat_format import (
     SPECIAL_TAGS_ERROR, Dialog, default_chat_format_name, get_chat_format, validate_dialog,
 )
 from llama_offload.checkpoint.meta import read_checkpoint_meta
 from llama_offload.convert.gguf import convert_gguf
 from llama_offload.convert.hf import convert_hf
+from llama_offload.convert.merge import merge_checkpoint
+from llama_offload.convert.quantize import quantize_checkpoint, spec_from_flags
 from llama_offload.convert.default_model import find_tokenizer, resolve_paths
 from llama_offload.generate.generation import Llama
 from llama_offload.cli.options import (
@@ -36,6 +39,7 @@ from llama_offload.cli.options import (
 )
 from llama_offload.generate.run_plan import check_context_length, plan_run
 from llama_offload.checkpoint.record import read_checkpoint
+from llama_offload.files.cleanup import exit_on_signal
 from llama_offload.offload.plan import check_host_memory
 from llama_offload.generate.run_options import RunOptions
 from llama_offload.text.text_input import (
@@ -245,7 +249,6 @@ def chat(
         import readline  # noqa: F401
     except ImportError:
         pass
-    from llama_offload.files.cleanup import exit_on_signal
 
     system = None if system is None else check_text(str(system), "--system")
     # SIGTERM (at the prompt, mid-answer or while loading) exits 143 with one line, as every command does;
@@ -310,6 +313,7 @@ def serve(
                            "pip install fastapi uvicorn.") from None
     _check_port_free(host, port)  # before the model loads: a port in use fails now, not after a minute
     llama = build_llama(options)
+    # Late: only serve needs FastAPI and uvicorn (checked above, with a one-line error, before the model loads).
     from llama_offload.serve.server import run
 
     run(llama, model_name=model_name or Path(llama.options.ckpt_dir or "model").name, host=host, port=port,
@@ -396,8 +400,6 @@ def convert(source: str, out: str, dtype: Optional[str] = None, force: bool = Fa
         force: replace an existing output directory, only one holding a checkpoint written by a conversion
             (llama_offload.json), and only once the new one is complete.
     """
-    from llama_offload.files.cleanup import exit_on_signal
-
     src = Path(source).expanduser()
     # SIGTERM and Ctrl-C remove the partial output and exit 143 / 130 with one line.
     with exit_on_signal("llama-offload convert"):
@@ -423,9 +425,6 @@ def quantize(ckpt_dir: str, out: str, bits: Optional[int] = None, group_size: Op
         force: replace an existing output directory, only one holding a checkpoint this tool wrote
             (llama_offload.json), and only once the new one is complete.
     """
-    from llama_offload.files.cleanup import exit_on_signal
-    from llama_offload.convert.quantize import quantize_checkpoint, spec_from_flags
-
     spec = spec_from_flags(bits, group_size, quantize_embeddings)
     with exit_on_signal("llama-offload quantize"):
         done = quantize_checkpoint(Path(ckpt_dir).expanduser(), out, spec, tokenizer_path=tokenizer_path,
@@ -446,9 +445,6 @@ def merge(ckpt_dir: str, lora: str, out: str, tokenizer_path: Optional[str] = No
         force: replace an existing output directory, only one holding a checkpoint llama_offload wrote
             (llama_offload.json), and only once the new one is complete.
     """
-    from llama_offload.files.cleanup import exit_on_signal
-    from llama_offload.convert.merge import merge_checkpoint
-
     for name, value in (("ckpt_dir", ckpt_dir), ("lora", lora), ("out", out)):
         if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
             raise ValueError(f"--{name} takes a directory, found {value!r}.")
@@ -591,8 +587,6 @@ def version() -> str:
     try:
         return metadata.version("llama_offload")
     except metadata.PackageNotFoundError:  # run from a checkout that was never pip-installed
-        import llama_offload  # the package root: its __version__ only
-
         return str(getattr(llama_offload, "__version__", "unknown (not installed)"))
 
 

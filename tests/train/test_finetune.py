@@ -284,12 +284,10 @@ def test_out_is_checked_for_writing_and_room_before_the_weights_are_read(tiny_ck
     with pytest.raises(OSError, match=r"Not enough free disk space for --out .* need about .* MiB, and the disk of"):
         finetune(opts, show_progress=False)
     monkeypatch.setattr(ft.shutil, "disk_usage", real)
-    from llama_offload.files import cleanup
-
     def read_only(parent, name, kind="partial"):
         raise PermissionError(30, "Read-only file system")
 
-    monkeypatch.setattr(cleanup, "new_temp_dir", read_only)
+    monkeypatch.setattr(ft, "new_temp_dir", read_only)  # files.cleanup's, as finetune imports it
     with pytest.raises(PermissionError, match=r"--out .* cannot be written: .* is not writable \(Read-only file system\)"):
         finetune(opts, show_progress=False)
     assert not (tmp_path / "runs").exists()  # nothing was made on the way
