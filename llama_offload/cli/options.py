@@ -2,7 +2,10 @@
 
 The model and offload flags are the fields of ``RunOptions`` (run_options.py): ``run_options_command``
 turns them into flags of a command, with their help, and hands the command one checked ``RunOptions``;
-``build_llama`` loads a model from it. The sampling flags stay each command's own.
+``build_llama`` loads a model from it. The sampling flags stay each command's own (their rules are
+run_options.py's too). ``fire_main`` runs a command through fire's public entry point, ``fire.Fire``, and
+nothing else of fire's: help is printed, not paged, because the fire call gets a $PAGER that hands the
+screen back to be printed.
 
 fire hands over whatever the shell gave it, parsed as Python literals where that works: ``--prompts``
 may arrive as a list or as a JSON string, ``--temperature 0`` as an int, ``--dtype`` as any word. Everything
@@ -12,20 +15,24 @@ flag's name (``check_flag_names``), which fire itself would only question after 
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import difflib
 import functools
 import inspect
+import io
 import json
 import os
 import re
+import secrets
+import shlex
+import signal
 import sys
-import typing
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 import fire
-import fire.helptext
 
 from llama_offload.model import parallel
 from llama_offload.text.chat_format import Dialog, default_chat_format_name, get_chat_format, validate_dialog
@@ -34,7 +41,9 @@ from llama_offload.convert.default_model import resolve_paths
 from llama_offload.files.cleanup import interrupt_exit_code, interrupt_message
 from llama_offload.generate.generation import ChatPrediction, CompletionPrediction, Llama
 from llama_offload.text.text_input import a_type, check_dialog, check_texts
-from llama_offload.generate.run_options import DTYPES, RunOptions, parse_dtype
+from llama_offload.generate.run_options import (
+    DTYPES, RunOptions, check_sampling_flags, flag_parameters, parse_dtype, with_flag_help,
+)
 from llama_offload.text.tokenizer import load_tokenizer
 
 __all__ = [
@@ -115,22 +124,8 @@ def parse_dialogs(value: Any) -> list[Dialog]:
     return dialogs
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"--{name} must be a positive integer, found {value!r}.")
-    return value
-
-
-def check_generation_flags(*, temperature: Any, top_p: Any, max_gen_len: Any) -> tuple[float, float]:
-    """Validate the sampling flags (the run options are RunOptions' to check); return (temperature, top_p)
-    as floats."""
-    if max_gen_len is not None:
-        _positive_int("max_gen_len", max_gen_len)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"--temperature must be a number >= 0 (0 means greedy), found {temperature!r}.")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"--top_p must be a number in (0, 1], found {top_p!r}.")
-    return float(temperature), float(top_p)
+# The sampling flags' rules live beside RunOptions' (run_options.py); the commands and scripts call them by this name.
+check_generation_flags = check_sampling_flags
 
 
 def start_model_parallel() -> tuple[int, int]:
@@ -190,7 +185,8 @@ def check_prompts(options: RunOptions, *, prompts: Optional[Sequence[str]] = Non
 # --- commands whose flags are RunOptions' fields ----------------------------------------------------
 
 
-_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.KEYWORD_ONLY)
+_P = inspect.Parameter
+_KINDS = (_P.POSITIONAL_OR_KEYWORD, _P.VAR_POSITIONAL, _P.KEYWORD_ONLY)
 
 
 def run_options_command(
@@ -203,7 +199,8 @@ def run_options_command(
     """Make ``fn(..., *, options: RunOptions)`` a fire command whose flags are its own parameters plus one
     per RunOptions field: a field added to RunOptions is a flag of every such command, with its help.
 
-    The command's ``__signature__`` (what fire parses and ``-- --help`` lists, and what Python callers see)
+    The command's ``__signature__`` (Python's documented way for a wrapper to state its parameters: what
+    ``inspect.signature`` gives, so what fire parses and ``-- --help`` lists, and what Python callers see)
     is ``fn``'s parameters without ``options``, then the fields with their defaults, in RunOptions' order:
     keyword-only where ``fn`` has ``*args`` or keyword-only parameters of its own, else positional-or-keyword.
     Each field's ``metadata["help"]`` is appended to the Args section of the docstring, unless ``fn``'s
@@ -219,8 +216,7 @@ def run_options_command(
             positional-or-keyword parameters: the Meta scripts' ckpt_dir, tokenizer_path, temperature, ...
     """
     defaults, fixed = dict(defaults or {}), dict(fixed or {})
-    fields = {f.name: f for f in dataclasses.fields(RunOptions)}
-    hints = typing.get_type_hints(RunOptions)
+    fields = RunOptions.names()
     for what, names in (("defaults", defaults), ("fixed", fixed), ("exclude", exclude)):
         unknown = sorted(set(names) - set(fields))
         if unknown:
@@ -230,10 +226,11 @@ def run_options_command(
     flags = [name for name in fields if name not in fixed and name not in exclude]
 
     def decorate(fn: Callable[..., T]) -> Callable[..., T]:
-        own = inspect.signature(fn).parameters
-        if "options" not in own or own["options"].kind is not inspect.Parameter.KEYWORD_ONLY:
+        own_signature = inspect.signature(fn)
+        own = dict(own_signature.parameters)
+        if "options" not in own or own["options"].kind is not _P.KEYWORD_ONLY:
             raise TypeError(f"{fn.__name__} must take a keyword-only parameter `options` (the RunOptions).")
-        own = {name: p for name, p in own.items() if name != "options"}
+        del own["options"]
         if any(p.kind not in _KINDS for p in own.values()):
             raise TypeError(f"{fn.__name__}: only positional-or-keyword, *args and keyword-only parameters.")
         clash = sorted(set(own) & set(fields))
@@ -242,24 +239,20 @@ def run_options_command(
         missing = [name for name in leading if name not in own and name not in flags]
         if missing:
             raise TypeError(f"{fn.__name__}: leading names {missing} are neither its parameters nor flags.")
-        if any(own[name].kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for name in leading if name in own):
+        if any(own[name].kind is not _P.POSITIONAL_OR_KEYWORD for name in leading if name in own):
             raise TypeError(f"{fn.__name__}: leading parameters must be positional-or-keyword ones.")
 
-        def field_param(name: str, kind: inspect._ParameterKind) -> inspect.Parameter:
-            default = defaults.get(name, fields[name].default)
-            # The real type, not the string `from __future__ import annotations` leaves in the field (fire
-            # would show Optional['Optional[str]']).
-            return inspect.Parameter(name, kind, default=default, annotation=hints.get(name, fields[name].type))
-
-        params = [own[name].replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) if name in own
-                  else field_param(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in leading]
+        params = [own[name].replace(kind=_P.POSITIONAL_OR_KEYWORD) if name in own
+                  else flag_parameters(RunOptions, [name], kind=_P.POSITIONAL_OR_KEYWORD, defaults=defaults)[0]
+                  for name in leading]
         params += [p for name, p in own.items() if name not in leading]
         # One kind for every flag: fire's help picks one-letter shortcuts within each kind, its parser across
         # both, so a mix would show shortcuts that the parser finds ambiguous.
-        keyword_only = any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in own.values())
-        kind = inspect.Parameter.KEYWORD_ONLY if keyword_only else inspect.Parameter.POSITIONAL_OR_KEYWORD
-        params += [field_param(name, kind) for name in flags if name not in leading]
-        signature = inspect.Signature(params, return_annotation=inspect.signature(fn).return_annotation)
+        keyword_only = any(p.kind is not _P.POSITIONAL_OR_KEYWORD for p in own.values())
+        params += flag_parameters(RunOptions, [name for name in flags if name not in leading],
+                                  kind=_P.KEYWORD_ONLY if keyword_only else _P.POSITIONAL_OR_KEYWORD,
+                                  defaults=defaults)
+        signature = own_signature.replace(parameters=params)
 
         @functools.wraps(fn)
         def command(*args: Any, **kwargs: Any) -> T:
@@ -270,44 +263,17 @@ def run_options_command(
             call_args: list[Any] = []
             call_kwargs: dict[str, Any] = {}
             for name, p in own.items():
-                if p.kind is inspect.Parameter.VAR_POSITIONAL:
+                if p.kind is _P.VAR_POSITIONAL:
                     call_args.extend(values[name])
                 else:
                     call_kwargs[name] = values[name]
             return fn(*call_args, **call_kwargs, options=options)
 
-        command.__signature__ = signature  # type: ignore[attr-defined]  # fire reads it (inspect.signature)
-        command.__doc__ = _docstring_with_fields(fn.__doc__ or "", flags)
+        command.__signature__ = signature  # type: ignore[attr-defined]
+        command.__doc__ = with_flag_help(fn.__doc__ or "", RunOptions, flags)
         return command
 
     return decorate
-
-
-_ARGS_ENTRY = re.compile(r"^(\s+)(\*{0,2}\w+)\s*(?:\([^)]*\))?:")
-
-
-def _docstring_with_fields(doc: str, names: Sequence[str]) -> str:
-    """``doc`` (Google style, as fire parses it) with an Args entry for each RunOptions field in ``names``
-    that it does not describe already."""
-    lines = inspect.cleandoc(doc).splitlines() if doc.strip() else []
-    try:
-        start = next(i for i, line in enumerate(lines) if line.strip() == "Args:")
-    except StopIteration:
-        lines += ["", "Args:"] if lines else ["Args:"]
-        start = len(lines) - 1
-    end = start + 1  # the section ends at the first line as little indented as "Args:" itself
-    indent = len(lines[start]) - len(lines[start].lstrip())
-    while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
-        end += 1
-    while end > start + 1 and not lines[end - 1].strip():
-        end -= 1
-    described = {m.group(2).lstrip("*") for line in lines[start + 1 : end] if (m := _ARGS_ENTRY.match(line))}
-    # One line each: fire's parser ignores indentation, so a continuation line with a colon in it would
-    # be read as the start of another entry, and the rest of that line dropped from the help.
-    help_text = RunOptions.help()
-    pad = " " * (indent + 4)
-    added = [f"{pad}{name}: {' '.join(help_text[name].split())}" for name in names if name not in described]
-    return "\n".join(lines[:end] + added + lines[end:])
 
 
 def _batches(items: Sequence[T], size: int) -> Iterator[tuple[int, Sequence[T]]]:
@@ -369,49 +335,108 @@ class FlagError(ValueError):
 
 
 HELP_FLAGS = ("-h", "--help")
-
-
-def _display(lines: Sequence[str], out: Any) -> None:
-    """fire's Display without its pager: fire pipes help through ``less`` when stdout is a terminal (and resets
-    SIGINT's handler afterwards); help here is printed like any other output, so it can be read, scrolled,
-    searched or piped as the user's terminal allows."""
-    out.write("\n".join(lines) + "\n")
-    out.flush()
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _fire(component: Callable[..., Any] | dict[str, Callable[..., Any]], name: str) -> None:
     argv = sys.argv[1:]
     check_flag_names(component, argv, name)
-    asked_for_help = any(a in HELP_FLAGS for a in argv)
-    display, arg_type = fire.core.Display, fire.helptext._GetArgType
-    # fire prints help to stderr; asked for, it is the output, so it goes to stdout (its notes stay on stderr).
-    fire.core.Display = ((lambda lines, out: _display(lines, sys.stdout if out is sys.stderr else out))
-                         if asked_for_help else _display)
-    if asked_for_help:
-        fire.helptext._GetArgType = _help_arg_type
+    with _help_printed_not_paged(asked_for_help=any(a in HELP_FLAGS for a in argv)):
+        fire.Fire(_readable_types(component), name=name)
+
+
+@contextlib.contextmanager
+def _help_printed_not_paged(*, asked_for_help: bool) -> Iterator[None]:
+    """Help is output like any other, never paged, and help that was asked for goes to stdout.
+
+    fire shows a screen (help, the command list, a usage error's synopsis) through $PAGER when stdin and
+    stdout are terminals (``less`` by default, which also leaves SIGINT's handler reset), else writes it
+    to the stream it chose: stderr for help. So, for the fire call: $PAGER is a command that writes the screen
+    to a file, printed once fire is done (stdout; stderr for a usage error), and SIGINT's handler is put back;
+    when help was asked for, stderr is collected, and the screen in it (from its NAME line on) goes to stdout
+    while fire's notes ("INFO: Showing help with the command ...") stay on stderr. Everything else a command
+    writes is unchanged; help can be read, scrolled, searched or piped as the user's terminal allows."""
+    screen = Path(tempfile.gettempdir()) / f"llama_offload-help-{os.getpid()}-{secrets.token_hex(4)}.txt"
+    pager = os.environ.get("PAGER")
+    os.environ["PAGER"] = f"cat > {shlex.quote(str(screen))}"
+    sigint = signal.getsignal(signal.SIGINT)
+    collected = io.StringIO()
+    failed = False
     try:
-        fire.Fire(component, name=name)
+        with contextlib.redirect_stderr(collected) if asked_for_help else contextlib.nullcontext():
+            yield
+    except SystemExit as e:
+        failed = e.code not in (None, 0)
+        raise
+    except BaseException:
+        failed = True
+        raise
     finally:
-        fire.core.Display, fire.helptext._GetArgType = display, arg_type
+        if pager is None:
+            os.environ.pop("PAGER", None)
+        else:
+            os.environ["PAGER"] = pager
+        if signal.getsignal(signal.SIGINT) != sigint:
+            with contextlib.suppress(ValueError, TypeError):  # ValueError: not the main thread
+                signal.signal(signal.SIGINT, sigint)
+        lines = collected.getvalue().splitlines(keepends=True)
+        start = next((i for i, line in enumerate(lines) if _ANSI.sub("", line).strip() == "NAME"), len(lines))
+        sys.stderr.write("".join(lines[:start]))
+        sys.stdout.write("".join(lines[start:]))
+        if screen.exists():
+            text = screen.read_bytes().decode("utf-8", "replace")
+            screen.unlink()
+            (sys.stderr if failed and not asked_for_help else sys.stdout).write(text)
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
-def _help_arg_type(arg: str, spec: Any) -> str:
-    """A flag's type as help shows it: ``Optional[int]``, not ``'Optional[int]'`` (a string annotation) nor
-    ``Optional[Optional]`` (fire wraps the type of a flag whose default is None in Optional[...] itself)."""
-    if arg not in spec.annotations:
-        return ""
-    t = spec.annotations[arg]
-    text = t if isinstance(t, str) else getattr(t, "__qualname__", None) if isinstance(t, type) else None
-    text = (text or repr(t)).replace("typing.", "")
-    if arg in (spec.kwonlydefaults or {}):
-        default = spec.kwonlydefaults[arg]
-    elif arg in spec.args and spec.defaults and spec.args.index(arg) >= len(spec.args) - len(spec.defaults):
-        default = spec.defaults[spec.args.index(arg) - (len(spec.args) - len(spec.defaults))]
-    else:
-        default = ...
+class _TypeName:
+    """A parameter's type as help shows it. fire shows an annotation's ``__qualname__``, or its repr where it has
+    none (as this has not), and wraps the type of a flag whose default is None in Optional[...] itself."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _type_name(annotation: Any, default: Any) -> _TypeName:
+    text = (annotation if isinstance(annotation, str) else annotation.__qualname__ if isinstance(annotation, type)
+            else repr(annotation)).replace("typing.", "")
     if default is None and text.startswith("Optional[") and text.endswith("]"):
         text = text[len("Optional["):-1]  # fire adds it back
-    return text
+    return _TypeName(text)
+
+
+def _readable_types(component: Any) -> Any:
+    """What fire is given: each command as a plain wrapper whose ``__signature__`` has the same parameters with
+    their types readable in help (``Optional[int]``; not ``'Optional[int]'``, the string ``from __future__ import
+    annotations`` leaves, nor ``Optional[Optional[int]]``)."""
+    if isinstance(component, dict):
+        return {name: _readable_types(fn) for name, fn in component.items()}
+    if not inspect.isroutine(component):
+        return component
+    try:
+        signature = inspect.signature(component)
+    except (TypeError, ValueError):
+        return component
+    try:
+        resolved = inspect.get_annotations(inspect.unwrap(component), eval_str=True)
+    except Exception:  # a name only imported for type checkers: show the annotation as written
+        resolved = {}
+    params = [p if p.annotation is p.empty else
+              p.replace(annotation=_type_name(resolved.get(p.name, p.annotation) if isinstance(p.annotation, str)
+                                              else p.annotation, p.default))
+              for p in signature.parameters.values()]
+
+    @functools.wraps(component)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        return component(*args, **kwargs)
+
+    command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    return command
 
 
 def check_flag_names(component: Callable[..., Any] | dict[str, Callable[..., Any]], argv: Sequence[str],

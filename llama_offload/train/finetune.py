@@ -36,7 +36,7 @@ from llama_offload.checkpoint.meta import read_checkpoint_meta
 from llama_offload.checkpoint.output_dir import existing_ancestor
 from llama_offload.files.cleanup import new_temp_dir, remove_tree
 from llama_offload.convert.default_model import resolve_paths
-from llama_offload.generate.run_options import parse_dtype
+from llama_offload.generate.run_options import flag, parse_dtype
 from llama_offload.text.tokenizer import check_vocab_size, load_tokenizer
 from llama_offload.train import budget, data, paged
 from llama_offload.checkpoint import adapter
@@ -49,33 +49,46 @@ STATE_VERSION = 1
 
 @dataclass
 class FinetuneOptions:
-    """The flags of ``llama-offload finetune`` (and ``scripts/finetune.py``)."""
+    """The flags of ``llama-offload finetune`` (and ``scripts/finetune.py``): each field is one flag, with its
+    help (train/command.py builds the command's parameters and help from these fields)."""
 
-    data: Optional[str] = None
-    out: Optional[str] = None
-    ckpt_dir: Optional[str] = None
-    tokenizer_path: Optional[str] = None
-    steps: Optional[int] = None
-    epochs: Optional[float] = None
-    lr: float = 1e-4
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"
-    seq_len: int = 1024
-    batch_size: int = 1
-    grad_accum: int = 1
-    gpu_memory_gb: Optional[float] = None
-    seed: int = 1
-    eval_data: Optional[str] = None
-    eval_every: int = 100
-    save_every: int = 100
-    resume: bool = False
-    offload_activations: Optional[bool] = None
-    weight_decay: float = 0.0
-    device: Optional[str] = None
-    dtype: Optional[str] = None
-    chat_format: Optional[str] = None
-    allow_long_context: bool = False
+    data: Optional[str] = flag(None, 'a JSONL file, one {"text": ...} or {"messages": [{"role": ..., "content": ...}, '
+                                     "...]} per line; chat examples are rendered in the checkpoint's chat format and "
+                                     "only the assistant replies are learned.")
+    out: Optional[str] = flag(None, "the adapter directory to write (adapter_config.json, adapter.safetensors, "
+                                    "trainer_state.pt); must be new or empty unless --resume.")
+    ckpt_dir: Optional[str] = flag(None, "the base checkpoint (default: the default model); 16-bit or quantized (a "
+                                         "quantized base trains QLoRA-style).")
+    tokenizer_path: Optional[str] = flag(None, "its tokenizer (default: the one found in or beside ckpt_dir).")
+    steps: Optional[int] = flag(None, "optimizer steps to run in all (not with --epochs).")
+    epochs: Optional[float] = flag(None, "passes over the packed data (default 1; not with --steps).")
+    lr: float = flag(1e-4, "AdamW learning rate (constant).")
+    lora_rank: int = flag(16, "the rank r of every update B @ A.")
+    lora_alpha: float = flag(32.0, "updates are scaled by alpha / r.")
+    lora_targets: str = flag("wq,wk,wv,wo,w1,w2,w3", "which matrices of every block get an adapter, comma-separated, "
+                                                     "among wq,wk,wv,wo,w1,w2,w3.")
+    seq_len: int = flag(1024, "tokens per packed row (examples are concatenated and cut into rows).")
+    batch_size: int = flag(1, "rows per forward pass (per process).")
+    grad_accum: int = flag(1, "forward passes per optimizer step.")
+    gpu_memory_gb: Optional[float] = flag(None, "GPU budget in GiB: as many blocks as fit stay resident, the rest are "
+                                                "paged from pinned memory in the forward and again in the backward "
+                                                "pass (default: every block paged, the least memory).")
+    seed: int = flag(1, "seeds the adapter's initialisation and the data order.")
+    eval_data: Optional[str] = flag(None, "a JSONL file like --data whose mean loss is reported every --eval_every "
+                                          "steps and at the end.")
+    eval_every: int = flag(100, "steps between evaluations.")
+    save_every: int = flag(100, "steps between saves of the adapter and the trainer state (and always at the end, "
+                                "and on Ctrl-C).")
+    resume: bool = flag(False, "continue the run saved in --out, at the step it saved (same data and flags; --steps "
+                               "may grow).")
+    offload_activations: Optional[bool] = flag(None, "keep each block's checkpointed input in pinned CPU memory "
+                                                     "instead of on the GPU (default: on with a GPU).")
+    weight_decay: float = flag(0.0, "AdamW weight decay.")
+    device: Optional[str] = flag(None, "cuda, cuda:N or cpu (default: cuda if available).")
+    dtype: Optional[str] = flag(None, "bfloat16, float16 or float32: the base weights' and autocast's dtype "
+                                      "(default: bf16 on a GPU, fp32 on the CPU); the LoRA weights are always fp32.")
+    chat_format: Optional[str] = flag(None, "llama2, llama3 or chatml: overrides the checkpoint's.")
+    allow_long_context: bool = flag(False, "allow --seq_len above the context the model was trained for.")
 
     def check(self) -> None:
         def whole(name: str, low: int, value: Any) -> None:
