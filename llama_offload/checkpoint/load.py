@@ -44,7 +44,7 @@ from llama_offload.files.cleanup import deferred_signals, new_temp_dir, remove_t
 from llama_offload.model.transformer import Transformer, check_model_parallel_sizes
 from llama_offload.model.quant import QuantSpec
 from llama_offload.checkpoint.record import (  # noqa: F401  (find_shards, DROPPED_KEYS: re-exported)
-    DROPPED_KEYS, CheckpointInfo, as_checkpoint, context_length, find_shards, open_shard,
+    DROPPED_KEYS, CheckpointInfo, as_checkpoint, context_length, find_shards, fmt_bytes, open_shard,
 )
 from llama_offload.checkpoint.quant_load import (
     check_quantized_state_dict, dequantize_embeddings, quantize_state_dict, read_quantization, slice_for_rank,
@@ -88,13 +88,6 @@ def _candidates(dim: ShardDim) -> tuple[int, ...]:
     if dim is None:
         return ()
     return dim if isinstance(dim, tuple) else (dim,)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def _log(show: bool, msg: str) -> None:
@@ -318,7 +311,7 @@ def _load_state_dict(
 
     shards = []
     for i, path in enumerate(paths):
-        _log(show_progress, f"loading {path.name} ({i + 1}/{len(paths)}, {_fmt_bytes(path.stat().st_size)})")
+        _log(show_progress, f"loading {path.name} ({i + 1}/{len(paths)}, {fmt_bytes(path.stat().st_size)})")
         shards.append(ckpt.take_shard(len(shards)))
     _check_keys(shards, paths, expected)
 
@@ -349,7 +342,7 @@ def _load_state_dict(
 
     nbytes = sum(t.numel() * t.element_size() for t in merged.values())
     what = f"{len(merged)} tensors" if world_size == 1 else f"rank {rank}'s part of {len(merged)} tensors"
-    _log(show_progress, f"loaded {what}, {_fmt_bytes(nbytes)} in {time.perf_counter() - start:.2f} s")
+    _log(show_progress, f"loaded {what}, {fmt_bytes(nbytes)} in {time.perf_counter() - start:.2f} s")
     return merged, vocab_parallel_embedding
 
 
@@ -503,7 +496,7 @@ def _load_quantized(ckpt: CheckpointInfo, args: ModelArgs, show_progress: bool, 
     if len(paths) != 1:
         raise RuntimeError(f"{ckpt_dir} is quantized but has {len(paths)} shards; a quantized checkpoint is one "
                            "consolidated.00.pth. Re-quantize the original with llama-offload quantize.")
-    _log(show_progress, f"loading {paths[0].name} (quantized, {_fmt_bytes(paths[0].stat().st_size)})")
+    _log(show_progress, f"loading {paths[0].name} (quantized, {fmt_bytes(paths[0].stat().st_size)})")
     state_dict = ckpt.take_shard(0)
     check_quantized_state_dict(state_dict, expected_shapes(args), str(paths[0]))
     vocab_parallel = (args.vocab_size >= VOCAB_PARALLEL_MIN_VOCAB if vocab_parallel_embedding is None
@@ -514,7 +507,7 @@ def _load_quantized(ckpt: CheckpointInfo, args: ModelArgs, show_progress: bool, 
         dims = {k: rank_split_dim(k, vocab_parallel) for k in expected_shapes(args)}
         state_dict = slice_for_rank(state_dict, dims, rank, world_size, str(paths[0]))
     nbytes = sum(t.numel() * t.element_size() for t in state_dict.values())
-    _log(show_progress, f"loaded {len(state_dict)} tensors, {_fmt_bytes(nbytes)} in {time.perf_counter() - start:.2f} s")
+    _log(show_progress, f"loaded {len(state_dict)} tensors, {fmt_bytes(nbytes)} in {time.perf_counter() - start:.2f} s")
     return state_dict, vocab_parallel
 
 
@@ -650,38 +643,51 @@ def expected_shard_elements(args: ModelArgs, num_shards: int) -> int:
     return total
 
 
-def _shard_data_bytes(path: Path) -> int:
-    """The tensor bytes a torch zip checkpoint holds, from its zip directory alone (no weight is read)."""
+def _shard_data_bytes(ckpt: CheckpointInfo, index: int) -> int:
+    """The tensor bytes shard ``index`` holds, from its memory-mapped index (no weight is read; the mapping is the
+    one the loader reads from next). A file torch cannot open is examined by its zip directory, to say why."""
+    path = ckpt.shards[index]
+    try:
+        state_dict = ckpt.shard(index)
+    except RuntimeError:
+        _zip_problem(path)
+        raise
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state_dict.values()}
+    return sum(storages.values())
+
+
+def _zip_problem(path: Path) -> None:
+    """Raise what is wrong with a shard's zip directory, if anything is (a truncated download, mostly)."""
     size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise ValueError(
-            f"Could not read shard {path} ({_fmt_bytes(size)}): it is not a complete torch zip checkpoint ({e}). "
+            f"Could not read shard {path} ({fmt_bytes(size)}): it is not a complete torch zip checkpoint ({e}). "
             "The file is truncated or corrupt: re-download or re-convert it."
         ) from None
     if any(i.header_offset + i.compress_size > size for i in infos):
-        raise ValueError(f"Could not read shard {path} ({_fmt_bytes(size)}): its zip directory points past its end. "
+        raise ValueError(f"Could not read shard {path} ({fmt_bytes(size)}): its zip directory points past its end. "
                          "The file is truncated: re-download or re-convert it.")
-    return sum(i.file_size for i in infos if "/data/" in i.filename and not i.filename.endswith("/"))
 
 
 def check_shard_sizes(ckpt_dir: CheckpointInfo | str | Path, args: ModelArgs) -> int:
-    """Compare the tensor bytes each shard holds (read from its zip directory, not its weights) with what
+    """Compare the tensor bytes each shard holds (from its memory-mapped index, not its weights) with what
     params.json implies; return the bytes per element it was stored with (2: float16 or bfloat16, 4:
     float32). A truncated download, a wrong params.json or a file from another model is refused, sizes named."""
-    paths = as_checkpoint(ckpt_dir).shards
+    ckpt = as_checkpoint(ckpt_dir)
+    paths = ckpt.shards
     elements = expected_shard_elements(args, len(paths))
     slack = 64 * 1024 + elements // 100  # keys the loader drops (Llama 1/2's rope.freqs)
     found: Optional[int] = None
-    for path in paths:
-        data = _shard_data_bytes(path)
+    for index, path in enumerate(paths):
+        data = _shard_data_bytes(ckpt, index)
         fits = [b for b in (2, 4) if elements * b <= data <= elements * b + slack]
         if not fits:
             raise ValueError(
-                f"{path} holds {_fmt_bytes(data)} of tensors, but params.json implies {elements:,} weights per "
-                f"shard: {_fmt_bytes(elements * 2)} in float16/bfloat16 or {_fmt_bytes(elements * 4)} in float32. "
+                f"{path} holds {fmt_bytes(data)} of tensors, but params.json implies {elements:,} weights per "
+                f"shard: {fmt_bytes(elements * 2)} in float16/bfloat16 or {fmt_bytes(elements * 4)} in float32. "
                 "The file is truncated, or params.json does not belong to it: re-download or re-convert it."
             )
         if found is not None and fits[0] != found:

@@ -31,10 +31,11 @@ DROPPED_KEYS: list[str] = [
 ]
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+def fmt_bytes(n: float) -> str:
+    """A file's size as the loader's messages give it (decimal units, as file managers show them)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
-            return f"{n / scale:.2f} {unit}"
+            return f"{n / scale:.1f} {unit}"
     return f"{int(n)} B"
 
 
@@ -86,12 +87,12 @@ def open_shard(path: Path) -> dict[str, torch.Tensor]:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch.load fails with RuntimeError, EOFError, UnpicklingError, ... on bad files
         raise RuntimeError(
-            f"Could not read shard {path} ({_fmt_bytes(size)}): {type(e).__name__}: {e}. "
+            f"Could not read shard {path} ({fmt_bytes(size)}): {type(e).__name__}: {e}. "
             "The file is truncated, corrupt or not a torch zip checkpoint: re-download or re-convert it."
         ) from e
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise RuntimeError(
-            f"Shard {path} ({_fmt_bytes(size)}) does not hold a flat dict of tensors, found {type(sd).__name__}. "
+            f"Shard {path} ({fmt_bytes(size)}) does not hold a flat dict of tensors, found {type(sd).__name__}. "
             "Meta checkpoints are plain state dicts: re-download or re-convert it."
         )
     return {k: v for k, v in sd.items() if not is_dropped(k)}

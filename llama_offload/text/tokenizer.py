@@ -96,12 +96,16 @@ class Tokenizer(Protocol):
 class SentencePieceTokenizer:
     """SentencePiece backend, token-for-token compatible with Meta's llama/tokenizer.py."""
 
-    def __init__(self, model_path: str | Path) -> None:
+    def __init__(self, model_path: str | Path, *, data: Optional[bytes] = None) -> None:
+        """``data``: the file's bytes, when the caller has read them already (load_tokenizer reads a file once)."""
         self.model_path = Path(model_path)
         self.sp_model = SentencePieceProcessor()
         # Load() raises a bare RuntimeError/OSError that does not say what went
         # wrong; load_tokenizer() wraps it with an actionable message.
-        self.sp_model.Load(os.fspath(self.model_path))
+        if data is None:
+            self.sp_model.Load(os.fspath(self.model_path))
+        else:
+            self.sp_model.LoadFromSerializedProto(data)
 
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()
@@ -174,14 +178,15 @@ class HFTokenizer:
     - ``decode`` drops special tokens, as SentencePiece drops its control tokens.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, data: Optional[bytes] = None) -> None:
         try:
             from tokenizers import Tokenizer as _Tokenizer
         except ImportError as e:  # a dependency, but keep the message actionable if it was left out
             raise ImportError("Reading tokenizer.json needs the `tokenizers` package: pip install tokenizers") from e
         self.path = Path(path)
         # from_file raises a bare Exception on a bad file; load_tokenizer() turns it into a clear one.
-        self._tok = _Tokenizer.from_file(os.fspath(self.path))
+        self._tok = (_Tokenizer.from_file(os.fspath(self.path)) if data is None
+                     else _Tokenizer.from_str(data.decode("utf-8")))
         self._tok.encode_special_tokens = True
         config = _read_sidecar(self.path.parent / "tokenizer_config.json")
         generation = _read_sidecar(self.path.parent / "generation_config.json")
@@ -302,7 +307,7 @@ LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = _LLAMA3_NAMED_SPECIALS + tuple(
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+")
 
 
-def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
+def read_tiktoken_ranks(path: str | Path, data: Optional[bytes] = None) -> dict[bytes, int]:
     """The BPE ranks of a tiktoken file: one ``<base64 token> <rank>`` per line, ranks 0..n-1.
 
     Stricter than Meta's loader, which logs and skips lines it cannot parse: a damaged file would then load
@@ -310,8 +315,9 @@ def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
     """
     path = Path(path)
     ranks: dict[bytes, int] = {}
-    with path.open("rb") as f:
-        lines = f.read().splitlines()
+    if data is None:
+        data = path.read_bytes()
+    lines = data.splitlines()
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -376,13 +382,14 @@ class TiktokenTokenizer:
 
     special_tokens: dict[str, int]
 
-    def __init__(self, model_path: str | Path, *, mergeable_ranks: Optional[dict[bytes, int]] = None) -> None:
+    def __init__(self, model_path: str | Path, *, mergeable_ranks: Optional[dict[bytes, int]] = None,
+                 data: Optional[bytes] = None) -> None:
         try:
             import tiktoken
         except ImportError as e:  # a dependency, but keep the message actionable if it was left out
             raise ImportError("Reading a Llama 3 tokenizer.model needs the `tiktoken` package: pip install tiktoken") from e
         self.model_path = Path(model_path)
-        ranks = read_tiktoken_ranks(self.model_path) if mergeable_ranks is None else mergeable_ranks
+        ranks = read_tiktoken_ranks(self.model_path, data) if mergeable_ranks is None else mergeable_ranks
         num_base_tokens = len(ranks)
         self.special_tokens = {token: num_base_tokens + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
         self.model = tiktoken.Encoding(
@@ -454,7 +461,7 @@ def _tokenizer_in_dir(directory: Path) -> Path:
 TokenizerFormat = Literal["sentencepiece", "tiktoken", "json"]
 
 
-def detect_tokenizer_format(path: str | Path) -> TokenizerFormat:
+def detect_tokenizer_format(path: str | Path, head: Optional[bytes] = None) -> TokenizerFormat:
     """Which backend reads the file, from its first bytes (the name says nothing: Meta calls both the
     SentencePiece and the tiktoken file ``tokenizer.model``).
 
@@ -462,8 +469,10 @@ def detect_tokenizer_format(path: str | Path) -> TokenizerFormat:
     ``"sentencepiece"``: anything else, which should be a SentencePiece protobuf (binary; it starts with
     the tag of its first field, never with base64 text or ``{``).
     """
-    with Path(path).open("rb") as f:
-        head = f.read(4096)
+    if head is None:
+        with Path(path).open("rb") as f:
+            head = f.read(4096)
+    head = head[:4096]
     if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
         return "json"
     first_line = head.split(b"\n", 1)[0].strip()
@@ -492,10 +501,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             f"or of the {HF_TOKENIZER_FILENAME} written by the conversion of a GGUF or Hugging Face model."
         )
 
-    kind = detect_tokenizer_format(path)
+    data = path.read_bytes()  # once: the format is told from its first bytes, and the backend reads the rest
+    kind = detect_tokenizer_format(path, data)
     if kind == "json":
         try:
-            return HFTokenizer(path)
+            return HFTokenizer(path, data=data)
         except ImportError:
             raise
         except ValueError as e:
@@ -509,9 +519,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             ) from e
     if kind == "tiktoken":
         # read_tiktoken_ranks names the file and the line in its errors.
-        return TiktokenTokenizer(path)
+        return TiktokenTokenizer(path, data=data)
     try:
-        return SentencePieceTokenizer(path)
+        return SentencePieceTokenizer(path, data=data)
     except (RuntimeError, OSError) as e:
         raise ValueError(
             f"{os.fspath(path)!r} is not a tokenizer this package can read "
