@@ -25,7 +25,7 @@ import torch
 
 import llama_offload
 from llama_offload.text.chat_format import (
-    SPECIAL_TAGS_ERROR, Dialog, default_chat_format_name, get_chat_format, validate_dialog,
+    SPECIAL_TAGS_ERROR, Dialog, chat_format_name, get_chat_format, validate_dialog,
 )
 from llama_offload.checkpoint.meta import read_checkpoint_meta
 from llama_offload.convert.gguf import convert_gguf
@@ -108,8 +108,11 @@ def empty_completion_hint(llama: Llama, completions: list[str], *, ckpt_dir: Opt
     empty = sum(1 for c in completions if not c.strip())
     if not empty:
         return None
-    ckpt = llama.options.ckpt_dir if llama.options is not None else None
-    recorded = read_checkpoint_meta(Path(ckpt)).get("chat_format") if ckpt else None
+    if getattr(llama, "plan", None) is not None:  # built from a checkpoint: its record holds llama_offload.json
+        recorded = llama.plan.checkpoint.meta.get("chat_format")
+    else:
+        ckpt = llama.options.ckpt_dir if llama.options is not None else None
+        recorded = read_checkpoint_meta(Path(ckpt)).get("chat_format") if ckpt else None
     if not recorded and not getattr(llama.tokenizer, "chat_template", None):
         return None
     which = f"{empty} of the {len(completions)} completions" if len(completions) > 1 else "the completion"
@@ -534,7 +537,7 @@ def token_ids(
         return tokenizer.encode(prompt, bos=True, eos=False)  # as text_completion does
     assert messages is not None
     # The same choice generation makes: the flag, else what a converted checkpoint records, else by tokenizer.
-    name = str(chat_format) if chat_format is not None else recorded or default_chat_format_name(tokenizer)
+    name = chat_format_name(chat_format, {"chat_format": recorded}, tokenizer)
     return get_chat_format(name, tokenizer).encode_dialog_prompt(messages)
 
 

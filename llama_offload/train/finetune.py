@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from llama_offload.model.args import ModelArgs
-from llama_offload.text.chat_format import default_chat_format_name, get_chat_format
+from llama_offload.text.chat_format import chat_format_name, get_chat_format
 from llama_offload.checkpoint.load import checkpoint_context_length, load_model
 from llama_offload.checkpoint.meta import read_checkpoint_meta
 from llama_offload.checkpoint.output_dir import existing_ancestor
@@ -211,8 +211,8 @@ def prepare(opts: FinetuneOptions, device: torch.device) -> Prepared:
                              lora.ModelShape.of(params))
     config.check()
     check_out_room(out, config, resuming=state is not None)
-    chat_format = get_chat_format(opts.chat_format or read_checkpoint_meta(ckpt_dir).get("chat_format")
-                                  or default_chat_format_name(tokenizer), tokenizer)
+    chat_format = get_chat_format(chat_format_name(opts.chat_format, read_checkpoint_meta(ckpt_dir), tokenizer),
+                                  tokenizer)
     pad_id = tokenizer.eos_id
 
     def packed(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
