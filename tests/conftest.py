@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import runpy
 import shutil
 import sys
@@ -13,7 +14,9 @@ import pytest
 
 from llama_offload.model.args import ModelArgs
 from llama_offload.checkpoint.load import random_state_dict, save_checkpoint
-from llama_offload.text.tokenizer import BUNDLED_CORPUS_PATH, Tokenizer, load_tokenizer, train_sentencepiece
+from llama_offload.text.tokenizer import (
+    BUNDLED_CORPUS_PATH, TiktokenTokenizer, Tokenizer, load_tokenizer, train_sentencepiece,
+)
 
 
 # --- tokenizer fixtures -------------------------------------------------------
@@ -40,6 +43,66 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, sp_tokenizer_path: Path)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32)
     save_checkpoint(random_state_dict(args, seed=0), args, root / "tiny")
     return root / "tiny"
+
+
+# --- Llama 3 tokenizers (tiktoken), for tests in several folders -----------------------------------------------
+# The download and the tiny file's writer live with their tests, in tests/text/test_tiktoken.py.
+
+
+@pytest.fixture(scope="session")
+def llama3_cache(request: pytest.FixtureRequest) -> Path:
+    """The pytest-cache folder holding Meta's Llama 3 tokenizer.model (and Meta's code), fetched once; skips the
+    test, with the reason, when it cannot be had."""
+    from test_tiktoken import ENV_VAR, LLAMA_MODELS, llama3_files
+
+    if os.environ.get(ENV_VAR):  # a local copy: no download (Meta's code is used if an earlier run cached it)
+        return Path(request.config.cache.mkdir("llama3_tokenizer"))
+    try:
+        return llama3_files(request.config)
+    except Exception as e:
+        pytest.skip(f"Meta's Llama 3 tokenizer.model could not be fetched from PyPI ({LLAMA_MODELS}): {e}. "
+                    f"Set {ENV_VAR} to a local copy of it.")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_path(llama3_cache: Path) -> Path:
+    from test_tiktoken import ENV_VAR, TOKENIZER_MEMBER
+
+    local = os.environ.get(ENV_VAR)
+    if local:
+        path = Path(local).expanduser()
+        if not path.is_file():
+            pytest.fail(f"{ENV_VAR}={local} is not a file.")
+        return path
+    return llama3_cache / "ref" / TOKENIZER_MEMBER
+
+
+@pytest.fixture(scope="session")
+def llama3_tok(llama3_tokenizer_path: Path) -> TiktokenTokenizer:
+    tok = load_tokenizer(llama3_tokenizer_path)
+    assert isinstance(tok, TiktokenTokenizer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_tik(tmp_path_factory: pytest.TempPathFactory) -> TiktokenTokenizer:
+    """A tiktoken tokenizer of the 256 bytes and a few merges (test_tiktoken.write_tiny_tiktoken)."""
+    from test_tiktoken import write_tiny_tiktoken
+
+    tok = load_tokenizer(write_tiny_tiktoken(tmp_path_factory.mktemp("tiktoken") / "tokenizer.model"))
+    assert isinstance(tok, TiktokenTokenizer)
+    return tok
+
+
+# --- a 7B-shaped model on the GPU, for the CUDA tests of several folders --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def seven_b() -> dict:
+    """test_cuda_offload.make_seven_b(): its CPU state dict and the reference run on the GPU, once per module."""
+    from test_cuda_offload import make_seven_b  # CUDA-only helpers: imported only where a test asks for it
+
+    return make_seven_b()
 
 
 # --- a command run in this process ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from llama_offload.text.chat_format import Dialog, default_chat_format_name, get
 from llama_offload.text.tokenizer import load_tokenizer
 from test_llama3_chat import DIALOG as LLAMA3_DIALOG
 from test_llama3_chat import GOLDEN_DIALOG_IDS
-from test_tiktoken import llama3_cache, llama3_tokenizer_path, write_tiny_tiktoken  # noqa: F401  (fixtures)
+from test_tiktoken import write_tiny_tiktoken
 from test_tokenizer_json import write_tiny_tokenizer
 
 # Text that fire would mangle if it evaluated it: a comma makes a tuple, parentheses vanish, None is None.

@@ -14,7 +14,7 @@ from llama_offload.generate.decode import BatchDecoder
 from llama_offload.offload.offloaded import offload
 from llama_offload.offload.plan import GiB, plan_offload
 from llama_offload.model.step import make_step
-from test_cuda_offload import DECODE_STEPS, cpu_model_from, greedy, max_abs_diff, run_steps, seven_b  # noqa: F401
+from test_cuda_offload import DECODE_STEPS, cpu_model_from, greedy, max_abs_diff, run_steps
 from tiny import tiny_args, tiny_model
 
 pytestmark = [

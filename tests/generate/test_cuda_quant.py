@@ -4,7 +4,6 @@ CI has no GPU: these run on the GPU machine with ``python -m pytest -m cuda -s t
 from __future__ import annotations
 
 import copy
-import gc
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ asks for (tokens per pass, ms per pass for K = 1, 4, 8, 16) are printed. CI has 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 
@@ -17,7 +16,7 @@ from llama_offload.offload.offloaded import offload
 from llama_offload.model.quant import QuantSpec
 from llama_offload.checkpoint.quant_load import quantize_model
 from llama_offload.generate.speculative import ModelDraft, NgramDraft, SpeculativeDecoder
-from test_cuda_offload import cpu_model_from, free_gpu, seven_b  # noqa: F401  (seven_b: the module fixture)
+from test_cuda_offload import cpu_model_from, free_gpu
 
 pytestmark = [
     pytest.mark.cuda,

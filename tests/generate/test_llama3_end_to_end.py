@@ -6,12 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from llama_offload.model.args import ModelArgs
 from llama_offload.checkpoint.load import random_state_dict, save_checkpoint
 from llama_offload.generate.generation import Llama
-from test_tiktoken import llama3_cache, llama3_tokenizer_path  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32,

@@ -5,7 +5,6 @@ draws from the target's distribution (chi-square)."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -15,7 +15,7 @@ import torch
 from llama_offload.kernels.cpu import gemv_available
 from llama_offload.offload.lanes import calibrate, cpu_threads_for
 from llama_offload.offload.offloaded import offload
-from test_cuda_offload import cpu_model_from, free_gpu, greedy, max_abs_diff, run_steps, seven_b  # noqa: F401
+from test_cuda_offload import cpu_model_from, free_gpu, greedy, max_abs_diff, run_steps
 
 pytestmark = [
     pytest.mark.cuda,

@@ -77,9 +77,9 @@ def seven_b_args() -> ModelArgs:
                      max_batch_size=2, max_seq_len=64)
 
 
-@pytest.fixture(scope="module")
-def seven_b():
-    """A 7B-shaped fp16 model with N(0, 0.02) weights: its CPU state dict and the reference run on the GPU."""
+def make_seven_b() -> dict:
+    """A 7B-shaped fp16 model with N(0, 0.02) weights: its CPU state dict and the reference run on the GPU (the
+    ``seven_b`` fixture of tests/conftest.py, shared with the other CUDA tests)."""
     args = seven_b_args()
     with torch.device("meta"):
         ref = Transformer(args).half()

@@ -22,7 +22,6 @@ from typing import Any, Iterator, Optional
 import httpx
 import openai
 import pytest
-import torch
 
 from llama_offload.generate.generation import Llama
 from llama_offload.serve.engine import Engine

@@ -17,16 +17,9 @@ from llama_offload.text.chat_format import (
 from llama_offload.generate.generation import Llama
 from llama_offload.offload.offloaded import offload
 from llama_offload.text.tokenizer import (
-    LLAMA3_SPECIAL_TOKENS, HFTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer, read_tiktoken_ranks,
+    LLAMA3_SPECIAL_TOKENS, HFTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer,
 )
-from test_tiktoken import (  # noqa: F401  (fixtures)
-    _hf_tokenizer_from_ranks,
-    llama3_cache,
-    llama3_tok,
-    llama3_tokenizer_path,
-    tiny_tik,
-    write_tiny_tiktoken,
-)
+from test_tiktoken import _hf_tokenizer_from_ranks
 from test_tokenizer_json import write_tiny_tokenizer
 from tiny import tiny_args, tiny_model
 

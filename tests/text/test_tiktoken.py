@@ -6,7 +6,7 @@ next to Meta's own tokenizer code. It is fetched once with ``pip download --no-d
 are skipped, with the reason, only when it cannot be had. Tests on a tiny tiktoken file made here need
 nothing.
 
-The helpers and fixtures here are imported by test_llama3_chat.py and test_tokenize_cmd.py.
+The helpers here are imported by other tests; the fixtures on them (the real file, a tiny one) are in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -81,33 +81,8 @@ def llama3_files(config: pytest.Config) -> Path:
     return cache
 
 
-@pytest.fixture(scope="session")
-def llama3_cache(request: pytest.FixtureRequest) -> Path:
-    if os.environ.get(ENV_VAR):  # a local copy: no download (Meta's code is used if an earlier run cached it)
-        return Path(request.config.cache.mkdir("llama3_tokenizer"))
-    try:
-        return llama3_files(request.config)
-    except Exception as e:
-        pytest.skip(f"Meta's Llama 3 tokenizer.model could not be fetched from PyPI ({LLAMA_MODELS}): {e}. "
-                    f"Set {ENV_VAR} to a local copy of it.")
-
-
-@pytest.fixture(scope="session")
-def llama3_tokenizer_path(llama3_cache: Path) -> Path:
-    local = os.environ.get(ENV_VAR)
-    if local:
-        path = Path(local).expanduser()
-        if not path.is_file():
-            pytest.fail(f"{ENV_VAR}={local} is not a file.")
-        return path
-    return llama3_cache / "ref" / TOKENIZER_MEMBER
-
-
-@pytest.fixture(scope="session")
-def llama3_tok(llama3_tokenizer_path: Path) -> TiktokenTokenizer:
-    tok = load_tokenizer(llama3_tokenizer_path)
-    assert isinstance(tok, TiktokenTokenizer)
-    return tok
+# The fixtures llama3_cache, llama3_tokenizer_path, llama3_tok (and tiny_tik below) are in tests/conftest.py, as
+# other folders' tests use them; the download they rest on is here.
 
 
 @pytest.fixture(scope="session")
@@ -145,13 +120,6 @@ def write_tiny_tiktoken(path: Path) -> Path:
 
 
 TINY_N_RANKS = 256 + len(TINY_MERGES)
-
-
-@pytest.fixture(scope="module")
-def tiny_tik(tmp_path_factory: pytest.TempPathFactory) -> TiktokenTokenizer:
-    tok = load_tokenizer(write_tiny_tiktoken(tmp_path_factory.mktemp("tiktoken") / "tokenizer.model"))
-    assert isinstance(tok, TiktokenTokenizer)
-    return tok
 
 
 # --- format detection --------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from llama_offload.text.chat_format import (
 )
 from llama_offload.text.tokenizer import HFTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer
 from llama_offload.train.data import IGNORE_INDEX, Example, pack, read_examples, render_chat, render_text
-from test_tiktoken import tiny_tik  # noqa: F401  (fixture)
 from test_tokenizer_json import write_tiny_tokenizer
 
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
