@@ -104,7 +104,7 @@ def expected_shapes(args: ModelArgs) -> dict[str, torch.Size]:
 
 
 def rank_split_dim(key: str, vocab_parallel_embedding: bool) -> Optional[int]:
-    """The dim along which model parallelism cuts ``key`` at run time (the layers model.py builds); None:
+    """The dim along which model parallelism cuts ``key`` at run time (the layers model/transformer.py builds); None:
     every rank holds all of it."""
     if re.match(r"^tok_embeddings\.weight$", key):
         return 0 if vocab_parallel_embedding else 1

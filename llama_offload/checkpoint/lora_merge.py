@@ -1,5 +1,5 @@
-"""A LoRA adapter merged into Meta-named state dicts: the load-time merge of ``--lora`` (checkpoint.load_model) and
-the per-shard merge of ``llama-offload merge`` (merge_checkpoint.py) share it, so both give the same weights.
+"""A LoRA adapter merged into Meta-named state dicts: the load-time merge of ``--lora`` (checkpoint.load.load_model) and
+the per-shard merge of ``llama-offload merge`` (convert/merge.py) share it, so both give the same weights.
 
 Each target matrix gets ``scale * B @ A`` (computed in fp32 on the CPU) added and the sum rounded once to the
 checkpoint's own dtype, as ``lora.merge_into`` does to a model. Quantized checkpoints and split (model-parallel)
@@ -45,7 +45,7 @@ def model_parallel_lora_message() -> str:
 
 def check_lora(lora_dir: str | Path, ckpt_dir: str | Path, args: ModelArgs, *, model_parallel_size: int = 1,
                flag: str = "--lora", merging: bool = True) -> Any:
-    """The adapter's config (``train.lora.LoRAConfig``), checked against the checkpoint without reading a weight:
+    """The adapter's config (``model.lora.LoRAConfig``), checked against the checkpoint without reading a weight:
     the config itself, the model shape it was trained on, one process, and (``merging``) an unquantized
     checkpoint. A run (``merging=False``) attaches the adapter beside a quantized checkpoint's codes instead."""
     config = read_config(lora_dir)

@@ -13,11 +13,11 @@ What the GGUF holds, and what that means here:
   the pre-tokenizer llama.cpp uses for ``tokenizer.ggml.pre``) plus ``tokenizer_config.json`` (special
   tokens, ``add_bos_token``, the chat template), so the checkpoint needs no GGUF at run time. A SentencePiece
   vocabulary (``tokenizer.ggml.model`` ``llama``: Llama 2, Code Llama) becomes a ``tokenizer.model`` instead
-  (``convert_gguf_spm.py``).
+  (``convert/gguf_spm.py``).
 
 Weights, by default (``dtype`` None): nothing is rounded again. Quantized matrices (the blocks' seven, and the
 embedding and output head when the GGUF stores them quantized) keep their codes, mapped onto quant.py's
-layout (``.weight`` codes, ``.scales``, ``.mins``) by ``convert_gguf_quant.py`` so that they dequantize to
+layout (``.weight`` codes, ``.scales``, ``.mins``) by ``convert/gguf_quant.py`` so that they dequantize to
 exactly what ``gguf.quants.dequantize`` gives, bit for bit; tied embeddings give the head a copy of the
 quantized tensors. Every other tensor (norms, float matrices) is written at the width the GGUF stores it:
 F32 as float32, F16 as float16, BF16 as bfloat16 (a quantized vector, which llama.cpp never writes, as
@@ -226,7 +226,7 @@ def _model_args(f: _Fields, n_vocab: int) -> tuple[ModelArgs, dict[str, Any]]:
 def _read_tensors(reader: Any, f: _Fields, args: ModelArgs, dtype: Optional[torch.dtype]
                   ) -> tuple[dict[str, torch.Tensor], Counter, dict[str, str]]:
     """The state dict in model order, the GGUF's tensor types, and the matrices kept quantized (name -> type).
-    ``dtype`` None keeps quantized matrices as they are (convert_gguf_quant.py) and the rest at their width;
+    ``dtype`` None keeps quantized matrices as they are (convert/gguf_quant.py) and the rest at their width;
     a dtype dequantizes everything to it."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -305,7 +305,7 @@ def tokenizer_json_from_gguf(fields: dict[str, Any], *, source: str = "GGUF") ->
     if model != "gpt2":
         raise ValueError(f"{source}: tokenizer.ggml.model is {model!r}; only 'gpt2' (byte-level BPE, as in SmolLM2) "
                          "vocabularies can be converted to tokenizer.json so far ('llama' SentencePiece vocabularies "
-                         "become a tokenizer.model: convert_gguf_spm.py).")
+                         "become a tokenizer.model: convert/gguf_spm.py).")
     pre = fields.get("tokenizer.ggml.pre") or "gpt-2"
     if pre not in SUPPORTED_PRE_TOKENIZERS:
         raise ValueError(f"{source}: tokenizer.ggml.pre is {pre!r}, whose splitting rules are not implemented. "
@@ -495,7 +495,7 @@ def _convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str | to
     if (f.get("split.count") or 1) > 1:
         raise ValueError(f"{gguf_path} is part {int(f.get('split.no', 0)) + 1} of a GGUF split into {f.get('split.count')} "
                          "files; merge them first (llama.cpp: llama-gguf-split --merge FIRST.gguf MERGED.gguf).")
-    # SentencePiece vocabularies (Llama 2, Code Llama) go back to a tokenizer.model (convert_gguf_spm.py).
+    # SentencePiece vocabularies (Llama 2, Code Llama) go back to a tokenizer.model (convert/gguf_spm.py).
     spm = f.get("tokenizer.ggml.model") == "llama"
     if spm:
         sp_model = sentencepiece_model_from_gguf(f.values, source=str(gguf_path), say=_say)

@@ -243,8 +243,8 @@ def quantization_record(kept: dict[str, str]) -> dict[str, Any]:
 
 def save_quantized_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, ckpt_dir: str | Path) -> None:
     """``consolidated.00.pth`` and ``params.json`` of a state dict with quantized matrices, into ``ckpt_dir``, an
-    empty directory the caller publishes (convert.output_dir). One shard, as quant_load.py reads it: the
-    multi-shard ``checkpoint.save_checkpoint`` takes plain tensors only."""
+    empty directory the caller publishes (checkpoint.output_dir). One shard, as checkpoint/quant_load.py reads it: the
+    multi-shard ``checkpoint.load.save_checkpoint`` takes plain tensors only."""
     check_quantized_state_dict(state_dict, expected_shapes(args), "the converted state dict")
     ckpt_dir = Path(ckpt_dir)
     torch.save(state_dict, ckpt_dir / "consolidated.00.pth")

@@ -2,7 +2,7 @@
 (``llama-offload merge``).
 
 Both add ``scale * B @ A`` (computed in fp32 on the CPU) to each target matrix and round the sum once to the
-checkpoint's own dtype, as ``train.lora.merge_into`` does to a model: so a run with ``--lora DIR`` computes with
+checkpoint's own dtype, as ``model.lora.merge_into`` does to a model: so a run with ``--lora DIR`` computes with
 exactly the weights that ``llama-offload merge`` writes, and the merged checkpoint keeps the input's dtype.
 ``--lora`` merges right after the 16-bit weights are read, before ``--quantize`` and before offloading.
 
@@ -46,7 +46,7 @@ def merge_checkpoint(ckpt_dir: str | Path, lora_dir: str | Path, out_dir: str | 
     The output has the input's dtype, shards (each merged with its part of the update) and ``params.json``, its
     tokenizer, and ``llama_offload.json``: the input's record carried over, with the adapter added. It is written
     into a temporary sibling and renamed into place when complete; an existing non-empty ``out_dir`` is replaced
-    only with ``force`` and only when it holds a checkpoint llama_offload wrote (convert.output_dir). Everything
+    only with ``force`` and only when it holds a checkpoint llama_offload wrote (checkpoint.output_dir). Everything
     is checked before a weight is read."""
     start = time.perf_counter()
     ckpt = Path(ckpt_dir).expanduser()

@@ -7,11 +7,11 @@ the norms always do. The result is one ``consolidated.00.pth`` in quant.py's lay
 uint8, ``L.scales``, ``L.mins``), the input's ``params.json``, its tokenizer, and ``llama_offload.json``
 carrying the input's record over with ``"quantization": spec.to_json()`` added.
 
-Shards are memory-mapped and merged one tensor at a time (checkpoint.py's table and checks), and a matrix is
+Shards are memory-mapped and merged one tensor at a time (checkpoint/load.py's table and checks), and a matrix is
 quantized in row chunks, so the process holds the quantized output, one merged 16-bit tensor and one chunk in
 fp32, never the whole model in fp32. Everything that can be checked without quantizing (the input, the group
 size against every matrix, the output directory, the disk space) is checked before the first matrix is read;
-the output appears all at once, or not at all (convert.output_dir).
+the output appears all at once, or not at all (checkpoint.output_dir).
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ _NAME_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>%s)-(?P<host>[A-Za-z0-9]*)-(?P
                       % "|".join(TEMP_KINDS))
 # mkdtemp names of earlier versions: .NAME.partial-XXXXXXXX, .NAME.old-XXXXXXXX, .download-XXXXXXXX
 _LEGACY_RE = re.compile(r"^\.(?:.+\.)?(?:partial|old|download)-[A-Za-z0-9_]{8}$")
-# An adapter save of earlier versions (train/lora.py): .NAME.tmp-PID, .NAME.old-PID, with no host in the name.
+# An adapter save of earlier versions (now checkpoint/adapter.py): .NAME.tmp-PID, .NAME.old-PID, with no host in the name.
 _LEGACY_PID_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
 
 

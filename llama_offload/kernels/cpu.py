@@ -14,8 +14,8 @@ a few queries against a host KV cache, where torch's fused attention, built for 
 one query over 256 positions on one core (0.03 ms native when 24 of them are filled, 0.21 ms when all are).
 
 A decode step on the CPU lane is a few tokens against every weight of the block, so it is bound by how fast
-the cores read the weights; torch's kernels are built for larger products (DESIGN.md: a 7B fp16 block on 15
-threads took 9.3 ms with ``F.linear``, where the host's 97.7 GB/s allow about 4). Calibration (lanes.py)
+the cores read the weights; torch's kernels are built for larger products (measured: a 7B fp16 block on 15
+threads took 9.3 ms with ``F.linear``, where the host's 97.7 GB/s allow about 4). Calibration (offload/lanes.py)
 times each kernel that applies on a random block and the CPU lane runs the fastest; a kernel that is not
 available here (no compiler for "gemv") is simply not among the candidates.
 """

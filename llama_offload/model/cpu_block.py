@@ -7,7 +7,7 @@ math (model.TransformerBlock.forward) with the gemv kernels' products (fp32 acti
 ``QuantLinear`` with the "gemv" kernel) and the native attention, and writes the KV cache where
 ``KVCache.update`` writes.
 
-``cpu_kernels.set_cpu_kernel(module, "gemv")`` sets a ``BlockStep`` on every block it applies to (``applies``); the block
+``cpu_linear.set_cpu_kernel(module, "gemv")`` sets a ``BlockStep`` on every block it applies to (``applies``); the block
 takes it for steps of at most ``MAX_TOKENS`` tokens a row whose activations and KV cache are fp32 on the host,
 and runs its modules otherwise.
 """

@@ -4,7 +4,7 @@ back to back in memory.
 Decode steps are dominated by batch-1 GEMMs, and cuBLAS reads one (12288 x 4096) matrix faster than three
 (4096 x 4096) ones: 26.6 us against 38.9 us on the H200 machine. The parameters keep Meta's names and shapes;
 only their storage is shared. Whoever places the weights makes them adjacent: moving a module to a GPU does it
-(``FusedProjections._apply``), and so does the pager's flat buffer (offload.FlatPages, from ``groups``). The
+(``FusedProjections._apply``), and so does the pager's flat buffer (offload.pager.FlatPages, from ``groups``). The
 forward pass fuses exactly when the weights are adjacent, so a paged block, a resident one and the plain model
 on the same GPU all run the same kernels and give the same bits. On the CPU nothing changes.
 """

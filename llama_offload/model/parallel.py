@@ -2,9 +2,9 @@
 
 ``torchrun --nproc_per_node N`` starts N processes with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT set. ``init_model_parallel()`` joins them into one ``torch.distributed`` group and one FairScale
-model-parallel group of size N, on GPU LOCAL_RANK. From then on ``model.py`` builds FairScale's parallel
-layers instead of ``nn.Linear`` / ``nn.Embedding``, ``checkpoint.py`` loads only this rank's slice of every
-split tensor, and ``offload.py`` pages this rank's part of each block through its own GPU.
+model-parallel group of size N, on GPU LOCAL_RANK. From then on ``model/transformer.py`` builds FairScale's parallel
+layers instead of ``nn.Linear`` / ``nn.Embedding``, ``checkpoint/load.py`` loads only this rank's slice of every
+split tensor, and ``offload/offloaded.py`` pages this rank's part of each block through its own GPU.
 
 One process (WORLD_SIZE unset or 1) never touches ``torch.distributed``: the model is built from plain
 ``nn.Linear`` / ``nn.Embedding`` exactly as before.

@@ -2,7 +2,7 @@
 
 Paged decoding moves every streamed byte over PCIe once per step, so fewer bytes per weight is the only way
 left to a faster step: int8 halves a 16-bit model's bytes, int4 in groups of 64 (with fp16 scale and minimum)
-cuts them to 4.5 bits a weight. The pager moves these bytes like any others (offload.FlatPages); only this
+cuts them to 4.5 bits a weight. The pager moves these bytes like any others (offload.pager.FlatPages); only this
 module knows what they mean.
 
 The layout of one quantized matrix ``L`` of (out_features, in_features), under Meta's names
@@ -17,7 +17,7 @@ The layout of one quantized matrix ``L`` of (out_features, in_features), under M
     without mins:  w = q * scale          (int4 nibbles read as n - 8, so -8..7)
 
 Our own quantizer writes int8 per output channel (g = in, symmetric, no mins) and int4 in groups of 32, 64
-or 128 with fp16 scales and mins. GGUF's blocks map onto the same layout without loss (convert_gguf_quant.py):
+or 128 with fp16 scales and mins. GGUF's blocks map onto the same layout without loss (convert/gguf_quant.py):
 Q8_0 and Q4_0 have no minimum, Q4_1 has one, the K-quants' sub-block scales need fp32.
 
 Dequantization computes in fp32 and rounds once to the model dtype. Every product q * scale is exact in fp32
@@ -333,7 +333,7 @@ class QuantLinear(_QuantTensors):
         return cls(make("weight"), make("scales"), make("mins"), **kw)
 
     # How a CPU lane block (hybrid.py) multiplies on the host: "dequantize" (then a dense matmul, the default),
-    # "torch" (torch's CPU weight-only kernels, on the codes) or "gemv" (cpu_kernels.py); calibration (lanes.py)
+    # "torch" (torch's CPU weight-only kernels, on the codes) or "gemv" (kernels/cpu.py); calibration (offload/lanes.py)
     # times each and picks.
     cpu_kernel = "dequantize"
 

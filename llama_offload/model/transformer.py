@@ -208,7 +208,7 @@ class Attention(FusedProjections):
         self.wo = _row_parallel(args.n_heads * self.head_dim, args.dim, model_parallel_size)
         self.cache: Optional[KVCache] = None
         self.explicit = False  # True: Meta's score-matrix attention, the reference for the fused kernel
-        # A CPU lane block's attention while it runs on the host (cpu_kernels.set_cpu_kernel): the same math,
+        # A CPU lane block's attention while it runs on the host (cpu_linear.set_cpu_kernel): the same math,
         # same arguments as ``attend``. None: ``attend`` everywhere.
         self.host_attend: Optional[Callable[..., torch.Tensor]] = None
 
@@ -278,7 +278,7 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, model_parallel_size)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        # The same math as one native call on the host (cpu_block.BlockStep, set by cpu_kernels.set_cpu_kernel):
+        # The same math as one native call on the host (cpu_block.BlockStep, set by cpu_linear.set_cpu_kernel):
         # a small model's decode step on a CPU costs more in per-op overhead than in its weights. It returns None
         # for the steps it does not take. None: the modules everywhere.
         self.host_step: Optional[Callable[..., Optional[torch.Tensor]]] = None

@@ -23,7 +23,7 @@ from llama_offload.model.step import Step, StepShape
 
 
 class SplitStep(Protocol):
-    """What a model offers to be graphed: a step cut into prefix, paged blocks and suffix (offload.py)."""
+    """What a model offers to be graphed: a step cut into prefix, paged blocks and suffix (offload/offloaded.py)."""
 
     params: Any
     device: torch.device

@@ -2,7 +2,7 @@
 the same pinned pages the copy engine streams, while the copy engine streams the others to the GPU.
 
 At batch 1 a block's weights are read once per token wherever it runs, and the host reads its RAM faster
-than PCIe carries it (DESIGN.md: 97.7 against 53 GB/s, with no contention between the two), so the two
+than PCIe carries it (README.md: about 98 against 53 GB/s, with no contention between the two), so the two
 lanes add up. ``plan.spread`` puts the CPU blocks between the paged ones, the last block on the CPU:
 
     paged block   wait for its copy, compute on the GPU (a decode step: one CUDA graph replay, block_graphs.py,
@@ -61,7 +61,7 @@ class HybridOffloadModel(nn.Module):
             if cpu:
                 attention = block.block.attention
                 attention.cache = self.caches[i] = MirroredKVCache(attention.cache, pin=cuda)
-                set_cpu_kernel(block, cpu_kernel)  # the kernel calibration found fastest (cpu_kernels.py)
+                set_cpu_kernel(block, cpu_kernel)  # the kernel calibration found fastest (offload/lanes.py)
         # On a GPU the pager holds every page; its parameters point at the host pages unless a copy is queued.
         self.pager = InferenceOffloadModel(nn.Sequential(*blocks), device, len(blocks)) if cuda else None
         self.units = nn.ModuleList(list(self.pager.model_slices) if cuda else blocks)

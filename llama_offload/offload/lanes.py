@@ -5,7 +5,7 @@ The planner (plan.LaneTimes) needs these numbers to split the blocks that are no
 copy takes, alone and while the cores compute CPU blocks (both read host memory, so the copies may run slower
 beside the CPU lane); how long the cores take to compute one at a few step sizes (a
 block's CPU time grows with the tokens in a step, its copy time does not), timed while copies stream; which CPU
-kernel is fastest (cpu_kernels.py); and the host time of one paged block's launch on the GPU, which the same host
+kernel is fastest (kernels/cpu.py); and the host time of one paged block's launch on the GPU, which the same host
 thread spends between CPU blocks. All depend on
 shapes, dtype and weight format, not on the weights' values, so they are measured on one random block of the
 model's shape, before any weights load: a few seconds, once per machine and shape, then read from
@@ -335,7 +335,7 @@ def calibrate(args: ModelArgs, dtype: torch.dtype, device: torch.device, *, thre
             pass  # an entry from another version: measure again
     start = time.perf_counter()
     block = random_block(args, dtype, spec, quantize_device=device if device.type == "cuda" else None)
-    # Every CPU kernel that applies here (cpu_kernels.py) on one step of the block: the fastest one runs.
+    # Every CPU kernel that applies here (kernels/cpu.py) on one step of the block: the fastest one runs.
     candidates = kernels_for(dtype, quantized=spec is not None)
     timed = []
     for name in candidates:
@@ -413,7 +413,7 @@ def host_block(args: ModelArgs, dtype: torch.dtype, spec: Optional[QuantSpec] = 
 def choose_host_kernel(args: ModelArgs, dtype: torch.dtype, *, spec: Optional[QuantSpec] = None,
                        stored: Optional[dict[str, dict[str, tuple]]] = None, threads: Optional[int] = None,
                        use_cache: bool = True, verbose: bool = True) -> Optional[HostKernel]:
-    """For a run without a GPU: the kernel (cpu_kernels.py) that computes a block of this model fastest at one token
+    """For a run without a GPU: the kernel (kernels/cpu.py) that computes a block of this model fastest at one token
     on this machine, timed on a random block of its shape and format (``stored``: a quantized checkpoint's own,
     else ``spec``'s, else ``dtype``), once per machine and format, then read from the lanes cache. None where only
     one kernel applies (a float32 model: torch's)."""

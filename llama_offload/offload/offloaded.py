@@ -132,7 +132,7 @@ def offload(
     ``prefill_chunk`` (positions per prefill pass) sizes the plan's activation estimate. ``cpu_blocks`` of the
     blocks left off the GPU are computed by the host's cores in decode steps (hybrid.py; None: as many as
     ``lanes``, the calibration, says is fastest), on ``cpu_threads`` threads (default: lanes.py's choice).
-    ``host_kernel``: how the matrices multiply when the model runs on the CPU (cpu_kernels.py; the plan's
+    ``host_kernel``: how the matrices multiply when the model runs on the CPU (kernels/cpu.py; the plan's
     measured choice, lanes.choose_host_kernel; None: torch's).
     ``plan``: the placement a run planned before loading (generate/run_plan.py), carried out as it is: the sizing
     flags above are then the plan's own (``num_slices``, ``gpu_memory_gb``, ``resident``, ``prefill_chunk``,
@@ -148,7 +148,7 @@ def offload(
     if resident and (gpu_memory_gb is not None or num_slices is not None):
         raise ValueError("resident=True keeps every block on the GPU: give no gpu_memory_gb or num_slices with it.")
     dtype = model.dtype
-    # An adapter attached beside quantized matrices (train/lora.py) stays resident, like the KV cache: its pairs
+    # An adapter attached beside quantized matrices (model/lora.py) stays resident, like the KV cache: its pairs
     # are not block parameters, so the pager never moves them. Blocks on the CPU lane could not reach them.
     pairs = {id(m.pair): m.pair for _, m in lora_linears(model)}
     if pairs:

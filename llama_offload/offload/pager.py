@@ -1,6 +1,6 @@
 """The pager: transformer blocks streamed from pinned host memory to the GPU through FairScale's OffloadModel.
 
-Stock ``OffloadModel`` is built for training and is wrong for inference (see DESIGN.md): it copies a
+Stock ``OffloadModel`` is built for training and is wrong for inference: it copies a
 slice on a side stream that the compute stream never waits for, frees GPU memory that kernels may still
 read, copies unchanged weights back to the host after every use, and round-trips every boundary
 activation through the CPU. ``InferenceOffloadModel`` keeps OffloadModel's slicing (one ``ModelShard``

@@ -126,7 +126,7 @@ class LaneTimes:
     cpu_ms: tuple[tuple[int, float], ...]  # (tokens, ms for one block on the CPU), tokens ascending
     threads: int
     crossing_ms: float = 0.05  # the hidden state to the host and back, once per run of CPU blocks
-    cpu_kernel: str = "torch"  # how the CPU blocks multiply: "torch", "dequantize" or "gemv" (cpu_kernels.py)
+    cpu_kernel: str = "torch"  # how the CPU blocks multiply: "torch", "dequantize" or "gemv" (kernels/cpu.py)
     kernel_ms: tuple[tuple[str, float], ...] = ()  # a block at 1 token with each kernel calibration timed
     gpu_block_ms: float = 0.0  # host time to launch and finish one paged block's compute (a graph replay, batch 1)
     # Pinned host-to-device bandwidth while the cores compute CPU blocks (both read host memory): the copy lane's
@@ -179,7 +179,7 @@ class LaneTimes:
 
 @dataclass(frozen=True)
 class HostKernel:
-    """How a run without a GPU multiplies its matrices: the kernel (cpu_kernels.py) that computed one block of the
+    """How a run without a GPU multiplies its matrices: the kernel (kernels/cpu.py) that computed one block of the
     model's shape and format fastest at one token on this machine (lanes.choose_host_kernel), beside what the
     others took. A quantized block read through its codes ("gemv") moves 4-8 times fewer bytes than one
     dequantized every step, and a decode step on the CPU is bound by those bytes."""

@@ -14,7 +14,7 @@ So every paged weight crosses PCIe twice per step (the floor: 2 x paged bytes / 
 holds one block's graph at a time, and checkpoints go to pinned host memory (``offload_activations``) while the
 next blocks compute. The frozen base weights never change, so, unlike FairScale's training path, nothing is
 copied back to the host: a dropped page just points home. The same stream discipline as inference applies
-(offload.InferenceOffloadModel's load_page / wait_loaded / drop_page): compute waits for each copy, and a slot is
+(offload.pager.InferenceOffloadModel's load_page / wait_loaded / drop_page): compute waits for each copy, and a slot is
 refilled only after the kernels that read it are done.
 
 On the CPU the same schedule runs with nothing to page: the tests compare it with plain autograd.

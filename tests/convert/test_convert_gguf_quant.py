@@ -1,4 +1,4 @@
-"""GGUF quantized blocks kept as they are (convert_gguf_quant.py): quant.dequantize gives gguf-py's bits.
+"""GGUF quantized blocks kept as they are (convert/gguf_quant.py): quant.dequantize gives gguf-py's bits.
 
 Every type is checked on random blocks of every bit pattern a block can hold (any finite fp16 scale, zeros
 and subnormals included) and, where gguf-py can quantize to it, on quantized random weights; then a tiny

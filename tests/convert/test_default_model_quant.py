@@ -1,7 +1,7 @@
 """The default model, SmolLM2-135M-Instruct (Q4_1 blocks, a Q8_0 embedding), run from its own quantized blocks.
 
 Reference: the same GGUF converted with ``--dtype float32``, every weight dequantized by gguf-py: since the kept
-blocks dequantize to exactly those values (convert_gguf_quant.py), the greedy chat answers must be the same,
+blocks dequantize to exactly those values (convert/gguf_quant.py), the greedy chat answers must be the same,
 token for token. Perplexity on text the project ships (the tokenizer corpus, which SmolLM2 never saw): the kept
 blocks equal the fp32 model's, and ``--quantize`` of the fp32 model: int8 within 1%; int4 g32 the same (the
 weights are Q4_1 groups of 32, which min/max quantization finds again); int4 g64 pays for quantizing 4-bit groups

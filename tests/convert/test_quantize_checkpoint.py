@@ -1,4 +1,4 @@
-"""``llama-offload quantize`` (quantize_checkpoint.py) on tiny random checkpoints, on the CPU.
+"""``llama-offload quantize`` (convert/quantize.py) on tiny random checkpoints, on the CPU.
 
 The codes and scales written are compared with a plain reference quantizer written here (int8 per channel
 symmetric, int4 asymmetric per group), sharded and unsharded copies of one model must give the same file, and

@@ -1,4 +1,4 @@
-"""The CPU lane's native kernels (csrc/cpu_gemv.cpp via native_build.py and cpu_kernels.py): equal to torch's
+"""The CPU lane's native kernels (kernels/csrc/cpu_gemv.cpp via kernels/native_build.py and kernels/cpu.py): equal to torch's
 products within fp32 rounding (and, for quantized weights against int16 activations, within the bound that
 rounding x to int16 per group allows), for every weight format, token count and shape tail; how they plug into
 the modules; and the build's failures, which fall back to torch's kernels without an error."""
@@ -121,7 +121,7 @@ def test_int16_activations_give_way_to_fp32_where_x_is_not_finite() -> None:
 @needs_gemv
 def test_bad_operands_are_refused_before_the_kernel() -> None:
     """As ValueErrors from the wrappers: an exception thrown inside the native operator can crash the process
-    where torch and the kernels were built by different compilers (cpu_kernels.py)."""
+    where torch and the kernels were built by different compilers (kernels/cpu.py)."""
     w = torch.randn(8, 64).half()
     with pytest.raises(ValueError, match="input features"):
         gemv_linear(torch.randn(1, 32), w)

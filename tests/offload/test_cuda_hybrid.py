@@ -70,7 +70,7 @@ def test_hybrid_equals_unoffloaded_on_7b(seven_b, reference, how: str) -> None:
           "8 GiB, auto split": dict(gpu_memory_gb=8, cpu_blocks=None, lanes=reference["lanes"]),
           # no lanes: steps of more than one token (the prefill, and the two rows) stream the CPU blocks
           "large steps on the GPU caches": dict(cpu_blocks=12),
-          # each CPU kernel whatever calibration chose (cpu_kernels.py)
+          # each CPU kernel whatever calibration chose (offload/lanes.py)
           "16 CPU, native kernel": dict(cpu_blocks=16, lanes=replace(reference["lanes"], cpu_kernel="gemv")),
           "16 CPU, torch's kernel": dict(cpu_blocks=16, lanes=replace(reference["lanes"], cpu_kernel="torch")),
           # the paged blocks launched eagerly instead of replayed (block_graphs.py)
