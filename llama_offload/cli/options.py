@@ -41,9 +41,8 @@ from llama_offload.convert.default_model import resolve_paths
 from llama_offload.files.cleanup import interrupt_exit_code, interrupt_message
 from llama_offload.generate.generation import ChatPrediction, CompletionPrediction, Llama
 from llama_offload.text.text_input import a_type, check_dialog, check_texts
-from llama_offload.generate.run_options import (
-    DTYPES, RunOptions, check_sampling_flags, flag_parameters, parse_dtype, with_flag_help,
-)
+from llama_offload.generate.run_options import RunOptions, check_sampling_flags, flag_parameters, with_flag_help
+from llama_offload.model.dtypes import DTYPES, parse_dtype
 from llama_offload.text.tokenizer import load_tokenizer
 
 __all__ = [

@@ -22,14 +22,8 @@ import torch
 
 from llama_offload.text.chat_format import CHAT_FORMATS
 from llama_offload.offload.plan import DEFAULT_PREFILL_CHUNK
+from llama_offload.model.dtypes import parse_dtype
 from llama_offload.model.quant import QuantSpec
-
-DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}
-
 
 def flag(default: Any, help: str) -> Any:
     """A dataclass field that is a command-line flag: its default, and its help line (one sentence or a few, as
@@ -184,7 +178,7 @@ class RunOptions:
             if self.cpu_blocks == 0:
                 raise ValueError("--cpu_threads sets the CPU lane's threads, but --cpu_blocks 0 turns the lane off. "
                                  "Drop one of them.")
-        torch_dtype = parse_dtype(self.dtype)
+        torch_dtype = parse_dtype(self.dtype, flag="--dtype")
         text = {n: getattr(self, n) for n in ("ckpt_dir", "tokenizer_path", "device", "chat_format", "draft", "lora")}
         if self.device is not None:
             check_device_name(str(self.device))
@@ -214,7 +208,7 @@ class RunOptions:
 
     @property
     def torch_dtype(self) -> Optional[torch.dtype]:
-        return parse_dtype(self.dtype)
+        return parse_dtype(self.dtype, flag="--dtype")
 
     @property
     def draft_tokens(self) -> int:
@@ -298,16 +292,3 @@ def _bool_flag(name: str, value: Any) -> bool:
     if isinstance(value, (int, str)) and str(value).strip().lower() in _WORDS:
         return _WORDS[str(value).strip().lower()]
     raise ValueError(f"--{name} must be True or False (or --no{name}), found {value!r}.")
-
-
-def parse_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
-    """``--dtype`` as a torch dtype; None keeps the default (the checkpoint's on a GPU, float32 on the CPU)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in DTYPES:
-        raise ValueError(
-            f"Unknown --dtype {dtype!r}: expected float16, bfloat16 or float32 (or fp16, bf16, fp32). "
-            "Leave it unset for the default: the checkpoint's own dtype on a GPU, float32 on the CPU."
-        )
-    return DTYPES[key]

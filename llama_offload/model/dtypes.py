@@ -15,14 +15,20 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def parse_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
-    """A dtype given by name (``bf16``, ``float16``, ...) or as a torch dtype; None stays None."""
+def parse_dtype(dtype: Optional[str | torch.dtype], *, flag: Optional[str] = None) -> Optional[torch.dtype]:
+    """A dtype given by name (``bf16``, ``float16``, ...) or as a torch dtype; None stays None. ``flag``: the run
+    flag it came from (``--dtype``), whose unset default the error names."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
-    if key not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}: expected bfloat16, float16 or float32 (or bf16, fp16, fp32).")
-    return DTYPES[key]
+    if key in DTYPES:
+        return DTYPES[key]
+    if flag is not None:
+        raise ValueError(
+            f"Unknown {flag} {dtype!r}: expected float16, bfloat16 or float32 (or fp16, bf16, fp32). "
+            "Leave it unset for the default: the checkpoint's own dtype on a GPU, float32 on the CPU."
+        )
+    raise ValueError(f"Unknown dtype {dtype!r}: expected bfloat16, float16 or float32 (or bf16, fp16, fp32).")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -36,7 +36,8 @@ from llama_offload.checkpoint.meta import read_checkpoint_meta
 from llama_offload.checkpoint.output_dir import existing_ancestor
 from llama_offload.files.cleanup import new_temp_dir, remove_tree
 from llama_offload.convert.default_model import resolve_paths
-from llama_offload.generate.run_options import flag, parse_dtype
+from llama_offload.generate.run_options import flag
+from llama_offload.model.dtypes import parse_dtype
 from llama_offload.text.tokenizer import check_vocab_size, load_tokenizer
 from llama_offload.train import budget, data, paged
 from llama_offload.checkpoint import adapter
@@ -248,7 +249,7 @@ def prepare(opts: FinetuneOptions, device: torch.device) -> Prepared:
         if start >= total:
             raise ValueError(f"--resume: the run in {out} already did {start} steps and this one asks for {total}. "
                              "Raise --steps (or --epochs) to train further.")
-    dtype = parse_dtype(opts.dtype) if opts.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = parse_dtype(opts.dtype, flag="--dtype") if opts.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return Prepared(opts, ckpt_dir, tokenizer_path, params, config, inputs, targets, eval_inputs, eval_targets, sha,
                     total, start, state, device, dtype)
 
