@@ -9,7 +9,7 @@ Shards are opened with ``torch.load(mmap=True)``: a single-shard checkpoint is r
 file-backed tensors (the page cache holds the bytes, the process holds no second copy), and a
 multi-shard one is concatenated key by key from those mappings.
 
-Under model parallelism (N ranks, see parallel.py) each rank builds only its own slice of every split
+Under model parallelism (N ranks, see model/parallel.py) each rank builds only its own slice of every split
 tensor: the merged length L along the rank split dim is cut into N equal parts, and rank r assembles
 [r*L/N, (r+1)*L/N) from the pieces of the M shards that overlap it. Any N that divides the heads works
 with any M: N == M reads exactly shard r (a view of its mapping, no copy), N < M joins neighbouring
@@ -364,16 +364,16 @@ def load_model(
 
     ``vocab_size`` is the tokenizer's: it fills params.json's ``-1`` and is checked against any other value.
     ``dtype`` converts the weights; ``None`` keeps the checkpoint's (file-backed when there is one shard).
-    ``model_parallel_size`` None follows parallel.py: under torchrun with N > 1 processes this rank's part
+    ``model_parallel_size`` None follows model/parallel.py: under torchrun with N > 1 processes this rank's part
     of the model (FairScale's parallel layers), else the whole model; 1 loads the whole model regardless.
     ``vocab_parallel_embedding`` None: the embedding layout the checkpoint shows (see the module docstring).
     A quantized checkpoint (quant_load.py) loads its codes as they are; ``quantize`` quantizes a 16-bit one as
     it loads, on ``quantize_device`` (default the CPU; the codes are the same on a GPU, only faster). Under model
     parallelism an int8 embedding and head are dequantized (they are split as plain matrices); every rank keeps
     whole groups of the blocks' matrices.
-    ``lora`` (a ``train.lora.LoRAAdapter``, or its directory): merged into the 16-bit weights as they are loaded,
-    rounded once to the checkpoint's dtype, before ``quantize`` and ``dtype`` (train/merge.py); a quantized
-    checkpoint keeps its codes and gets the adapter attached beside them (train/lora.py); refused under model
+    ``lora`` (a ``model.lora.LoRAAdapter``, or its directory): merged into the 16-bit weights as they are loaded,
+    rounded once to the checkpoint's dtype, before ``quantize`` and ``dtype`` (checkpoint/lora_merge.py); a quantized
+    checkpoint keeps its codes and gets the adapter attached beside them (model/lora.py); refused under model
     parallelism.
     """
     ckpt = as_checkpoint(ckpt_dir)

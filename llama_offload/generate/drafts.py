@@ -117,7 +117,7 @@ def choose_draft(opts: RunOptions, ckpt_dir: CheckpointInfo | str | Path, device
 def draft_gpu_bytes(opts: RunOptions, ckpt_dir: CheckpointInfo | str | Path, args: ModelArgs,
                     dtype: torch.dtype) -> int:
     """What a model draft will hold on the GPU (weights, dequantization scratch, KV caches), from params.json
-    alone: ``preflight`` takes it out of the budget before anything is loaded. 0 for no draft or ngram."""
+    alone: the run plan (run_plan.py) takes it out of the budget before anything is loaded. 0 for no draft or ngram."""
     from llama_offload.offload.plan import weight_bytes
     from llama_offload.model.step import cache_len
 

@@ -93,14 +93,14 @@ class Llama:
         otherwise. ``chat_format`` defaults to the one a converted checkpoint records in llama_offload.json,
         else the one the tokenizer implies (Llama 3 header tokens: llama3; <|im_start|>: chatml; else llama2).
 
-        Under torchrun with N > 1 processes the model is split over them (parallel.py): each rank loads and
+        Under torchrun with N > 1 processes the model is split over them (model/parallel.py): each rank loads and
         pages 1/N of every block on GPU LOCAL_RANK, ``gpu_memory_gb`` is each rank's budget, and every rank
         samples with the same seed from the same gathered logits, so all of them produce the same tokens.
-        ``vocab_parallel_embedding`` overrides how the embedding is split (see checkpoint.py).
+        ``vocab_parallel_embedding`` overrides how the embedding is split (see checkpoint/load.py).
 
         ``lora=ADAPTER_DIR`` merges a LoRA adapter into the 16-bit weights while they load, before ``quantize`` and
         offloading: the model computes with exactly the weights ``llama-offload merge`` would write (one process,
-        an unquantized checkpoint; see merge_checkpoint.py). A ``draft`` of int4/int8 is made from the merged
+        an unquantized checkpoint; see convert/merge.py). A ``draft`` of int4/int8 is made from the merged
         weights too."""
         sizes = {k: v for k, v in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)) if v is not None}
         opts = RunOptions.from_flags({**sizes, **flags, "ckpt_dir": str(ckpt_dir), "tokenizer_path": str(tokenizer_path)},

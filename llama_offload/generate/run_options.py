@@ -240,7 +240,7 @@ def check_draft_name(draft: str) -> str:
 
 def check_lora_dir(lora: Any) -> str:
     """``--lora``: a directory holding an adapter whose config reads and checks (its shape is checked against the
-    checkpoint's in preflight, its tensors when it is loaded)."""
+    checkpoint's in the run plan, its tensors when it is loaded)."""
     from pathlib import Path
 
     from llama_offload.checkpoint.adapter import read_config

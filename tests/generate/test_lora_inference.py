@@ -191,7 +191,7 @@ def test_merged_model_equals_the_attached_adapter(root: Path, merged: Path) -> N
     plain = load(root / "base")
     attach(plain, adapter)  # base(x) + scale * B(A(x)), unmerged
     torch.testing.assert_close(logits(load(merged)), logits(plain), atol=2e-5, rtol=1e-4)
-    # merge_into (the model-level merge in train.lora) makes the same weights as the state-dict merge.
+    # merge_into (the model-level merge in model.lora) makes the same weights as the state-dict merge.
     model = load(root / "base")
     merge_into(model, adapter)
     sd = merge_state_dict(load(root / "base").state_dict(), adapter)

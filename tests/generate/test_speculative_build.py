@@ -77,7 +77,7 @@ def test_complete_command_with_a_draft(tiny_ckpt: Path, run_cli) -> None:
 
 @pytest.mark.parametrize("draft", ["int8", "int4", "itself"])
 def test_the_draft_memory_estimate_matches_the_built_draft(tiny_ckpt: Path, draft: str) -> None:
-    """preflight takes a model draft's GPU bytes out of the budget before loading: the estimate from params.json
+    """The run plan takes a model draft's GPU bytes out of the budget before loading: the estimate from params.json
     must be what the draft then holds (weights and KV caches; the dequantization scratch comes on top)."""
     from llama_offload.checkpoint.load import load_model
     from llama_offload.generate.drafts import build_draft, draft_gpu_bytes
