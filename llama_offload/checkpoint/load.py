@@ -50,6 +50,9 @@ from llama_offload.checkpoint.quant_load import (
     check_quantized_state_dict, dequantize_embeddings, quantize_state_dict, read_quantization, slice_for_rank,
     swap_quantized_modules,
 )
+from llama_offload.checkpoint.lora_merge import describe, merge_state_dict, model_parallel_lora_message, say
+from llama_offload.model.lora import ModelShape, attach, check_shape
+from llama_offload.checkpoint.adapter import load_adapter
 
 # How a key is split across model-parallel shards:
 #   int            concatenate along this dim;
@@ -398,10 +401,6 @@ def load_model(
     if stored_quantization is not None and quantize is not None:
         raise ValueError(already_quantized_message(ckpt_dir, quantize))
     if lora is not None:
-        from llama_offload.checkpoint.lora_merge import merge_state_dict, model_parallel_lora_message
-        from llama_offload.model.lora import ModelShape, attach, check_shape
-        from llama_offload.checkpoint.adapter import load_adapter
-
         if n > 1:
             raise ValueError(model_parallel_lora_message())
         adapter = lora if isinstance(lora, torch.nn.Module) else load_adapter(lora, "cpu")  # type: ignore[arg-type]
@@ -437,8 +436,6 @@ def load_model(
         # offload() keeps its pairs resident on the device.
         attach(model, adapter.to(model_dtype))
         if show_progress:
-            from llama_offload.checkpoint.lora_merge import describe, say
-
             say(f"attached the LoRA adapter beside the quantized matrices ({describe(adapter.config)})")
     # Inference only: no gradients means no autograd bookkeeping when blocks run outside inference_mode.
     model.requires_grad_(False)

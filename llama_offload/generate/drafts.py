@@ -27,9 +27,14 @@ from llama_offload.checkpoint.record import CheckpointInfo, as_checkpoint
 from llama_offload.model.args import ModelArgs
 from llama_offload.checkpoint.load import load_model
 from llama_offload.model.quant import QuantSpec
-from llama_offload.generate.run_options import RunOptions
+from llama_offload.generate.run_options import AUTO_DRAFT, RunOptions
 from llama_offload.generate.speculative import Draft, ModelDraft, NgramDraft
 from llama_offload.text.tokenizer import BUNDLED_CORPUS_PATH, Tokenizer, load_tokenizer
+from llama_offload.convert.default_model import resolve_paths
+from llama_offload.checkpoint.quant_load import read_quantization
+from llama_offload.offload.plan import weight_bytes
+from llama_offload.model.step import cache_len
+from llama_offload.offload.offloaded import offload
 
 SELF_DRAFT_SPECS = {"int4": QuantSpec(4, 64), "int8": QuantSpec(8)}
 _WHERE_NOTE = "llama_offload: no CUDA device, so the packed blocks run"  # offload()'s note, printed by the model
@@ -55,8 +60,6 @@ def tokenizer_mismatch(target: Tokenizer, draft: Tokenizer) -> Optional[str]:
 
 def check_draft_tokenizer(draft_dir: Path, target: Tokenizer) -> Path:
     """The draft checkpoint's tokenizer path, once it is known to give the target's ids; else a ValueError."""
-    from llama_offload.convert.default_model import resolve_paths
-
     _, path = resolve_paths(draft_dir, None)
     reason = tokenizer_mismatch(target, load_tokenizer(path))
     if reason is not None:
@@ -84,9 +87,6 @@ def choose_draft(opts: RunOptions, ckpt_dir: CheckpointInfo | str | Path, device
     (``--offload``, the default) the int8 self-draft, which measured fastest (2.70x on the paged default model),
     where the checkpoint is unquantized and the draft leaves at least half of a ``--gpu_memory_gb`` budget to the
     model, else ngram; on the CPU, or with every block resident, none."""
-    from llama_offload.checkpoint.quant_load import read_quantization
-    from llama_offload.generate.run_options import AUTO_DRAFT
-
     ckpt_dir = as_checkpoint(ckpt_dir)
     if opts.draft in SELF_DRAFT_SPECS and read_quantization(ckpt_dir) is not None:
         raise ValueError(f"--draft {opts.draft}: {ckpt_dir} is already quantized, so its quantized copy would be the "
@@ -118,9 +118,6 @@ def draft_gpu_bytes(opts: RunOptions, ckpt_dir: CheckpointInfo | str | Path, arg
                     dtype: torch.dtype) -> int:
     """What a model draft will hold on the GPU (weights, dequantization scratch, KV caches), from params.json
     alone: the run plan (run_plan.py) takes it out of the budget before anything is loaded. 0 for no draft or ngram."""
-    from llama_offload.offload.plan import weight_bytes
-    from llama_offload.model.step import cache_len
-
     if opts.draft in (None, "ngram"):
         return 0
     spec = SELF_DRAFT_SPECS.get(opts.draft)
@@ -153,7 +150,6 @@ def build_draft(opts: RunOptions, ckpt_dir: CheckpointInfo | str | Path, tokeniz
         return None, 0
     if opts.draft == "ngram":
         return NgramDraft(), 0
-    from llama_offload.offload.offloaded import offload
 
     max_seq_len = opts.max_seq_len + opts.draft_tokens + 1
     if opts.draft in SELF_DRAFT_SPECS:

@@ -24,6 +24,9 @@ from llama_offload.text.chat_format import CHAT_FORMATS
 from llama_offload.offload.plan import DEFAULT_PREFILL_CHUNK
 from llama_offload.model.dtypes import parse_dtype
 from llama_offload.model.quant import QuantSpec
+from llama_offload.checkpoint.adapter import read_config
+from llama_offload.generate.speculative import DEFAULT_DRAFT_TOKENS
+
 
 def flag(default: Any, help: str) -> Any:
     """A dataclass field that is a command-line flag: its default, and its help line (one sentence or a few, as
@@ -213,8 +216,6 @@ class RunOptions:
     @property
     def draft_tokens(self) -> int:
         """Tokens drafted per sequence and pass under --draft."""
-        from llama_offload.generate.speculative import DEFAULT_DRAFT_TOKENS
-
         return self.num_draft_tokens or DEFAULT_DRAFT_TOKENS
 
     def chunk(self) -> int:
@@ -242,8 +243,6 @@ def check_lora_dir(lora: Any) -> str:
     """``--lora``: a directory holding an adapter whose config reads and checks (its shape is checked against the
     checkpoint's in the run plan, its tensors when it is loaded)."""
     from pathlib import Path
-
-    from llama_offload.checkpoint.adapter import read_config
 
     if isinstance(lora, bool) or not isinstance(lora, (str, int, float, Path)) or not str(lora).strip():
         raise ValueError(f"--lora takes a LoRA adapter directory (as llama-offload finetune writes it), found "
