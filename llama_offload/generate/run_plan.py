@@ -283,8 +283,10 @@ def _describe(run: RunPlan) -> list[str]:
         out.append(f"storage        {describe_quantization(quantization)}; {measured:.2f} bits/weight over the "
                    "blocks, measured")
         source = "from --dtype" if opts.torch_dtype is not None else "the dtype its norms are stored in"
-        out.append(f"dtype          compute {dtype_name(run.dtype)} ({source}); the quantized matrices are "
-                   "dequantized to it as they are used")
+        codes = run.device.type == "cpu" and plan.host_kernel is not None and plan.host_kernel.kernel == "gemv"
+        how = ("multiplied through their codes (the gemv kernel below)" if codes
+               else "dequantized to it as they are used")
+        out.append(f"dtype          compute {dtype_name(run.dtype)} ({source}); the quantized matrices are {how}")
     elif opts.torch_dtype is not None:
         out.append(f"dtype          {dtype_name(run.dtype)} (from --dtype)")
     else:
