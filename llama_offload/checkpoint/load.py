@@ -447,7 +447,7 @@ def load_model(
 GGUF_BITS = {"Q4_0": 4.5, "Q4_1": 5.0, "Q8_0": 8.5, "F16": 16.0, "BF16": 16.0, "F32": 32.0}
 
 
-def describe_quantization(record: Any) -> str:
+def describe_quantization_record(record: Any) -> str:
     """A llama_offload.json "quantization" record in a few words, for messages and ``info``: "int4 in groups of 64,
     embedding and head 16-bit", or a GGUF's kept blocks "Q4_1 blocks (5.0 bits/weight) in 210 matrices, Q8_0
     (8.5 bits/weight) in 1 (the token embedding)" instead of the record itself (one entry per matrix)."""
@@ -700,5 +700,5 @@ def checkpoint_context_length(ckpt_dir: CheckpointInfo | str | Path, args: Model
     return context_length(as_checkpoint(ckpt_dir), args)
 
 
-__all__ += ["check_shard_sizes", "checkpoint_context_length", "compact_tensor", "describe_quantization",
+__all__ += ["check_shard_sizes", "checkpoint_context_length", "compact_tensor", "describe_quantization_record",
             "expected_shard_elements"]

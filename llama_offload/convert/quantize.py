@@ -28,7 +28,7 @@ import torch
 from llama_offload.model import quant
 from llama_offload.model.args import ModelArgs
 from llama_offload.checkpoint.load import (
-    compact_tensor, describe_quantization, expected_shapes, find_shards, open_float_shards,
+    compact_tensor, describe_quantization_record, expected_shapes, find_shards, open_float_shards,
 )
 from llama_offload.checkpoint.meta import META_FILENAME, read_checkpoint_meta, write_checkpoint_meta
 from llama_offload.checkpoint.output_dir import check_out_dir, is_inside, output_dir
@@ -170,7 +170,7 @@ def quantize_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec: QuantSp
     meta = read_checkpoint_meta(ckpt)
     if "quantization" in meta:
         raise _already_quantized(f"{ckpt / META_FILENAME} records a quantization, "
-                                 f"{describe_quantization(meta['quantization'])}")
+                                 f"{describe_quantization_record(meta['quantization'])}")
     args = ModelArgs.from_json(params_path)
     _, tok = resolve_paths(ckpt, tokenizer_path)
     tokenizer = load_tokenizer(tok)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from llama_offload.checkpoint.load import already_quantized_message, check_shard_sizes, describe_quantization, \
+from llama_offload.checkpoint.load import already_quantized_message, check_shard_sizes, describe_quantization_record, \
     expected_shapes
 from llama_offload.checkpoint.lora_merge import check_lora, describe as describe_lora
 from llama_offload.checkpoint.meta import describe_source
@@ -280,7 +280,7 @@ def _describe(run: RunPlan) -> list[str]:
     if quantization is not None:
         # The blocks' own bytes, measured from the shard's tensors: the storage a run reads, not the compute dtype.
         measured = n_layers * plan.block_bytes * 8 / max(1, n_layers * counts["per_block"])
-        out.append(f"storage        {describe_quantization(quantization)}; {measured:.2f} bits/weight over the "
+        out.append(f"storage        {describe_quantization_record(quantization)}; {measured:.2f} bits/weight over the "
                    "blocks, measured")
         source = "from --dtype" if opts.torch_dtype is not None else "the dtype its norms are stored in"
         codes = run.device.type == "cpu" and plan.host_kernel is not None and plan.host_kernel.kernel == "gemv"
