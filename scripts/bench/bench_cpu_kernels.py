@@ -1,5 +1,5 @@
 """The CPU lane's matrix kernels on the seven matrices of one block: torch's ``F.linear``, oneDNN's prepacked
-linear and llama_offload's own (cpu_kernels.py), for 16-bit weights and int8/int4 codes (against int16 or fp32
+linear and llama_offload's own (llama_offload/kernels/cpu.py), for 16-bit weights and int8/int4 codes (against int16 or fp32
 activations), ms per block and the weight bytes read per second.
 
 Usage (on the machine whose CPU lane you want to know; 7B shape, every core but one)::
