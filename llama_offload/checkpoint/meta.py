@@ -105,3 +105,19 @@ def describe_source(source: Any) -> str:
     if not where.exists():
         return f"{fmt} {name}{title}, from {where} (no longer there)"
     return f"{fmt} {where}{title}"
+
+
+def write_derived_meta(out_dir: Path, meta: dict[str, Any], *, source_dir: Path, num_shards: int, dtype: str,
+                       tokenizer: str, **extra: Any) -> dict[str, Any]:
+    """llama_offload.json of a checkpoint made from another (quantized, or an adapter merged in): the input's own
+    records are carried over, its source is recorded as a Meta checkpoint (with what that was converted from), and
+    ``extra`` (the quantization, the merged adapters) is added."""
+    carried = {k: v for k, v in meta.items()
+               if k not in ("format_version", "chat_format", "tokenizer", "source", "converted_at", *extra)}
+    source: dict[str, Any] = {"format": "meta", "path": str(source_dir.resolve()), "num_shards": num_shards,
+                              "dtype": dtype}
+    if meta.get("source"):
+        source["converted_from"] = meta["source"]
+    carried.setdefault("dtype", dtype)  # what the 16-bit parts (norms, ...) are stored in
+    return write_checkpoint_meta(out_dir, chat_format=meta.get("chat_format"), tokenizer=tokenizer, source=source,
+                                 **carried, **extra)

@@ -375,8 +375,8 @@ def info(*, options: RunOptions) -> None:
     if tok is None:
         raise FileNotFoundError(f"no tokenizer was found for {ckpt.path}: a run would be refused. Pass "
                                 "--tokenizer_path with the tokenizer that came with the checkpoint.")
-    if options.num_slices is not None and options.num_slices > ckpt.model_args().n_layers:
-        n_layers = ckpt.model_args().n_layers
+    n_layers = ckpt.model_args().n_layers
+    if options.num_slices is not None and options.num_slices > n_layers:
         raise ValueError(f"--num_slices {options.num_slices} is more than the {n_layers} blocks there are to page; "
                          f"choose 1..{n_layers}.")
     options = dataclasses.replace(options, ckpt_dir=str(ckpt.path), tokenizer_path=str(tok))

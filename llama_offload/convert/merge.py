@@ -20,7 +20,7 @@ import dataclasses
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -31,7 +31,7 @@ from llama_offload.checkpoint.load import compact_tensor, expected_shapes, find_
 from llama_offload.checkpoint.lora_merge import (
     merged_weight, say, check_lora, describe, lora_deltas, quantized_lora_message,
 )
-from llama_offload.checkpoint.meta import META_FILENAME, read_checkpoint_meta, write_checkpoint_meta
+from llama_offload.checkpoint.meta import META_FILENAME, read_checkpoint_meta, write_derived_meta
 from llama_offload.checkpoint.output_dir import check_out_dir, is_inside, output_dir
 from llama_offload.text.tokenizer import check_vocab_size, load_tokenizer, tokenizer_copy_files
 from llama_offload.convert.default_model import resolve_paths
@@ -106,17 +106,10 @@ def merge_checkpoint(ckpt_dir: str | Path, lora_dir: str | Path, out_dir: str | 
         shutil.copyfile(params_path, tmp / "params.json")
         for name, src in tok_files.items():
             shutil.copyfile(src, tmp / name)
-        carried = {k: v for k, v in meta.items()
-                   if k not in ("format_version", "chat_format", "tokenizer", "source", "converted_at")}
-        source: dict[str, Any] = {"format": "meta", "path": str(ckpt.resolve()), "num_shards": len(paths),
-                                  "dtype": dtype_name(in_dtype)}
-        if meta.get("source"):
-            source["converted_from"] = meta["source"]
-        merged = list(carried.pop("lora_merged", None) or [])  # an earlier merge into the input stays recorded
+        merged = list(meta.get("lora_merged") or [])  # an earlier merge into the input stays recorded
         merged.append({"path": str(adapter_dir.resolve()), "rank": config.rank, "alpha": config.alpha,
                        "targets": list(config.targets)})
-        carried.setdefault("dtype", dtype_name(in_dtype))
-        write_checkpoint_meta(tmp, chat_format=meta.get("chat_format"), tokenizer=out_name, source=source,
-                              **carried, lora_merged=merged)
+        write_derived_meta(tmp, meta, source_dir=ckpt, num_shards=len(paths), dtype=dtype_name(in_dtype),
+                           tokenizer=out_name, lora_merged=merged)
     say(f"wrote {out} in {time.perf_counter() - start:.1f} s ({META_FILENAME} records the adapter)")
     return out

@@ -30,7 +30,7 @@ from llama_offload.model.args import ModelArgs
 from llama_offload.checkpoint.load import (
     compact_tensor, describe_quantization_record, expected_shapes, find_shards, open_float_shards,
 )
-from llama_offload.checkpoint.meta import META_FILENAME, read_checkpoint_meta, write_checkpoint_meta
+from llama_offload.checkpoint.meta import META_FILENAME, read_checkpoint_meta, write_derived_meta
 from llama_offload.checkpoint.output_dir import check_out_dir, is_inside, output_dir
 from llama_offload.model.dtypes import dtype_name
 from llama_offload.convert.default_model import resolve_paths
@@ -239,15 +239,8 @@ def quantize_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, spec: QuantSp
         shutil.copyfile(params_path, tmp / "params.json")
         for name, src in tok_files.items():
             shutil.copyfile(src, tmp / name)
-        carried = {k: v for k, v in meta.items()
-                   if k not in ("format_version", "chat_format", "tokenizer", "source", "converted_at")}
-        source: dict[str, Any] = {"format": "meta", "path": str(ckpt.resolve()), "num_shards": len(paths),
-                                  "dtype": dtype_name(in_dtype)}
-        if meta.get("source"):
-            source["converted_from"] = meta["source"]
-        carried.setdefault("dtype", dtype_name(in_dtype))  # what the 16-bit parts (norms, ...) are stored in
-        write_checkpoint_meta(tmp, chat_format=meta.get("chat_format"), tokenizer=out_name, source=source,
-                              **carried, quantization=spec.to_json())
+        write_derived_meta(tmp, meta, source_dir=ckpt, num_shards=len(paths), dtype=dtype_name(in_dtype),
+                           tokenizer=out_name, quantization=spec.to_json())
         out_bytes = (tmp / "consolidated.00.pth").stat().st_size
 
     bpw_blocks = 8 * qbytes["blocks"] / weights["blocks"] if weights["blocks"] else float("nan")
