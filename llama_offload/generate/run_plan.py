@@ -61,7 +61,6 @@ class RunPlan:
     lora: Optional[Any] = None  # --lora's config (model.lora.LoRAConfig), checked against the checkpoint
     lora_attached: bool = False  # beside a quantized checkpoint's codes (resident, no CPU lane), not merged
     draft_bytes: int = 0  # what a model draft holds on the GPU, taken out of --gpu_memory_gb
-    model_parallel_size: int = 1
 
     @property
     def load_dtype(self) -> Optional[torch.dtype]:
@@ -175,8 +174,7 @@ def plan_run(ckpt: CheckpointInfo | str | Path, tokenizer_path: str | Path, opti
     if check_memory and not planning_only:
         check_host_memory(host)
     return RunPlan(ckpt, opts, args, tokenizer, Path(tokenizer_path), chat_format, device, dtype, itemsize, context,
-                   source, plan, host, threads if plan.cpu_blocks else None, lora, attached, draft,
-                   model_parallel_size)
+                   source, plan, host, threads if plan.cpu_blocks else None, lora, attached, draft)
 
 
 def _stored_dtype(ckpt: CheckpointInfo, itemsize: int) -> torch.dtype:
