@@ -34,6 +34,8 @@ _OWN_FILES = {META_FILENAME, "params.json", "tokenizer.json", "tokenizer.model",
 
 
 _OWN_SHARD = re.compile(r"consolidated\.\d+\.pth")
+# A fully fine-tuned checkpoint keeps its optimizer state beside it (checkpoint/trained.py).
+_OWN_STATE = re.compile(r"trainer_state(\.rank\d+)?\.pt")
 
 
 def _fmt_size(n: float) -> str:
@@ -52,7 +54,7 @@ def _check_existing(out_dir: Path, *, force: bool, sources: Iterable[str | Path]
     names = sorted(p.name for p in out_dir.iterdir())
     if not names:
         return
-    foreign = [n for n in names if n not in _OWN_FILES and not _OWN_SHARD.fullmatch(n)]
+    foreign = [n for n in names if n not in _OWN_FILES and not _OWN_SHARD.fullmatch(n) and not _OWN_STATE.fullmatch(n)]
     ours = META_FILENAME in names
     if not ours or foreign:
         what = (f"holds files a conversion does not write ({', '.join(foreign[:8])}"

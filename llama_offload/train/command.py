@@ -12,19 +12,23 @@ from llama_offload.train.finetune import FinetuneOptions, finetune
 
 
 def finetune_command(*args: Any, **kwargs: Any) -> None:
-    """Train a LoRA adapter on a frozen base model whose blocks are paged through a GPU budget."""
+    """Train a LoRA adapter on a frozen base model, or every weight (--full), with its blocks paged through a GPU
+    budget."""
     bound = _SIGNATURE.bind(*args, **kwargs)  # a name that is no field: TypeError, as for any function
     bound.apply_defaults()
     flags = bound.arguments
-    opts = FinetuneOptions(**{**flags, "resume": bool(flags["resume"]),
-                              "allow_long_context": bool(flags["allow_long_context"])})
+    opts = FinetuneOptions(**{**flags, **{k: bool(flags[k]) for k in ("resume", "allow_long_context", "full", "force")}})
     with exit_on_signal("llama-offload finetune"):
         done = finetune(opts)
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        print(f"adapter written to {done}")
-        print(f"use it with: llama-offload chat --lora {done}" + (f" --ckpt_dir {flags['ckpt_dir']}" if flags["ckpt_dir"] else ""))
+        if opts.full:
+            print(f"fine-tuned checkpoint written to {done}")
+            print(f"use it with: llama-offload chat --ckpt_dir {done}")
+        else:
+            print(f"adapter written to {done}")
+            print(f"use it with: llama-offload chat --lora {done}" + (f" --ckpt_dir {flags['ckpt_dir']}" if flags["ckpt_dir"] else ""))
 
 
 # The flags are FinetuneOptions' fields, written once there: fire (through inspect.signature) and Python callers see

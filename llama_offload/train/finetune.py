@@ -1,16 +1,13 @@
-"""``llama-offload finetune``: train a LoRA adapter on a frozen base model, paged through a GPU budget.
+"""``llama-offload finetune``: train a LoRA adapter on a frozen base model, or (``--full``) every weight, with the
+model's blocks paged through a GPU budget.
 
-    flags -> checked (data read and packed, adapter shape, memory plan) before any weight is loaded
-          -> base model loaded (16-bit or quantized, frozen), adapter attached (LoRA pairs resident)
-          -> per optimizer step: batch_size x grad_accum rows per rank, each micro-batch forward and backward
-             through paged.py; LoRA gradients summed over ranks (data parallel); AdamW
-          -> adapter and trainer state saved atomically to --out every --save_every steps, at the end, and when
-             interrupted; --resume picks the run up at the step it saved
-
-The rows of every step come from a fixed order: epoch e is a permutation of the packed rows drawn from
-``--seed`` + e, and step s takes rows s x G .. (s + 1) x G - 1 of the epochs laid end to end (G = rows per
-step over every rank). So the data position is the step number, and a resumed run sees the rows the
-uninterrupted one would have.
+    flags -> checked (data read and packed, adapter shape or host memory plan, --out) before any weight is loaded
+          -> base model loaded; the trainer for the mode: lora_trainer.LoraTrainer (adapters on the device, torch's
+             AdamW) or full_trainer.FullTrainer (every weight, fp32 masters and AdamW on the host)
+          -> per optimizer step: batch_size x grad_accum rows per rank (schedule.py), each micro-batch forward and
+             backward through paged.py, gradients summed over ranks (data parallel), the update
+          -> saved atomically to --out every --save_every steps, at the end, and when interrupted (an adapter, or
+             a Meta checkpoint with the optimizer state beside it); --resume picks the run up at the step it saved
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 import shutil
 import sys
 import time
@@ -33,19 +29,27 @@ from llama_offload.model.args import ModelArgs
 from llama_offload.text.chat_format import chat_format_name, get_chat_format
 from llama_offload.checkpoint.load import checkpoint_context_length, load_model
 from llama_offload.checkpoint.meta import read_checkpoint_meta
-from llama_offload.checkpoint.output_dir import existing_ancestor
+from llama_offload.checkpoint.output_dir import check_out_dir, existing_ancestor
+from llama_offload.checkpoint.quant_load import read_quantization
+from llama_offload.checkpoint.record import find_shards, open_shard
+from llama_offload.checkpoint.trained import checkpoint_bytes, state_file
 from llama_offload.files.cleanup import new_temp_dir, remove_tree
 from llama_offload.convert.default_model import resolve_paths
 from llama_offload.generate.run_options import flag
-from llama_offload.model.dtypes import parse_dtype
-from llama_offload.text.tokenizer import check_vocab_size, load_tokenizer
-from llama_offload.train import budget, data, paged
+from llama_offload.model.dtypes import dtype_name, parse_dtype
+from llama_offload.text.tokenizer import check_vocab_size, load_tokenizer, tokenizer_copy_files
+from llama_offload.train import budget, data
+from llama_offload.train.host_adamw import STATES
+from llama_offload.train.lora_trainer import LoraTrainer, lora_parameter_count, stored_bytes
+from llama_offload.train.full_trainer import FullTrainer
+from llama_offload.train.schedule import start_data_parallel, world as _world
+from llama_offload.train.trainer import Trainer
 from llama_offload.checkpoint import adapter
 from llama_offload.model import lora
-from llama_offload.train.loss import chunked_cross_entropy
 from llama_offload.train.progress import Progress
 
 STATE_VERSION = 1
+LORA_DEFAULTS = {"lora_rank": 16, "lora_alpha": 32.0, "lora_targets": "wq,wk,wv,wo,w1,w2,w3"}
 
 
 @dataclass
@@ -56,10 +60,14 @@ class FinetuneOptions:
     data: Optional[str] = flag(None, 'a JSONL file, one {"text": ...} or {"messages": [{"role": ..., "content": ...}, '
                                      "...]} per line; chat examples are rendered in the checkpoint's chat format and "
                                      "only the assistant replies are learned.")
-    out: Optional[str] = flag(None, "the adapter directory to write (adapter_config.json, adapter.safetensors, "
-                                    "trainer_state.pt); must be new or empty unless --resume.")
+    out: Optional[str] = flag(None, "the directory to write: the adapter (adapter_config.json, adapter.safetensors, "
+                                    "trainer_state.pt), or with --full a Meta checkpoint with its optimizer state; "
+                                    "must be new or empty unless --resume (or --force with --full).")
     ckpt_dir: Optional[str] = flag(None, "the base checkpoint (default: the default model); 16-bit or quantized (a "
-                                         "quantized base trains QLoRA-style).")
+                                         "quantized base trains QLoRA-style; --full needs a 16-bit one).")
+    full: bool = flag(False, "train every weight (blocks, embedding, norm, output head) instead of a LoRA adapter: "
+                             "fp32 master weights and AdamW moments in host memory, the update on the CPU overlapped "
+                             "with the backward pass; --out becomes a Meta checkpoint.")
     tokenizer_path: Optional[str] = flag(None, "its tokenizer (default: the one found in or beside ckpt_dir).")
     steps: Optional[int] = flag(None, "optimizer steps to run in all (not with --epochs).")
     epochs: Optional[float] = flag(None, "passes over the packed data (default 1; not with --steps).")
@@ -85,6 +93,13 @@ class FinetuneOptions:
     offload_activations: Optional[bool] = flag(None, "keep each block's checkpointed input in pinned CPU memory "
                                                      "instead of on the GPU (default: on with a GPU).")
     weight_decay: float = flag(0.0, "AdamW weight decay.")
+    max_grad_norm: Optional[float] = flag(None, "clip the gradients by their global norm to this (as "
+                                                "torch.nn.utils.clip_grad_norm_); default: no clipping.")
+    optim_state: str = flag("fp32", "--full: how AdamW's moments are stored on the host: fp32, bf16 (half the memory) "
+                                    "or int8 (a quarter; block-quantized). The plan says when fp32 does not fit.")
+    host_memory_gb: Optional[float] = flag(None, "--full: host memory this process may use, in GiB (default: what "
+                                                 "the host has available, less a margin).")
+    force: bool = flag(False, "--full: replace an --out that holds a checkpoint llama_offload wrote.")
     device: Optional[str] = flag(None, "cuda, cuda:N or cpu (default: cuda if available).")
     dtype: Optional[str] = flag(None, "bfloat16, float16 or float32: the base weights' and autocast's dtype "
                                       "(default: bf16 on a GPU, fp32 on the CPU); the LoRA weights are always fp32.")
@@ -120,12 +135,29 @@ class FinetuneOptions:
             raise ValueError(f"--weight_decay must be 0 or more, found {self.weight_decay!r}.")
         if self.gpu_memory_gb is not None:
             positive("gpu_memory_gb", self.gpu_memory_gb)
-        lora.parse_targets(self.lora_targets)
+        for name in ("max_grad_norm", "host_memory_gb"):
+            if getattr(self, name) is not None:
+                positive(name, getattr(self, name))
+        if self.optim_state not in STATES:
+            raise ValueError(f"--optim_state must be one of {', '.join(STATES)}, found {self.optim_state!r}.")
+        if self.full:
+            given = [f"--{k} {getattr(self, k)}" for k, v in LORA_DEFAULTS.items() if getattr(self, k) != v]
+            if given:
+                raise ValueError(f"--full trains every weight, so it takes no LoRA flags (found {', '.join(given)}). "
+                                 "Drop them, or drop --full to train an adapter.")
+        else:
+            extra = [f"--{k}" for k, off in (("optim_state", "fp32"), ("host_memory_gb", None), ("force", False))
+                     if getattr(self, k) != off]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} belong{'s' if len(extra) == 1 else ''} to full fine-tuning; add "
+                                 "--full to train every weight, or drop them to train a LoRA adapter.")
+            lora.parse_targets(self.lora_targets)
 
     def identity(self) -> dict[str, Any]:
-        """What must not change when a run resumes: the rows, their order and the adapter's shape."""
-        return {k: getattr(self, k) for k in ("seq_len", "batch_size", "grad_accum", "seed", "lora_rank",
-                                              "lora_alpha", "lora_targets")}
+        """What must not change when a run resumes: the rows, their order and what trains."""
+        keys = ("seq_len", "batch_size", "grad_accum", "seed", "full", "optim_state") if self.full else (
+            "seq_len", "batch_size", "grad_accum", "seed", "lora_rank", "lora_alpha", "lora_targets")
+        return {k: getattr(self, k) for k in keys}
 
 
 def _sha256(path: Path) -> str:
@@ -136,30 +168,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _start_data_parallel(device: Optional[str]) -> torch.device:
-    """The training device; under torchrun with N processes, each rank's (GPU LOCAL_RANK, or the CPU with gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    wanted = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if wanted.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but PyTorch sees no CUDA GPU. Use --device cpu, or install a "
-                           "CUDA build of torch.")
-    if world > 1:
-        if wanted.type == "cuda":
-            wanted = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(wanted)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if wanted.type == "cuda" else "gloo")
-    elif wanted.type == "cuda" and wanted.index is None:
-        wanted = torch.device("cuda", torch.cuda.current_device())
-    return wanted
-
-
 @dataclass
 class Prepared:
     """Everything checked and read before the weights: the run can still be refused cheaply here."""
@@ -168,7 +176,7 @@ class Prepared:
     ckpt_dir: Path
     tokenizer_path: Path
     params: ModelArgs
-    config: lora.LoRAConfig
+    config: Optional[lora.LoRAConfig]  # None with --full
     inputs: torch.Tensor  # (rows, seq_len) int64
     targets: torch.Tensor  # (rows, seq_len) int64, -100 where no loss is counted
     eval_inputs: Optional[torch.Tensor]
@@ -179,25 +187,44 @@ class Prepared:
     state: Optional[dict]
     device: torch.device
     dtype: torch.dtype
+    offload_activations: bool = False
+    plan: Any = None  # budget.TrainingPlan (LoRA) or budget.FullTrainingPlan (--full)
+    # --full: what the output checkpoint takes from its source
+    source_meta: dict = dataclasses.field(default_factory=dict)
+    source_dtype: torch.dtype = torch.float32
+    source_dtype_name: str = "float32"
+    num_shards: int = 1
+    tokenizer_name: str = ""
+    tokenizer_files: dict = dataclasses.field(default_factory=dict)
+    sources: list = dataclasses.field(default_factory=list)
+
+
+def _saved_state_path(out: Path, full: bool, rank: int, world: int) -> Path:
+    return out / (state_file(rank, world) if full else adapter.STATE_FILE)
 
 
 def prepare(opts: FinetuneOptions, device: torch.device) -> Prepared:
     opts.check()
-    _, world = _world()
+    rank, world = _world()
     data_path = Path(opts.data).expanduser()
     if not data_path.is_file():
         raise FileNotFoundError(f"--data {data_path} does not exist. Pass a JSONL file with one example per line.")
     out = Path(opts.out).expanduser()
     state = None
     if opts.resume:
-        if not (out / adapter.STATE_FILE).is_file():
-            raise FileNotFoundError(f"--resume: {out} holds no saved run ({adapter.STATE_FILE} is missing). Start the "
-                                    "run without --resume, or point --out at the directory of the run to resume.")
-        adapter.read_config(out)  # the saved adapter's config and weights file, whole
-        state = _read_state(out / adapter.STATE_FILE)
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        saved = _saved_state_path(out, opts.full, rank, world)
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume: {out} holds no saved {'full fine-tuning ' if opts.full else ''}run "
+                                    f"({saved.name} is missing). Start the run without --resume, or point --out at "
+                                    "the directory of the run to resume" + ("" if opts.full else
+                                    " (a run saved with --full resumes with --full)") + ".")
+        if not opts.full:
+            adapter.read_config(out)  # the saved adapter's config and weights file, whole
+        state = _read_state(saved, full=opts.full)
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not (opts.full and opts.force):
         raise FileExistsError(f"--out {out} already exists and is not empty; nothing in it is overwritten. Pass "
-                              "--resume to continue the run saved there, or choose another --out.")
+                              "--resume to continue the run saved there, or choose another --out"
+                              + (" (or --force to replace a checkpoint llama_offload wrote)." if opts.full else "."))
     ckpt_dir, tokenizer_path = resolve_paths(opts.ckpt_dir, opts.tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)
     params = ModelArgs.from_json(ckpt_dir / "params.json", max_seq_len=opts.seq_len, max_batch_size=opts.batch_size)
@@ -208,12 +235,21 @@ def prepare(opts: FinetuneOptions, device: torch.device) -> Prepared:
     if context is not None and opts.seq_len > context and not opts.allow_long_context:
         raise ValueError(f"--seq_len {opts.seq_len} is above the {context} tokens this model was trained for "
                          f"({source}). Lower --seq_len, or pass --allow_long_context to train past it anyway.")
-    config = lora.LoRAConfig(int(opts.lora_rank), float(opts.lora_alpha), lora.parse_targets(opts.lora_targets),
-                             lora.ModelShape.of(params))
-    config.check()
-    check_out_room(out, config, resuming=state is not None)
-    chat_format = get_chat_format(chat_format_name(opts.chat_format, read_checkpoint_meta(ckpt_dir), tokenizer),
-                                  tokenizer)
+    meta = read_checkpoint_meta(ckpt_dir)
+    dtype = parse_dtype(opts.dtype, flag="--dtype") if opts.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    offload_activations = opts.offload_activations if opts.offload_activations is not None else device.type == "cuda"
+    config = None
+    extra: dict[str, Any] = {}
+    if opts.full:
+        extra = _prepare_full(opts, ckpt_dir, tokenizer_path, params, meta, data_path, out, dtype, device, world,
+                              resuming=state is not None)
+        offload_activations = extra["plan"].checkpoints_on_host
+    else:
+        config = lora.LoRAConfig(int(opts.lora_rank), float(opts.lora_alpha), lora.parse_targets(opts.lora_targets),
+                                 lora.ModelShape.of(params))
+        config.check()
+        check_out_room(out, config, resuming=state is not None)
+    chat_format = get_chat_format(chat_format_name(opts.chat_format, meta, tokenizer), tokenizer)
     pad_id = tokenizer.eos_id
 
     def packed(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,7 +272,7 @@ def prepare(opts: FinetuneOptions, device: torch.device) -> Prepared:
     sha = _sha256(data_path)
     start = 0
     if state is not None:
-        mismatch = {k: (v, opts.identity()[k]) for k, v in state["identity"].items() if opts.identity()[k] != v}
+        mismatch = {k: (v, opts.identity().get(k)) for k, v in state["identity"].items() if opts.identity().get(k) != v}
         if state["world_size"] != world:
             mismatch["processes"] = (state["world_size"], world)
         if state["data_sha256"] != sha:
@@ -249,28 +285,69 @@ def prepare(opts: FinetuneOptions, device: torch.device) -> Prepared:
         if start >= total:
             raise ValueError(f"--resume: the run in {out} already did {start} steps and this one asks for {total}. "
                              "Raise --steps (or --epochs) to train further.")
-    dtype = parse_dtype(opts.dtype, flag="--dtype") if opts.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if not opts.full:
+        block, fixed = stored_bytes(params, dtype)
+        extra["plan"] = budget.plan_training(
+            params, block_bytes=block, fixed_weight_bytes=fixed, lora_params=lora_parameter_count(config, params.n_layers),
+            seq_len=opts.seq_len, batch_size=opts.batch_size, itemsize=dtype.itemsize, lora_rank=config.rank,
+            offload_activations=bool(offload_activations), gpu_memory_gb=opts.gpu_memory_gb)
     return Prepared(opts, ckpt_dir, tokenizer_path, params, config, inputs, targets, eval_inputs, eval_targets, sha,
-                    total, start, state, device, dtype)
+                    total, start, state, device, dtype, bool(offload_activations), **extra)
 
 
-_STATE_KEYS = ("version", "step", "identity", "world_size", "data_sha256", "optimizer", "adapter", "history")
+def _prepare_full(opts: FinetuneOptions, ckpt_dir: Path, tokenizer_path: Path, params: ModelArgs, meta: dict,
+                  data_path: Path, out: Path, dtype: torch.dtype, device: torch.device, world: int, *,
+                  resuming: bool) -> dict[str, Any]:
+    """--full's checks and plan, before any weight is read: a 16-bit source, the memory plan, --out and its disk."""
+    if read_quantization(ckpt_dir) is not None:
+        raise ValueError(f"--full trains every weight, and {ckpt_dir} is quantized: its weights cannot be trained "
+                         "directly. Fine-tune the 16-bit checkpoint it was made from, or train a LoRA adapter on "
+                         "this one (drop --full).")
+    shards = find_shards(ckpt_dir)
+    first = open_shard(shards[0])  # memory-mapped: only the header is read
+    sample = first.get("tok_embeddings.weight", next(iter(first.values())))
+    source_dtype = sample.dtype
+    del first, sample
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"--dtype {dtype_name(dtype)}: full fine-tuning computes in bfloat16, float16 or float32.")
+    plan = budget.plan_full_training(
+        params, seq_len=opts.seq_len, batch_size=opts.batch_size, itemsize=dtype.itemsize, world=world,
+        optim_state=opts.optim_state, keep_grads=opts.grad_accum > 1 or opts.max_grad_norm is not None,
+        offload_activations=opts.offload_activations, on_gpu=device.type == "cuda",
+        gpu_memory_gb=opts.gpu_memory_gb, host_memory_gb=opts.host_memory_gb)
+    tokenizer_name, tokenizer_files = tokenizer_copy_files(tokenizer_path)
+    sources = [ckpt_dir, data_path, *tokenizer_files.values()]
+    # A save: the weights, every rank's master weights and moments, and (while it replaces the last) the last one.
+    owned = budget.param_counts(params)["held"]
+    one = checkpoint_bytes(params, source_dtype.itemsize) + int((4 + budget.MOMENT_BYTES[opts.optim_state]) * owned)
+    check_out_dir(out, force=bool(opts.force) or resuming, sources=sources, needed_bytes=one if resuming else 2 * one)
+    return dict(plan=plan, source_meta=meta, source_dtype=source_dtype, source_dtype_name=dtype_name(source_dtype),
+                num_shards=len(shards), tokenizer_name=tokenizer_name, tokenizer_files=tokenizer_files,
+                sources=sources)
 
 
-def _read_state(path: Path) -> dict:
+_STATE_KEYS = ("version", "step", "identity", "world_size", "data_sha256", "optimizer", "history")
+
+
+def _read_state(path: Path, *, full: bool) -> dict:
     """The trainer state a run saved, read whole and checked for its keys: a damaged file is one line."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # mmap: a full fine-tuning state holds the master weights and moments, several times the model
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # torch.load raises many types on a truncated or foreign file
         detail = (str(e).split(". ")[0].splitlines() or [type(e).__name__])[0][:120]
-        raise ValueError(f"--resume: {path} could not be read ({detail}): it is truncated or damaged. Start a new run with another --out; the adapter saved "
-                         "beside it is still usable with --lora.") from None
+        raise ValueError(f"--resume: {path} could not be read ({detail}): it is truncated or damaged. Start a new run "
+                         "with another --out; " + ("the checkpoint saved beside it is still usable." if full else
+                         "the adapter saved beside it is still usable with --lora.")) from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise ValueError(f"{path} was written by another version of llama_offload; start a new run.")
-    missing = [k for k in _STATE_KEYS if k not in state]
+    missing = [k for k in (*_STATE_KEYS, *(() if full else ("adapter",))) if k not in state]
     if missing:
         raise ValueError(f"--resume: {path} lacks {', '.join(missing)}: it is damaged. Start a new run with another "
                          "--out.")
+    if (state.get("kind") == "full") != bool(full):
+        raise ValueError(f"--resume: the run saved in {path.parent} trained {'every weight (--full)' if full is False else 'a LoRA adapter'}; "
+                         f"resume it {'with' if not full else 'without'} --full.")
     return state
 
 
@@ -300,134 +377,42 @@ def check_out_room(out: Path, config: lora.LoRAConfig, *, resuming: bool) -> int
     return need
 
 
-def step_rows(step: int, rows_per_step: int, n_rows: int, seed: int) -> torch.Tensor:
-    """The packed rows of optimizer step ``step`` over every rank, in the fixed order (module docstring)."""
-    first = step * rows_per_step
-    out = []
-    for k in range(first, first + rows_per_step):
-        epoch, at = divmod(k, n_rows)
-        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch))
-        out.append(int(order[at]))
-    return torch.tensor(out, dtype=torch.long)
+def make_trainer(prep: Prepared, *, show_progress: bool = True) -> Trainer:
+    """The base model loaded in the training dtype, and the trainer of the run's mode around it."""
+    rank, _ = _world()
+    model = load_model(prep.ckpt_dir, max_seq_len=prep.opts.seq_len, max_batch_size=prep.opts.batch_size,
+                       dtype=prep.dtype, vocab_size=prep.params.vocab_size, model_parallel_size=1,
+                       show_progress=show_progress and rank == 0)
+    return FullTrainer(prep, model) if prep.opts.full else LoraTrainer(prep, model)
 
 
-class Trainer:
-    """The model, the adapter, the optimizer and the step; ``finetune`` drives it."""
-
-    def __init__(self, prep: Prepared, *, show_progress: bool = True):
-        self.prep, opts, device = prep, prep.opts, prep.device
-        self.rank, self.world = _world()
-        weight_bytes = _stored_bytes(prep)
-        offload_activations = opts.offload_activations if opts.offload_activations is not None else device.type == "cuda"
-        lora_params = sum(r * (i + o) for r, (o, i) in
-                          ((prep.config.rank, prep.config.shape.matrix(t)) for t in prep.config.targets)) * prep.params.n_layers
-        self.plan = budget.plan_training(
-            prep.params, block_bytes=weight_bytes[0], fixed_weight_bytes=weight_bytes[1], lora_params=lora_params,
-            seq_len=opts.seq_len, batch_size=opts.batch_size, itemsize=prep.dtype.itemsize, lora_rank=prep.config.rank,
-            offload_activations=bool(offload_activations), gpu_memory_gb=opts.gpu_memory_gb)
-        self.model = load_model(prep.ckpt_dir, max_seq_len=opts.seq_len, max_batch_size=opts.batch_size,
-                                dtype=prep.dtype, vocab_size=prep.params.vocab_size, model_parallel_size=1,
-                                show_progress=show_progress and self.rank == 0)
-        torch.manual_seed(opts.seed)  # every rank draws the same initial adapter
-        self.adapter = lora.LoRAAdapter(prep.config, device)
-        lora.attach(self.model, self.adapter)
-        for module in (self.model.tok_embeddings, self.model.norm, self.model.output):
-            module.to(device)
-        self.runner = paged.BlockRunner(self.model.layers, device,
-                                        resident=self.plan.resident_layers if device.type == "cuda" else None,
-                                        offload_activations=bool(offload_activations),
-                                        autocast_dtype=torch.bfloat16 if prep.dtype == torch.bfloat16 else None,
-                                        ffn_chunk=budget.FFN_CHUNK_TOKENS)
-        self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-        self.history: list[dict] = []
-        if prep.state is not None:
-            self.adapter.load_tensors(prep.state["adapter"], str(opts.out))
-            self.optimizer.load_state_dict(prep.state["optimizer"])
-            self.history = list(prep.state["history"])
-        self.freqs_cis = paged.rope_table(self.model, opts.seq_len, device)
-        self.chunk = budget.loss_chunk_tokens(prep.params.vocab_size)
-
-    def loss_fn(self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
-        return chunked_cross_entropy(h, weight, targets, chunk_tokens=self.chunk, reduction=reduction)
-
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t
-
-    def train_step(self, step: int) -> tuple[float, int]:
-        """One optimizer step; returns its mean loss over every rank's trained tokens, and its input tokens."""
-        opts, prep, device = self.prep.opts, self.prep, self.prep.device
-        rows = step_rows(step, opts.batch_size * opts.grad_accum * self.world, prep.inputs.shape[0], opts.seed)
-        mine = rows.view(self.world, -1)[self.rank]  # (batch_size * grad_accum,) this rank's rows
-        inputs, targets = prep.inputs[mine].to(device), prep.targets[mine].to(device)  # (rows, seq_len)
-        # Every micro-batch and rank divides by the step's trained tokens, so the summed gradients are one mean.
-        count = self._all_reduce((targets != -100).sum().to(torch.float64)).item()
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for micro in range(opts.grad_accum):
-            part = slice(micro * opts.batch_size, (micro + 1) * opts.batch_size)
-            total += paged.paged_loss_and_backward(self.model, self.runner, inputs[part], targets[part],
-                                                   self.freqs_cis, max(count, 1.0), self.loss_fn).double()
-        self._sum_gradients()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self._all_reduce(total).item() / max(count, 1.0)
-        return loss, inputs.numel() * self.world
-
-    def _sum_gradients(self) -> None:
-        """Data parallel: every rank adds the others' LoRA gradients, in one flat all-reduce."""
-        if self.world == 1:
-            return
-        params = [p for p in self.adapter.parameters()]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        at = 0
-        for p in params:
-            p.grad = flat[at : at + p.numel()].view_as(p).clone()
-            at += p.numel()
-
-    def eval_loss(self) -> Optional[float]:
-        prep = self.prep
-        if prep.eval_inputs is None:
-            return None
-        rows = torch.arange(prep.eval_inputs.shape[0])[self.rank :: self.world]
-        total = torch.zeros((), dtype=torch.float64, device=prep.device)
-        count = torch.zeros((), dtype=torch.float64, device=prep.device)
-        for part in rows.split(prep.opts.batch_size):
-            tokens, targets = prep.eval_inputs[part].to(prep.device), prep.eval_targets[part].to(prep.device)
-            total += paged.paged_eval_loss(self.model, self.runner, tokens, targets, self.freqs_cis, self.loss_fn).double()
-            count += (targets != -100).sum()
-        return (self._all_reduce(total) / self._all_reduce(count).clamp(min=1)).item()
-
-    def save(self, step: int) -> Path:
-        prep = self.prep
-        state = {"version": STATE_VERSION, "step": step, "identity": prep.opts.identity(), "world_size": self.world,
-                 "data_sha256": prep.data_sha256, "optimizer": self.optimizer.state_dict(),
-                 "adapter": self.adapter.tensors(), "history": self.history}
-        return adapter.save_adapter(self.adapter, Path(prep.opts.out).expanduser(), state)
-
-
-def _stored_bytes(prep: Prepared) -> tuple[int, int]:
-    """(one block, embedding + norm + head) in the training dtype, from the shapes: quantized blocks count less
-    on the GPU, so this errs towards fewer resident blocks."""
-    p = prep.params
-    item = prep.dtype.itemsize
-    block = sum(o * i for o, i in (lora.ModelShape.of(p).matrix(t) for t in lora.TARGETS)) + 2 * p.dim
-    return block * item, (2 * p.vocab_size * p.dim + p.dim) * item
+def _describe(prep: Prepared, trainer: Trainer, world: int) -> str:
+    opts = prep.opts
+    what = ("every weight" if opts.full else
+            f"LoRA rank {prep.config.rank} on {','.join(prep.config.targets)}")
+    plan = prep.plan.describe() if (prep.device.type == "cuda" or opts.full) else f"on {prep.device}"
+    return (f"llama_offload finetune: {prep.inputs.shape[0]} rows of {opts.seq_len} tokens; {world} "
+            f"process{'es' if world > 1 else ''}; {what}; {prep.total_steps} steps"
+            + (f" (resuming after step {prep.start_step})" if prep.start_step else "") + f"; {plan}")
 
 
 def finetune(opts: FinetuneOptions, *, show_progress: bool = True) -> Path:
-    """Run (or resume) a fine-tuning job; returns the adapter directory."""
-    device = _start_data_parallel(opts.device)
+    """Run (or resume) a fine-tuning job; returns the directory written (the adapter, or the checkpoint)."""
+    device = start_data_parallel(opts.device)
     prep = prepare(opts, device)
     rank, world = _world()
-    trainer = Trainer(prep, show_progress=show_progress)
-    if rank == 0:
-        print(f"llama_offload finetune: {prep.inputs.shape[0]} rows of {opts.seq_len} tokens; {world} process{'es' if world > 1 else ''}; "
-              f"LoRA rank {prep.config.rank} on {','.join(prep.config.targets)}; {prep.total_steps} steps"
-              + (f" (resuming after step {prep.start_step})" if prep.start_step else "")
-              + (f"; {trainer.plan.describe()}" if device.type == "cuda" else f"; on {device}"), file=sys.stderr)
+    trainer = make_trainer(prep, show_progress=show_progress)
+    try:
+        if rank == 0:
+            print(_describe(prep, trainer, world), file=sys.stderr)
+        return _train(trainer, prep, show_progress=show_progress)
+    finally:
+        trainer.close()
+
+
+def _train(trainer: Trainer, prep: Prepared, *, show_progress: bool) -> Path:
+    opts, device = prep.opts, prep.device
+    rank, world = _world()
     progress = Progress(prep.total_steps, prep.start_step, device, enabled=show_progress and rank == 0)
     step = prep.start_step
     try:
@@ -439,20 +424,31 @@ def finetune(opts: FinetuneOptions, *, show_progress: bool = True) -> Path:
             record = {"step": step, "loss": loss, "seconds": time.perf_counter() - start}
             if eval_loss is not None:
                 record["eval_loss"] = eval_loss
+            if getattr(trainer, "grad_norm", None) is not None:
+                record["grad_norm"] = trainer.grad_norm
             trainer.history.append(record)
             progress.update(step, loss, tokens, eval_loss)
-            if step % opts.save_every == 0 and step < prep.total_steps and rank == 0:
-                trainer.save(step)
+            if step % opts.save_every == 0 and step < prep.total_steps:
+                _save(trainer, step, rank)
     except KeyboardInterrupt:
-        if rank == 0 and step > prep.start_step:
+        if step > prep.start_step:
             try:
-                trainer.save(step)
-                print(f"\nllama_offload finetune: interrupted; saved step {step} in {opts.out}; continue with "
-                      "--resume", file=sys.stderr)
-            except adapter.SaveError as e:  # the signal still decides the exit; the reason the save failed is shown
-                print(f"\nllama_offload finetune: interrupted; step {step} was not saved: {e}", file=sys.stderr)
+                _save(trainer, step, rank)
+                if rank == 0:
+                    print(f"\nllama_offload finetune: interrupted; saved step {step} in {opts.out}; continue with "
+                          "--resume", file=sys.stderr)
+            except (adapter.SaveError, OSError) as e:  # the signal still decides the exit; the reason is shown
+                if rank == 0:
+                    print(f"\nllama_offload finetune: interrupted; step {step} was not saved: {e}", file=sys.stderr)
         raise
-    out = trainer.save(step) if rank == 0 else Path(opts.out)
+    out = _save(trainer, step, rank)
     if world > 1:
         dist.barrier()
     return out
+
+
+def _save(trainer: Trainer, step: int, rank: int) -> Path:
+    """LoRA: rank 0 holds the whole (replicated) state. Full: every rank holds its share, so every rank saves."""
+    if isinstance(trainer, FullTrainer) or rank == 0:
+        return trainer.save(step)
+    return Path(trainer.prep.opts.out)

@@ -23,7 +23,7 @@ On the CPU the same schedule runs with nothing to page: the tests compare it wit
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -88,17 +88,25 @@ class Checkpoints:
 class BlockPager:
     """Visits paged blocks in a given order with the next one copying while the current one computes.
 
-    Wraps an ``InferenceOffloadModel`` of one block per slice, for its pinned pages and copy stream."""
+    Wraps an ``InferenceOffloadModel`` of one block per slice, for its pinned pages and copy stream.
+    ``before_load(i)`` runs on the host before page i is copied: full fine-tuning waits there for the CPU
+    optimizer to have written the block's new weights into the page."""
 
-    def __init__(self, pages):
+    def __init__(self, pages, before_load: Optional[Callable[[int], None]] = None):
         self.pages = pages
         self.width = len(pages.slots)
+        self.before_load = before_load
+
+    def _load(self, i: int, slot: int) -> None:
+        if self.before_load is not None:
+            self.before_load(i)
+        self.pages.load_page(i, slot)
 
     def visit(self, order: Sequence[int]) -> Iterator[int]:
         """Starts the first copy now (behind whatever the caller computes first), then yields each index once
         its weights are on the GPU."""
         if order:
-            self.pages.load_page(order[0], 0)
+            self._load(order[0], 0)
         return self._walk(list(order))
 
     def _walk(self, order: list[int]) -> Iterator[int]:
@@ -106,12 +114,12 @@ class BlockPager:
         for k, i in enumerate(order):
             ahead = k + 1 < len(order)
             if ahead and width > 1:  # two slots: the next copy overlaps this block's compute
-                pages.load_page(order[k + 1], (k + 1) % width)
+                self._load(order[k + 1], (k + 1) % width)
             pages.wait_loaded(k % width)
             yield i
             pages.drop_page(i, k % width)
             if ahead and width == 1:  # one slot: refill it once this block's kernels are queued
-                pages.load_page(order[k + 1], 0)
+                self._load(order[k + 1], 0)
 
 
 def _token_spans(seqlen: int, chunk: Optional[int]) -> list[slice]:
@@ -136,13 +144,16 @@ def block_forward(block: TransformerBlock, x: torch.Tensor, freqs_cis: torch.Ten
 
 
 def block_backward(block: TransformerBlock, x: torch.Tensor, grad_out: torch.Tensor, freqs_cis: torch.Tensor,
-                   ffn_chunk: Optional[int], autocast) -> torch.Tensor:
+                   ffn_chunk: Optional[int], autocast, collect: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """Recompute the block from its input ``x`` and back-propagate ``grad_out``; returns d loss / d x.
 
     The attention half keeps its graph while the feed-forward half is recomputed and back-propagated a chunk of
     positions at a time, so only one chunk's feed-forward intermediates are alive: at 64k tokens of an 8B
-    model the whole feed-forward graph would hold ~7.5 GB, the attention half ~3.8 GB."""
+    model the whole feed-forward graph would hold ~7.5 GB, the attention half ~3.8 GB. ``collect`` runs after
+    every partial backward: full fine-tuning sums each chunk's weight gradients in fp32 there, rather than
+    letting autograd add them up in the weights' 16-bit dtype."""
     x = x.detach().requires_grad_()
+    after = collect or (lambda: None)
     with torch.enable_grad(), autocast():
         h = x + block.attention.forward_causal(block.attention_norm(x), freqs_cis)  # (bs, seqlen, dim)
     spans = _token_spans(h.shape[1], ffn_chunk)
@@ -150,6 +161,7 @@ def block_backward(block: TransformerBlock, x: torch.Tensor, grad_out: torch.Ten
         with torch.enable_grad(), autocast():
             y = h + block.feed_forward(block.ffn_norm(h))
         torch.autograd.backward(y, grad_out.to(y.dtype))
+        after()
         return x.grad
     grad_h = torch.empty_like(h)
     for span in spans:
@@ -157,8 +169,10 @@ def block_backward(block: TransformerBlock, x: torch.Tensor, grad_out: torch.Ten
         with torch.enable_grad(), autocast():
             yc = hc + block.feed_forward(block.ffn_norm(hc))
         torch.autograd.backward(yc, grad_out[:, span].to(yc.dtype))
+        after()
         grad_h[:, span] = hc.grad
     torch.autograd.backward(h, grad_h)
+    after()
     return x.grad
 
 
@@ -169,11 +183,26 @@ def head_weight(output: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return output.weight
 
 
+class TrainedWeights(Protocol):
+    """Full fine-tuning's side of the schedule (host_update.HostUpdate), where every weight trains. A part is a
+    block's index, "embedding" or "head" (the final norm and the output head)."""
+
+    def before_use(self, part: int | str) -> None:
+        """The part's newest weights are in place: a block's page (before it is copied) or its GPU copy."""
+
+    def collect(self, part: int | str) -> None:
+        """Move aside the gradients a partial backward left in the part's parameters."""
+
+    def done(self, part: int | str) -> None:
+        """The part's gradient of this micro-batch is complete: send it to the CPU optimizer."""
+
+
 class BlockRunner:
     """Runs a model's blocks for training: ``resident`` of them kept on ``device``, the rest paged.
 
     ``forward`` returns the last block's output, keeping checkpoints for ``backward``, which takes the loss's
-    gradient with respect to that output and leaves the LoRA gradients in their ``.grad``."""
+    gradient with respect to that output and leaves the LoRA gradients in their ``.grad`` (or, with ``weights``,
+    hands each block's gradients to full fine-tuning's update as the block finishes)."""
 
     def __init__(self, blocks: Sequence[TransformerBlock], device: torch.device, *, resident: Optional[int] = None,
                  offload_activations: bool = True, autocast_dtype: Optional[torch.dtype] = None,
@@ -187,7 +216,9 @@ class BlockRunner:
         self.pager = None
         if self.resident < n:
             paged = nn.Sequential(*self.blocks[self.resident :])
-            self.pager = BlockPager(InferenceOffloadModel(paged, device, len(paged)))
+            self.pager = BlockPager(InferenceOffloadModel(paged, device, len(paged)),
+                                    before_load=lambda k: self._before_use(k + self.resident))
+        self.weights: Optional[TrainedWeights] = None  # set by full fine-tuning once its units are laid out
         # Offloaded whenever asked, paged or not: the plan counts three checkpoints on the GPU, not n.
         self.checkpoints = Checkpoints(n, device, offload_activations)
         self.autocast_dtype = autocast_dtype
@@ -198,12 +229,20 @@ class BlockRunner:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def _before_use(self, i: int) -> None:
+        if self.weights is not None:
+            self.weights.before_use(i)
+
     def _visit(self, order: list[int]) -> Iterator[int]:
         """Block indices in ``order``: resident ones as they come, paged ones through the pager."""
         paged = [i - self.resident for i in order if i >= self.resident]
         pages = self.pager.visit(paged) if paged else iter(())
         for i in order:
-            yield i if i < self.resident else next(pages) + self.resident
+            if i < self.resident:
+                self._before_use(i)
+                yield i
+            else:
+                yield next(pages) + self.resident
         for _ in pages:  # lets the pager drop the last page
             pass
 
@@ -221,10 +260,14 @@ class BlockRunner:
         """d loss / d (last block's output) in; d loss / d (first block's input) out."""
         order = list(reversed(range(len(self.blocks))))
         self.checkpoints.prefetch(order[0])
+        weights = self.weights
         for i in self._visit(order):
             x = self.checkpoints.take(i)
             self.checkpoints.prefetch(i - 1)  # behind this block's compute
-            grad = block_backward(self.blocks[i], x, grad, freqs_cis, self.ffn_chunk, self.autocast)
+            collect = None if weights is None else (lambda i=i: weights.collect(i))
+            grad = block_backward(self.blocks[i], x, grad, freqs_cis, self.ffn_chunk, self.autocast, collect)
+            if weights is not None:
+                weights.done(i)  # queued before the page is dropped: the copy out reads the GPU gradients only
         return grad
 
 
@@ -242,15 +285,28 @@ def paged_loss_and_backward(model: Transformer, runner: BlockRunner, tokens: tor
     ``tokens``/``targets``: (bs, seqlen) on the device (targets -100 where untrained); the gradients are of
     sum(loss) / ``normalizer`` (the trained tokens of the whole optimizer step, so micro-batches and ranks
     add up to one mean)."""
+    weights = runner.weights  # full fine-tuning: the embedding and the head train too
+    if weights is not None:
+        weights.before_use("embedding")
     with torch.no_grad():
         h = model.tok_embeddings(tokens)  # (bs, seqlen, dim)
     h = runner.forward(h, freqs_cis)
     h = h.detach().requires_grad_()
+    if weights is not None:
+        weights.before_use("head")
     with torch.enable_grad(), runner.autocast():
         hn = model.norm(h)  # (bs, seqlen, dim)
         loss = loss_fn(hn, head_weight(model.output, hn.dtype), targets, reduction="sum")
     (loss / normalizer).backward()
-    runner.backward(h.grad, freqs_cis)
+    if weights is not None:  # the head's update runs on the host while the blocks go backward
+        weights.collect("head")
+        weights.done("head")
+    grad = runner.backward(h.grad, freqs_cis)
+    if weights is not None:
+        with torch.enable_grad():
+            torch.autograd.backward(model.tok_embeddings(tokens), grad)
+        weights.collect("embedding")
+        weights.done("embedding")
     return loss.detach().float()
 
 
@@ -258,7 +314,11 @@ def paged_loss_and_backward(model: Transformer, runner: BlockRunner, tokens: tor
 def paged_eval_loss(model: Transformer, runner: BlockRunner, tokens: torch.Tensor, targets: torch.Tensor,
                     freqs_cis: torch.Tensor, loss_fn: Callable[..., torch.Tensor]) -> torch.Tensor:
     """Summed loss of a micro-batch, forward only."""
+    if runner.weights is not None:
+        runner.weights.before_use("embedding")
     h = runner.forward(model.tok_embeddings(tokens), freqs_cis, keep=False)
+    if runner.weights is not None:
+        runner.weights.before_use("head")
     with runner.autocast():
         hn = model.norm(h)
         return loss_fn(hn, head_weight(model.output, hn.dtype), targets, reduction="sum").float()

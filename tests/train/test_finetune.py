@@ -21,7 +21,8 @@ from llama_offload.model.args import ModelArgs
 from llama_offload.train import budget, paged
 from llama_offload.checkpoint import adapter
 from llama_offload.model import lora
-from llama_offload.train.finetune import FinetuneOptions, finetune, step_rows
+from llama_offload.train.finetune import FinetuneOptions, finetune
+from llama_offload.train.schedule import step_rows
 from llama_offload.train.loss import chunked_cross_entropy
 from tiny import tiny_args, tiny_model
 
