@@ -150,6 +150,7 @@ def run_in_process(*argv: Any, stdin: bytes | str = b"", env: Optional[dict[str,
         try:
             if script is not None:
                 m.setattr(sys, "argv", [str(script), *args])
+                m.syspath_prepend(str(Path(script).parent))  # as python SCRIPT does: its folder's modules import
                 runpy.run_path(str(script), run_name="__main__")
             else:
                 from llama_offload.cli.main import main

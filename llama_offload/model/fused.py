@@ -31,8 +31,10 @@ def adjacent_weight(linears: Sequence[nn.Module]) -> Optional[torch.Tensor]:
     if not is_plain(linears):
         return None
     ws = [m.weight for m in linears]
-    if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
-        return None  # the combined view is outside autograd: weights that train (full fine-tuning) run one by one
+    if any(w.requires_grad for w in ws):
+        # The combined view is outside autograd, so weights that train (full fine-tuning) run one by one, in the
+        # graph-free forward too: its outputs are then the very ones the backward pass recomputes.
+        return None
     first = ws[0]
     if not first.is_cuda or any(w.dtype != first.dtype or w.shape[1] != first.shape[1] or not w.is_contiguous()
                                 for w in ws):

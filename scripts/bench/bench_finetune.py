@@ -13,6 +13,8 @@ Usage, on the GPU machine::
 
     python scripts/bench/bench_finetune.py --out /tmp/finetune.md --json_out /tmp/finetune.json
 
+``--full`` runs ``bench_full_finetune.py`` (full fine-tuning) with the other flags instead.
+
 ``--device cpu --preset tiny`` runs the same code in seconds (the CPU test does that); its figures mean nothing.
 """
 
@@ -188,6 +190,10 @@ def table(rows: list[Row], pcie: Optional[float]) -> str:
 
 
 def main() -> None:
+    if "--full" in sys.argv[1:]:  # full fine-tuning has its own benchmark; the flag keeps one entry point
+        import bench_full_finetune
+
+        return bench_full_finetune.main([a for a in sys.argv[1:] if a != "--full"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="7b")
     ap.add_argument("--seq_lens", default="4096,16384,32768")
