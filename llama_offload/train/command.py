@@ -17,13 +17,15 @@ def finetune_command(*args: Any, **kwargs: Any) -> None:
     bound = _SIGNATURE.bind(*args, **kwargs)  # a name that is no field: TypeError, as for any function
     bound.apply_defaults()
     flags = bound.arguments
-    opts = FinetuneOptions(**{**flags, **{k: bool(flags[k]) for k in ("resume", "allow_long_context", "full", "force")}})
+    opts = FinetuneOptions(**{**flags, **{k: bool(flags[k]) for k in ("resume", "allow_long_context", "full", "force", "dry_run")}})
     with exit_on_signal("llama-offload finetune"):
         done = finetune(opts)
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        if opts.full:
+        if opts.dry_run:
+            print("dry run: the plan above; run again without --dry_run to train")
+        elif opts.full:
             print(f"fine-tuned checkpoint written to {done}")
             print(f"use it with: llama-offload chat --ckpt_dir {done}")
         else:

@@ -105,6 +105,8 @@ class FinetuneOptions:
                                       "(default: bf16 on a GPU, fp32 on the CPU); the LoRA weights are always fp32.")
     chat_format: Optional[str] = flag(None, "llama2, llama3 or chatml: overrides the checkpoint's.")
     allow_long_context: bool = flag(False, "allow --seq_len above the context the model was trained for.")
+    dry_run: bool = flag(False, "check the flags, the data and --out, print the memory plan (GPU and, with --full, "
+                                "host), and stop before any weight is read.")
 
     def check(self) -> None:
         def whole(name: str, low: int, value: Any) -> None:
@@ -386,11 +388,11 @@ def make_trainer(prep: Prepared, *, show_progress: bool = True) -> Trainer:
     return FullTrainer(prep, model) if prep.opts.full else LoraTrainer(prep, model)
 
 
-def _describe(prep: Prepared, trainer: Trainer, world: int) -> str:
+def _describe(prep: Prepared, world: int) -> str:
     opts = prep.opts
     what = ("every weight" if opts.full else
             f"LoRA rank {prep.config.rank} on {','.join(prep.config.targets)}")
-    plan = prep.plan.describe() if (prep.device.type == "cuda" or opts.full) else f"on {prep.device}"
+    plan = prep.plan.describe() if (prep.device.type == "cuda" or opts.full or opts.dry_run) else f"on {prep.device}"
     return (f"llama_offload finetune: {prep.inputs.shape[0]} rows of {opts.seq_len} tokens; {world} "
             f"process{'es' if world > 1 else ''}; {what}; {prep.total_steps} steps"
             + (f" (resuming after step {prep.start_step})" if prep.start_step else "") + f"; {plan}")
@@ -398,13 +400,18 @@ def _describe(prep: Prepared, trainer: Trainer, world: int) -> str:
 
 def finetune(opts: FinetuneOptions, *, show_progress: bool = True) -> Path:
     """Run (or resume) a fine-tuning job; returns the directory written (the adapter, or the checkpoint)."""
-    device = start_data_parallel(opts.device)
+    # A dry run plans a GPU run on any machine: --device cuda is taken at its word, and nothing runs on it.
+    device = torch.device(opts.device) if opts.dry_run and opts.device else start_data_parallel(opts.device)
     prep = prepare(opts, device)
     rank, world = _world()
+    if opts.dry_run:
+        if rank == 0:
+            print(_describe(prep, world) + "; dry run: nothing was loaded or written", file=sys.stderr)
+        return Path(opts.out).expanduser()
     trainer = make_trainer(prep, show_progress=show_progress)
     try:
         if rank == 0:
-            print(_describe(prep, trainer, world), file=sys.stderr)
+            print(_describe(prep, world), file=sys.stderr)
         return _train(trainer, prep, show_progress=show_progress)
     finally:
         trainer.close()

@@ -152,7 +152,8 @@ class HostUpdate:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-offload-optimizer")
         self._cuda = device.type == "cuda"
         if self._cuda:
-            self._copy_stream = torch.cuda.Stream(device)
+            self._copy_stream = torch.cuda.Stream(device)  # gradients out
+            self._upload_stream = torch.cuda.Stream(device)  # resident units' new weights in
             biggest = max(units[u].numel for u in self.owned) if self.owned else 0
             # Two pinned staging buffers: one being filled by the copy engine while the worker reads the other.
             self._staging = [pinned_host_buffer(4 * biggest).view(torch.float32) for _ in range(2)] if biggest else []
@@ -173,14 +174,15 @@ class HostUpdate:
             self._wait(job)
         if u in self._fresh:
             self._fresh.discard(u)
+            unit = self.units[u]
             if self.world > 1:
                 self._share(u)
-            unit = self.units[u]
+                if unit.device_home is not None:
+                    self._upload(u, torch.cuda.current_stream(self.device))
             if unit.device_home is not None:
-                unit.device_home.copy_(unit.home, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(torch.cuda.current_stream(self.device))
-                self._uploaded[u] = done  # the home is not rewritten until this copy has read it
+                # The worker queued the upload on its own stream as soon as the update was written (one process),
+                # or it was queued just above: compute waits for it, the host does not.
+                torch.cuda.current_stream(self.device).wait_event(self._uploaded[u])
 
     def collect(self, part: Part) -> None:
         u = self.parts[part]
@@ -310,13 +312,25 @@ class HostUpdate:
             self.optimizer_s += time.perf_counter() - start
 
     def _write_home(self, u: int) -> None:
-        """The new 16-bit weights, rounded from the masters into the home the next forward reads."""
+        """The new 16-bit weights, rounded from the masters into the home the next forward reads; a unit resident
+        on the GPU is uploaded from there at once, on the upload stream. The GPU has finished reading the unit
+        by now: its gradient, which the worker waited for, was copied out after the unit's last kernels."""
         uploaded = self._uploaded.pop(u, None)
         if uploaded is not None:
-            uploaded.synchronize()
+            uploaded.synchronize()  # the previous upload has read the home
         unit, master = self.units[u], self.masters[u]
         for p, view, at in zip(unit.params, unit.views, unit.offsets):
             view.copy_(master[at : at + p.numel()].view(view.shape))
+        if unit.device_home is not None and self.world == 1:
+            self._upload(u, self._upload_stream)
+
+    def _upload(self, u: int, stream: "torch.cuda.Stream") -> None:
+        unit = self.units[u]
+        with torch.cuda.stream(stream):
+            unit.device_home.copy_(unit.home, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        self._uploaded[u] = done
 
     # --- helpers ---------------------------------------------------------------------------------------------
 

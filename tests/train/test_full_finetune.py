@@ -309,3 +309,63 @@ def test_a_model_parallel_source_is_written_back_in_its_shard_count(tiny_ckpt, t
     for i in range(2):
         saved, source = open_shard(out / f"consolidated.0{i}.pth"), open_shard(two / f"consolidated.0{i}.pth")
         assert {k: (v.dtype, v.shape) for k, v in saved.items()} == {k: (v.dtype, v.shape) for k, v in source.items()}
+
+
+def test_a_dry_run_prints_the_plan_and_reads_no_weight(tiny_ckpt, text_data, tmp_path, monkeypatch, capsys):
+    from llama_offload.train import finetune as ft
+
+    def no_load(*a, **k):
+        raise AssertionError("a dry run loaded the weights")
+
+    monkeypatch.setattr(ft, "load_model", no_load)
+    out = tmp_path / "out"
+    finetune(_opts(tiny_ckpt, text_data, out, steps=1, dry_run=True, device="cuda", gpu_memory_gb=1.0),
+             show_progress=False)
+    err = capsys.readouterr().err
+    assert "every weight" in err and "GPU: 2 of 2 blocks resident" in err and "host:" in err and "dry run" in err
+    assert not out.exists()
+
+
+def test_the_host_plan_of_an_8b_model_at_128k_tokens():
+    from llama_offload.model.presets import PRESETS
+    from llama_offload.train import budget
+
+    args = ModelArgs(**PRESETS["llama3.1-8b"])
+    kw = dict(seq_len=131072, batch_size=1, itemsize=2, world=1, keep_grads=False, on_gpu=True)
+    # fp32 moments with the activation checkpoints on the host: 8.03e9 x (4 + 8 + 2) B + 32 GiB does not fit 128 GiB
+    with pytest.raises(ValueError, match=r"needs 1[34]\d\.\d GiB of host memory .*activation checkpoints 32\.0 .*"
+                                         r"--optim_state bf16 \(saves 29\.9 GiB\)"):
+        budget.plan_full_training(args, optim_state="fp32", offload_activations=True, gpu_memory_gb=None,
+                                  host_memory_gb=128, **kw)
+    # on an 80 GB GPU the checkpoints stay there, and fp32 moments fit beside the master weights
+    plan = budget.plan_full_training(args, optim_state="fp32", offload_activations=None, gpu_memory_gb=78,
+                                     host_memory_gb=120, **kw)
+    assert not plan.checkpoints_on_host and plan.gpu.expected_peak_bytes <= 78 * budget.GiB
+    assert 100 < plan.host_bytes / budget.GiB < 120
+    # bf16 moments bring the host share down by 4 bytes a parameter
+    small = budget.plan_full_training(args, optim_state="bf16", offload_activations=None, gpu_memory_gb=78,
+                                      host_memory_gb=120, **kw)
+    assert plan.host_bytes - small.host_bytes == 4 * budget.param_counts(args)["held"]
+
+
+def test_an_interrupted_run_saves_where_it_stopped_and_resumes_to_the_same_weights(tiny_ckpt, text_data, tmp_path,
+                                                                                      monkeypatch):
+    from llama_offload.train.trainer import Trainer
+
+    finetune(_opts(tiny_ckpt, text_data, tmp_path / "whole", steps=3), show_progress=False)
+    real = Trainer.train_step
+
+    def stop_at_two(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", stop_at_two)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_opts(tiny_ckpt, text_data, tmp_path / "cut", steps=3), show_progress=False)
+    assert torch.load(tmp_path / "cut" / "trainer_state.pt", weights_only=False)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+    monkeypatch.setattr(Trainer, "train_step", real)
+    finetune(_opts(tiny_ckpt, text_data, tmp_path / "cut", steps=3, resume=True), show_progress=False)
+    a, b = open_shard(tmp_path / "whole" / "consolidated.00.pth"), open_shard(tmp_path / "cut" / "consolidated.00.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
