@@ -239,9 +239,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     seq_lens = [int(s) for s in cli.seq_lens.split(",") if s.strip()]
     try:
         model = random_model(args, device, dtype)
-        trainer = make_trainer(args, model, seq_len=max(seq_lens), device=device, dtype=dtype,
-                               optim_state=cli.optim_state, gpu_memory_gb=gpu_gb, host_memory_gb=cli.host_memory_gb,
-                               offload_activations=None)
+        state = cli.optim_state
+        for state in [cli.optim_state, *(s for s in ("bf16", "int8") if s != cli.optim_state)]:
+            try:  # the plan refuses what this host cannot hold: the next smaller moments, as a user would
+                trainer = make_trainer(args, model, seq_len=max(seq_lens), device=device, dtype=dtype,
+                                       optim_state=state, gpu_memory_gb=gpu_gb, host_memory_gb=cli.host_memory_gb,
+                                       offload_activations=None)
+                break
+            except ValueError as e:
+                log(f"{state} moments refused: {e}")
+                report.setdefault("refused", []).append(str(e))
+        else:
+            raise ValueError(report["refused"][-1])
+        report["optim_state"] = state
         log(f"{cli.preset}: {trainer.plan.describe()}")
         report["plan"] = trainer.plan.describe()
         for seq_len in seq_lens:
@@ -250,7 +260,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                                   peak_tflops=cli.peak_tflops)
             except torch.cuda.OutOfMemoryError as e:
                 row = {"seq_len": seq_len, "note": f"GPU out of memory: {str(e).splitlines()[0][:160]}"}
-            row["model"] = cli.preset
+            row["model"] = f"{cli.preset} ({state} moments)"
             report["rows"].append(row)
             log(json.dumps(row))
         trainer.close()
