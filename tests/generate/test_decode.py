@@ -205,7 +205,7 @@ def test_fused_projections_need_one_storage(monkeypatch):
     from llama_offload.model import fused
 
     args = tiny_args(n_layers=1)
-    a = tiny_model(args).layers[0].attention
+    a = tiny_model(args).requires_grad_(False).layers[0].attention  # frozen, as load_model leaves a model
     group = a.groups()[0]
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # the GPU-only rule, tried on the CPU
     big = torch.zeros(3 * args.dim * args.dim)
@@ -217,6 +217,8 @@ def test_fused_projections_need_one_storage(monkeypatch):
     view = fused.adjacent_weight(group)
     assert view is not None and torch.equal(view, torch.cat(before))
     assert all(torch.equal(m.weight, b) for m, b in zip(group, before))
+    group[0].weight.requires_grad_(True)  # a weight that trains: the view would be outside autograd
+    assert fused.adjacent_weight(group) is None
 
 
 def test_each_sequence_samples_with_its_own_settings(plain) -> None:

@@ -24,4 +24,4 @@ def test_tiny_full_run_checks_and_writes_its_table(tmp_path: Path) -> None:
     for r in result["rows"]:
         assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["optimizer_busy_s"] > 0
         assert 0 <= r["exposed_fraction"] < 1 and len(r["losses"]) == 2
-    assert "| tiny | 64 |" in out.read_text()
+    assert "| tiny (fp32 moments) | 64 |" in out.read_text()
