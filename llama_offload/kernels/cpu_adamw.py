@@ -14,6 +14,9 @@ from llama_offload.kernels import native_build
 SOURCE = "cpu_adamw"
 BLOCK = 256  # int8 moments: elements per scale (kBlock in csrc/cpu_adamw.cpp)
 TINY = 1e-30  # int8 moments: the smallest block maximum a scale divides by (kTiny in csrc/cpu_adamw.cpp)
+# bf16 stochastic rounding: the multipliers of dither() in csrc/cpu_adamw.cpp, a hash of an element's index and a key.
+DITHER_INDEX_MUL, DITHER_MIX1, DITHER_MIX2 = 0x61C88647, 0x7FEB352D, 0x2C1B3C6D
+DITHER_STEP_MUL, DITHER_UNIT_MUL = 0x2545F491, 0x1B873593  # dither_key(): the step's and the unit's
 
 _MOMENTS = {torch.float32: (torch.float32, False), torch.bfloat16: (torch.bfloat16, False),
             torch.int8: (torch.uint8, True)}  # exp_avg's dtype -> (exp_avg_sq's dtype, blockwise with scales)
@@ -31,13 +34,20 @@ def unavailable_reason() -> Optional[str]:
     return native_build.load(SOURCE, verbose=False)
 
 
+def dither_key(unit: int, step: int) -> int:
+    """The key of the bf16 stochastic rounding of ``unit``'s step ``step``: its random bits are a hash of the key
+    and each element's index, so a step rounds the same way every time it is taken (resume included)."""
+    return (step * DITHER_STEP_MUL + unit * DITHER_UNIT_MUL) & 0xFFFFFFFF
+
+
 def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                exp_avg_scale: Optional[torch.Tensor], exp_avg_sq_scale: Optional[torch.Tensor], *, lr: float,
                beta1: float, beta2: float, eps: float, weight_decay: float, step_size: float,
-               bias_correction2_sqrt: float) -> None:
+               bias_correction2_sqrt: float, dither: Optional[int] = None) -> None:
     """One AdamW step of ``param`` in place (decoupled weight decay), with ``step_size`` = lr / (1 - beta1**t) and
-    ``bias_correction2_sqrt`` = sqrt(1 - beta2**t). Operands are checked here, as a ValueError: a C++ exception
-    thrown inside a native operator has crashed the process where torch and the compiler differ (kernels/cpu.py)."""
+    ``bias_correction2_sqrt`` = sqrt(1 - beta2**t). bf16 moments are rounded to nearest even, or stochastically
+    with the key ``dither`` (``dither_key``). Operands are checked here, as a ValueError: a C++ exception thrown
+    inside a native operator has crashed the process where torch and the compiler differ (kernels/cpu.py)."""
     global _op
     n = param.numel()
     for name, t in (("param", param), ("grad", grad)):
@@ -62,5 +72,7 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
         if not available(verbose=False):
             raise RuntimeError(f"cpu_adamw.adamw_step: the native kernel is not available ({unavailable_reason()})")
         _op = torch.ops.llama_offload_cpu_adamw.adamw_step.default
+    if dither is not None and not 0 <= dither <= 0xFFFFFFFF:
+        raise ValueError(f"cpu_adamw.adamw_step: dither must be a 32-bit key (dither_key()) or None; got {dither}")
     _op(param, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, lr, beta1, beta2, eps, weight_decay,
-        step_size, bias_correction2_sqrt)
+        step_size, bias_correction2_sqrt, -1 if dither is None else dither)

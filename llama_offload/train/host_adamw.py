@@ -13,18 +13,25 @@ with ``t`` the unit's own step count (units are stepped independently, in any or
 The moments m and v are kept in one of three storages (``state``):
 
     fp32  8 bytes a parameter. Equal to torch.optim.AdamW within fp32 rounding.
-    bf16  4 bytes. m and v stored in bfloat16, every update computed in fp32 (load, update, store back), rounded
-          to nearest even: deterministic, no stochastic rounding. The known cost: an increment of v below half a
-          bfloat16 step (2**-9 relative) is lost, so with b2 = 0.999 v stops following a gradient that stays
-          the same size after a few hundred steps and stops decaying when the gradient shrinks; the error is
-          in the safe direction late (a too-large v makes the step smaller) and bounded by bfloat16's 8 bits.
+    bf16  4 bytes. m and v stored in bfloat16, every update computed in fp32 (load, update, store back). Rounded
+          to nearest, an increment of v below half a bfloat16 step (2**-9 relative) is lost: with b2 = 0.999 that
+          is every increment after a few hundred steps, v stalls near a quarter of a steady gradient's square
+          and the steps grow to 1.5-1.9 times AdamW's. So the stores round stochastically by default (unbiased:
+          up with probability dropped bits / 2**16), with bits that are a hash of the element's index, the unit
+          and its step count (csrc/cpu_adamw.cpp's dither): the same inputs give the same bits on any thread
+          count and after a resume. ``stochastic_rounding=False`` rounds to nearest even.
     int8  2 + 8/256 bytes. Blocks of 256 elements (BLOCK), two fp32 scales each:
           m: signed absmax-linear int8, code = round(m * 127 / absmax), m = code * absmax / 127;
           v: its square root as uint8 against the block's largest, code = ceil(sqrt(v) * 255 / max),
           v = (code * max / 255)**2. The square root spends the 8 bits on the range that sets the step size
-          (the step divides by sqrt(v)), and rounding *up* means a nonzero v is never stored as 0: rounding to
-          nearest would turn a small v in a block with a large one into 0, the denominator into eps and the
-          step into lr * m / eps (1e5 times too large). Rounding up errs only toward a smaller step.
+          (the step divides by sqrt(v)), and rounding *up* keeps a nonzero v from being stored as 0. To the
+          nearest code, a small v beside a large one in its block becomes 0; at a step where that element's
+          gradient is 0 (an embedding row not in the batch) v is then 0, the denominator eps and the step
+          lr * m / eps: hundreds of lr where AdamW's is at most a few (tests/train/test_host_adamw.py). Rounding
+          up errs only toward smaller steps; the price is that an element whose sqrt(v) is under 1/255 of its
+          block's largest steps as if it were 1/255 of it, so slower than AdamW would.
+          Rounding up also keeps a code where sqrt(v) shrinks by less than one code in a step: with b2 = 0.999,
+          an element's v decays only as its block's largest does (whose code, 255, is exact), the safe direction.
 
 Where the native kernel builds (``kernels/csrc/cpu_adamw.cpp``, OpenMP, ``-march=native``) every storage takes one
 pass over memory per step: grad, master, m and v read, master, m and v written, with no temporaries. Otherwise
@@ -34,8 +41,10 @@ int8 states chunk by chunk (CHUNK elements, 4 MiB fp32 temporaries that stay in 
 are widened to fp32, stepped by the same fused kernel, and stored back. Both paths use every thread torch is
 allowed (``torch.set_num_threads``) and are deterministic: every element, and every int8 block, is computed by
 one thread from its own inputs, so the bits do not depend on how threads are scheduled. The two paths keep the
-same state layout (a state_dict from one loads into the other); their bf16/int8 results may differ in the last
-bit of a moment, as the fused kernel and the native one round the same formula in different orders.
+same state layout (a state_dict from one loads into the other). Their results differ in the last bits, as the
+fused kernel and the native one round the same formula in different orders (fp32 masters within a few units in
+the last place of torch.optim.AdamW's); int8 codes then round differently here and there, and the two paths'
+int8 trajectories drift apart as far as two roundings of the same run do.
 
 Threads: ``step`` for different units may run concurrently (each thread has its own temporaries); one unit must
 never be stepped by two threads at once. ``step`` only reads ``grad``.
@@ -88,6 +97,25 @@ def fused_available() -> bool:
     return _fused
 
 
+def _round_stochastically(m: torch.Tensor, v: torch.Tensor, start: int, key: int) -> None:
+    """Rounds fp32 m and v (elements start.. of a unit) to bfloat16 values in place, stochastically: the bits
+    csrc/cpu_adamw.cpp's dither(index, key) draws, computed with torch's int64 ops, added below bfloat16's 16 bits,
+    which are then kept (up with probability dropped bits / 2**16: unbiased). The same bits as the native kernel."""
+    mask = 0xFFFFFFFF
+    h = torch.arange(start, start + m.numel(), dtype=torch.int64)
+    if start + m.numel() > mask:
+        h.bitwise_and_(mask)  # the kernel hashes the index's low 32 bits
+    # Each product is of a value below 2**32 and a multiplier below 2**31: no int64 overflow.
+    h.mul_(cpu_adamw.DITHER_INDEX_MUL).add_(key).bitwise_and_(mask)
+    h.bitwise_xor_(h >> 16)
+    h.mul_(cpu_adamw.DITHER_MIX1).bitwise_and_(mask)
+    h.bitwise_xor_(h >> 15)
+    h.mul_(cpu_adamw.DITHER_MIX2).bitwise_and_(mask)
+    h.bitwise_xor_(h >> 16)
+    for t, bits in ((m, h & 0xFFFF), (v, h >> 16)):
+        t.view(torch.int32).add_(bits).bitwise_and_(-0x10000)  # -0x10000: 0xFFFF0000 as an int32
+
+
 @dataclass
 class _Unit:
     """One unit's moments: m and v (int8: the codes, padded to whole blocks, and a scale a block) and its step."""
@@ -107,14 +135,15 @@ class HostAdamW:
     """AdamW over units of fp32 master weights in host memory; see the module's docstring.
 
     ``masters``: the caller's 1-D contiguous fp32 CPU tensors, one a unit, updated in place by ``step``.
-    ``state``: how the moments are stored ("fp32", "bf16", "int8"). ``native``: None uses the native kernel
-    where it builds, False always uses torch's kernels, True requires the native kernel.
+    ``state``: how the moments are stored ("fp32", "bf16", "int8"). ``stochastic_rounding`` (bf16 only): round the
+    moments stochastically with hashed, reproducible bits (the default), else to nearest even. ``native``: None
+    uses the native kernel where it builds, False always uses torch's kernels, True requires the native kernel.
     ``lr`` may be changed between steps (``opt.lr = ...``) or passed to ``step`` with the gradient.
     """
 
     def __init__(self, masters: Sequence[torch.Tensor], *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, state: str = "fp32",
-                 native: Optional[bool] = None) -> None:
+                 stochastic_rounding: bool = True, native: Optional[bool] = None) -> None:
         _check_state(state)
         if not lr >= 0.0:
             raise ValueError(f"HostAdamW: lr must be >= 0; got {lr}")
@@ -135,6 +164,7 @@ class HostAdamW:
         self.lr, self.betas, self.eps, self.weight_decay = float(lr), (float(betas[0]), float(betas[1])), \
             float(eps), float(weight_decay)
         self.state = state
+        self.stochastic_rounding = bool(stochastic_rounding)
         self.native = cpu_adamw.available() if native is None else bool(native)
         self._units = [self._zeros(p.numel()) for p in self.masters]
         self._scratch = threading.local()  # the torch path's fp32 temporaries, one pair a thread
@@ -177,11 +207,17 @@ class HostAdamW:
             bc2_sqrt = (1 - beta2 ** u.step) ** 0.5
             cpu_adamw.adamw_step(p, g, u.exp_avg, u.exp_avg_sq, u.exp_avg_scale, u.exp_avg_sq_scale, lr=lr,
                                  beta1=beta1, beta2=beta2, eps=self.eps, weight_decay=self.weight_decay,
-                                 step_size=step_size, bias_correction2_sqrt=bc2_sqrt)
+                                 step_size=step_size, bias_correction2_sqrt=bc2_sqrt, dither=self._dither_key(unit))
         elif self.state == "fp32" and fused_available():
             self._adamw(p, g, u.exp_avg, u.exp_avg_sq, u.step, lr)  # one pass, no temporaries to bound
         else:
-            self._step_chunks(p, g, u, lr)
+            self._step_chunks(p, g, u, lr, self._dither_key(unit))
+
+    def _dither_key(self, unit: int) -> Optional[int]:
+        """The key of this step's bf16 stochastic rounding (None: to nearest)."""
+        if self.state != "bf16" or not self.stochastic_rounding:
+            return None
+        return cpu_adamw.dither_key(unit, self._units[unit].step)
 
     def _adamw(self, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int,
                lr: float) -> None:
@@ -207,7 +243,7 @@ class HostAdamW:
                                                torch.empty(size, dtype=torch.int16))
         return scratch[0][:numel], scratch[1][:numel], scratch[2][:numel]
 
-    def _step_chunks(self, p: torch.Tensor, g: torch.Tensor, u: _Unit, lr: float) -> None:
+    def _step_chunks(self, p: torch.Tensor, g: torch.Tensor, u: _Unit, lr: float, key: Optional[int]) -> None:
         """The torch path chunk by chunk: bf16 and int8 moments widened to fp32 for the step and stored back."""
         n = p.numel()
         for a in range(0, n, CHUNK):
@@ -219,7 +255,9 @@ class HostAdamW:
                 m.copy_(u.exp_avg[a:b])
                 v.copy_(u.exp_avg_sq[a:b])
                 self._adamw(p[a:b], g[a:b], m, v, u.step, lr)
-                u.exp_avg[a:b].copy_(m)
+                if key is not None:
+                    _round_stochastically(m, v, a, key)
+                u.exp_avg[a:b].copy_(m)  # exact after stochastic rounding, to nearest even without it
                 u.exp_avg_sq[a:b].copy_(v)
             else:
                 self._int8_chunk(p, g, u, a, b, lr)

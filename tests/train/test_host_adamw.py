@@ -109,6 +109,27 @@ def test_low_precision_states_follow_the_fp32_loss_curve(state: str, path: str) 
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_bf16_stochastic_rounding_keeps_adamw_step_size(path: str) -> None:
+    """A steady gradient for 1,500 steps: AdamW's step tends to lr. With b2 = 0.999, v's increments fall below half
+    a bfloat16 step after a few hundred steps; rounded to nearest they are lost, v stalls at a quarter of g**2 or
+    so and the steps grow to 1.5-1.9 lr. Rounded stochastically (the default) v stays unbiased: within 5%."""
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(4096, generator=gen)
+    lr = 1e-3
+    ratio = {}
+    for stochastic in (True, False):
+        master = torch.zeros(4096)
+        opt = HostAdamW([master], lr=lr, state="bf16", stochastic_rounding=stochastic, native=path == "native")
+        for _ in range(1500):
+            opt.step(0, g)
+        before = master.clone()
+        opt.step(0, g)
+        ratio[stochastic] = (master - before).abs() / lr
+    assert abs(ratio[True].mean().item() - 1) < 0.01 and ratio[True].max().item() < 1.1, ratio[True]
+    assert ratio[False].mean().item() > 1.4  # the flaw stochastic rounding is there for
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_int8_steps_stay_bounded_where_v_is_tiny(path: str) -> None:
     """Blocks where v is tiny beside a large one. AdamW's step is lr * m / sqrt(v) with bias corrections, about lr
     for a steady gradient and at most a few lr; int8 may round m up by half a code where sqrt(v) is rounded up to
@@ -205,6 +226,32 @@ def test_results_do_not_depend_on_threads(state: str, path: str) -> None:
     want = run(1, concurrent=False)
     for threads, concurrent in ((2, False), (2, True)):
         assert all(torch.equal(a, b) for a, b in zip(want, run(threads, concurrent)))
+
+
+@pytest.mark.skipif(not cpu_adamw.available(verbose=False), reason="no C++ compiler here for the native kernel")
+@pytest.mark.parametrize("state", STATES)
+def test_the_native_kernel_and_torch_share_the_state(state: str) -> None:
+    """A state_dict saved on one path resumes on the other: the same layout, the same codes and scales, the same
+    stochastic rounding bits; what differs is fp32 rounding (the kernels order the same formula differently)."""
+    torch.manual_seed(6)
+    start = [torch.randn(n) for n in SIZES]
+    gen = torch.Generator().manual_seed(7)
+    gs = [[torch.randn(n, generator=gen) for n in SIZES] for _ in range(4)]
+    finals = {}
+    for first, second in (("native", "native"), ("native", "torch"), ("torch", "native")):
+        masters = [p.clone() for p in start]
+        opt = HostAdamW(masters, lr=1e-2, weight_decay=0.1, state=state, native=first == "native")
+        for step_grads in gs[:3]:
+            for unit, g in enumerate(step_grads):
+                opt.step(unit, g)
+        resumed = HostAdamW(masters, lr=1e-2, weight_decay=0.1, state=state, native=second == "native")
+        resumed.load_state_dict(opt.state_dict())
+        for unit, g in enumerate(gs[3]):
+            resumed.step(unit, g)
+        finals[first, second] = masters
+    for pair in (("native", "torch"), ("torch", "native")):
+        for a, b in zip(finals[pair], finals["native", "native"]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=2e-6)
 
 
 def test_state_bytes_per_param_is_what_is_allocated() -> None:

@@ -25,6 +25,20 @@ constexpr int64_t kBlock = 256;  // int8: elements per scale (host_adamw.BLOCK)
 constexpr float kTiny = 1e-30f;  // int8: the smallest block maximum a scale divides by (host_adamw.TINY)
 constexpr int64_t kSpan = 4096;  // fp32 / bf16: elements a thread takes at a time
 
+// bf16 stochastic rounding: 32 random bits an element from a hash of its index and a key (the unit and the step),
+// the low 16 for m and the high 16 for v; host_adamw.py computes the same hash with torch's integer ops. Odd
+// multipliers below 2**31, so that torch's int64 products of 32-bit values do not overflow.
+constexpr uint32_t kIndexMul = 0x61C88647u, kMix1 = 0x7FEB352Du, kMix2 = 0x2C1B3C6Du;
+
+inline uint32_t dither(uint32_t index, uint32_t key) {
+  uint32_t h = index * kIndexMul + key;
+  h ^= h >> 16;
+  h *= kMix1;
+  h ^= h >> 15;
+  h *= kMix2;
+  return h ^ (h >> 16);
+}
+
 // The scalars of one step, as T (float, or a vector of them broadcast).
 template <typename T>
 struct Hyper {
@@ -41,6 +55,7 @@ inline float vsqrt(float x) { return std::sqrt(x); }
 
 #ifndef LLAMA_OFFLOAD_SCALAR
 #if defined(__AVX512F__)
+using ivec = __m512i;
 inline vec vsqrt(vec x) { return _mm512_sqrt_ps(x); }
 inline vec load_u8(const uint8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p))); }
 inline void store_bf16(uint16_t* p, vec x) {
@@ -50,7 +65,26 @@ inline void store_bf16(uint16_t* p, vec x) {
   r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
   _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
 }
+// Stochastic rounding: r (16 random bits a lane) added below the kept bits, then truncated.
+inline void store_bf16(uint16_t* p, vec x, __m512i r) {
+  __m512i b = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(x), r), 16);
+  b = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), b, _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(b));
+}
+// dither() for kLanes consecutive indices from index: the low and high 16 bits.
+inline void dither(uint32_t index, uint32_t key, __m512i& low, __m512i& high) {
+  __m512i h = _mm512_add_epi32(_mm512_set1_epi32(index), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  h = _mm512_add_epi32(_mm512_mullo_epi32(h, _mm512_set1_epi32(kIndexMul)), _mm512_set1_epi32(key));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(kMix1));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(kMix2));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+  low = _mm512_and_si512(h, _mm512_set1_epi32(0xFFFF));
+  high = _mm512_srli_epi32(h, 16);
+}
 #else
+using ivec = __m256i;
 inline vec vsqrt(vec x) { return _mm256_sqrt_ps(x); }
 inline vec load_u8(const uint8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
 inline void store_bf16(uint16_t* p, vec x) {
@@ -61,6 +95,23 @@ inline void store_bf16(uint16_t* p, vec x) {
   // Every lane holds 16 bits: pack them (per 128-bit half), then bring the two halves' results together.
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0b1000);
   _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
+}
+inline void store_bf16(uint16_t* p, vec x, __m256i r) {
+  __m256i b = _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(x), r), 16);
+  b = _mm256_blendv_epi8(b, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(b, b), 0b1000);
+  _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
+}
+inline void dither(uint32_t index, uint32_t key, __m256i& low, __m256i& high) {
+  __m256i h = _mm256_add_epi32(_mm256_set1_epi32(index), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  h = _mm256_add_epi32(_mm256_mullo_epi32(h, _mm256_set1_epi32(kIndexMul)), _mm256_set1_epi32(key));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(kMix1));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(kMix2));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  low = _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF));
+  high = _mm256_srli_epi32(h, 16);
 }
 #endif
 #endif
@@ -89,6 +140,13 @@ inline uint16_t f32_to_bf16(float f) {
   return f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+// Stochastic rounding with 16 random bits r: up with probability (the dropped bits) / 2**16, so unbiased.
+inline uint16_t f32_to_bf16(float f, uint32_t r) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>((u + r) >> 16);
+}
+
 #ifndef LLAMA_OFFLOAD_SCALAR
 Hyper<vec> broadcast(const Hyper<float>& h) {
   return {vset1(h.decay), vset1(h.w1), vset1(h.beta2), vset1(h.w2), vset1(h.neg_step), vset1(h.bc2_sqrt), vset1(h.eps)};
@@ -113,7 +171,10 @@ void step_fp32(float* p, const float* g, float* m, float* v, int64_t n, const Hy
   });
 }
 
-void step_bf16(float* p, const float* g, uint16_t* m, uint16_t* v, int64_t n, const Hyper<float>& h) {
+// key < 0: round to nearest even; else stochastic rounding with dither(index, key).
+void step_bf16(float* p, const float* g, uint16_t* m, uint16_t* v, int64_t n, const Hyper<float>& h, int64_t key) {
+  const bool sr = key >= 0;
+  const uint32_t k = static_cast<uint32_t>(key);
   at::parallel_for(0, (n + kSpan - 1) / kSpan, 1, [=](int64_t s0, int64_t s1) {
     const int64_t end = std::min(n, s1 * kSpan);
     int64_t i = s0 * kSpan;
@@ -123,15 +184,28 @@ void step_bf16(float* p, const float* g, uint16_t* m, uint16_t* v, int64_t n, co
       vec pi = vload(p + i), mi = load_bf16(m + i), vi = load_bf16(v + i);
       update(pi, vload(g + i), mi, vi, hv);
       vstore(p + i, pi);
-      store_bf16(m + i, mi);
-      store_bf16(v + i, vi);
+      if (sr) {
+        ivec rm, rv;
+        dither(static_cast<uint32_t>(i), k, rm, rv);
+        store_bf16(m + i, mi, rm);
+        store_bf16(v + i, vi, rv);
+      } else {
+        store_bf16(m + i, mi);
+        store_bf16(v + i, vi);
+      }
     }
 #endif
     for (; i < end; ++i) {
       float mi = bf16_to_f32(m[i]), vi = bf16_to_f32(v[i]);
       update(p[i], g[i], mi, vi, h);
-      m[i] = f32_to_bf16(mi);
-      v[i] = f32_to_bf16(vi);
+      if (sr) {
+        const uint32_t r = dither(static_cast<uint32_t>(i), k);
+        m[i] = f32_to_bf16(mi, r & 0xFFFFu);
+        v[i] = f32_to_bf16(vi, r >> 16);
+      } else {
+        m[i] = f32_to_bf16(mi);
+        v[i] = f32_to_bf16(vi);
+      }
     }
   });
 }
@@ -208,11 +282,12 @@ void check(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char*
 
 // One AdamW step of param with grad; exp_avg and exp_avg_sq float32, bfloat16, or int8 and uint8 codes padded to
 // whole blocks with their scales (one float32 each a block). step_size = lr / (1 - beta1^t) and
-// bias_correction2_sqrt = sqrt(1 - beta2^t) come from the caller, computed as torch computes them.
+// bias_correction2_sqrt = sqrt(1 - beta2^t) come from the caller, computed as torch computes them. bf16 moments
+// are rounded to nearest even where dither_key < 0, stochastically with dither(index, dither_key) otherwise.
 void adamw_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                 const c10::optional<at::Tensor>& exp_avg_scale, const c10::optional<at::Tensor>& exp_avg_sq_scale,
                 double lr, double beta1, double beta2, double eps, double weight_decay, double step_size,
-                double bias_correction2_sqrt) {
+                double bias_correction2_sqrt, int64_t dither_key) {
   const int64_t n = param.numel();
   check(param, at::kFloat, n, "param");
   check(grad, at::kFloat, n, "grad");
@@ -228,7 +303,8 @@ void adamw_step(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
   } else if (exp_avg.scalar_type() == at::kBFloat16) {
     check(exp_avg, at::kBFloat16, n, "exp_avg");
     check(exp_avg_sq, at::kBFloat16, n, "exp_avg_sq");
-    step_bf16(p, g, static_cast<uint16_t*>(exp_avg.data_ptr()), static_cast<uint16_t*>(exp_avg_sq.data_ptr()), n, h);
+    step_bf16(p, g, static_cast<uint16_t*>(exp_avg.data_ptr()), static_cast<uint16_t*>(exp_avg_sq.data_ptr()), n, h,
+              dither_key);
   } else {
     const int64_t blocks = (n + kBlock - 1) / kBlock;
     check(exp_avg, at::kChar, blocks * kBlock, "exp_avg");
@@ -245,7 +321,7 @@ void adamw_step(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
 TORCH_LIBRARY(llama_offload_cpu_adamw, m) {
   m.def("adamw_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
         "Tensor(d!)? exp_avg_scale, Tensor(e!)? exp_avg_sq_scale, float lr, float beta1, float beta2, float eps, "
-        "float weight_decay, float step_size, float bias_correction2_sqrt) -> ()",
+        "float weight_decay, float step_size, float bias_correction2_sqrt, int dither_key=-1) -> ()",
         &adamw_step);
   m.def("isa() -> str", &simd_isa);
 }
