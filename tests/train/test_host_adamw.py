@@ -22,6 +22,17 @@ PATHS = ["torch", pytest.param("native", marks=pytest.mark.skipif(not cpu_adamw.
 SIZES = (1, 300, 4097, 70_001)  # one element, under a block, a partial last block, many blocks
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: these tensors are small, and torch's fused AdamW wakes every thread even for a few
+    thousand elements (2 ms a call on a busy 2-core machine, 4 us on one thread).
+    test_results_do_not_depend_on_threads sets its own counts."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def grads(sizes, seed: int) -> list[torch.Tensor]:
     """Gradients whose magnitudes span 1e-6..1 inside every unit, as a real model's do."""
     gen = torch.Generator().manual_seed(seed)
@@ -51,6 +62,23 @@ def test_fp32_equals_torch_adamw_in_any_order(path: str) -> None:
         assert opt.step_count(unit) == int(ref_opts[unit].state[ref]["step"])
         torch.testing.assert_close(p, ref.detach(), rtol=1e-6, atol=1e-7)
     assert opt.step_count(1) == 8
+
+
+@pytest.mark.skipif(not host_adamw.fused_available(), reason="this torch has no fused CPU AdamW")
+def test_fp32_by_default_is_torchs_fused_adamw_bit_for_bit() -> None:
+    """fp32 moments take torch's fused CPU kernel by default, native kernel or not: torch.optim.AdamW(fused=True)."""
+    torch.manual_seed(8)
+    masters = [torch.randn(n) for n in SIZES]
+    refs = [torch.nn.Parameter(p.clone()) for p in masters]
+    ref_opt = torch.optim.AdamW(refs, lr=1e-2, weight_decay=0.1, fused=True)
+    opt = HostAdamW(masters, lr=1e-2, weight_decay=0.1)
+    assert not opt.native
+    for step in range(5):
+        for unit, g in enumerate(grads(SIZES, step)):
+            refs[unit].grad = g.clone()
+            opt.step(unit, g)
+        ref_opt.step()
+    assert all(torch.equal(p, ref.detach()) for p, ref in zip(masters, refs))
 
 
 def test_fp32_without_the_fused_kernel_is_torch_adamw_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
