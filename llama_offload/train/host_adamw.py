@@ -12,7 +12,8 @@ with ``t`` the unit's own step count (units are stepped independently, in any or
 
 The moments m and v are kept in one of three storages (``state``):
 
-    fp32  8 bytes a parameter. Equal to torch.optim.AdamW within fp32 rounding.
+    fp32  8 bytes a parameter. Equal to torch.optim.AdamW within fp32 rounding (by default bit for bit
+          torch.optim.AdamW(fused=True): the same kernel).
     bf16  4 bytes. m and v stored in bfloat16, every update computed in fp32 (load, update, store back). Rounded
           to nearest, an increment of v below half a bfloat16 step (2**-9 relative) is lost: with b2 = 0.999 that
           is every increment after a few hundred steps, v stalls near a quarter of a steady gradient's square
@@ -38,9 +39,10 @@ within half a unit in the last place of torch.optim.AdamW); bf16 and int8 moment
 (``kernels/csrc/cpu_adamw.cpp``, OpenMP, ``-march=native``), one pass as well: grad, master, m and v read, master,
 m and v written, no temporaries. Where the kernel does not build (no compiler, ``LLAMA_OFFLOAD_NATIVE=0``,
 ``native=False``) torch's kernels step bf16 and int8 chunk by chunk (CHUNK elements, fp32 temporaries of 4 MiB
-that stay in the caches): the moments widened to fp32, stepped by the fused kernel, and stored back, about 2 and
-3 times the native kernel's time on 2 cores (bench_host_adamw.py). Where torch has no fused CPU AdamW (before
-2.4), fp32 takes the native kernel, or torch.optim.AdamW's own operations chunk by chunk. Every path uses the
+that stay in the caches): the moments widened to fp32, stepped by the fused kernel, and stored back; on 2 cores
+(bench_host_adamw.py) int8 takes 3 times the native kernel's time, bf16 9 times (its stochastic rounding's hash
+in torch's integer ops; 2 times without). Where torch has no fused CPU AdamW (before 2.4), fp32 takes the native
+kernel, or torch.optim.AdamW's own operations chunk by chunk. Every path uses the
 threads torch is allowed (``torch.set_num_threads``) and is deterministic: every element, and every int8 block,
 is computed by one thread from its own inputs, so no bit depends on the scheduling. The paths share the state
 layout (a state_dict from one resumes on the other) but not every last bit: the fused kernel and the native one
@@ -98,23 +100,31 @@ def fused_available() -> bool:
     return _fused
 
 
+def _int32(x: int) -> int:
+    """A 32-bit pattern as the int32 that holds it."""
+    x &= 0xFFFFFFFF
+    return x - (1 << 32) if x >= 1 << 31 else x
+
+
 def _round_stochastically(m: torch.Tensor, v: torch.Tensor, start: int, key: int) -> None:
     """Rounds fp32 m and v (elements start.. of a unit) to bfloat16 values in place, stochastically: the bits
-    csrc/cpu_adamw.cpp's dither(index, key) draws, computed with torch's int64 ops, added below bfloat16's 16 bits,
-    which are then kept (up with probability dropped bits / 2**16: unbiased). The same bits as the native kernel."""
-    mask = 0xFFFFFFFF
-    h = torch.arange(start, start + m.numel(), dtype=torch.int64)
-    if start + m.numel() > mask:
-        h.bitwise_and_(mask)  # the kernel hashes the index's low 32 bits
-    # Each product is of a value below 2**32 and a multiplier below 2**31: no int64 overflow.
-    h.mul_(cpu_adamw.DITHER_INDEX_MUL).add_(key).bitwise_and_(mask)
-    h.bitwise_xor_(h >> 16)
-    h.mul_(cpu_adamw.DITHER_MIX1).bitwise_and_(mask)
-    h.bitwise_xor_(h >> 15)
-    h.mul_(cpu_adamw.DITHER_MIX2).bitwise_and_(mask)
-    h.bitwise_xor_(h >> 16)
-    for t, bits in ((m, h & 0xFFFF), (v, h >> 16)):
-        t.view(torch.int32).add_(bits).bitwise_and_(-0x10000)  # -0x10000: 0xFFFF0000 as an int32
+    csrc/cpu_adamw.cpp's dither(index, key) draws, added below bfloat16's 16 bits, which are then kept (up with
+    probability dropped bits / 2**16: unbiased). The hash in int32, whose products wrap as the kernel's uint32
+    ones do, and whose right shifts sign-extend, hence the masks: the same bits as the native kernel."""
+    n = m.numel()
+    if start + n <= 1 << 31:
+        h = torch.arange(start, start + n, dtype=torch.int32)
+    else:  # the kernel hashes the index's low 32 bits
+        h = torch.arange(start, start + n, dtype=torch.int64).bitwise_and_(0xFFFFFFFF)
+        h = torch.where(h >= 1 << 31, h - (1 << 32), h).to(torch.int32)
+    h.mul_(cpu_adamw.DITHER_INDEX_MUL).add_(_int32(key))
+    h.bitwise_xor_((h >> 16).bitwise_and_(0xFFFF))
+    h.mul_(cpu_adamw.DITHER_MIX1)
+    h.bitwise_xor_((h >> 15).bitwise_and_(0x1FFFF))
+    h.mul_(cpu_adamw.DITHER_MIX2)
+    h.bitwise_xor_((h >> 16).bitwise_and_(0xFFFF))
+    m.view(torch.int32).add_(h & 0xFFFF).bitwise_and_(-0x10000)  # -0x10000: 0xFFFF0000 as an int32
+    v.view(torch.int32).add_(h.bitwise_right_shift_(16).bitwise_and_(0xFFFF)).bitwise_and_(-0x10000)
 
 
 @dataclass

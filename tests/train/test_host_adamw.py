@@ -1,8 +1,9 @@
 """HostAdamW (llama_offload/train/host_adamw.py): fp32 moments equal torch.optim.AdamW unit by unit in any order;
-bf16 and int8 moments follow fp32's loss curve within a stated tolerance, and int8 never blows a step up where v
-is tiny; a state_dict resumes bit for bit; the results do not depend on the thread count or on concurrent units;
-every bad input is a ValueError that says what was expected. Each test runs on torch's kernels and, where it
-builds, on the native kernel (kernels/csrc/cpu_adamw.cpp)."""
+bf16 and int8 moments follow fp32's loss curve within a stated tolerance, bf16's stochastic rounding keeps AdamW's
+step size where rounding to nearest does not, and int8 never blows a step up where v is tiny; a state_dict resumes
+bit for bit, on either path; the results do not depend on the thread count or on concurrent units; every bad
+input is a ValueError that says what was expected. Each test runs on torch's kernels and, where it builds, on the
+native kernel (kernels/csrc/cpu_adamw.cpp)."""
 
 from __future__ import annotations
 
@@ -260,7 +261,10 @@ def test_results_do_not_depend_on_threads(state: str, path: str) -> None:
 @pytest.mark.parametrize("state", STATES)
 def test_the_native_kernel_and_torch_share_the_state(state: str) -> None:
     """A state_dict saved on one path resumes on the other: the same layout, the same codes and scales, the same
-    stochastic rounding bits; what differs is fp32 rounding (the kernels order the same formula differently)."""
+    stochastic rounding bits. What differs is fp32 rounding (the kernels order the same formula differently): the
+    masters within a few units in the last place, but a bf16 moment or an int8 code that this rounds the other way
+    moves its element by a few percent of lr (a scalar build's kernel: 0.2% and 3%); a state read another way moves
+    them by a tenth of lr and more (v's codes not squared: 28%, m's codes against 126 instead of 127: 15%)."""
     torch.manual_seed(6)
     start = [torch.randn(n) for n in SIZES]
     gen = torch.Generator().manual_seed(7)
@@ -277,9 +281,29 @@ def test_the_native_kernel_and_torch_share_the_state(state: str) -> None:
         for unit, g in enumerate(gs[3]):
             resumed.step(unit, g)
         finals[first, second] = masters
+    atol = 2e-6 if state == "fp32" else 0.05 * 1e-2
     for pair in (("native", "torch"), ("torch", "native")):
         for a, b in zip(finals[pair], finals["native", "native"]):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=2e-6)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=atol)
+
+
+@pytest.mark.skipif(not cpu_adamw.available(verbose=False), reason="no C++ compiler here for the native kernel")
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_the_native_kernel_and_torch_round_bf16_alike(stochastic: bool) -> None:
+    """The same bf16 moments on both paths, stochastic rounding's hashed bits included, but for the rare element
+    whose fp32 value the two kernels round differently (different bits would change half of them)."""
+    moments = {}
+    for native in (True, False):
+        torch.manual_seed(9)
+        masters = [torch.randn(n) for n in SIZES]
+        opt = HostAdamW(masters, lr=1e-2, weight_decay=0.1, state="bf16", stochastic_rounding=stochastic,
+                        native=native)
+        for step in range(3):
+            for unit, g in enumerate(grads(SIZES, step)):
+                opt.step(unit, g)
+        moments[native] = torch.cat([torch.cat([u["exp_avg"], u["exp_avg_sq"]]) for u in opt.state_dict()["units"]])
+    differ = (moments[True] != moments[False]).float().mean().item()
+    assert differ < 1e-3, f"{differ:.2%} of the bf16 moments differ"
 
 
 def test_state_bytes_per_param_is_what_is_allocated() -> None:
