@@ -283,14 +283,16 @@ def load_state_dict(
     rank: int = 0,
     world_size: int = 1,
     vocab_parallel_embedding: Optional[bool] = None,
+    only: Optional[Callable[[str], bool]] = None,
 ) -> dict[str, torch.Tensor]:
-    """Load, merge and validate the shards of ``ckpt_dir`` against the shapes ``args`` implies.
+    """Load, merge and validate the shards of ``ckpt_dir`` against the shapes ``args`` implies; with ``only``,
+    just the keys it accepts (a pipeline stage's: the other tensors' bytes are never read).
 
     Tensors keep the checkpoint's dtype. With one shard they are mmap-backed views of the file.
     With ``world_size`` N > 1, only rank ``rank``'s part of each split tensor is built (see the module
     docstring; ``vocab_parallel_embedding`` None follows the checkpoint's layout). Needs no process group.
     """
-    return _load_state_dict(ckpt_dir, args, show_progress, rank, world_size, vocab_parallel_embedding)[0]
+    return _load_state_dict(ckpt_dir, args, show_progress, rank, world_size, vocab_parallel_embedding, only)[0]
 
 
 def _load_state_dict(
@@ -300,8 +302,10 @@ def _load_state_dict(
     rank: int,
     world_size: int,
     vocab_parallel_embedding: Optional[bool],
+    only: Optional[Callable[[str], bool]] = None,
 ) -> tuple[dict[str, torch.Tensor], bool]:
-    """``load_state_dict``, and the embedding layout it used."""
+    """``load_state_dict``, and the embedding layout it used. ``only``: merge just the keys it accepts (a pipeline
+    stage's); the others are checked from the shards' headers and never read."""
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size <= 0:
         raise ValueError(f"world_size must be a positive integer, found {world_size!r}.")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:
@@ -332,6 +336,10 @@ def _load_state_dict(
 
     merged: dict[str, torch.Tensor] = {}
     for key in expected:
+        if only is not None and not only(key):
+            for sd in shards:
+                del sd[key]
+            continue
         parts = [sd[key] for sd in shards]
         if world_size == 1:
             merged[key] = parts[0] if cat_dims[key] is None else torch.cat(parts, dim=cat_dims[key])

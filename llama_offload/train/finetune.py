@@ -105,6 +105,14 @@ class FinetuneOptions:
                                       "(default: bf16 on a GPU, fp32 on the CPU); the LoRA weights are always fp32.")
     chat_format: Optional[str] = flag(None, "llama2, llama3 or chatml: overrides the checkpoint's.")
     allow_long_context: bool = flag(False, "allow --seq_len above the context the model was trained for.")
+    pp: int = flag(1, "pipeline stages: under torchrun the processes form (processes / pp) data-parallel replicas "
+                      "of pp stages, each stage building and loading only its own layers (torch.distributed."
+                      "pipelining; LoRA).")
+    pp_layers: Optional[Any] = flag(None, "--pp: layers per stage by hand, e.g. 10,11,11 (default: balanced by "
+                                          "compute, the output head counted on the last stage).")
+    microbatches: Optional[int] = flag(None, "--pp: microbatches each pass's --batch_size rows are split into "
+                                             "(default: --pp); must divide --batch_size.")
+    schedule: str = flag("1f1b", "--pp: the pipeline schedule: gpipe or 1f1b.")
     dry_run: bool = flag(False, "check the flags, the data and --out, print the memory plan (GPU and, with --full, "
                                 "host), and stop before any weight is read.")
 
@@ -137,6 +145,19 @@ class FinetuneOptions:
             raise ValueError(f"--weight_decay must be 0 or more, found {self.weight_decay!r}.")
         if self.gpu_memory_gb is not None:
             positive("gpu_memory_gb", self.gpu_memory_gb)
+        whole("pp", 1, self.pp)
+        if self.microbatches is not None:
+            whole("microbatches", 1, self.microbatches)
+        if self.pp > 1:
+            unsupported = [name for name, on in (("--full", self.full), ("--eval_data", self.eval_data is not None),
+                                                 ("--gpu_memory_gb", self.gpu_memory_gb is not None)) if on]
+            if unsupported:
+                raise ValueError(f"--pp {self.pp} trains LoRA adapters with every stage's layers on its device; "
+                                 f"{', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not available "
+                                 "with pipeline stages yet. Drop them, or train in one pipeline (--pp 1).")
+        elif self.pp_layers is not None or self.microbatches is not None:
+            raise ValueError("--pp_layers and --microbatches split a model into pipeline stages: add --pp S (S > 1), "
+                             "or drop them.")
         for name in ("max_grad_norm", "host_memory_gb"):
             if getattr(self, name) is not None:
                 positive(name, getattr(self, name))
@@ -159,6 +180,8 @@ class FinetuneOptions:
         """What must not change when a run resumes: the rows, their order and what trains."""
         keys = ("seq_len", "batch_size", "grad_accum", "seed", "full", "optim_state") if self.full else (
             "seq_len", "batch_size", "grad_accum", "seed", "lora_rank", "lora_alpha", "lora_targets")
+        if self.pp > 1:
+            keys += ("pp", "pp_layers", "microbatches", "schedule")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -199,6 +222,7 @@ class Prepared:
     tokenizer_name: str = ""
     tokenizer_files: dict = dataclasses.field(default_factory=dict)
     sources: list = dataclasses.field(default_factory=list)
+    n_rows: int = 0  # packed rows of --data (pipeline stages that read no data learn it from rank 0)
 
 
 def _saved_state_path(out: Path, full: bool, rank: int, world: int) -> Path:
@@ -208,6 +232,8 @@ def _saved_state_path(out: Path, full: bool, rank: int, world: int) -> Path:
 def prepare(opts: FinetuneOptions, device: torch.device) -> Prepared:
     opts.check()
     rank, world = _world()
+    if opts.pp > 1 and opts.microbatches is None:
+        opts = dataclasses.replace(opts, microbatches=opts.pp)
     data_path = Path(opts.data).expanduser()
     if not data_path.is_file():
         raise FileNotFoundError(f"--data {data_path} does not exist. Pass a JSONL file with one example per line.")
@@ -257,21 +283,32 @@ def prepare(opts: FinetuneOptions, device: torch.device) -> Prepared:
     def packed(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         return data.pack(data.read_examples(path, tokenizer, chat_format), opts.seq_len, pad_id)
 
-    inputs, targets = packed(data_path)
+    def read() -> tuple[torch.Tensor, torch.Tensor, str]:
+        inputs, targets = packed(data_path)
+        if not bool((targets != -100).any()):
+            raise ValueError(f"--data {data_path} has no token to learn: every example's trained part is empty.")
+        return inputs, targets, _sha256(data_path)
+
+    if opts.pp > 1:
+        from llama_offload.train.pipeline_trainer import check_pipeline
+
+        check_pipeline(opts.pp, world, params.n_layers, opts.schedule, opts.microbatches, opts.batch_size)
+        inputs, targets, sha, n_rows = _pipeline_data(read, rank, opts.pp)
+    else:
+        inputs, targets, sha = read()
+        n_rows = inputs.shape[0]
     eval_inputs = eval_targets = None
     if opts.eval_data is not None:
         eval_path = Path(opts.eval_data).expanduser()
         if not eval_path.is_file():
             raise FileNotFoundError(f"--eval_data {eval_path} does not exist. Pass a JSONL file like --data's.")
         eval_inputs, eval_targets = packed(eval_path)
-    if not bool((targets != -100).any()):
-        raise ValueError(f"--data {data_path} has no token to learn: every example's trained part is empty.")
-    rows_per_step = opts.batch_size * opts.grad_accum * world
+    replicas = world // opts.pp
+    rows_per_step = opts.batch_size * opts.grad_accum * replicas
     if opts.steps is not None:
         total = int(opts.steps)
     else:
-        total = max(1, math.ceil(float(opts.epochs if opts.epochs is not None else 1) * inputs.shape[0] / rows_per_step))
-    sha = _sha256(data_path)
+        total = max(1, math.ceil(float(opts.epochs if opts.epochs is not None else 1) * n_rows / rows_per_step))
     start = 0
     if state is not None:
         mismatch = {k: (v, opts.identity().get(k)) for k, v in state["identity"].items() if opts.identity().get(k) != v}
@@ -294,7 +331,27 @@ def prepare(opts: FinetuneOptions, device: torch.device) -> Prepared:
             seq_len=opts.seq_len, batch_size=opts.batch_size, itemsize=dtype.itemsize, lora_rank=config.rank,
             offload_activations=bool(offload_activations), gpu_memory_gb=opts.gpu_memory_gb)
     return Prepared(opts, ckpt_dir, tokenizer_path, params, config, inputs, targets, eval_inputs, eval_targets, sha,
-                    total, start, state, device, dtype, bool(offload_activations), **extra)
+                    total, start, state, device, dtype, bool(offload_activations), n_rows=n_rows, **extra)
+
+
+def _pipeline_data(read: Any, rank: int, pp: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], str, int]:
+    """Pipeline stages: only the first and the last stage of each replica read and tokenise the data (the first
+    feeds the token ids, the last the targets). Rank 0's outcome, the row count or the error, goes to every rank,
+    so a bad file is one line everywhere and no rank waits for another that has stopped."""
+    stage = rank % pp
+    inputs = targets = None
+    outcome: list[Any] = [None]
+    if stage in (0, pp - 1):
+        try:
+            inputs, targets, sha = read()
+            outcome[0] = ("ok", int(inputs.shape[0]), sha)
+        except (ValueError, OSError) as e:
+            outcome[0] = ("error", type(e).__name__, str(e))
+    dist.broadcast_object_list(outcome, src=0)
+    kind, a, b = outcome[0]
+    if kind == "error":
+        raise {"FileNotFoundError": FileNotFoundError, "PermissionError": PermissionError}.get(a, ValueError)(b)
+    return inputs, targets, b, a
 
 
 def _prepare_full(opts: FinetuneOptions, ckpt_dir: Path, tokenizer_path: Path, params: ModelArgs, meta: dict,
@@ -393,8 +450,9 @@ def _describe(prep: Prepared, world: int) -> str:
     what = ("every weight" if opts.full else
             f"LoRA rank {prep.config.rank} on {','.join(prep.config.targets)}")
     plan = prep.plan.describe() if (prep.device.type == "cuda" or opts.full or opts.dry_run) else f"on {prep.device}"
-    return (f"llama_offload finetune: {prep.inputs.shape[0]} rows of {opts.seq_len} tokens; {world} "
-            f"process{'es' if world > 1 else ''}; {what}; {prep.total_steps} steps"
+    stages = f" ({world // opts.pp} replicas of {opts.pp} pipeline stages, {opts.schedule})" if opts.pp > 1 else ""
+    return (f"llama_offload finetune: {prep.n_rows} rows of {opts.seq_len} tokens; {world} "
+            f"process{'es' if world > 1 else ''}{stages}; {what}; {prep.total_steps} steps"
             + (f" (resuming after step {prep.start_step})" if prep.start_step else "") + f"; {plan}")
 
 
@@ -408,7 +466,12 @@ def finetune(opts: FinetuneOptions, *, show_progress: bool = True) -> Path:
         if rank == 0:
             print(_describe(prep, world) + "; dry run: nothing was loaded or written", file=sys.stderr)
         return Path(opts.out).expanduser()
-    trainer = make_trainer(prep, show_progress=show_progress)
+    if opts.pp > 1:
+        from llama_offload.train.pipeline_trainer import PipelineTrainer
+
+        trainer: Any = PipelineTrainer(prep, show_progress=show_progress)
+    else:
+        trainer = make_trainer(prep, show_progress=show_progress)
     try:
         if rank == 0:
             print(_describe(prep, world), file=sys.stderr)
@@ -456,6 +519,6 @@ def _train(trainer: Trainer, prep: Prepared, *, show_progress: bool) -> Path:
 
 def _save(trainer: Trainer, step: int, rank: int) -> Path:
     """LoRA: rank 0 holds the whole (replicated) state. Full: every rank holds its share, so every rank saves."""
-    if isinstance(trainer, FullTrainer) or rank == 0:
+    if isinstance(trainer, FullTrainer) or trainer.prep.opts.pp > 1 or rank == 0:
         return trainer.save(step)
     return Path(trainer.prep.opts.out)
