@@ -201,11 +201,13 @@ class HostUpdate:
         if g is None:  # the unit took no part in the loss (cannot happen for a LLaMA): a zero gradient
             g = torch.zeros(self.units[u].numel, dtype=torch.float32, device=self.units[u].params[0].device)
         owner = u % self.world
+        last = self.micro == self.grad_accum - 1
+        if last and self.max_grad_norm is None:
+            self._fresh.add(u)  # on every rank: each takes part in sharing the owner's new weights
         if self.world > 1:
             dist.reduce(g, dst=owner)
         if owner != self.rank:
             return
-        last = self.micro == self.grad_accum - 1
         if not self._cuda:
             self._submit_absorb(u, g, None, None, last)
             return
@@ -235,8 +237,10 @@ class HostUpdate:
         # torch.nn.utils.clip_grad_norm_'s arithmetic: the norm of the per-parameter norms, in parameter order.
         per_param = [n for u in range(len(self.units)) for n in self._norms_of(u)]
         norms = torch.stack(per_param)
-        if self.world > 1:
-            dist.all_reduce(norms)  # each parameter's norm comes from its owner; the others add zeros
+        if self.world > 1:  # each parameter's norm comes from its owner; the others add zeros
+            on = norms.to(self.device) if dist.get_backend() == "nccl" else norms
+            dist.all_reduce(on)
+            norms = on.cpu()
         total = torch.linalg.vector_norm(norms, 2.0)
         coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
         for u in range(len(self.units)):
@@ -269,7 +273,6 @@ class HostUpdate:
         job = self._worker.submit(self._absorb, u, grad, copied, staging, self.micro == 0, last)
         if last and self.max_grad_norm is None:
             self._pending[u] = job
-            self._fresh.add(u)
         else:
             self._absorbing.append(job)
 
