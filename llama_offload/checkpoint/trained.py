@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from llama_offload.checkpoint.load import save_checkpoint
+from llama_offload.checkpoint.load import expected_shapes, save_checkpoint
 from llama_offload.checkpoint.meta import write_derived_meta
 from llama_offload.model.args import ModelArgs, param_counts
 
@@ -31,8 +31,19 @@ def state_file(rank: int, world: int) -> str:
 def write_trained(tmp: Path, state_dict: dict[str, torch.Tensor], args: ModelArgs, *, source_dir: Path,
                   source_meta: dict[str, Any], num_shards: int, dtype_name: str, tokenizer_files: dict[str, Path],
                   tokenizer_name: str, training: dict[str, Any]) -> None:
-    """Write the checkpoint's files into the (empty) temporary directory ``tmp`` of a save."""
-    save_checkpoint(state_dict, args, tmp, num_shards=num_shards)
+    """Write the checkpoint's files into the (empty) temporary directory ``tmp`` of a save.
+
+    One shard is written straight from the tensors given, views of the trainer's flat buffers: torch.save writes
+    each buffer once (a block's page holds exactly its tensors, 256-byte aligned), so a save of an 8B model needs
+    no 16 GB copy on a host that the master weights and moments already fill. Several shards are cut and
+    compacted one shard at a time (load.save_checkpoint)."""
+    if num_shards == 1:
+        expected = expected_shapes(args)
+        wrong = sorted(k for k in expected if k not in state_dict or tuple(state_dict[k].shape) != tuple(expected[k]))
+        assert not wrong and len(state_dict) == len(expected), wrong[:4]
+        torch.save({k: state_dict[k].detach() for k in expected}, tmp / "consolidated.00.pth")
+    else:
+        save_checkpoint(state_dict, args, tmp, num_shards=num_shards)
     shutil.copyfile(source_dir / "params.json", tmp / "params.json")  # the user's own fields stay
     for name, src in tokenizer_files.items():
         shutil.copyfile(src, tmp / name)
