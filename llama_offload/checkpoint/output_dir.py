@@ -35,7 +35,7 @@ _OWN_FILES = {META_FILENAME, "params.json", "tokenizer.json", "tokenizer.model",
 
 _OWN_SHARD = re.compile(r"consolidated\.\d+\.pth")
 # A fully fine-tuned checkpoint keeps its optimizer state beside it (checkpoint/trained.py).
-_OWN_STATE = re.compile(r"trainer_state(\.rank\d+)?\.pt")
+_OWN_STATE = re.compile(r"trainer_state(\.rank\d+|\.stage\d+)?\.pt")
 
 
 def _fmt_size(n: float) -> str:

@@ -149,10 +149,10 @@ class FinetuneOptions:
         if self.microbatches is not None:
             whole("microbatches", 1, self.microbatches)
         if self.pp > 1:
-            unsupported = [name for name, on in (("--full", self.full), ("--eval_data", self.eval_data is not None),
+            unsupported = [name for name, on in (("--eval_data", self.eval_data is not None),
                                                  ("--gpu_memory_gb", self.gpu_memory_gb is not None)) if on]
             if unsupported:
-                raise ValueError(f"--pp {self.pp} trains LoRA adapters with every stage's layers on its device; "
+                raise ValueError(f"--pp {self.pp} trains with every stage's layers and optimizer on its device; "
                                  f"{', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not available "
                                  "with pipeline stages yet. Drop them, or train in one pipeline (--pp 1).")
         elif self.pp_layers is not None or self.microbatches is not None:
@@ -225,7 +225,9 @@ class Prepared:
     n_rows: int = 0  # packed rows of --data (pipeline stages that read no data learn it from rank 0)
 
 
-def _saved_state_path(out: Path, full: bool, rank: int, world: int) -> Path:
+def _saved_state_path(out: Path, full: bool, rank: int, world: int, pp: int = 1) -> Path:
+    if full and pp > 1:
+        return out / f"trainer_state.stage{rank % pp}.pt"  # pipeline_trainer.py: each stage's own optimizer
     return out / (state_file(rank, world) if full else adapter.STATE_FILE)
 
 
@@ -240,7 +242,7 @@ def prepare(opts: FinetuneOptions, device: torch.device) -> Prepared:
     out = Path(opts.out).expanduser()
     state = None
     if opts.resume:
-        saved = _saved_state_path(out, opts.full, rank, world)
+        saved = _saved_state_path(out, opts.full, rank, world, opts.pp)
         if not saved.is_file():
             raise FileNotFoundError(f"--resume: {out} holds no saved {'full fine-tuning ' if opts.full else ''}run "
                                     f"({saved.name} is missing). Start the run without --resume, or point --out at "
@@ -271,7 +273,7 @@ def prepare(opts: FinetuneOptions, device: torch.device) -> Prepared:
     if opts.full:
         extra = _prepare_full(opts, ckpt_dir, tokenizer_path, params, meta, data_path, out, dtype, device, world,
                               resuming=state is not None)
-        offload_activations = extra["plan"].checkpoints_on_host
+        offload_activations = extra["plan"].checkpoints_on_host if extra["plan"] is not None else False
     else:
         config = lora.LoRAConfig(int(opts.lora_rank), float(opts.lora_alpha), lora.parse_targets(opts.lora_targets),
                                  lora.ModelShape.of(params))
@@ -369,7 +371,7 @@ def _prepare_full(opts: FinetuneOptions, ckpt_dir: Path, tokenizer_path: Path, p
     del first, sample
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"--dtype {dtype_name(dtype)}: full fine-tuning computes in bfloat16, float16 or float32.")
-    plan = budget.plan_full_training(
+    plan = None if opts.pp > 1 else budget.plan_full_training(  # pipeline stages: every stage's optimizer on its device
         params, seq_len=opts.seq_len, batch_size=opts.batch_size, itemsize=dtype.itemsize, world=world,
         optim_state=opts.optim_state, keep_grads=opts.grad_accum > 1 or opts.max_grad_norm is not None,
         offload_activations=opts.offload_activations, on_gpu=device.type == "cuda",
@@ -449,7 +451,8 @@ def _describe(prep: Prepared, world: int) -> str:
     opts = prep.opts
     what = ("every weight" if opts.full else
             f"LoRA rank {prep.config.rank} on {','.join(prep.config.targets)}")
-    plan = prep.plan.describe() if (prep.device.type == "cuda" or opts.full or opts.dry_run) else f"on {prep.device}"
+    show = prep.plan is not None and (prep.device.type == "cuda" or opts.full or opts.dry_run)
+    plan = prep.plan.describe() if show else f"on {prep.device}"
     stages = f" ({world // opts.pp} replicas of {opts.pp} pipeline stages, {opts.schedule})" if opts.pp > 1 else ""
     return (f"llama_offload finetune: {prep.n_rows} rows of {opts.seq_len} tokens; {world} "
             f"process{'es' if world > 1 else ''}{stages}; {what}; {prep.total_steps} steps"

@@ -30,11 +30,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from llama_offload.checkpoint import adapter as adapter_files
+from llama_offload.checkpoint.load import expected_shapes
+from llama_offload.checkpoint.output_dir import output_dir
+from llama_offload.checkpoint.trained import write_trained
 from llama_offload.model import lora
 from llama_offload.train import budget
 from llama_offload.train.loss import chunked_cross_entropy
 from llama_offload.train.schedule import step_rows
-from llama_offload.train.stages import build_stage, stage_layers
+from llama_offload.train.stages import build_stage, stage_keys, stage_layers
 
 # One stage per rank. The multi-stage schedules (interleaved 1F1B, zero bubble) need several stages a rank.
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -76,7 +79,9 @@ class PipelineTrainer:
         self.spans = stage_layers(prep.params, self.pp, opts.pp_layers)
         start, end = self.spans[self.pp_rank]
         self.first, self.last = self.pp_rank == 0, self.pp_rank == self.pp - 1
-        self.loaded = build_stage(prep.ckpt_dir, prep.params, start, end, self.first, self.last,
+        # A resumed full run continues from the weights it saved; LoRA from the base and its saved adapter.
+        source = Path(opts.out).expanduser() if opts.full and prep.state is not None else prep.ckpt_dir
+        self.loaded = build_stage(source, prep.params, start, end, self.first, self.last,
                                   seq_len=opts.seq_len, dtype=prep.dtype, show_progress=show_progress and self.rank == 0)
         print(f"[rank {self.rank}] stage {self.pp_rank} of {self.pp}, replica {self.dp_rank}: layers {start}-{end - 1}"
               f"{' with the embedding' if self.first else ''}{' with the norm and head' if self.last else ''}; read "
@@ -101,6 +106,7 @@ class PipelineTrainer:
         self.chunk = budget.loss_chunk_tokens(prep.params.vocab_size)
         self.history: list[dict] = list(prep.state["history"]) if prep.state is not None else []
         self.grad_norm: Optional[float] = None
+        self._saved = False
         self._count = 1.0
         # Collectives run on the GPU under NCCL, on the CPU under gloo.
         self._comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -201,11 +207,59 @@ class PipelineTrainer:
                 out[f"{lora._name(key)}.{name}"] = buf.float().cpu()
         return out
 
+    def _gather_weights(self) -> dict[str, torch.Tensor]:
+        """Every stage's weights in Meta's names and the source's dtype, on rank 0 (the others hold none)."""
+        prep = self.prep
+        ranks = dist.get_process_group_ranks(self.pp_group)
+        mine = dict(self.module.named_parameters())
+        out: dict[str, torch.Tensor] = {}
+        for s, (a, b) in enumerate(self.spans):
+            for key in stage_keys(prep.params, a, b, s == 0, s == self.pp - 1):
+                if s == self.pp_rank:
+                    buf = mine[key].detach().to(self._comm).contiguous()
+                else:
+                    buf = torch.empty(expected_shapes(prep.params)[key], dtype=prep.dtype, device=self._comm)
+                dist.broadcast(buf, src=ranks[s], group=self.pp_group)
+                if self.rank == 0:
+                    out[key] = buf.to(prep.source_dtype).cpu()
+        return out
+
+    def _save_full(self, step: int, out: Path) -> Path:
+        """Rank 0 writes the consolidated checkpoint; every stage of the first replica writes its optimizer
+        state into the same temporary directory before it is published."""
+        prep, opts = self.prep, self.prep.opts
+        weights = self._gather_weights() if self.dp_rank == 0 else {}
+        state = {"version": STATE_VERSION, "kind": "full", "step": step, "identity": opts.identity(),
+                 "world_size": self.world, "data_sha256": prep.data_sha256, "history": self.history,
+                 "optimizer": self.optimizer.state_dict(), "pp": self.pp, "spans": self.spans}
+        name = f"trainer_state.stage{self.pp_rank}.pt"
+        where: list[Any] = [None]
+        if self.rank == 0:
+            training = {"kind": "full", "steps": step, "data": str(Path(opts.data).expanduser().resolve()),
+                        "data_sha256": prep.data_sha256, "seq_len": opts.seq_len, "lr": opts.lr,
+                        "processes": self.world, "pipeline_stages": self.pp}
+            with output_dir(out, force=self._saved or bool(opts.resume) or bool(opts.force), sources=prep.sources) as tmp:
+                write_trained(tmp, weights, prep.params, source_dir=prep.ckpt_dir, source_meta=prep.source_meta,
+                              num_shards=prep.num_shards, dtype_name=prep.source_dtype_name,
+                              tokenizer_files=prep.tokenizer_files, tokenizer_name=prep.tokenizer_name,
+                              training=training)
+                where[0] = str(tmp)
+                dist.broadcast_object_list(where, src=0)
+                torch.save(state, tmp / name)
+                dist.barrier()
+        else:
+            dist.broadcast_object_list(where, src=0)
+            if self.dp_rank == 0:
+                torch.save(state, Path(where[0]) / name)
+            dist.barrier()
+        self._saved = True
+        return out
+
     def save(self, step: int) -> Path:
         prep, opts = self.prep, self.prep.opts
         out = Path(opts.out).expanduser()
         if opts.full:
-            raise NotImplementedError("saving a --full pipeline run")  # refused in finetune.prepare before loading
+            return self._save_full(step, out)
         tensors = self._gather_adapter()
         states: list[Any] = [None] * self.pp
         mine = {"optimizer": self.optimizer.state_dict(), "stage": self.pp_rank}
@@ -221,10 +275,14 @@ class PipelineTrainer:
         return out
 
     def _resume(self, state: dict) -> None:
+        # --full: this stage's own file (finetune.prepare read it), its weights loaded from the saved checkpoint
         if state.get("pp") != self.pp or [tuple(s) for s in state.get("spans", [])] != [tuple(s) for s in self.spans]:
             raise ValueError(f"--resume: the run in {self.prep.opts.out} had {state.get('pp')} stages "
                              f"({state.get('spans')}); this one has {self.pp} ({self.spans}). Resume with the saved "
                              "--pp and --pp_layers.")
+        if self.prep.opts.full:
+            self.optimizer.load_state_dict(state["optimizer"])
+            return
         assert self.adapter is not None
         self.adapter.load_tensors(state["adapter"], str(self.prep.opts.out))
         self.optimizer.load_state_dict(state["optimizer"][self.pp_rank]["optimizer"])

@@ -42,7 +42,10 @@ def _flags(ckpt: Path, data: Path, out: Path, **kw) -> list[str]:
     flags = dict(data=data, out=out, ckpt_dir=ckpt, tokenizer_path=ckpt.parent / "tokenizer.model", seq_len=16,
                  lora_rank=4, lr=0.01, device="cpu", steps=2, batch_size=2, max_grad_norm=0.5)
     flags.update(kw)
-    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    if flags.get("full"):
+        del flags["lora_rank"]
+    # a switch goes bare: fire reads "--full True" as the switch and a stray word
+    return [x for k, v in flags.items() for x in ((f"--{k}",) if v is True else (f"--{k}", str(v)))]
 
 
 def _torchrun(nproc: int, args: list[str], *, timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -127,6 +130,28 @@ def test_pipeline_stages_and_replicas_equal_one_process(three_layers, data_file,
             assert reads == {0: (10, edge + block), 1: (9, block), 2: (11, block + edge + args.dim * 4)}, reads
 
 
+def test_full_fine_tuning_in_stages_equals_one_process_and_resumes(three_layers, data_file, tmp_path):
+    from llama_offload.checkpoint.record import open_shard
+
+    ckpt = three_layers
+    opts = dict(data=str(data_file), out=str(tmp_path / "one"), ckpt_dir=str(ckpt),
+                tokenizer_path=str(ckpt.parent / "tokenizer.model"), seq_len=16, lr=1e-3, device="cpu", steps=2,
+                batch_size=1, grad_accum=2, max_grad_norm=0.5, full=True, host_memory_gb=4.0)
+    finetune(FinetuneOptions(**opts), show_progress=False)
+    script = str(REPO / "scripts" / "finetune.py")
+    flags = dict(full=True, pp=2, batch_size=2, lr=1e-3)
+    for out, kw in (("pp2", dict(steps=2)), ("cut", dict(steps=1)), ("cut", dict(steps=2, resume=True))):
+        run = _torchrun(2, [script, *_flags(ckpt, data_file, tmp_path / out, **flags, **kw)])
+        assert run.returncode == 0, run.stderr[-3000:]
+    one, staged, resumed = (open_shard(tmp_path / n / "consolidated.00.pth") for n in ("one", "pp2", "cut"))
+    assert sorted(one) == sorted(staged)
+    for k in one:
+        torch.testing.assert_close(staged[k], one[k], rtol=1e-5, atol=1e-5, msg=k)
+        assert torch.equal(resumed[k], staged[k]), k
+    names = sorted(p.name for p in (tmp_path / "pp2").iterdir())
+    assert "trainer_state.stage0.pt" in names and "trainer_state.stage1.pt" in names
+
+
 def _block_tensors(args: ModelArgs) -> list[torch.Tensor]:
     from llama_offload.model.transformer import Transformer
 
@@ -148,8 +173,8 @@ def test_bad_pipeline_flags_are_one_line_on_every_rank(tiny_ckpt, data_file, tmp
         check_pipeline(2, 2, 8, "gpipe", 3, 4)
     with pytest.raises(ValueError, match=r"--schedule must be one of gpipe, 1f1b, found 'zbv'"):
         check_pipeline(2, 2, 8, "zbv", 2, 2)
-    with pytest.raises(ValueError, match=r"--full, --eval_data are not available with pipeline stages yet"):
-        FinetuneOptions(data="d", out="o", pp=2, full=True, eval_data="e").check()
+    with pytest.raises(ValueError, match=r"--eval_data, --gpu_memory_gb are not available with pipeline stages yet"):
+        FinetuneOptions(data="d", out="o", pp=2, eval_data="e", gpu_memory_gb=8.0).check()
     run = _torchrun(2, [str(REPO / "scripts" / "finetune.py"), *_flags(tiny_ckpt, data_file, tmp_path / "out", pp=2,
                                                                        microbatches=1, batch_size=1)])
     # torchrun reports the failed workers (its own launcher traceback); the workers' own output is one line each
