@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +149,7 @@ class LoRAAdapter(nn.Module):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The saved form: ``{name}.lora_A`` / ``{name}.lora_B`` with Meta's dotted names."""
-        return {f"{_name(key)}.{p}": t.detach().float().contiguous().cpu()
+        return {f"{pair_name(key)}.{p}": t.detach().float().contiguous().cpu()
                 for key, pair in self.pairs.items() for p, t in pair.named_parameters()}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -168,7 +168,7 @@ class LoRAAdapter(nn.Module):
         with torch.no_grad():
             for key, pair in self.pairs.items():
                 for p, t in pair.named_parameters():
-                    t.copy_(tensors[f"{_name(key)}.{p}"])
+                    t.copy_(tensors[f"{pair_name(key)}.{p}"])
 
 
 def _key(layer: int, target: str) -> str:
@@ -176,7 +176,8 @@ def _key(layer: int, target: str) -> str:
     return f"layers_{layer}_{TARGET_OWNERS[target]}_{target}"
 
 
-def _name(key: str) -> str:
+def pair_name(key: str) -> str:
+    """The Meta name of the linear an adapter pair's key adapts: ``layers.3.attention.wq``."""
     _, layer, rest = key.split("_", 2)
     owner, target = rest.rsplit("_", 1)
     return f"layers.{layer}.{owner}.{target}"
@@ -188,13 +189,25 @@ def lora_linears(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, m
 
 
+def pair_layer(key: str) -> int:
+    """The block index of an adapter pair's key (``LoRAAdapter.pairs``)."""
+    return int(key.split("_")[1])
+
+
 def attach(model: nn.Module, adapter: LoRAAdapter) -> None:
     """Wrap each target linear of ``model.layers`` in a LoRALinear that adds the adapter's pair. The base
     weights are left as they are (dtype, device, pinned pages); call before the model is offloaded."""
     if any(True for _ in lora_linears(model)):
         raise RuntimeError("This model already has a LoRA adapter attached; attach one adapter per model.")
     check_shape(adapter.config.shape, ModelShape.of(model.params), "the adapter")
-    for i, layer in enumerate(model.layers):
+    attach_blocks(enumerate(model.layers), adapter)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def attach_blocks(blocks: Iterable[tuple[int, nn.Module]], adapter: LoRAAdapter) -> None:
+    """``attach`` for some blocks only, given with their index in the model (a pipeline stage's)."""
+    for i, layer in blocks:
         for t in adapter.config.targets:
             owner = getattr(layer, TARGET_OWNERS[t])
             base = getattr(owner, t)
@@ -204,8 +217,6 @@ def attach(model: nn.Module, adapter: LoRAAdapter) -> None:
                                  f"is {type(base).__name__}. Fine-tune without model parallelism (data parallel "
                                  "ranks each hold the whole model).")
             setattr(owner, t, LoRALinear(base, adapter.pairs[_key(i, t)]))
-    for p in model.parameters():
-        p.requires_grad_(False)
 
 
 def lora_cpu_blocks(cpu_blocks: Optional[int]) -> int:

@@ -96,7 +96,7 @@ class PipelineTrainer:
             torch.manual_seed(opts.seed)  # every rank draws the same initial adapter, as one process does
             self.adapter = lora.LoRAAdapter(prep.config, device)
             self._attach(self.adapter, start, end)
-            self.trainable = [p for key, pair in self.adapter.pairs.items() if start <= _layer(key) < end
+            self.trainable = [p for key, pair in self.adapter.pairs.items() if start <= lora.pair_layer(key) < end
                               for p in pair.parameters()]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=opts.lr, weight_decay=opts.weight_decay)
         self.stage = PipelineStage(module, self.pp_rank, self.pp, device, group=self.pp_group)
@@ -115,10 +115,7 @@ class PipelineTrainer:
 
     def _attach(self, adapter: lora.LoRAAdapter, start: int, end: int) -> None:
         """The adapter's pairs around this stage's blocks (the other stages hold theirs)."""
-        for i, layer in self.module.layers.items():
-            for t in adapter.config.targets:
-                owner = getattr(layer, lora.TARGET_OWNERS[t])
-                setattr(owner, t, lora.LoRALinear(getattr(owner, t), adapter.pairs[lora._key(int(i), t)]))
+        lora.attach_blocks(((int(i), layer) for i, layer in self.module.layers.items()), adapter)
 
     def autocast(self):
         if self.prep.dtype != torch.bfloat16:
@@ -200,11 +197,11 @@ class PipelineTrainer:
         out = {}
         ranks = dist.get_process_group_ranks(self.pp_group)
         for key, pair in self.adapter.pairs.items():
-            owner = next(s for s, (a, b) in enumerate(self.spans) if a <= _layer(key) < b)
+            owner = next(s for s, (a, b) in enumerate(self.spans) if a <= lora.pair_layer(key) < b)
             for name, t in pair.named_parameters():
                 buf = t.detach().clone()
                 dist.broadcast(buf, src=ranks[owner], group=self.pp_group)
-                out[f"{lora._name(key)}.{name}"] = buf.float().cpu()
+                out[f"{lora.pair_name(key)}.{name}"] = buf.float().cpu()
         return out
 
     def _gather_weights(self) -> dict[str, torch.Tensor]:
@@ -290,6 +287,3 @@ class PipelineTrainer:
     def close(self) -> None:
         pass
 
-
-def _layer(key: str) -> int:
-    return int(key.split("_")[1])  # lora._key: layers_{i}_{owner}_{target}
