@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import runpy
 import shutil
@@ -34,6 +35,17 @@ def sp_tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sp_tokenizer(sp_tokenizer_path: Path) -> Tokenizer:
     return load_tokenizer(sp_tokenizer_path)
 
+
+@pytest.fixture()
+def text_data(tmp_path: Path) -> Path:
+    """Fine-tuning data: a text example and a chat example, one per line (tests/train)."""
+    from texts import TEXT
+
+    path = tmp_path / "train.jsonl"
+    lines = [{"text": TEXT}, {"messages": [{"role": "user", "content": "What colour is the book?"},
+                                           {"role": "assistant", "content": "The book is blue."}]}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, sp_tokenizer_path: Path) -> Path:

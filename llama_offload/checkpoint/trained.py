@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -56,8 +56,3 @@ def checkpoint_bytes(params: ModelArgs, itemsize: int) -> int:
     """The weights' bytes in a checkpoint of ``itemsize``-byte elements."""
     return param_counts(params)["held"] * itemsize
 
-
-def save_states(tmp: Path, states: Iterable[tuple[str, dict[str, Any]]],
-                save: Callable[[Any, Path], None] = torch.save) -> None:
-    for name, state in states:
-        save(state, tmp / name)

@@ -184,13 +184,11 @@ def plan_full_training(params: ModelArgs, *, seq_len: int, batch_size: int, item
     host = {
         "master weights": 4 * owned,
         "moments": int(MOMENT_BYTES[optim_state] * owned),
-        "working weights": total_params * itemsize if on_gpu else 0,  # bf16 on a GPU; on the CPU the homes
+        "working weights": total_params * itemsize,  # bf16 pages and homes on a GPU; the model itself on the CPU
         "gradient staging": 2 * 4 * biggest if on_gpu else 0,
         "gradient sums": 4 * owned if keep_grads else 0,
         "activation checkpoints": n * one_checkpoint if on_host else 0,
     }
-    if not on_gpu:
-        host["working weights"] = total_params * itemsize
     budget = int(host_memory_gb * GiB) if host_memory_gb is not None else available_host_bytes() - HOST_MARGIN_BYTES
     full = FullTrainingPlan(plan, on_host, optim_state, host, budget, on_gpu)
     if full.host_bytes > budget:

@@ -172,8 +172,9 @@ class FinetuneOptions:
             extra = [f"--{k}" for k, off in (("optim_state", "fp32"), ("host_memory_gb", None), ("force", False))
                      if getattr(self, k) != off]
             if extra:
-                raise ValueError(f"{', '.join(extra)} belong{'s' if len(extra) == 1 else ''} to full fine-tuning; add "
-                                 "--full to train every weight, or drop them to train a LoRA adapter.")
+                one = len(extra) == 1
+                raise ValueError(f"{', '.join(extra)} belong{'s' if one else ''} to full fine-tuning; add --full to "
+                                 f"train every weight, or drop {'it' if one else 'them'} to train a LoRA adapter.")
             lora.parse_targets(self.lora_targets)
 
     def identity(self) -> dict[str, Any]:
@@ -497,7 +498,7 @@ def _train(trainer: Trainer, prep: Prepared, *, show_progress: bool) -> Path:
             record = {"step": step, "loss": loss, "seconds": time.perf_counter() - start}
             if eval_loss is not None:
                 record["eval_loss"] = eval_loss
-            if getattr(trainer, "grad_norm", None) is not None:
+            if trainer.grad_norm is not None:
                 record["grad_norm"] = trainer.grad_norm
             trainer.history.append(record)
             progress.update(step, loss, tokens, eval_loss)

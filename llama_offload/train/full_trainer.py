@@ -66,9 +66,6 @@ class FullTrainer(Trainer):
     def optimizer_step(self) -> Optional[float]:
         return self.update.end_step()
 
-    def eval_loss(self) -> Optional[float]:
-        return super().eval_loss()  # the runner waits for each unit's update before it reads the unit
-
     # --- saving ----------------------------------------------------------------------------------------------
 
     def state(self, step: int) -> dict[str, Any]:

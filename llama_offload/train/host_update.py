@@ -139,7 +139,7 @@ class HostUpdate:
         keep_grads = grad_accum > 1 or max_grad_norm is not None
         self.grads: dict[int, Optional[torch.Tensor]] = {u: None for u in self.owned}
         self._keep_grads = keep_grads
-        self.norms: dict[int, torch.Tensor] = {}  # unit -> its parameters' gradient norms (fp32), clipping only
+        self.norms: dict[int, list[torch.Tensor]] = {}  # unit -> its parameters' gradient norms, clipping only
         self.micro = 0
         self._device_grads: dict[int, torch.Tensor] = {}
         self._pending: dict[int, Future] = {}  # unit -> the job that writes its home next

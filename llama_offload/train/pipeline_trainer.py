@@ -95,7 +95,7 @@ class PipelineTrainer:
         else:
             torch.manual_seed(opts.seed)  # every rank draws the same initial adapter, as one process does
             self.adapter = lora.LoRAAdapter(prep.config, device)
-            self._attach(self.adapter, start, end)
+            lora.attach_blocks(((int(i), layer) for i, layer in module.layers.items()), self.adapter)
             self.trainable = [p for key, pair in self.adapter.pairs.items() if start <= lora.pair_layer(key) < end
                               for p in pair.parameters()]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=opts.lr, weight_decay=opts.weight_decay)
@@ -112,10 +112,6 @@ class PipelineTrainer:
         self._comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
         if prep.state is not None:
             self._resume(prep.state)
-
-    def _attach(self, adapter: lora.LoRAAdapter, start: int, end: int) -> None:
-        """The adapter's pairs around this stage's blocks (the other stages hold theirs)."""
-        lora.attach_blocks(((int(i), layer) for i, layer in self.module.layers.items()), adapter)
 
     def autocast(self):
         if self.prep.dtype != torch.bfloat16:

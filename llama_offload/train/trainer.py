@@ -28,6 +28,7 @@ class Trainer:
         self.history: list[dict] = list(prep.state["history"]) if prep.state is not None else []
         self.freqs_cis = paged.rope_table(model, prep.opts.seq_len, prep.device)
         self.chunk = budget.loss_chunk_tokens(prep.params.vocab_size)
+        self.grad_norm: Optional[float] = None  # the last step's, when it was clipped
 
     def loss_fn(self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
         return chunked_cross_entropy(h, weight, targets, chunk_tokens=self.chunk, reduction=reduction)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,16 +22,11 @@ from llama_offload.model import lora
 from llama_offload.train.finetune import FinetuneOptions, finetune
 from llama_offload.train.schedule import step_rows
 from llama_offload.train.loss import chunked_cross_entropy
+from launch import torchrun
+from texts import TEXT
 from tiny import tiny_args, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
-TEXT = "The lighthouse keeper counts the ships every night and writes their names in a blue book."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _adapted(dtype: torch.dtype, targets=lora.TARGETS, seed: int = 1):
@@ -147,15 +140,6 @@ def test_step_rows_are_a_fixed_permutation_per_epoch():
 # --- the whole command ----------------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def text_data(tmp_path: Path) -> Path:
-    path = tmp_path / "train.jsonl"
-    lines = [{"text": TEXT}, {"messages": [{"role": "user", "content": "What colour is the book?"},
-                                           {"role": "assistant", "content": "The book is blue."}]}]
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    return path
-
-
 def _opts(tiny_ckpt: Path, data_path: Path, out: Path, **kw) -> FinetuneOptions:
     base = dict(data=str(data_path), out=str(out), ckpt_dir=str(tiny_ckpt), tokenizer_path=str(tiny_ckpt.parent / "tokenizer.model"),
                 seq_len=16, lora_rank=4, lr=1e-2, device="cpu")
@@ -207,22 +191,10 @@ def test_an_interrupted_run_saves_and_resumes_where_it_stopped(tiny_ckpt, text_d
 
 def test_two_process_data_parallel_equals_one_process_with_the_doubled_batch(tiny_ckpt, text_data, tmp_path):
     finetune(_opts(tiny_ckpt, text_data, tmp_path / "one", steps=3, batch_size=2), show_progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(REPO / "scripts" / "finetune.py"), "--data", str(text_data), "--out", str(tmp_path / "two"),
+    run = torchrun(2, [str(REPO / "scripts" / "finetune.py"), "--data", str(text_data), "--out", str(tmp_path / "two"),
            "--ckpt_dir", str(tiny_ckpt), "--tokenizer_path", str(tiny_ckpt.parent / "tokenizer.model"),
-           "--seq_len", "16", "--lora_rank", "4", "--lr", "0.01", "--device", "cpu", "--steps", "3", "--batch_size", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Its own process group: if the run hangs, the timeout ends torchrun's workers too, not only torchrun.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+           "--seq_len", "16", "--lora_rank", "4", "--lr", "0.01", "--device", "cpu", "--steps", "3", "--batch_size", "1"])
+    assert run.returncode == 0, run.stderr[-3000:]
     one, two = _state(tmp_path / "one"), _state(tmp_path / "two")
     assert two["world_size"] == 2
     for a, b in zip(one["history"], two["history"]):

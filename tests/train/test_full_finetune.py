@@ -6,10 +6,6 @@ learned its text, two gloo ranks equal one process, and bad input is refused bef
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,20 +17,10 @@ from llama_offload.model.args import ModelArgs
 from llama_offload.train import paged
 from llama_offload.train.finetune import FinetuneOptions, finetune, make_trainer, prepare
 from llama_offload.train.schedule import step_rows
+from texts import TEXT
+from launch import torchrun
 
 REPO = Path(__file__).resolve().parents[2]
-TEXT = "The lighthouse keeper counts the ships every night and writes their names in a blue book."
-
-
-@pytest.fixture()
-def text_data(tmp_path: Path) -> Path:
-    path = tmp_path / "train.jsonl"
-    lines = [{"text": TEXT}, {"messages": [{"role": "user", "content": "What colour is the book?"},
-                                           {"role": "assistant", "content": "The book is blue."}]}]
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    return path
-
-
 def _opts(ckpt: Path, data_path: Path, out: Path, **kw) -> FinetuneOptions:
     base = dict(data=str(data_path), out=str(out), ckpt_dir=str(ckpt), tokenizer_path=str(ckpt.parent / "tokenizer.model"),
                 seq_len=16, lr=1e-2, device="cpu", full=True, host_memory_gb=4.0)
@@ -202,34 +188,16 @@ def test_the_saved_checkpoint_runs_and_has_learned_its_text(tiny_ckpt, tmp_path)
     assert got["generation"].strip() == TEXT[len(prompt):].strip()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("clip", [0.5, None], ids=["clipped", "updated-during-the-backward"])
 def test_two_gloo_ranks_equal_one_process(tiny_ckpt, text_data, tmp_path, clip):
     finetune(_opts(tiny_ckpt, text_data, tmp_path / "one", steps=2, batch_size=2, max_grad_norm=clip),
              show_progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(REPO / "scripts" / "finetune.py"), "--full", "--data", str(text_data), "--out", str(tmp_path / "two"),
-           "--ckpt_dir", str(tiny_ckpt), "--tokenizer_path", str(tiny_ckpt.parent / "tokenizer.model"),
-           "--seq_len", "16", "--lr", "0.01", "--device", "cpu", "--steps", "2", "--batch_size", "1",
-           "--host_memory_gb", "4", *(["--max_grad_norm", str(clip)] if clip else [])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    run = torchrun(2, [str(REPO / "scripts" / "finetune.py"), "--full", "--data", str(text_data),
+                       "--out", str(tmp_path / "two"), "--ckpt_dir", str(tiny_ckpt),
+                       "--tokenizer_path", str(tiny_ckpt.parent / "tokenizer.model"), "--seq_len", "16", "--lr", "0.01",
+                       "--device", "cpu", "--steps", "2", "--batch_size", "1", "--host_memory_gb", "4",
+                       *(["--max_grad_norm", str(clip)] if clip else [])])
+    assert run.returncode == 0, run.stderr[-3000:]
     names = sorted(p.name for p in (tmp_path / "two").iterdir())
     assert "trainer_state.rank0.pt" in names and "trainer_state.rank1.pt" in names
     one = torch.load(tmp_path / "one" / "trainer_state.pt", weights_only=False)

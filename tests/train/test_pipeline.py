@@ -5,12 +5,7 @@ tensors; only the first and the last stage open the data file; bad input is refu
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,9 +15,10 @@ from llama_offload.checkpoint import adapter
 from llama_offload.model.args import ModelArgs
 from llama_offload.train.finetune import FinetuneOptions, finetune
 from llama_offload.train.stages import balanced_counts, stage_keys, stage_layers
+from texts import TEXT
+from launch import torchrun
 
 REPO = Path(__file__).resolve().parents[2]
-TEXT = "The lighthouse keeper counts the ships every night and writes their names in a blue book."
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +26,6 @@ def data_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("pp") / "train.jsonl"
     path.write_text("".join(json.dumps({"text": f"{TEXT} {i}"}) + "\n" for i in range(8)))
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _flags(ckpt: Path, data: Path, out: Path, **kw) -> list[str]:
@@ -46,21 +36,6 @@ def _flags(ckpt: Path, data: Path, out: Path, **kw) -> list[str]:
         del flags["lora_rank"]
     # a switch goes bare: fire reads "--full True" as the switch and a stray word
     return [x for k, v in flags.items() for x in ((f"--{k}",) if v is True else (f"--{k}", str(v)))]
-
-
-def _torchrun(nproc: int, args: list[str], *, timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _state(out: Path) -> dict:
@@ -109,7 +84,7 @@ def test_pipeline_stages_and_replicas_equal_one_process(three_layers, data_file,
     for name, nproc, extra in runs:
         out = tmp_path / name
         script = Path(__file__).parent / "pp_audit.py" if name == "pp3-gpipe" else REPO / "scripts" / "finetune.py"
-        run = _torchrun(nproc, [str(script), *_flags(ckpt, data_file, out, lr=1e-3, **extra)],
+        run = torchrun(nproc, [str(script), *_flags(ckpt, data_file, out, lr=1e-3, **extra)],
                         env={"PP_AUDIT_DIR": str(audit)})
         assert run.returncode == 0, run.stderr[-3000:]
         got = _state(out)
@@ -142,7 +117,7 @@ def test_full_fine_tuning_in_stages_equals_one_process_and_resumes(three_layers,
     flags = dict(full=True, pp=2, batch_size=2, lr=1e-3)
     # one step, saved and stopped; then resumed from the saved weights and optimizer states for the second
     for kw in (dict(steps=1), dict(steps=2, resume=True)):
-        run = _torchrun(2, [script, *_flags(ckpt, data_file, tmp_path / "pp2", **flags, **kw)])
+        run = torchrun(2, [script, *_flags(ckpt, data_file, tmp_path / "pp2", **flags, **kw)])
         assert run.returncode == 0, run.stderr[-3000:]
         names = sorted(p.name for p in (tmp_path / "pp2").iterdir())
         assert "trainer_state.stage0.pt" in names and "trainer_state.stage1.pt" in names
@@ -176,7 +151,7 @@ def test_bad_pipeline_flags_are_one_line_on_every_rank(tiny_ckpt, data_file, tmp
         check_pipeline(2, 2, 8, "zbv", 2, 2)
     with pytest.raises(ValueError, match=r"--eval_data, --gpu_memory_gb are not available with pipeline stages yet"):
         FinetuneOptions(data="d", out="o", pp=2, eval_data="e", gpu_memory_gb=8.0).check()
-    run = _torchrun(2, [str(REPO / "scripts" / "finetune.py"), *_flags(tiny_ckpt, data_file, tmp_path / "out", pp=2,
+    run = torchrun(2, [str(REPO / "scripts" / "finetune.py"), *_flags(tiny_ckpt, data_file, tmp_path / "out", pp=2,
                                                                        microbatches=1, batch_size=1)])
     # torchrun reports the failed workers (its own launcher traceback); the workers' own output is one line each
     assert run.returncode != 0 and "llama_offload/" not in run.stderr
